@@ -1,0 +1,132 @@
+"""Typed, frozen configs, one per stage.
+
+Precedence: dataclass defaults < YAML file (``--config``) < command-line flags. The resolved
+config is written beside every output so a result can always be traced to what made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config value or file is wrong; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class InvertConfig:
+    """Stage 1: learn one conditioning (tokens x width) per real image.
+
+    Fields that change the result are listed in :attr:`RESULT_FIELDS`; the others (device,
+    batch size, logging) only change how fast it is computed.
+    """
+
+    model: str = ""
+    data: str = ""
+    format: str = "auto"
+    split: str = "train"
+    per_class: int | None = None
+    subset_seed: int = 0
+    resolution: int = 32
+    tokens: int = 5
+    steps: int = 3000
+    lr: float = 3e-2
+    weight_decay: float = 1e-2
+    init_std: float = 1.0
+    latent: str = "sample"  # "sample": draw from the VAE posterior each step (paper); "mean"
+    eval_timesteps: int = 8
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    # Execution-only fields (do not change the result).
+    batch_size: int = 64
+    device: str = "auto"
+    checkpoint_every: int = 200
+    log_every: int = 25
+    bad_images: str = "skip"  # skip | error
+
+    RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "model", "data", "format", "split", "per_class", "subset_seed", "resolution", "tokens",
+        "steps", "lr", "weight_decay", "init_std", "latent", "eval_timesteps", "seed", "precision",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.tokens >= 1, "tokens must be >= 1")
+        _check(self.steps >= 1, "steps must be >= 1")
+        _check(self.resolution >= 8, "resolution must be >= 8 pixels")
+        _check(self.batch_size >= 1, "batch-size must be >= 1")
+        _check(self.lr > 0, "lr must be > 0")
+        _check(self.per_class is None or self.per_class >= 1, "per-class must be >= 1")
+        _check(self.eval_timesteps >= 1, "eval-timesteps must be >= 1")
+        _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
+        _one_of("latent", self.latent, ("sample", "mean"))
+        _one_of("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _one_of("bad-images", self.bad_images, ("skip", "error"))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:
+    """Build ``cls`` from its defaults, an optional YAML file, then non-None ``overrides``.
+
+    Unknown YAML keys are an error (a typo must not be silently ignored).
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of option: value")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    try:
+        return cls(**{k: _coerce(hints[k], v, k) for k, v in values.items()})
+    except TypeError as exc:  # pragma: no cover - dataclass signature errors
+        raise ConfigError(str(exc)) from exc
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    """YAML already types values; this only widens ints to floats and checks the rest."""
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    target = next((a for a in args if a is not type(None)), hint) if args else hint
+    if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if target in (int, str, bool) and not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise ConfigError(f"option {name} must be {target.__name__}, got {value!r}")
+    return value
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def result_fields(config: Any) -> dict[str, Any]:
+    """The subset of a config that determines its result (for resume / mismatch checks)."""
+    names = getattr(config, "RESULT_FIELDS", None) or [f.name for f in fields(config)]
+    return {n: getattr(config, n) for n in names}

@@ -1,0 +1,354 @@
+"""Labelled real images from common on-disk layouts, with stable ids and clean RGB conversion.
+
+Sources (picked from the path, or forced with ``format``):
+
+* ``folder``: ``ROOT/<class>/<image>`` (or ``ROOT/<split>/<class>/<image>``)
+* ``npz``:    MedMNIST-style ``{split}_images`` / ``{split}_labels``
+* ``idx``:    a folder with gzipped idx files (MNIST, Fashion-MNIST): ``train-*`` / ``t10k-*``
+* ``csv``:    a file of ``path,label`` rows, paths relative to the CSV
+* ``digits``: scikit-learn's built-in 8x8 digits (a fixed 80/20 train/test split)
+* ``hf``:     a Hugging Face ``datasets`` name or folder (``hf:NAME``), when installed
+
+Every image gets an id that survives re-runs (relative path for files, ``split/index`` for
+arrays), so stores, manifests and resumes can refer to it.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}
+FORMATS = ("auto", "folder", "npz", "idx", "csv", "digits", "hf")
+
+
+class DataError(ValueError):
+    """The dataset cannot be read as asked; the message says what to change."""
+
+
+class BadImageError(DataError):
+    """One image file is corrupt, truncated or unreadable."""
+
+
+@dataclass
+class LabelledImages:
+    """A labelled image collection whose pixels are read on demand.
+
+    ``ids[i]`` is stable across runs, ``labels[i]`` indexes ``classes``, and ``sources[i]`` says
+    where the image came from (a path, or ``file#split/index``).
+    """
+
+    ids: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    sources: list[str]
+    _read: Callable[[int], Image.Image] = field(repr=False)
+    _index: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image(self, i: int) -> Image.Image:
+        """The i-th image as 8-bit RGB. Raises :class:`BadImageError` naming its source."""
+        raw_index = int(self._index[i]) if self._index is not None else i
+        try:
+            img = self._read(raw_index)
+            img.load()
+            return to_rgb(img)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise BadImageError(f"cannot read image {self.sources[i]}: {exc}") from exc
+
+    def subset(self, indices: Sequence[int]) -> "LabelledImages":
+        indices = np.asarray(indices, dtype=np.int64)
+        base = self._index if self._index is not None else np.arange(len(self.ids))
+        return LabelledImages(
+            ids=[self.ids[i] for i in indices],
+            labels=self.labels[indices],
+            classes=self.classes,
+            sources=[self.sources[i] for i in indices],
+            _read=self._read,
+            _index=base[indices],
+        )
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from grey, palette, RGBA (composited on white), 16-bit and float images."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        # PIL's own I;16 -> RGB conversion clips at 255; scale by the bit depth instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 255.0 if arr.max(initial=0) <= 255 else (65535.0 if arr.max() <= 65535 else arr.max())
+        if img.mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB image -> float tensor [3, R, R] in [-1, 1]: centre square crop, bicubic resize."""
+    w, h = img.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return arr.float().div(127.5).sub(1.0)
+
+
+def load_pixels(images: LabelledImages, resolution: int) -> torch.Tensor:
+    """All images of ``images`` as one tensor [N, 3, R, R] in [-1, 1]."""
+    if len(images) == 0:
+        return torch.empty(0, 3, resolution, resolution)
+    return torch.stack([to_tensor(images.image(i), resolution) for i in range(len(images))])
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+def open_images(path: str | Path, format: str = "auto", split: str = "train") -> LabelledImages:
+    """Open a labelled image source. See the module docstring for the supported layouts."""
+    if format not in FORMATS:
+        raise DataError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
+    spec = str(path)
+    if format == "auto":
+        format = _detect_format(spec)
+    opener = {
+        "folder": _open_folder, "npz": _open_npz, "idx": _open_idx, "csv": _open_csv,
+        "digits": _open_digits, "hf": _open_hf,
+    }[format]
+    images = opener(spec, split)
+    _check_labels(images, spec)
+    return images
+
+
+def _detect_format(spec: str) -> str:
+    if spec == "digits":
+        return "digits"
+    if spec.startswith("hf:"):
+        return "hf"
+    p = Path(spec)
+    if not p.exists():
+        raise DataError(f"--data {spec} does not exist; give an image folder, .npz, .csv, idx folder, 'digits' or 'hf:NAME'")
+    if p.is_file():
+        if p.suffix == ".npz":
+            return "npz"
+        if p.suffix == ".csv":
+            return "csv"
+        raise DataError(f"--data {spec}: cannot tell the format of a {p.suffix or 'suffix-less'} file; pass --format")
+    if any(p.glob("*-idx3-ubyte*")):
+        return "idx"
+    return "folder"
+
+
+def _check_labels(images: LabelledImages, spec: str) -> None:
+    if len(images) == 0:
+        raise DataError(f"{spec} holds no images")
+    counts = np.bincount(images.labels, minlength=len(images.classes))
+    empty = [images.classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(f"{spec}: class(es) {empty} have no images; add images or remove the class")
+    if len(set(images.ids)) != len(images.ids):
+        raise DataError(f"{spec}: image ids are not unique")
+
+
+def _open_folder(spec: str, split: str) -> LabelledImages:
+    root = Path(spec)
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if subdirs and all(d.name.lower() in SPLIT_NAMES for d in subdirs):
+        if not (root / split).is_dir():
+            raise DataError(f"{spec} holds splits {[d.name for d in subdirs]} but no {split!r}; pass --split")
+        root = root / split
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not subdirs:
+        raise DataError(f"{root} has no class sub-folders; expected {root}/<class>/<image files>")
+    loose = [f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        raise DataError(f"{root} mixes loose images ({loose[:3]}...) with class folders; move each image into its class folder")
+    classes = [d.name for d in subdirs]
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, d in enumerate(subdirs):
+        files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [label] * len(files)
+    rel = [p.relative_to(root).as_posix() for p in paths]
+    return LabelledImages(rel, np.asarray(labels, dtype=np.int64), classes, [str(p) for p in paths],
+                          lambda i: Image.open(paths[i]))
+
+
+def _array_images(arr: np.ndarray, labels: np.ndarray, prefix: str, source: str, classes: list[str] | None = None,
+                  ids: list[str] | None = None) -> LabelledImages:
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(f"{source}: labels must be one per image (shape (N,) or (N, 1)); got {labels.shape} (multi-label data is not supported)")
+    if len(arr) != len(labels):
+        raise DataError(f"{source}: {len(arr)} images but {len(labels)} labels; they must match")
+    if arr.ndim not in (3, 4):
+        raise DataError(f"{source}: images must be (N, H, W) or (N, H, W, C); got {arr.shape}")
+    values = np.unique(labels)
+    if classes is None:
+        classes = [str(v) for v in values]
+        lookup = {v: i for i, v in enumerate(values)}
+        labels = np.asarray([lookup[v] for v in labels], dtype=np.int64)
+    ids = ids or [f"{prefix}/{i:06d}" for i in range(len(arr))]
+
+    def read(i: int) -> Image.Image:
+        a = arr[i]
+        if a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        if a.dtype != np.uint8:  # 16-bit or float: to_rgb rescales by the value range
+            return Image.fromarray(a.astype(np.float32))
+        return Image.fromarray(a)
+
+    return LabelledImages(ids, labels.astype(np.int64), classes, [f"{source}#{i}" for i in ids], read)
+
+
+def _open_npz(spec: str, split: str) -> LabelledImages:
+    try:
+        data = np.load(spec, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {spec} as .npz: {exc}") from exc
+    key_i, key_l = f"{split}_images", f"{split}_labels"
+    if key_i not in data or key_l not in data:
+        raise DataError(f"{spec} has no {key_i}/{key_l}; its arrays are {sorted(data.files)} (pass --split)")
+    return _array_images(data[key_i], data[key_l], split, spec)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+        zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError("not an unsigned-byte idx file")
+        shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, ValueError, struct.error, EOFError) as exc:
+        raise DataError(f"cannot read idx file {path}: {exc}") from exc
+
+
+def _open_idx(spec: str, split: str) -> LabelledImages:
+    root = Path(spec)
+    prefix = {"train": "train", "test": "t10k", "t10k": "t10k"}.get(split)
+    if prefix is None:
+        raise DataError(f"idx data has splits 'train' and 'test'; got --split {split}")
+    found = {}
+    for kind in ("images-idx3", "labels-idx1"):
+        matches = sorted(root.glob(f"{prefix}-{kind}-ubyte*"))
+        if not matches:
+            raise DataError(f"{root} has no {prefix}-{kind}-ubyte[.gz] file")
+        found[kind] = matches[0]
+    return _array_images(_read_idx(found["images-idx3"]), _read_idx(found["labels-idx1"]), split, spec)
+
+
+def _open_csv(spec: str, split: str) -> LabelledImages:
+    path = Path(spec)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise DataError(f"{spec} must be a CSV with a header row containing 'path' and 'label'")
+    classes = sorted({r["label"] for r in rows})
+    lookup = {c: i for i, c in enumerate(classes)}
+    files = [(path.parent / r["path"]).resolve() if not Path(r["path"]).is_absolute() else Path(r["path"]) for r in rows]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise DataError(f"{spec}: {len(missing)} listed file(s) do not exist, e.g. {missing[:3]}")
+    ids = [r["path"] for r in rows]
+    return LabelledImages(ids, np.asarray([lookup[r["label"]] for r in rows], dtype=np.int64), classes,
+                          [str(f) for f in files], lambda i: Image.open(files[i]))
+
+
+def _open_digits(spec: str, split: str) -> LabelledImages:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # A fixed permutation (not the caller's seed) so train and test never overlap across runs.
+    order = np.random.RandomState(0).permutation(len(digits.images))
+    cut = int(0.8 * len(order))
+    if split not in ("train", "test"):
+        raise DataError(f"digits has splits 'train' and 'test'; got --split {split}")
+    keep = np.sort(order[:cut] if split == "train" else order[cut:])
+    pixels = (digits.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)
+    return _array_images(pixels, digits.target[keep], split, "digits", classes=[str(c) for c in range(10)],
+                         ids=[f"digits/{i:04d}" for i in keep])
+
+
+def _open_hf(spec: str, split: str) -> LabelledImages:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError("Hugging Face datasets are read with the 'datasets' package: pip install 'diffusion-inversion[hf]'") from exc
+    name = spec[3:] if spec.startswith("hf:") else spec
+    ds = datasets.load_dataset(name, split=split)
+    image_col = next((c for c in ("image", "img", "pixel_values") if c in ds.column_names), None)
+    label_col = next((c for c in ("label", "labels", "fine_label") if c in ds.column_names), None)
+    if image_col is None or label_col is None:
+        raise DataError(f"{name}: need an image column and a label column; found {ds.column_names}")
+    feature = ds.features[label_col]
+    classes = list(getattr(feature, "names", None) or [str(v) for v in sorted(set(ds[label_col]))])
+    labels = np.asarray(ds[label_col], dtype=np.int64)
+    ids = [f"{split}/{i:07d}" for i in range(len(ds))]
+    return LabelledImages(ids, labels, classes, [f"hf:{name}#{i}" for i in ids], lambda i: ds[i][image_col])
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def select(images: LabelledImages, per_class: int | None, seed: int, bad_images: str = "skip",
+           warn: Callable[[str], None] = print) -> LabelledImages:
+    """Readable images, optionally a seeded subset of ``per_class`` per class.
+
+    Every candidate is decoded once; unreadable ones are reported by path and skipped
+    (``bad_images="skip"``) or stop the run (``"error"``). The subset is chosen from a
+    permutation of the class's ids sorted by name, so it depends on the seed and the set of
+    files, not on the order the file system lists them in.
+    """
+    rng = np.random.RandomState(seed)
+    chosen: list[int] = []
+    skipped: list[str] = []
+    for label, name in enumerate(images.classes):
+        members = sorted(np.flatnonzero(images.labels == label), key=lambda i: images.ids[i])
+        order = [members[j] for j in rng.permutation(len(members))] if per_class else members
+        got = 0
+        for i in order:
+            if per_class and got == per_class:
+                break
+            try:
+                images.image(i)
+            except BadImageError as exc:
+                if bad_images == "error":
+                    raise BadImageError(f"{exc}. Remove or fix the file, or pass --bad-images skip") from exc
+                skipped.append(images.sources[i])
+                continue
+            chosen.append(i)
+            got += 1
+        if got == 0:
+            raise DataError(f"class {name!r} has no readable images")
+        if per_class and got < per_class:
+            raise DataError(f"class {name!r} has only {got} readable images, fewer than --per-class {per_class}")
+    if skipped:
+        warn(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
+    return images.subset(sorted(chosen))

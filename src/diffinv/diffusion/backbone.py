@@ -1,0 +1,295 @@
+"""The one place that imports diffusers: load a frozen generator and expose three operations.
+
+``encode`` (pixels -> latent moments), ``predict_noise`` (the UNet with a given conditioning in
+place of the text encoder output) and ``decode`` (latents -> pixels). Latent models (Stable
+Diffusion 1.x / 2.x, epsilon or v-prediction) and pixel-space models (a UNet without a VAE) go
+through the same interface, so inversion and sampling never branch on the model kind.
+
+Accepted model specs:
+
+* a diffusers folder (``unet/``, optional ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``)
+* a single UNet folder (``config.json`` of a ``UNet2DConditionModel``): a pixel-space model
+* a ``.safetensors`` file: either diffinv's packed format (configs in the file's metadata) or an
+  original Stable Diffusion checkpoint, read by diffusers' ``from_single_file``
+* a Hugging Face hub id, resolved from the local cache (no network is assumed)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                      "beta_end": 0.012, "prediction_type": "epsilon"}
+PACKED_FORMAT = "diffinv-packed-v1"
+
+
+class ModelError(ValueError):
+    """The model spec cannot be loaded; the message says what to give instead."""
+
+
+@dataclass
+class LatentMoments:
+    """Posterior of an image's latent: ``mean`` and ``std`` [B, C, h, w] (std = 0 in pixel space)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+@dataclass
+class Backbone:
+    """A frozen diffusion model behind a narrow interface. Build with :func:`load_backbone`."""
+
+    unet: Any
+    vae: Any | None
+    scheduler_config: dict[str, Any]
+    source: str
+    text_encoder: Any | None = None
+    tokenizer: Any | None = None
+    dtype: torch.dtype = torch.float32
+    _alphas_cumprod: torch.Tensor | None = field(default=None, repr=False)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def cond_dim(self) -> int:
+        """Width D of one conditioning token (the UNet's cross-attention dimension)."""
+        dim = self.unet.config.cross_attention_dim
+        return int(dim[0] if isinstance(dim, (list, tuple)) else dim)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.vae.config.in_channels if self.vae is not None else self.unet.config.in_channels)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """[T] float32 cumulative signal fractions of the training noise schedule, on device."""
+        if self._alphas_cumprod is None or self._alphas_cumprod.device != self.device:
+            from diffusers import DDPMScheduler
+
+            sched = DDPMScheduler.from_config(self.scheduler_config)
+            self._alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
+        return self._alphas_cumprod
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """Shape (C, h, w) of the latent of a ``resolution`` x ``resolution`` image."""
+        if self.vae is None:
+            return (self.unet.config.in_channels, resolution, resolution)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution % factor:
+            raise ModelError(f"resolution {resolution} must be a multiple of the VAE's downsampling factor {factor}")
+        return (self.vae.config.latent_channels, resolution // factor, resolution // factor)
+
+    def fingerprint(self) -> str:
+        """Identity of the model weights and configs: stores made with another model are refused."""
+        h = hashlib.sha256(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
+        for module in (self.unet, self.vae):
+            if module is None:
+                continue
+            params = list(module.parameters())
+            for p in (params[0], params[-1]):
+                h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # -- the three operations -----------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> LatentMoments:
+        """pixels [B, 3, H, W] in [-1, 1] -> latent moments [B, C, h, w], already scaled."""
+        pixels = pixels.to(self.device, self.dtype)
+        if self.image_channels == 1:
+            pixels = pixels.mean(dim=1, keepdim=True)
+        if self.vae is None:
+            return LatentMoments(pixels.float(), torch.zeros_like(pixels, dtype=torch.float32))
+        dist = self.vae.encode(pixels).latent_dist
+        scale = float(self.vae.config.scaling_factor)
+        shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        return LatentMoments(((dist.mean - shift) * scale).float(), (dist.std * scale).float())
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """UNet output (epsilon or v, see :attr:`prediction_type`) [B, C, h, w].
+
+        x_t [B, C, h, w], t [B] integer timesteps, cond [B, K, D] used as the cross-attention
+        context in place of the text encoder output. Differentiable w.r.t. ``cond``.
+        """
+        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype), return_dict=False)[0]
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, C, h, w] -> pixels [B, 3, H, W] in [-1, 1]."""
+        latents = latents.to(self.device, self.dtype)
+        if self.vae is None:
+            pixels = latents
+        else:
+            scale = float(self.vae.config.scaling_factor)
+            shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+            pixels = self.vae.decode(latents / scale + shift, return_dict=False)[0]
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        return pixels.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text -> conditioning [B, L, D] through the model's own tokenizer and text encoder."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ModelError(f"{self.source} was loaded without a text encoder/tokenizer; prompts need both")
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0].float()
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Backbone":
+        """Move every part to ``device``; the UNet (and VAE) run in ``dtype``."""
+        self.dtype = dtype
+        for module in (self.unet, self.vae, self.text_encoder):
+            if module is not None:
+                module.to(device=device, dtype=dtype if module is not self.text_encoder else torch.float32)
+        self._alphas_cumprod = None
+        return self
+
+
+def _freeze(module: Any) -> Any:
+    if module is not None:
+        module.requires_grad_(False)
+        module.eval()
+    return module
+
+
+def load_backbone(spec: str | Path, *, with_text_encoder: bool = False) -> Backbone:
+    """Load a frozen generator from a folder, a ``.safetensors`` file or a cached hub id.
+
+    The text encoder is only loaded with ``with_text_encoder=True``: inversion never needs it.
+    """
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # load-time advice about accelerate/dtypes is noise to our users
+    spec = str(spec)
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            raise ModelError(f"{spec}: pickle checkpoints are not loaded (they can run code); convert it to .safetensors")
+        if path.suffix != ".safetensors":
+            raise ModelError(f"{spec}: a model file must be .safetensors")
+        return _load_single_file(path, with_text_encoder)
+    if path.is_dir():
+        if (path / "unet").is_dir():
+            return _load_folder(path, spec, with_text_encoder)
+        if (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+            if config.get("_class_name") != "UNet2DConditionModel":
+                raise ModelError(f"{spec}/config.json describes a {config.get('_class_name')}, not a UNet2DConditionModel")
+            unet = diffusers.UNet2DConditionModel.from_pretrained(spec)
+            return Backbone(_freeze(unet), None, dict(SCHEDULER_DEFAULTS), spec)
+        raise ModelError(f"{spec} is a folder but holds neither unet/ (a diffusers pipeline) nor a UNet config.json")
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return _load_hub(spec, with_text_encoder)
+    raise ModelError(f"--model {spec} does not exist; give a diffusers folder, a .safetensors file or a hub id")
+
+
+def _load_folder(path: Path, spec: str, with_text_encoder: bool) -> Backbone:
+    import diffusers
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet")
+    vae = diffusers.AutoencoderKL.from_pretrained(path / "vae") if (path / "vae").is_dir() else None
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(SCHEDULER_DEFAULTS)
+    text_encoder = tokenizer = None
+    if with_text_encoder:
+        if not (path / "text_encoder").is_dir() or not (path / "tokenizer").is_dir():
+            raise ModelError(f"{spec} has no text_encoder/ and tokenizer/; prompt-based methods need them")
+        import transformers
+
+        text_encoder = transformers.CLIPTextModel.from_pretrained(path / "text_encoder")
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(path / "tokenizer")
+    return Backbone(_freeze(unet), _freeze(vae), sched, spec, _freeze(text_encoder), tokenizer)
+
+
+def _load_hub(repo_id: str, with_text_encoder: bool) -> Backbone:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id, local_files_only=True,
+                                   allow_patterns=["unet/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*", "model_index.json"])
+    except Exception as exc:  # the hub client raises many types for "not cached"
+        raise ModelError(
+            f"hub id {repo_id!r} is not in the local Hugging Face cache and this tool never downloads at run time; "
+            f"download it where there is internet (huggingface-cli download {repo_id}) and pass the folder") from exc
+    backbone = _load_folder(Path(folder), repo_id, with_text_encoder)
+    return backbone
+
+
+def _load_single_file(path: Path, with_text_encoder: bool) -> Backbone:
+    import diffusers
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if meta.get("format") == PACKED_FORMAT:
+        return _load_packed(path, meta)
+    try:
+        pipe = diffusers.StableDiffusionPipeline.from_single_file(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ModelError(
+            f"{path} is not a diffinv packed model and diffusers could not read it as a Stable Diffusion checkpoint "
+            f"offline ({type(exc).__name__}: {exc}); convert it to a diffusers folder where the configs are available") from exc
+    te, tok = (pipe.text_encoder, pipe.tokenizer) if with_text_encoder else (None, None)
+    return Backbone(_freeze(pipe.unet), _freeze(pipe.vae), dict(pipe.scheduler.config), str(path), _freeze(te), tok)
+
+
+def _load_packed(path: Path, meta: dict[str, str]) -> Backbone:
+    import diffusers
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    unet = diffusers.UNet2DConditionModel.from_config(json.loads(meta["unet_config"]))
+    unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    vae = None
+    if "vae_config" in meta:
+        vae = diffusers.AutoencoderKL.from_config(json.loads(meta["vae_config"]))
+        vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+    return Backbone(_freeze(unet), _freeze(vae), json.loads(meta["scheduler_config"]), str(path))
+
+
+def save_packed(backbone: Backbone, path: str | Path) -> None:
+    """Write UNet (+ VAE) weights and all configs into one ``.safetensors`` file."""
+    from diffinv.runs import write_safetensors
+
+    tensors = {f"unet.{k}": v for k, v in backbone.unet.state_dict().items()}
+    meta = {"format": PACKED_FORMAT, "unet_config": json.dumps(dict(backbone.unet.config), default=list),
+            "scheduler_config": json.dumps(backbone.scheduler_config, default=list)}
+    if backbone.vae is not None:
+        tensors.update({f"vae.{k}": v for k, v in backbone.vae.state_dict().items()})
+        meta["vae_config"] = json.dumps(dict(backbone.vae.config), default=list)
+    write_safetensors(path, tensors, meta)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on a GPU that supports it (fp16 otherwise) and fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -1,0 +1,262 @@
+"""Stage 1, Diffusion Inversion: learn a conditioning c_i [K, D] per real image.
+
+The maths (noising, targets, per-image loss, initialisation, evaluation) are pure tensor
+functions at the top; :func:`invert_dataset` (orchestration: data, store, resume) and
+:func:`invert_batch` (the hot loop) follow.
+
+Speed choices against the paper's code: latent moments are computed once per image, not every
+step; all images of a batch are optimised together (AdamW is element-wise and the loss is a sum
+of per-image losses, so an image's trajectory does not depend on its batch-mates); the UNet runs
+in bf16/fp16 on GPU; the host is only synchronised every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from diffinv.config import InvertConfig, config_to_dict, result_fields
+from diffinv.data.real import LabelledImages, load_pixels, open_images, select
+from diffinv.diffusion import rng
+from diffinv.diffusion.backbone import Backbone, LatentMoments, load_backbone, resolve_device, resolve_dtype
+from diffinv.diffusion.store import MARKER, StoreWriter
+from diffinv.runs import RunError, prepare_output, write_yaml
+
+StepHook = Callable[[int, int], None]  # (batch index, finished step) -> None; may raise to stop
+
+
+class InversionError(RuntimeError):
+    """Inversion cannot go on (e.g. the loss is not finite); the message says what to try."""
+
+
+# ----------------------------------------------------------------------------- pure maths
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion x_t = sqrt(a) x0 + sqrt(1 - a) noise; x0, noise [B, ...], alpha_bar [B]."""
+    a = alpha_bar.view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def denoising_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the UNet is trained to output: epsilon, or v = sqrt(a) noise - sqrt(1 - a) x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = alpha_bar.view(-1, *([1] * (x0.dim() - 1)))
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise InversionError(f"prediction type {prediction_type!r} is not supported (epsilon or v_prediction)")
+
+
+def per_image_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image: [B, ...] x2 -> [B]."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def init_embeddings(keys: torch.Tensor, tokens: int, dim: int, std: float) -> torch.Tensor:
+    """Keyed N(0, std^2) starting point [B, K, D] for each image's conditioning."""
+    return rng.keyed_normal(keys, 0, rng.STREAM_INIT, (tokens, dim)) * std
+
+
+def training_draws(keys: torch.Tensor, step: int, moments: LatentMoments, num_timesteps: int,
+                   sample_latent: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's random draws for each image: clean latent x0, noise [B, C, h, w], timestep t [B]."""
+    shape = tuple(moments.mean.shape[1:])
+    x0 = moments.mean
+    if sample_latent:
+        x0 = x0 + moments.std * rng.keyed_normal(keys, step, rng.STREAM_LATENT, shape)
+    noise = rng.keyed_normal(keys, step, rng.STREAM_NOISE, shape)
+    t = rng.keyed_randint(keys, step, rng.STREAM_TIMESTEP, num_timesteps)
+    return x0, noise, t
+
+
+@torch.no_grad()
+def evaluation_loss(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, keys: torch.Tensor,
+                    n_timesteps: int = 8) -> torch.Tensor:
+    """Deterministic denoising loss [B] of conditioning cond [B, K, D] on clean latents [B, C, h, w].
+
+    Averaged over ``n_timesteps`` evenly spaced timesteps with keyed noise, so two
+    conditionings of the same images are compared on identical draws.
+    """
+    T = backbone.num_train_timesteps
+    total = torch.zeros(latents.shape[0], device=latents.device)
+    for j in range(n_timesteps):
+        t = torch.full((latents.shape[0],), int((j + 0.5) * T / n_timesteps), device=latents.device, dtype=torch.long)
+        noise = rng.keyed_normal(keys, j, rng.STREAM_EVAL, tuple(latents.shape[1:]))
+        a = backbone.alphas_cumprod[t]
+        pred = backbone.predict_noise(q_sample(latents, noise, a), t, cond)
+        total += per_image_loss(pred, denoising_target(latents, noise, a, backbone.prediction_type))
+    return total / n_timesteps
+
+
+# ----------------------------------------------------------------------------- the hot loop
+
+
+def invert_batch(backbone: Backbone, pixels: torch.Tensor, keys: torch.Tensor, config: InvertConfig, *,
+                 state: dict[str, torch.Tensor] | None = None, start_step: int = 0,
+                 checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+                 on_step: Callable[[int, float | None], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Optimise one conditioning per image of a batch.
+
+    pixels [B, 3, R, R] in [-1, 1]; keys [B] from :func:`rng.keys_tensor`. ``state`` and
+    ``start_step`` continue from a checkpoint. Returns (embeddings [B, K, D] float32 on CPU,
+    initial and final evaluation losses [B]).
+    """
+    device = backbone.device
+    keys = keys.to(device)
+
+    # 1. Encode every image once; the paper re-encodes it at every step.
+    moments = _encode_in_slices(backbone, pixels)
+
+    # 2. Starting point: fresh keyed initialisation, or the checkpointed embeddings and AdamW moments.
+    init = init_embeddings(keys, config.tokens, backbone.cond_dim, config.init_std)
+    emb = torch.nn.Parameter((state["embeddings"] if state else init).to(device, torch.float32).clone())
+    opt = torch.optim.AdamW([emb], lr=config.lr, weight_decay=config.weight_decay)
+    if state:
+        opt.state[emb] = {"step": state["adam_step"].reshape(()).float().clone(), "exp_avg": state["exp_avg"].to(device).clone(),
+                          "exp_avg_sq": state["exp_avg_sq"].to(device).clone()}
+    loss_init = evaluation_loss(backbone, moments.mean, init, keys, config.eval_timesteps)
+
+    # 3. Denoising steps. Loss = sum of per-image means, so each image's gradient is its own.
+    running, counted = torch.zeros((), device=device), 0
+    for step in range(start_step, config.steps):
+        x0, noise, t = training_draws(keys, step, moments, backbone.num_train_timesteps, config.latent == "sample")
+        a = backbone.alphas_cumprod[t]
+        pred = backbone.predict_noise(q_sample(x0, noise, a), t, emb)
+        loss = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += loss.detach()
+        counted += 1
+
+        # 4. Host syncs only here, every log_every steps: finiteness check and the progress bar.
+        done = step + 1
+        mean_loss = None
+        if done % config.log_every == 0 or done == config.steps:
+            mean_loss = running.item() / (len(keys) * counted)
+            running.zero_()
+            counted = 0
+            if not math.isfinite(mean_loss):
+                raise InversionError(f"the inversion loss became {mean_loss} at step {done}; lower --lr or use --precision fp32")
+        if checkpoint is not None and done % config.checkpoint_every == 0 and done < config.steps:
+            adam = opt.state[emb]
+            checkpoint(done, {"embeddings": emb.detach(), "exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"],
+                              "adam_step": torch.as_tensor(adam["step"]).reshape(1).float()})
+        if on_step is not None:
+            on_step(done, mean_loss)
+
+    # 5. Final deterministic evaluation, same draws as the initial one.
+    loss_final = evaluation_loss(backbone, moments.mean, emb.detach(), keys, config.eval_timesteps)
+    return emb.detach().float().cpu(), loss_init.cpu(), loss_final.cpu()
+
+
+def _encode_in_slices(backbone: Backbone, pixels: torch.Tensor, slice_size: int = 32) -> LatentMoments:
+    parts = [backbone.encode(pixels[i : i + slice_size]) for i in range(0, len(pixels), slice_size)]
+    return LatentMoments(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]))
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                   progress: bool = True, on_step: StepHook | None = None, log: Callable[[str], None] = print) -> Path:
+    """Invert every selected image of ``config.data`` into the store at ``out``.
+
+    Finished batches are written as atomic parts; the batch in progress is checkpointed every
+    ``checkpoint_every`` steps, so ``resume=True`` after a kill gives the same store as an
+    uninterrupted run.
+    """
+    out = Path(out)
+    mode = prepare_output(out, MARKER, resume=resume, overwrite=overwrite)
+    if mode == "done":
+        log(f"{out} is already complete; nothing to do")
+        return out
+    if mode == "resume":
+        _check_same_config(out, config)
+
+    # 1. Data: the selected, readable images.
+    images = select(open_images(config.data, config.format, config.split), config.per_class, config.subset_seed,
+                    config.bad_images, warn=log)
+
+    # 2. Model, frozen, on the device in the working precision.
+    device = resolve_device(config.device)
+    backbone = load_backbone(config.model).to(device, resolve_dtype(config.precision, device))
+    latent_shape = backbone.latent_shape(config.resolution)
+
+    # 3. Store: header and resolved config, or a check that the resumed store fits this model.
+    writer = StoreWriter(out)
+    info = {"model": config.model, "model_fingerprint": backbone.fingerprint(), "cond_shape": [config.tokens, backbone.cond_dim],
+            "classes": images.classes, "resolution": config.resolution, "latent_shape": list(latent_shape),
+            "n_images": len(images), "dtype": str(backbone.dtype).replace("torch.", "")}
+    if mode == "resume":
+        old = writer.info()
+        if old.get("model_fingerprint") != info["model_fingerprint"]:
+            raise RunError(f"{out} was made with another model ({old.get('model')}); use --overwrite or a new --out")
+    else:
+        write_yaml(out / "config.yaml", config_to_dict(config))
+        writer.start(info)
+
+    # 4. Batches of not-yet-finished images, the checkpointed batch first.
+    todo = [i for i, image_id in enumerate(images.ids) if image_id not in writer.finished_ids()]
+    batches = _plan_batches(images, todo, config.batch_size, writer.load_checkpoint())
+    bar = tqdm(total=len(todo) * config.steps, unit="img-step", disable=not progress, dynamic_ncols=True,
+               desc=f"invert {len(todo)} images")
+    for b, (indices, resumed) in enumerate(batches):
+        _invert_and_write(backbone, images, indices, config, writer, resumed, bar, b, on_step)
+    bar.close()
+    writer.finish(len(images))
+    return out
+
+
+def _plan_batches(images: LabelledImages, todo: list[int], batch_size: int, checkpoint) -> list[tuple[list[int], object]]:
+    batches: list[tuple[list[int], object]] = []
+    if checkpoint is not None:
+        tensors, meta = checkpoint
+        lookup = {image_id: i for i, image_id in enumerate(images.ids)}
+        if all(i in lookup for i in meta["ids"]):
+            first = [lookup[i] for i in meta["ids"]]
+            batches.append((first, checkpoint))
+            todo = [i for i in todo if i not in set(first)]
+    batches += [(todo[i : i + batch_size], None) for i in range(0, len(todo), batch_size)]
+    return batches
+
+
+def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[int], config: InvertConfig,
+                      writer: StoreWriter, resumed, bar, batch_index: int, on_step: StepHook | None) -> None:
+    subset = images.subset(indices)
+    keys = rng.keys_tensor(config.seed, subset.ids)
+    state, start = (resumed[0], int(resumed[1]["step"])) if resumed else (None, 0)
+    bar.update(start * len(indices))
+
+    def checkpoint(step: int, tensors: dict[str, torch.Tensor]) -> None:
+        writer.save_checkpoint(tensors, {"ids": subset.ids, "step": step})
+
+    def step_done(step: int, loss: float | None) -> None:
+        bar.update(len(indices))
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", images_done=f"{bar.n // config.steps}")
+        if on_step is not None:
+            on_step(batch_index, step)
+
+    emb, loss_init, loss_final = invert_batch(backbone, load_pixels(subset, config.resolution), keys, config,
+                                              state=state, start_step=start, checkpoint=checkpoint, on_step=step_done)
+    rows = [{"id": subset.ids[j], "index": indices[j], "label": int(subset.labels[j]), "class": images.classes[subset.labels[j]],
+             "source": subset.sources[j], "loss_init": float(loss_init[j]), "loss": float(loss_final[j]), "steps": config.steps}
+            for j in range(len(indices))]
+    writer.write_part(emb, rows)
+    writer.clear_checkpoint()
+
+
+def _check_same_config(out: Path, config: InvertConfig) -> None:
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    diffs = {k: (saved.get(k), v) for k, v in result_fields(config).items() if saved.get(k) != v}
+    if diffs:
+        listing = ", ".join(f"{k}: store has {a!r}, asked {b!r}" for k, (a, b) in diffs.items())
+        raise RunError(f"cannot resume {out} with different settings ({listing}); use the same settings, --overwrite, or a new --out")

@@ -1,0 +1,132 @@
+"""The embedding store: what ``diffinv invert`` writes and ``diffinv generate`` reads.
+
+Layout of a store folder::
+
+    store.json            format, model fingerprint, conditioning shape, classes, status
+    config.yaml           the resolved InvertConfig
+    parts/part-<h>.safetensors + part-<h>.json   embeddings [n, K, D] + their manifest rows
+    checkpoint.safetensors                       the batch in progress (removed when it finishes)
+    manifest.jsonl        every image's row, written when the store is complete
+
+A part counts as finished only once its ``.json`` exists, and that is written (atomically)
+after its tensors, so a kill never leaves a part that looks finished but is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffinv.runs import read_json, write_json, write_safetensors, write_text
+
+STORE_FORMAT = "diffinv-store-v1"
+MARKER = "store.json"
+
+
+class StoreError(ValueError):
+    """A store is missing, unfinished, or does not fit the model or data it is used with."""
+
+
+@dataclass
+class EmbeddingStore:
+    """A finished store loaded in memory: ``embeddings`` [N, K, D] float32, row i for ``ids[i]``."""
+
+    root: Path
+    info: dict[str, Any]
+    rows: list[dict[str, Any]]
+    embeddings: torch.Tensor
+
+    @property
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.rows]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([r["label"] for r in self.rows], dtype=torch.int64)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    def mean_embedding(self) -> torch.Tensor:
+        """[K, D]: the unconditional input for classifier-free guidance (the paper's choice)."""
+        return self.embeddings.mean(dim=0)
+
+    @classmethod
+    def open(cls, root: str | Path, allow_partial: bool = False) -> "EmbeddingStore":
+        root = Path(root)
+        if not (root / MARKER).is_file():
+            raise StoreError(f"{root} is not an embedding store (no {MARKER}); make one with `diffinv invert`")
+        info = read_json(root / MARKER)
+        if info.get("format") != STORE_FORMAT:
+            raise StoreError(f"{root}: unknown store format {info.get('format')!r}")
+        if info.get("status") != "complete" and not allow_partial:
+            raise StoreError(f"{root} is unfinished; finish it with `diffinv invert ... --resume`")
+        rows, chunks = [], []
+        for meta in sorted((root / "parts").glob("part-*.json")):
+            part_rows = read_json(meta)
+            tensors = load_file(str(meta.with_suffix(".safetensors")))
+            rows += part_rows
+            chunks.append(tensors["embeddings"])
+        order = sorted(range(len(rows)), key=lambda i: rows[i]["index"])
+        embeddings = torch.cat(chunks)[order] if chunks else torch.empty(0, *info["cond_shape"])
+        return cls(root, info, [rows[i] for i in order], embeddings)
+
+
+class StoreWriter:
+    """Writes a store part by part; safe to kill at any point and resume."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        (self.root / "parts").mkdir(parents=True, exist_ok=True)
+
+    def start(self, info: dict[str, Any]) -> None:
+        write_json(self.root / MARKER, {**info, "format": STORE_FORMAT, "status": "in-progress"})
+
+    def info(self) -> dict[str, Any]:
+        return read_json(self.root / MARKER)
+
+    def finished_ids(self) -> set[str]:
+        done: set[str] = set()
+        for meta in (self.root / "parts").glob("part-*.json"):
+            done.update(r["id"] for r in read_json(meta))
+        return done
+
+    def write_part(self, embeddings: torch.Tensor, rows: list[dict[str, Any]]) -> str:
+        """Atomically add embeddings [n, K, D] with their manifest rows; returns the part name."""
+        name = "part-" + hashlib.sha1("\n".join(r["id"] for r in rows).encode()).hexdigest()[:12]
+        rows = [{**r, "part": name, "row": j} for j, r in enumerate(rows)]
+        write_safetensors(self.root / "parts" / f"{name}.safetensors", {"embeddings": embeddings.float()})
+        write_json(self.root / "parts" / f"{name}.json", rows)
+        return name
+
+    # -- the batch in progress ---------------------------------------------------------------
+    # One file holds tensors and metadata, so the pair can never be torn by a kill.
+    def save_checkpoint(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        write_safetensors(self.root / "checkpoint.safetensors", tensors, {"meta": json.dumps(meta)})
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        path = self.root / "checkpoint.safetensors"
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["meta"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        return tensors, meta
+
+    def clear_checkpoint(self) -> None:
+        (self.root / "checkpoint.safetensors").unlink(missing_ok=True)
+
+    def finish(self, expected: int) -> None:
+        store = EmbeddingStore.open(self.root, allow_partial=True)
+        if len(store.rows) != expected:
+            raise StoreError(f"{self.root}: expected {expected} images, found {len(store.rows)}")
+        write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in store.rows))
+        write_json(self.root / MARKER, {**self.info(), "status": "complete", "n_images": expected})

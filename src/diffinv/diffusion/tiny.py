@@ -1,0 +1,88 @@
+"""Small random models with Stable Diffusion's architecture, saved in diffusers format.
+
+They exercise exactly the loading and inference code used for real checkpoints, at sizes that
+run in seconds on a CPU. ``sd1_sized`` builds an SD 1.x-sized UNet + VAE (random weights) for
+speed measurements.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS
+
+KINDS = ("latent", "pixel", "sd1")
+
+
+def build_unet(kind: str = "latent", cross_attention_dim: int = 32, sample_size: int = 16):
+    from diffusers import UNet2DConditionModel
+
+    if kind == "sd1":
+        return UNet2DConditionModel(sample_size=sample_size, cross_attention_dim=768)
+    channels = 4 if kind == "latent" else 3
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def build_vae(kind: str = "latent"):
+    from diffusers import AutoencoderKL
+
+    if kind == "sd1":
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,
+        )
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, sample_size=32,
+    )
+
+
+def build_text_encoder(out: Path, cross_attention_dim: int) -> None:
+    """A tiny CLIP text encoder + a word-level tokenizer made from a small vocabulary."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["a", "photo", "of", "the", "an", "image", "picture", "small", "digit", "number"]
+    words += [str(i) for i in range(10)] + ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    words += ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck", "x-ray", "normal", "pneumonia"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for w in words:
+        vocab.setdefault(w + "</w>", len(vocab))
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (out / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(out / "tokenizer" / "vocab.json"), str(out / "tokenizer" / "merges.txt"),
+                                           model_max_length=16)
+    tokenizer.save_pretrained(out / "tokenizer")
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab) + 8, hidden_size=cross_attention_dim, intermediate_size=64,
+                                         num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    transformers.CLIPTextModel(config).save_pretrained(out / "text_encoder")
+
+
+def save_tiny_model(out: str | Path, kind: str = "latent", seed: int = 0, prediction_type: str = "epsilon",
+                    with_text_encoder: bool = False, sample_size: int = 16) -> Path:
+    """Build a random model of ``kind`` (latent | pixel | sd1) and save it as a diffusers folder."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    out = Path(out)
+    torch.manual_seed(seed)
+    unet = build_unet(kind, sample_size=sample_size)
+    unet.save_pretrained(out / "unet")
+    if kind != "pixel":
+        build_vae(kind).save_pretrained(out / "vae")
+    from diffusers import DDPMScheduler
+
+    DDPMScheduler(**{**SCHEDULER_DEFAULTS, "prediction_type": prediction_type}).save_pretrained(out / "scheduler")
+    if with_text_encoder:
+        build_text_encoder(out, unet.config.cross_attention_dim)
+    (out / "model_index.json").write_text(json.dumps({"_class_name": "DiffinvModel", "kind": kind}, indent=2))
+    return out
