@@ -270,11 +270,11 @@ def save_packed(backbone: Backbone, path: str | Path) -> None:
     from diffinv.runs import write_safetensors
 
     tensors = {f"unet.{k}": v for k, v in backbone.unet.state_dict().items()}
-    meta = {"format": PACKED_FORMAT, "unet_config": json.dumps(dict(backbone.unet.config), default=list),
-            "scheduler_config": json.dumps(backbone.scheduler_config, default=list)}
+    meta = {"format": PACKED_FORMAT, "unet_config": json.dumps(dict(backbone.unet.config), default=str),
+            "scheduler_config": json.dumps(backbone.scheduler_config, default=str)}
     if backbone.vae is not None:
         tensors.update({f"vae.{k}": v for k, v in backbone.vae.state_dict().items()})
-        meta["vae_config"] = json.dumps(dict(backbone.vae.config), default=list)
+        meta["vae_config"] = json.dumps(dict(backbone.vae.config), default=str)
     write_safetensors(path, tensors, meta)
 
 

@@ -54,6 +54,10 @@ def build_text_encoder(out: Path, cross_attention_dim: int) -> None:
     words += [str(i) for i in range(10)] + ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     words += ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck", "x-ray", "normal", "pneumonia"]
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    # With no BPE merges every word falls apart into characters, so the vocabulary needs them too.
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789-{}":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
     for w in words:
         vocab.setdefault(w + "</w>", len(vocab))
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)

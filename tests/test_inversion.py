@@ -1,0 +1,162 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffinv.config import InvertConfig
+from diffinv.data.real import load_pixels, open_images, select
+from diffinv.diffusion import rng
+from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.inversion import (InversionError, denoising_target, evaluation_loss, invert_batch, invert_dataset,
+                                         q_sample)
+from diffinv.diffusion.pretrain import pretrain_autoencoder
+from diffinv.diffusion.store import EmbeddingStore
+from diffinv.diffusion.tiny import save_tiny_model
+from diffinv.runs import RunError, read_json
+
+
+def _config(model, data, **kw):
+    base = dict(model=str(model), data=str(data), resolution=16, steps=6, batch_size=4, checkpoint_every=2, log_every=2)
+    return InvertConfig(**{**base, **kw})
+
+
+def _same_store(a: Path, b: Path, exact: bool = True):
+    sa, sb = EmbeddingStore.open(a), EmbeddingStore.open(b)
+    assert sa.ids == sb.ids
+    if exact:
+        assert torch.equal(sa.embeddings, sb.embeddings)
+    else:
+        torch.testing.assert_close(sa.embeddings, sb.embeddings, rtol=1e-4, atol=1e-5)
+    assert [r["loss"] for r in sa.rows] == pytest.approx([r["loss"] for r in sb.rows], rel=1e-4)
+
+
+def test_v_target_recovers_clean_latent():
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    a = torch.tensor([0.9, 0.5, 0.01])
+    x_t = q_sample(x0, noise, a)
+    v = denoising_target(x0, noise, a, "v_prediction")
+    av = a.view(-1, 1, 1, 1)
+    torch.testing.assert_close(av.sqrt() * x_t - (1 - av).sqrt() * v, x0)
+    assert torch.equal(denoising_target(x0, noise, a, "epsilon"), noise)
+
+
+@pytest.fixture(scope="module")
+def trained_pixel(tmp_path_factory):
+    """A tiny pixel-space diffusion autoencoder that has memorised 10 digits: its conditioning matters."""
+    path = save_tiny_model(tmp_path_factory.mktemp("m") / "dae", "pixel", sample_size=8)
+    backbone = load_backbone(path)
+    images = select(open_images("digits"), 1, seed=0)
+    pixels = load_pixels(images, 8)
+    pretrain_autoencoder(backbone, pixels, steps=300, batch_size=20, lr=3e-3)
+    return backbone, images, pixels
+
+
+def test_inverted_embeddings_explain_their_own_image(trained_pixel):
+    backbone, images, pixels = trained_pixel
+    keys = rng.keys_tensor(0, images.ids)
+    config = InvertConfig(model="m", data="digits", resolution=8, steps=100, lr=0.1, log_every=50)
+    emb, loss_init, loss_final = invert_batch(backbone, pixels, keys, config)
+    clean = backbone.encode(pixels).mean
+    own = evaluation_loss(backbone, clean, emb, keys).mean()
+    mean = evaluation_loss(backbone, clean, emb.mean(0, keepdim=True).expand_as(emb), keys).mean()
+    other = evaluation_loss(backbone, clean, emb.roll(1, 0), keys).mean()
+    assert torch.allclose(own, loss_final.mean())
+    assert own < 0.85 * loss_init.mean()
+    assert own < 0.93 * mean  # the store's mean embedding explains each image worse ...
+    assert own < 0.88 * other  # ... and another image's embedding worse still: c_i is specific to x_i
+
+
+def test_batch_composition_does_not_change_results(tiny_latent, image_tree, tmp_path):
+    invert_dataset(_config(tiny_latent, image_tree, batch_size=6), tmp_path / "one", progress=False)
+    invert_dataset(_config(tiny_latent, image_tree, batch_size=4), tmp_path / "split", progress=False)
+    _same_store(tmp_path / "one", tmp_path / "split", exact=False)
+
+
+def test_two_runs_on_halves_equal_one_run(tiny_latent, image_tree, tmp_path):
+    invert_dataset(_config(tiny_latent, image_tree), tmp_path / "all", progress=False)
+    full = EmbeddingStore.open(tmp_path / "all")
+    for c in ("cat", "dog"):
+        half = tmp_path / f"data-{c}" / c
+        half.parent.mkdir()
+        half.symlink_to(image_tree / c)
+        invert_dataset(_config(tiny_latent, half.parent), tmp_path / f"store-{c}", progress=False)
+    halves = [EmbeddingStore.open(tmp_path / f"store-{c}") for c in ("cat", "dog")]
+    torch.testing.assert_close(torch.cat([h.embeddings for h in halves]), full.embeddings, rtol=1e-4, atol=1e-5)
+
+
+def test_interrupt_then_resume_equals_uninterrupted(tiny_latent, image_tree, tmp_path):
+    invert_dataset(_config(tiny_latent, image_tree), tmp_path / "ref", progress=False)
+
+    def stop(batch, step):
+        if batch == 1 and step == 5:  # mid second batch, after its checkpoint at step 4
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        invert_dataset(_config(tiny_latent, image_tree), tmp_path / "run", progress=False, on_step=stop)
+    assert (tmp_path / "run" / "checkpoint.safetensors").exists()
+    with pytest.raises(RunError, match="--resume"):
+        invert_dataset(_config(tiny_latent, image_tree), tmp_path / "run", progress=False)
+    resumed_steps = []
+    invert_dataset(_config(tiny_latent, image_tree), tmp_path / "run", resume=True, progress=False,
+                   on_step=lambda batch, step: resumed_steps.append(step))
+    assert resumed_steps == [5, 6]  # continued from the step-4 checkpoint, first batch not redone
+    _same_store(tmp_path / "ref", tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tiny_latent, image_tree, tmp_path):
+    args = ["--model", str(tiny_latent), "--data", str(image_tree), "--resolution", "16", "--steps", "40",
+            "--batch-size", "4", "--checkpoint-every", "3", "--quiet"]
+    cli = [sys.executable, "-m", "diffinv.cli", "invert"]
+    subprocess.run(cli + args + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
+    proc = subprocess.Popen(cli + args + ["--out", str(tmp_path / "run")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list((tmp_path / "run" / "parts").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert read_json(tmp_path / "run" / "store.json")["status"] == "in-progress"  # killed mid-run
+    done = subprocess.run(cli + args + ["--out", str(tmp_path / "run"), "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _same_store(tmp_path / "ref", tmp_path / "run")
+
+
+def test_finished_store_is_protected_and_mismatches_refused(tiny_latent, tiny_pixel, image_tree, tmp_path):
+    out = tmp_path / "store"
+    invert_dataset(_config(tiny_latent, image_tree), out, progress=False)
+    with pytest.raises(RunError, match="--overwrite"):
+        invert_dataset(_config(tiny_latent, image_tree), out, progress=False)
+    # --resume on a finished store is a no-op, not a rerun.
+    invert_dataset(_config(tiny_latent, image_tree), out, resume=True, progress=False)
+
+    def stop(batch, step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        invert_dataset(_config(tiny_latent, image_tree), tmp_path / "partial", progress=False, on_step=stop)
+    with pytest.raises(RunError, match="steps: store has 6, asked 7"):
+        invert_dataset(_config(tiny_latent, image_tree, steps=7), tmp_path / "partial", resume=True, progress=False)
+    invert_dataset(_config(tiny_latent, image_tree, steps=7), out, overwrite=True, progress=False)
+    assert EmbeddingStore.open(out).rows[0]["steps"] == 7
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(RunError, match="not a diffinv output"):
+        invert_dataset(_config(tiny_latent, image_tree), tmp_path / "mine", overwrite=True, progress=False)
+
+
+def test_nan_loss_is_a_clear_error(tiny_latent, image_tree, tmp_path):
+    with pytest.raises(InversionError, match="lower --lr"):
+        invert_dataset(_config(tiny_latent, image_tree, init_std=float("inf")), tmp_path / "s", progress=False)
+
+
+def test_pixel_and_v_prediction_models_invert(tiny_pixel, tiny_v, image_tree, tmp_path):
+    for name, model in (("pixel", tiny_pixel), ("v", tiny_v)):
+        invert_dataset(_config(model, image_tree, latent="mean"), tmp_path / name, progress=False)
+        store = EmbeddingStore.open(tmp_path / name)
+        assert store.embeddings.shape == (6, 5, 32) and torch.isfinite(store.embeddings).all()
+        assert store.mean_embedding().shape == (5, 32)
