@@ -7,6 +7,7 @@ command line leaves out, and the dataclass defaults supply the rest.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,14 +77,18 @@ def _add_tiny(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
     p.add_argument("--text-encoder", action="store_true", help="also save a tiny CLIP text encoder + tokenizer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a model previously written by tiny-model")
     p.set_defaults(func=_run_tiny)
 
 
 def _run_tiny(args: argparse.Namespace) -> int:
     from diffinv.diffusion.tiny import save_tiny_model
 
-    if Path(args.out).exists() and any(Path(args.out).iterdir()):
-        raise ConfigError(f"{args.out} exists and is not empty; choose a new folder")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if not (args.overwrite and (out / "model_index.json").is_file()):
+            raise ConfigError(f"{out} exists and is not empty; choose a new folder (--overwrite replaces a tiny-model folder)")
+        shutil.rmtree(out)
     path = save_tiny_model(args.out, args.kind, args.seed, args.prediction_type, args.text_encoder)
     print(f"saved a random {args.kind} model to {path}")
     return 0
