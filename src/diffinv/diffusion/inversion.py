@@ -202,7 +202,8 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
         writer.start(info)
 
     # 4. Batches of not-yet-finished images, the checkpointed batch first.
-    todo = [i for i, image_id in enumerate(images.ids) if image_id not in writer.finished_ids()]
+    finished = writer.finished_ids()
+    todo = [i for i, image_id in enumerate(images.ids) if image_id not in finished]
     batches = _plan_batches(images, todo, config.batch_size, writer.load_checkpoint())
     bar = tqdm(total=len(todo) * config.steps, unit="img-step", disable=not progress, dynamic_ncols=True,
                desc=f"invert {len(todo)} images")
@@ -214,14 +215,19 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
 
 
 def _plan_batches(images: LabelledImages, todo: list[int], batch_size: int, checkpoint) -> list[tuple[list[int], object]]:
+    """Batches of ``todo``; a checkpointed batch whose images are all still to do goes first.
+
+    A checkpoint whose batch already has its part (a kill between the two writes) is ignored.
+    """
     batches: list[tuple[list[int], object]] = []
     if checkpoint is not None:
-        tensors, meta = checkpoint
-        lookup = {image_id: i for i, image_id in enumerate(images.ids)}
-        if all(i in lookup for i in meta["ids"]):
-            first = [lookup[i] for i in meta["ids"]]
+        pending = {images.ids[i]: i for i in todo}
+        ids = checkpoint[1]["ids"]
+        if all(i in pending for i in ids):
+            first = [pending[i] for i in ids]
             batches.append((first, checkpoint))
-            todo = [i for i in todo if i not in set(first)]
+            in_first = set(first)
+            todo = [i for i in todo if i not in in_first]
     batches += [(todo[i : i + batch_size], None) for i in range(0, len(todo), batch_size)]
     return batches
 
