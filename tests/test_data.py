@@ -136,3 +136,17 @@ def test_shared_cifar_folder_and_medmnist(data_root):
     assert len(pneu) == 4708 and pneu.classes == ["0", "1"]
     mnist = open_images(data_root / "mnist", split="test")
     assert len(mnist) == 10000
+
+
+def test_hugging_face_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="pip install 'diffusion-inversion[hf]' to test the datasets source")
+    rs = np.random.RandomState(0)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["ant", "bee"])})
+    split = datasets.Dataset.from_dict({"img": [Image.fromarray(rs.randint(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(4)],
+                                        "label": [0, 1, 1, 0]}, features=features)
+    datasets.DatasetDict({"train": split}).save_to_disk(str(tmp_path / "hfds"))
+    ds = open_images(f"hf:{tmp_path / 'hfds'}")
+    assert ds.classes == ["ant", "bee"] and list(ds.labels) == [0, 1, 1, 0]
+    assert load_pixels(ds, 8).shape == (4, 3, 8, 8)
+    with pytest.raises(DataError, match="offline"):
+        open_images(f"hf:{tmp_path / 'hfds'}", split="test")

@@ -302,7 +302,15 @@ def _open_hf(spec: str, split: str) -> LabelledImages:
     except ImportError as exc:
         raise DataError("Hugging Face datasets are read with the 'datasets' package: pip install 'diffusion-inversion[hf]'") from exc
     name = spec[3:] if spec.startswith("hf:") else spec
-    ds = datasets.load_dataset(name, split=split)
+    try:
+        if Path(name).is_dir() and (Path(name) / "dataset_dict.json").is_file():  # saved with save_to_disk
+            ds = datasets.load_from_disk(name)[split]
+        elif Path(name).is_dir() and (Path(name) / "dataset_info.json").is_file():
+            ds = datasets.load_from_disk(name)
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, KeyError, ValueError, ConnectionError) as exc:
+        raise DataError(f"cannot open Hugging Face dataset {name!r} split {split!r} offline: {exc}") from exc
     image_col = next((c for c in ("image", "img", "pixel_values") if c in ds.column_names), None)
     label_col = next((c for c in ("label", "labels", "fine_label") if c in ds.column_names), None)
     if image_col is None or label_col is None:
