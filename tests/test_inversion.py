@@ -132,7 +132,10 @@ def test_finished_store_is_protected_and_mismatches_refused(tiny_latent, tiny_pi
     with pytest.raises(RunError, match="--overwrite"):
         invert_dataset(_config(tiny_latent, image_tree), out, progress=False)
     # --resume on a finished store is a no-op, not a rerun.
-    invert_dataset(_config(tiny_latent, image_tree), out, resume=True, progress=False)
+    steps_run, parts_before = [], sorted(p.stat().st_mtime_ns for p in (out / "parts").iterdir())
+    invert_dataset(_config(tiny_latent, image_tree), out, resume=True, progress=False,
+                   on_step=lambda batch, step: steps_run.append(step))
+    assert steps_run == [] and sorted(p.stat().st_mtime_ns for p in (out / "parts").iterdir()) == parts_before
 
     def stop(batch, step):
         raise KeyboardInterrupt

@@ -54,17 +54,19 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
 
 def _run_invert(args: argparse.Namespace) -> int:
     from diffinv.diffusion.inversion import invert_dataset
-    from diffinv.diffusion.store import EmbeddingStore
+    from diffinv.diffusion.store import read_rows
+    from diffinv.runs import read_json
 
     skip = {"out", "config", "resume", "overwrite", "quiet", "func", "command"}
     config = load_config(InvertConfig, args.config, {k: v for k, v in vars(args).items() if k not in skip})
     if not config.model or not config.data:
         raise ConfigError("--model and --data are required (on the command line or in --config)")
     out = invert_dataset(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    store = EmbeddingStore.open(out)
-    losses = [r["loss"] for r in store.rows]
-    inits = [r["loss_init"] for r in store.rows]
-    print(f"store {out}: {len(store.rows)} images, {len(store.classes)} classes, conditioning {tuple(store.info['cond_shape'])}; "
+    # The summary reads the manifest rows only: the embeddings of a large store need not fit in memory.
+    info, rows = read_json(out / "store.json"), read_rows(out)
+    losses = [r["loss"] for r in rows]
+    inits = [r["loss_init"] for r in rows]
+    print(f"store {out}: {len(rows)} images, {len(info['classes'])} classes, conditioning {tuple(info['cond_shape'])}; "
           f"mean loss {sum(inits) / len(inits):.4f} at init -> {sum(losses) / len(losses):.4f} after {config.steps} steps")
     return 0
 

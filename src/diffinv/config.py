@@ -117,7 +117,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     target = next((a for a in args if a is not type(None)), hint) if args else hint
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if target in (int, str, bool) and not isinstance(value, target) or (target is int and isinstance(value, bool)):
+    wrong_type = target in (int, str, bool) and not isinstance(value, target)
+    if wrong_type or (target is int and isinstance(value, bool)):  # bool is an int subclass; "true" is not a count
         raise ConfigError(f"option {name} must be {target.__name__}, got {value!r}")
     return value
 

@@ -302,10 +302,11 @@ def _open_hf(spec: str, split: str) -> LabelledImages:
     except ImportError as exc:
         raise DataError("Hugging Face datasets are read with the 'datasets' package: pip install 'diffusion-inversion[hf]'") from exc
     name = spec[3:] if spec.startswith("hf:") else spec
+    local = Path(name)
     try:
-        if Path(name).is_dir() and (Path(name) / "dataset_dict.json").is_file():  # saved with save_to_disk
+        if (local / "dataset_dict.json").is_file():  # a DatasetDict saved with save_to_disk
             ds = datasets.load_from_disk(name)[split]
-        elif Path(name).is_dir() and (Path(name) / "dataset_info.json").is_file():
+        elif (local / "dataset_info.json").is_file():  # a single saved split
             ds = datasets.load_from_disk(name)
         else:
             ds = datasets.load_dataset(name, split=split)

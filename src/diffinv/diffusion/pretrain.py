@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from diffinv.diffusion import rng
-from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.inversion import denoising_target, per_image_loss, q_sample
+from diffinv.diffusion.backbone import Backbone, LatentMoments
+from diffinv.diffusion.inversion import denoising_target, per_image_loss, q_sample, training_draws
 
 
 class TokenEncoder(nn.Module):
@@ -41,7 +41,8 @@ def pretrain_autoencoder(backbone: Backbone, pixels: torch.Tensor, *, steps: int
     a run is reproducible.
     """
     device = backbone.device
-    latents = backbone.encode(pixels).mean
+    moments = backbone.encode(pixels)
+    latents = moments.mean
     encoder = TokenEncoder(latents.shape[1], tokens, backbone.cond_dim).to(device)
     unet = backbone.unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(list(unet.parameters()) + list(encoder.parameters()), lr=lr)
@@ -49,11 +50,10 @@ def pretrain_autoencoder(backbone: Backbone, pixels: torch.Tensor, *, steps: int
     losses: list[float] = []
     for step in range(steps):
         idx = torch.randint(len(latents), (batch_size,), generator=gen).to(device)
-        x0 = latents[idx]
         keys = idx + seed * 1_000_003
-        noise = rng.keyed_normal(keys, step, rng.STREAM_NOISE, tuple(x0.shape[1:]))
-        t = rng.keyed_randint(keys, step, rng.STREAM_TIMESTEP, backbone.num_train_timesteps)
-        keep = (rng.keyed_uniform(keys, step, rng.STREAM_INIT, (1,))[:, 0] >= cond_dropout).float()
+        x0, noise, t = training_draws(keys, step, LatentMoments(latents[idx], moments.std[idx]), backbone.num_train_timesteps,
+                                      sample_latent=False)
+        keep = (rng.keyed_uniform(keys, step, rng.STREAM_DROPOUT, (1,))[:, 0] >= cond_dropout).float()
         cond = encoder(x0) * keep[:, None, None]
         a = backbone.alphas_cumprod[t]
         loss = per_image_loss(backbone.predict_noise(q_sample(x0, noise, a), t, cond),

@@ -69,15 +69,16 @@ class EmbeddingStore:
             raise StoreError(f"{root}: unknown store format {info.get('format')!r}")
         if info.get("status") != "complete" and not allow_partial:
             raise StoreError(f"{root} is unfinished; finish it with `diffinv invert ... --resume`")
-        rows, chunks = [], []
-        for meta in sorted((root / "parts").glob("part-*.json")):
-            part_rows = read_json(meta)
-            tensors = load_file(str(meta.with_suffix(".safetensors")))
-            rows += part_rows
-            chunks.append(tensors["embeddings"])
-        order = sorted(range(len(rows)), key=lambda i: rows[i]["index"])
-        embeddings = torch.cat(chunks)[order] if chunks else torch.empty(0, *info["cond_shape"])
-        return cls(root, info, [rows[i] for i in order], embeddings)
+        rows = read_rows(root)
+        parts = {name: load_file(str(root / "parts" / f"{name}.safetensors"))["embeddings"] for name in {r["part"] for r in rows}}
+        embeddings = torch.stack([parts[r["part"]][r["row"]] for r in rows]) if rows else torch.empty(0, *info["cond_shape"])
+        return cls(root, info, rows, embeddings)
+
+
+def read_rows(root: str | Path) -> list[dict[str, Any]]:
+    """Manifest rows of every finished part, in image order, without loading any tensor."""
+    rows = [r for meta in (Path(root) / "parts").glob("part-*.json") for r in read_json(meta)]
+    return sorted(rows, key=lambda r: r["index"])
 
 
 class StoreWriter:
@@ -94,10 +95,7 @@ class StoreWriter:
         return read_json(self.root / MARKER)
 
     def finished_ids(self) -> set[str]:
-        done: set[str] = set()
-        for meta in (self.root / "parts").glob("part-*.json"):
-            done.update(r["id"] for r in read_json(meta))
-        return done
+        return {r["id"] for r in read_rows(self.root)}
 
     def write_part(self, embeddings: torch.Tensor, rows: list[dict[str, Any]]) -> str:
         """Atomically add embeddings [n, K, D] with their manifest rows; returns the part name."""
@@ -125,8 +123,8 @@ class StoreWriter:
         (self.root / "checkpoint.safetensors").unlink(missing_ok=True)
 
     def finish(self, expected: int) -> None:
-        store = EmbeddingStore.open(self.root, allow_partial=True)
-        if len(store.rows) != expected:
-            raise StoreError(f"{self.root}: expected {expected} images, found {len(store.rows)}")
-        write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in store.rows))
+        rows = read_rows(self.root)
+        if len(rows) != expected:
+            raise StoreError(f"{self.root}: expected {expected} images, found {len(rows)}")
+        write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         write_json(self.root / MARKER, {**self.info(), "status": "complete", "n_images": expected})
