@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 from diffinv import __version__
-from diffinv.config import ConfigError, InvertConfig, load_config
+from diffinv.config import METHODS, SAMPLERS, ConfigError, GenerateConfig, InvertConfig, load_config
 
 STAGES = """stages:
   invert       learn one conditioning per real image (stage 1) -> embedding store
+  generate     sample a synthetic dataset around the learned conditionings (stage 2)
   tiny-model   save a small random SD-architecture model (for trying the pipeline offline)
 """
 
@@ -46,6 +47,8 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, help="checkpoint the batch in progress every N steps (default 200)")
     p.add_argument("--log-every", type=int, help="progress/NaN check interval in steps (default 25)")
     p.add_argument("--bad-images", choices=["skip", "error"], help="unreadable images: skip them (reported) or stop")
+    p.add_argument("--target", choices=["image", "class"],
+                   help="one conditioning per image (Diffusion Inversion, default) or per class (the class-inversion rival)")
     p.add_argument("--resume", action="store_true", help="continue an unfinished store, skipping finished images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -66,8 +69,61 @@ def _run_invert(args: argparse.Namespace) -> int:
     info, rows = read_json(out / "store.json"), read_rows(out)
     losses = [r["loss"] for r in rows]
     inits = [r["loss_init"] for r in rows]
-    print(f"store {out}: {len(rows)} images, {len(info['classes'])} classes, conditioning {tuple(info['cond_shape'])}; "
+    what = f"{len(rows)} images" if config.target == "image" else f"one conditioning per class from {sum(r['n_images'] for r in rows)} images"
+    print(f"store {out}: {what}, {len(info['classes'])} classes, conditioning {tuple(info['cond_shape'])}; "
           f"mean loss {sum(inits) / len(inits):.4f} at init -> {sum(losses) / len(losses):.4f} after {config.steps} steps")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample a synthetic dataset from an embedding store (stage 2)",
+                       description="Diffusion Inversion stage 2: c = c_i + s (c_j - c_i) + sigma * eps, guided by the mean "
+                                   "embedding; or a rival method (prompt, class-inversion, img2img) through the same sampler.")
+    p.add_argument("--store", help="embedding store from `diffinv invert` (per class for --method class-inversion)")
+    p.add_argument("--model", help="model; default: the one the store was made with")
+    p.add_argument("--out", required=True, help="dataset folder to write: OUT/<class>/<id>.png + manifest.jsonl")
+    p.add_argument("--config", help="YAML file of GenerateConfig fields (flags override it)")
+    p.add_argument("--method", choices=METHODS, help="di (default), prompt, class-inversion or img2img")
+    p.add_argument("--per-image", type=int, help="samples per real image (default 5); per-class methods make as many per class")
+    p.add_argument("--interp", type=float, help="s, the step towards a same-class partner (default 0.1)")
+    p.add_argument("--interp-mode", choices=["linear", "spherical"], help="interpolation (default linear)")
+    p.add_argument("--noise", type=float, help="sigma of the Gaussian added to the conditioning (default 0.1)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 2; 1 = none)")
+    p.add_argument("--uncond", choices=["mean", "class-mean"], help="guidance's unconditional input: mean embedding of the store or of the class")
+    p.add_argument("--sampler", choices=SAMPLERS, help="ddim (default), dpm++2m, euler or pndm (the paper's)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 25)")
+    p.add_argument("--eta", type=float, help="DDIM noise (0 = deterministic, default)")
+    p.add_argument("--strength", type=float, help="img2img: fraction of the schedule each real image is noised to (default 0.5)")
+    p.add_argument("--img2img-embedding", choices=["own", "class"], help="img2img: the image's own embedding or its class's")
+    p.add_argument("--class-store", help="per-class store (`diffinv invert --target class`) for --img2img-embedding class")
+    p.add_argument("--template", dest="templates", action="append",
+                   help="prompt method: a template with {} for the class name; repeat for several (default 'a photo of a {}')")
+    p.add_argument("--save-size", type=int, help="resize the saved images to PX x PX (default: the inversion resolution)")
+    p.add_argument("--seed", type=int, help="seed of every sample's randomness (default 0)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--batch-size", type=int, help="samples per batch (default 64); does not change the images")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--resume", action="store_true", help="complete an unfinished set (re-running does the same)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing generated set")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from diffinv.data.synthetic import read_manifest
+    from diffinv.diffusion.generation import generate_dataset
+
+    skip = {"out", "config", "resume", "overwrite", "quiet", "func", "command"}
+    config = load_config(GenerateConfig, args.config, {k: v for k, v in vars(args).items() if k not in skip})
+    out = generate_dataset(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    rows = read_manifest(out)
+    per_class: dict[str, int] = {}
+    for r in rows:
+        per_class[r["class"]] = per_class.get(r["class"], 0) + 1
+    fallbacks = sum(1 for r in rows if r.get("partner_fallback"))
+    note = f"; {fallbacks} partners from another class (class had a single image)" if fallbacks else ""
+    print(f"dataset {out}: {len(rows)} images ({config.method}, {config.sampler} {config.steps} steps, guidance {config.guidance}) "
+          f"in {len(per_class)} classes, {min(per_class.values())}-{max(per_class.values())} per class{note}")
     return 0
 
 
@@ -102,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffinv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="STAGE")
     _add_invert(sub)
+    _add_generate(sub)
     _add_tiny(sub)
     return parser
 

@@ -51,10 +51,13 @@ class InvertConfig:
     checkpoint_every: int = 200
     log_every: int = 25
     bad_images: str = "skip"  # skip | error
+    # "image": one conditioning per image (Diffusion Inversion). "class": one per class, learned
+    # from all of the class's images (textual inversion / DA-Fusion), the rival it must beat.
+    target: str = "image"
 
     RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
         "model", "data", "format", "split", "per_class", "subset_seed", "resolution", "tokens",
-        "steps", "lr", "weight_decay", "init_std", "latent", "eval_timesteps", "seed", "precision",
+        "steps", "lr", "weight_decay", "init_std", "latent", "eval_timesteps", "seed", "precision", "target",
     )
 
     def __post_init__(self) -> None:
@@ -69,6 +72,67 @@ class InvertConfig:
         _one_of("latent", self.latent, ("sample", "mean"))
         _one_of("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _one_of("bad-images", self.bad_images, ("skip", "error"))
+        _one_of("target", self.target, ("image", "class"))
+
+
+METHODS = ("di", "prompt", "class-inversion", "img2img")
+SAMPLERS = ("ddim", "dpm++2m", "euler", "pndm")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Stage 2: sample new images around the learned conditionings of a store.
+
+    ``method`` picks Diffusion Inversion (``di``) or one of the rivals it is compared with,
+    all through the same sampler, guidance and output code so the comparison is fair.
+    """
+
+    store: str = ""
+    model: str = ""  # empty: the model the store was made with
+    method: str = "di"
+    per_image: int = 5
+    interp: float = 0.1  # s: c_i + s (c_j - c_i)
+    interp_mode: str = "linear"  # linear | spherical
+    noise: float = 0.1  # sigma of the Gaussian added to the conditioning
+    guidance: float = 2.0
+    uncond: str = "mean"  # CFG's unconditional input: mean of the store | mean of the sample's class
+    sampler: str = "ddim"  # deterministic (eta 0); see benchmarks/sample_speed.py for why
+    steps: int = 25
+    eta: float = 0.0  # DDIM only: 0 is deterministic
+    strength: float = 0.5  # img2img: how far each real image is noised before denoising
+    img2img_embedding: str = "own"  # img2img: the image's own embedding, or its class's (needs class_store)
+    class_store: str = ""  # a store from `diffinv invert --target class`
+    templates: tuple[str, ...] = ("a photo of a {}",)  # prompt method; {} is the class name
+    save_size: int | None = None  # None: the inversion resolution
+    seed: int = 0
+    precision: str = "auto"
+    # Execution-only fields.
+    batch_size: int = 64
+    device: str = "auto"
+
+    RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "store", "model", "method", "per_image", "interp", "interp_mode", "noise", "guidance", "uncond", "sampler",
+        "steps", "eta", "strength", "img2img_embedding", "class_store", "templates", "save_size", "seed", "precision",
+    )
+
+    def __post_init__(self) -> None:
+        _one_of("method", self.method, METHODS)
+        _one_of("sampler", self.sampler, SAMPLERS)
+        _one_of("interp-mode", self.interp_mode, ("linear", "spherical"))
+        _one_of("uncond", self.uncond, ("mean", "class-mean"))
+        _one_of("img2img-embedding", self.img2img_embedding, ("own", "class"))
+        _one_of("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check(self.per_image >= 1, "per-image must be >= 1")
+        _check(0.0 <= self.interp <= 1.0, f"interp must be in [0, 1]; got {self.interp}")
+        _check(self.noise >= 0.0, f"noise must be >= 0; got {self.noise}")
+        _check(self.guidance >= 0.0, f"guidance must be >= 0 (1 = no guidance); got {self.guidance}")
+        _check(1 <= self.steps <= 1000, f"steps must be in [1, 1000]; got {self.steps}")
+        _check(0.0 <= self.eta <= 1.0, f"eta must be in [0, 1]; got {self.eta}")
+        _check(0.0 < self.strength <= 1.0, f"strength must be in (0, 1]; got {self.strength}")
+        _check(self.save_size is None or self.save_size >= 1, "save-size must be >= 1")
+        _check(self.batch_size >= 1, "batch-size must be >= 1")
+        _check(len(self.templates) >= 1 and all("{}" in t for t in self.templates),
+               "every prompt template must contain {} where the class name goes, e.g. 'a photo of a {}'")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -114,6 +178,12 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     args = typing.get_args(hint)
     if value is None and type(None) in args:
         return None
+    if typing.get_origin(hint) in (tuple, list):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"option {name} must be a list of strings, got {value!r}")
+        return tuple(value)
     target = next((a for a in args if a is not type(None)), hint) if args else hint
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -124,7 +194,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """Plain YAML-safe values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
 def result_fields(config: Any) -> dict[str, Any]:

@@ -38,6 +38,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def remove_temporaries(root: str | Path) -> int:
+    """Delete the hidden temporaries a killed :func:`atomic_write` can leave under ``root``; returns how many."""
+    stale = list(Path(root).rglob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 

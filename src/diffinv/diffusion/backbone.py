@@ -27,6 +27,14 @@ import torch
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                       "beta_end": 0.012, "prediction_type": "epsilon"}
 PACKED_FORMAT = "diffinv-packed-v1"
+# Sampler name -> (diffusers scheduler class, settings). PNDM without its Runge-Kutta warm-up is
+# what Stable Diffusion v1-4 (and the paper's code) uses; DDIM with eta 0 is our default.
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+}
 
 
 class ModelError(ValueError):
@@ -98,7 +106,9 @@ class Backbone:
 
     def fingerprint(self) -> str:
         """Identity of the model weights and configs: stores made with another model are refused."""
-        h = hashlib.sha256(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
+        # Private config keys (``_name_or_path``, versions) say where it was loaded from, not what it is.
+        config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+        h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for module in (self.unet, self.vae):
             if module is None:
                 continue
@@ -106,6 +116,19 @@ class Backbone:
             for p in (params[0], params[-1]):
                 h.update(p.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def make_scheduler(self, sampler: str) -> Any:
+        """A fresh diffusers scheduler (``set_timesteps``/``scale_model_input``/``step``/``add_noise``)
+        for ``sampler`` (a key of :data:`SAMPLERS`), on this model's training noise schedule."""
+        import diffusers
+
+        if sampler not in SAMPLERS:
+            raise ModelError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+        name, extra = SAMPLERS[sampler]
+        # No x0 clipping: it is wrong for latents, and for pixels it bends DDIM's trajectory away
+        # from the other samplers' (DDPM configs switch it on by default for training-time sampling).
+        config = {**self.scheduler_config, **extra, "clip_sample": False}
+        return getattr(diffusers, name).from_config(config)
 
     # -- the three operations -----------------------------------------------------------------
     @torch.no_grad()
@@ -214,6 +237,8 @@ def _load_folder(path: Path, spec: str, with_text_encoder: bool) -> Backbone:
             raise ModelError(f"{spec} has no text_encoder/ and tokenizer/; prompt-based methods need them")
         import transformers
 
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # a load bar per small file is noise
         text_encoder = transformers.CLIPTextModel.from_pretrained(path / "text_encoder")
         tokenizer = transformers.CLIPTokenizer.from_pretrained(path / "tokenizer")
     return Backbone(_freeze(unet), _freeze(vae), sched, spec, _freeze(text_encoder), tokenizer)
@@ -263,6 +288,19 @@ def _load_packed(path: Path, meta: dict[str, str]) -> Backbone:
         vae = diffusers.AutoencoderKL.from_config(json.loads(meta["vae_config"]))
         vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
     return Backbone(_freeze(unet), _freeze(vae), json.loads(meta["scheduler_config"]), str(path))
+
+
+def save_folder(backbone: Backbone, out: str | Path) -> Path:
+    """Write the backbone as a diffusers folder (``unet/``, ``vae/``, ``scheduler/``) that :func:`load_backbone` reads."""
+    import diffusers
+
+    out = Path(out)
+    backbone.unet.save_pretrained(out / "unet")
+    if backbone.vae is not None:
+        backbone.vae.save_pretrained(out / "vae")
+    diffusers.DDPMScheduler.from_config(backbone.scheduler_config).save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(json.dumps({"_class_name": "DiffinvModel", "source": backbone.source}, indent=2))
+    return out
 
 
 def save_packed(backbone: Backbone, path: str | Path) -> None:

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,7 +25,7 @@ from diffinv.data.real import LabelledImages, load_pixels, open_images, select
 from diffinv.diffusion import rng
 from diffinv.diffusion.backbone import Backbone, LatentMoments, load_backbone, resolve_device, resolve_dtype
 from diffinv.diffusion.store import MARKER, StoreWriter
-from diffinv.runs import RunError, prepare_output, write_yaml
+from diffinv.runs import RunError, prepare_output, remove_temporaries, write_yaml
 
 StepHook = Callable[[int, int], None]  # (batch index, finished step) -> None; may raise to stop
 
@@ -96,21 +97,25 @@ def evaluation_loss(backbone: Backbone, latents: torch.Tensor, cond: torch.Tenso
 # ----------------------------------------------------------------------------- the hot loop
 
 
-def invert_batch(backbone: Backbone, pixels: torch.Tensor, keys: torch.Tensor, config: InvertConfig, *,
-                 state: dict[str, torch.Tensor] | None = None, start_step: int = 0,
+def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys: torch.Tensor, config: InvertConfig, *,
+                 owners: torch.Tensor | None = None, state: dict[str, torch.Tensor] | None = None, start_step: int = 0,
                  checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
                  on_step: Callable[[int, float | None], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Optimise one conditioning per image of a batch.
+    """Optimise one conditioning per image of a batch (or, with ``owners``, one per group of images).
 
-    pixels [B, 3, R, R] in [-1, 1]; keys [B] from :func:`rng.keys_tensor`. ``state`` and
-    ``start_step`` continue from a checkpoint. Returns (embeddings [B, K, D] float32 on CPU,
-    initial and final evaluation losses [B]).
+    pixels [N, 3, R, R] in [-1, 1], or their latent moments; keys [B] from :func:`rng.keys_tensor`,
+    one per conditioning. Without ``owners``, N = B and conditioning b belongs to image b. With
+    ``owners`` [N] (sorted, values 0..B-1), conditioning b is shared by the images it owns and
+    each step trains it on one of them, drawn by its key (textual inversion's class token).
+    ``state`` and ``start_step`` continue from a checkpoint. Returns (embeddings [B, K, D]
+    float32 on CPU, initial and final evaluation losses [B]).
     """
     device = backbone.device
     keys = keys.to(device)
 
     # 1. Encode every image once; the paper re-encodes it at every step.
-    moments = _encode_in_slices(backbone, pixels)
+    moments = pixels if isinstance(pixels, LatentMoments) else _encode_in_slices(backbone, pixels)
+    groups = _Groups(owners.to(device), len(keys)) if owners is not None else None
 
     # 2. Starting point: fresh keyed initialisation, or the checkpointed embeddings and AdamW moments.
     init = init_embeddings(keys, config.tokens, backbone.cond_dim, config.init_std)
@@ -119,12 +124,13 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor, keys: torch.Tensor, c
     if state:
         opt.state[emb] = {"step": state["adam_step"].reshape(()).float().clone(), "exp_avg": state["exp_avg"].to(device).clone(),
                           "exp_avg_sq": state["exp_avg_sq"].to(device).clone()}
-    loss_init = evaluation_loss(backbone, moments.mean, init, keys, config.eval_timesteps)
+    loss_init = _evaluate(backbone, moments.mean, init, keys, groups, config.eval_timesteps)
 
     # 3. Denoising steps. Loss = sum of per-image means, so each image's gradient is its own.
     running, counted = torch.zeros((), device=device), 0
     for step in range(start_step, config.steps):
-        x0, noise, t = training_draws(keys, step, moments, backbone.num_train_timesteps, config.latent == "sample")
+        step_moments = moments if groups is None else groups.draw(moments, keys, step)
+        x0, noise, t = training_draws(keys, step, step_moments, backbone.num_train_timesteps, config.latent == "sample")
         a = backbone.alphas_cumprod[t]
         pred = backbone.predict_noise(q_sample(x0, noise, a), t, emb)
         loss = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type)).sum()
@@ -151,8 +157,46 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor, keys: torch.Tensor, c
             on_step(done, mean_loss)
 
     # 5. Final deterministic evaluation, same draws as the initial one.
-    loss_final = evaluation_loss(backbone, moments.mean, emb.detach(), keys, config.eval_timesteps)
+    loss_final = _evaluate(backbone, moments.mean, emb.detach(), keys, groups, config.eval_timesteps)
     return emb.detach().float().cpu(), loss_init.cpu(), loss_final.cpu()
+
+
+class _Groups:
+    """Images [N] owned by conditionings [B] (contiguous runs): per-step picks and per-group means."""
+
+    EVAL_MEMBERS = 32  # the final loss of a class is measured on at most this many of its images
+
+    def __init__(self, owners: torch.Tensor, n_groups: int):
+        self.owners = owners
+        self.count = torch.bincount(owners, minlength=n_groups)
+        if bool((self.count == 0).any()):
+            raise InversionError("every shared conditioning needs at least one image")
+        self.start = torch.cumsum(self.count, 0) - self.count
+        position = torch.arange(len(owners), device=owners.device) - self.start[owners]
+        self.evaluated = position < self.EVAL_MEMBERS
+        self.position = position
+
+    def draw(self, moments: LatentMoments, keys: torch.Tensor, step: int) -> LatentMoments:
+        """The one image [B] each conditioning trains on at ``step``, keyed by the conditioning."""
+        u = rng.keyed_uniform(keys, step, rng.STREAM_PICK, (1,))[:, 0]
+        idx = self.start + (u * self.count).long().clamp(max=self.count - 1)
+        return LatentMoments(moments.mean[idx], moments.std[idx])
+
+    def evaluate(self, backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, keys: torch.Tensor,
+                 n_timesteps: int) -> torch.Tensor:
+        own = self.owners[self.evaluated]
+        # Member 0 keeps the group's key, so a class of one image scores exactly as that image would.
+        member_keys = (keys[own] + self.position[self.evaluated] * 0x9E3779B1) & 0xFFFFFFFF
+        losses = evaluation_loss(backbone, latents[self.evaluated], cond[own], member_keys, n_timesteps)
+        total = torch.zeros(len(cond), device=losses.device).index_add_(0, own, losses)
+        return total / self.count.clamp(max=self.EVAL_MEMBERS)
+
+
+def _evaluate(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, keys: torch.Tensor, groups: _Groups | None,
+              n_timesteps: int) -> torch.Tensor:
+    if groups is None:
+        return evaluation_loss(backbone, latents, cond, keys, n_timesteps)
+    return groups.evaluate(backbone, latents, cond, keys, n_timesteps)
 
 
 def _encode_in_slices(backbone: Backbone, pixels: torch.Tensor, slice_size: int = 32) -> LatentMoments:
@@ -178,6 +222,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
         return out
     if mode == "resume":
         _check_same_config(out, config)
+        remove_temporaries(out)
 
     # 1. Data: the selected, readable images.
     images = select(open_images(config.data, config.format, config.split), config.per_class, config.subset_seed,
@@ -189,10 +234,14 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     latent_shape = backbone.latent_shape(config.resolution)
 
     # 3. Store: header and resolved config, or a check that the resumed store fits this model.
+    #    A store holds one row per image, or one per class with --target class.
+    item_ids = images.ids if config.target == "image" else [CLASS_PREFIX + name for name in images.classes]
     writer = StoreWriter(out)
-    info = {"model": config.model, "model_fingerprint": backbone.fingerprint(), "cond_shape": [config.tokens, backbone.cond_dim],
+    # The absolute path lets `generate` find the model from any working directory.
+    model_path = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
+    info = {"model": config.model, "model_path": model_path, "model_fingerprint": backbone.fingerprint(), "cond_shape": [config.tokens, backbone.cond_dim],
             "classes": images.classes, "resolution": config.resolution, "latent_shape": list(latent_shape),
-            "n_images": len(images), "dtype": str(backbone.dtype).replace("torch.", "")}
+            "n_images": len(item_ids), "target": config.target, "dtype": str(backbone.dtype).replace("torch.", "")}
     if mode == "resume":
         old = writer.info()
         if old.get("model_fingerprint") != info["model_fingerprint"]:
@@ -201,30 +250,34 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
         write_yaml(out / "config.yaml", config_to_dict(config))
         writer.start(info)
 
-    # 4. Batches of not-yet-finished images, the checkpointed batch first.
+    # 4. Batches of not-yet-finished items, the checkpointed batch first.
     finished = writer.finished_ids()
-    todo = [i for i, image_id in enumerate(images.ids) if image_id not in finished]
-    batches = _plan_batches(images, todo, config.batch_size, writer.load_checkpoint())
-    bar = tqdm(total=len(todo) * config.steps, unit="img-step", disable=not progress, dynamic_ncols=True,
-               desc=f"invert {len(todo)} images")
+    todo = [i for i, item in enumerate(item_ids) if item not in finished]
+    batches = _plan_batches(item_ids, todo, config.batch_size, writer.load_checkpoint())
+    unit = "image" if config.target == "image" else "class"
+    bar = tqdm(total=len(todo) * config.steps, unit=f"{unit}-step", disable=not progress, dynamic_ncols=True,
+               desc=f"invert {len(todo)} {unit}{'es' if unit == 'class' else 's'}")
     for b, (indices, resumed) in enumerate(batches):
         _invert_and_write(backbone, images, indices, config, writer, resumed, bar, b, on_step)
     bar.close()
-    writer.finish(len(images))
+    writer.finish(len(item_ids))
     return out
 
 
-def _plan_batches(images: LabelledImages, todo: list[int], batch_size: int, checkpoint) -> list[tuple[list[int], object]]:
-    """Batches of ``todo``; a checkpointed batch whose images are all still to do goes first.
+CLASS_PREFIX = "class:"
+
+
+def _plan_batches(ids: list[str], todo: list[int], batch_size: int, checkpoint) -> list[tuple[list[int], object]]:
+    """Batches of ``todo`` (indices into ``ids``); a checkpointed batch whose items are all still to do goes first.
 
     A checkpoint whose batch already has its part (a kill between the two writes) is ignored.
     """
     batches: list[tuple[list[int], object]] = []
     if checkpoint is not None:
-        pending = {images.ids[i]: i for i in todo}
-        ids = checkpoint[1]["ids"]
-        if all(i in pending for i in ids):
-            first = [pending[i] for i in ids]
+        pending = {ids[i]: i for i in todo}
+        saved = checkpoint[1]["ids"]
+        if all(i in pending for i in saved):
+            first = [pending[i] for i in saved]
             batches.append((first, checkpoint))
             in_first = set(first)
             todo = [i for i in todo if i not in in_first]
@@ -234,35 +287,56 @@ def _plan_batches(images: LabelledImages, todo: list[int], batch_size: int, chec
 
 def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[int], config: InvertConfig,
                       writer: StoreWriter, resumed, bar, batch_index: int, on_step: StepHook | None) -> None:
-    subset = images.subset(indices)
-    keys = rng.keys_tensor(config.seed, subset.ids)
+    """Invert one batch of items (images, or classes with ``target == "class"``) and write its part."""
+    if config.target == "image":
+        subset = images.subset(indices)
+        ids, inputs, owners = subset.ids, load_pixels(subset, config.resolution), None
+    else:
+        ids = [CLASS_PREFIX + images.classes[c] for c in indices]
+        members = [np.flatnonzero(images.labels == c).tolist() for c in indices]
+        inputs = encode_images(backbone, images.subset([i for m in members for i in m]), config.resolution)
+        owners = torch.cat([torch.full((len(m),), b, dtype=torch.long) for b, m in enumerate(members)])
+    keys = rng.keys_tensor(config.seed, ids)
     state, start = (resumed[0], int(resumed[1]["step"])) if resumed else (None, 0)
     bar.update(start * len(indices))
 
     def checkpoint(step: int, tensors: dict[str, torch.Tensor]) -> None:
-        writer.save_checkpoint(tensors, {"ids": subset.ids, "step": step})
+        writer.save_checkpoint(tensors, {"ids": ids, "step": step})
 
     def step_done(step: int, loss: float | None) -> None:
         bar.update(len(indices))
         if loss is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", images_done=f"{bar.n // config.steps}")
+            bar.set_postfix(loss=f"{loss:.4f}", done=f"{bar.n // config.steps}")
         if on_step is not None:
             on_step(batch_index, step)
 
-    emb, loss_init, loss_final = invert_batch(backbone, load_pixels(subset, config.resolution), keys, config,
-                                              state=state, start_step=start, checkpoint=checkpoint, on_step=step_done)
-    rows = [{"id": subset.ids[j], "index": indices[j], "label": int(subset.labels[j]), "class": images.classes[subset.labels[j]],
-             "source": subset.sources[j], "loss_init": float(loss_init[j]), "loss": float(loss_final[j]), "steps": config.steps}
-            for j in range(len(indices))]
+    emb, loss_init, loss_final = invert_batch(backbone, inputs, keys, config, owners=owners, state=state, start_step=start,
+                                              checkpoint=checkpoint, on_step=step_done)
+    if config.target == "image":
+        rows = [{"id": ids[j], "index": indices[j], "label": int(subset.labels[j]), "class": images.classes[subset.labels[j]],
+                 "source": subset.sources[j]} for j in range(len(indices))]
+    else:
+        rows = [{"id": ids[j], "index": c, "label": c, "class": images.classes[c], "source": f"{len(members[j])} images",
+                 "n_images": len(members[j])} for j, c in enumerate(indices)]
+    rows = [{**r, "loss_init": float(loss_init[j]), "loss": float(loss_final[j]), "steps": config.steps} for j, r in enumerate(rows)]
     writer.write_part(emb, rows)
     writer.clear_checkpoint()
+
+
+def encode_images(backbone: Backbone, images: LabelledImages, resolution: int, slice_size: int = 64) -> LatentMoments:
+    """Latent moments [N, C, h, w] of many images, loading their pixels one slice at a time."""
+    parts = [backbone.encode(load_pixels(images.subset(range(i, min(i + slice_size, len(images)))), resolution))
+             for i in range(0, len(images), slice_size)]
+    return LatentMoments(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]))
 
 
 def _check_same_config(out: Path, config: InvertConfig) -> None:
     import yaml
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    diffs = {k: (saved.get(k), v) for k, v in result_fields(config).items() if saved.get(k) != v}
+    defaults = InvertConfig()  # a field added after the store was made counts as its default
+    diffs = {k: (saved.get(k, getattr(defaults, k)), v) for k, v in result_fields(config).items()
+             if saved.get(k, getattr(defaults, k)) != v}
     if diffs:
         listing = ", ".join(f"{k}: store has {a!r}, asked {b!r}" for k, (a, b) in diffs.items())
         raise RunError(f"cannot resume {out} with different settings ({listing}); use the same settings, --overwrite, or a new --out")

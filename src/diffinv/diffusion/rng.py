@@ -28,6 +28,10 @@ STREAM_LATENT = 3
 STREAM_INIT = 4
 STREAM_EVAL = 5
 STREAM_DROPOUT = 6
+STREAM_PICK = 7  # which image a shared (class) conditioning trains on
+STREAM_PARTNER = 8  # generation: the interpolation partner
+STREAM_PERTURB = 9  # generation: the Gaussian added to the conditioning
+STREAM_SAMPLER = 10  # generation: the sampler's own noise (DDIM eta > 0), offset by step
 
 
 def mix32(x):

@@ -48,6 +48,8 @@ def build_vae(kind: str = "latent"):
 def build_text_encoder(out: Path, cross_attention_dim: int) -> None:
     """A tiny CLIP text encoder + a word-level tokenizer made from a small vocabulary."""
     import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = ["a", "photo", "of", "the", "an", "image", "picture", "small", "digit", "number"]

@@ -1,0 +1,103 @@
+"""A generated dataset on disk: ``OUT/<class>/<sample-id>.png`` plus the provenance of each image.
+
+Layout::
+
+    generate.json     format, method, classes, counts, model fingerprint, status
+    config.yaml       the resolved GenerateConfig
+    manifest.jsonl    one row per image: file, label, source, partner, s, sigma, guidance, sampler, ...
+    <class>/<id>.png  the images
+
+Every PNG is written atomically, so an image file that exists is complete: a re-run (or
+``--resume`` after a kill) only makes the missing ones. ``manifest.jsonl`` is written when the
+set is complete. The folder reads as an ordinary class-per-folder dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffinv.data.real import DataError, LabelledImages
+from diffinv.runs import atomic_write, read_json, write_json, write_text
+
+SYNTHETIC_FORMAT = "diffinv-synthetic-v1"
+MARKER = "generate.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of an id; a short hash keeps two ids that clean up alike apart."""
+    clean = _UNSAFE.sub("_", text).strip("._") or "x"
+    if clean == text:
+        return clean
+    return f"{clean[-60:]}_{hashlib.blake2b(text.encode(), digest_size=3).hexdigest()}"
+
+
+class SyntheticWriter:
+    """Writes a generated dataset image by image; safe to kill at any point and re-run."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def start(self, info: dict[str, Any]) -> None:
+        write_json(self.root / MARKER, {**info, "format": SYNTHETIC_FORMAT, "status": "in-progress"})
+
+    def info(self) -> dict[str, Any]:
+        return read_json(self.root / MARKER)
+
+    def exists(self, row: dict[str, Any]) -> bool:
+        return (self.root / row["file"]).is_file()
+
+    def write_image(self, row: dict[str, Any], image: torch.Tensor) -> None:
+        """image uint8 [H, W, 3] -> ``OUT/<file>`` atomically."""
+        buf = io.BytesIO()
+        Image.fromarray(image.numpy()).save(buf, format="PNG")
+        data = buf.getvalue()
+        atomic_write(self.root / row["file"], lambda p: p.write_bytes(data))
+
+    def finish(self, rows: list[dict[str, Any]]) -> None:
+        missing = [r["file"] for r in rows if not self.exists(r)]
+        if missing:
+            raise RuntimeError(f"{self.root}: {len(missing)} images are missing, e.g. {missing[:3]}")
+        write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        write_json(self.root / MARKER, {**self.info(), "status": "complete", "n_samples": len(rows)})
+
+
+def read_manifest(root: str | Path) -> list[dict[str, Any]]:
+    path = Path(root) / "manifest.jsonl"
+    if not path.is_file():
+        raise DataError(f"{root} has no manifest.jsonl; finish it with `diffinv generate ... --resume`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def open_synthetic(root: str | Path, classes: list[str] | None = None) -> LabelledImages:
+    """A finished generated set as :class:`LabelledImages`, labels in the order of ``classes``.
+
+    ``classes`` (e.g. the real data's class list) maps class names to labels so real and
+    synthetic images share one label space; by default the set's own class list is used.
+    """
+    root = Path(root)
+    if not (root / MARKER).is_file():
+        raise DataError(f"{root} is not a generated dataset (no {MARKER}); make one with `diffinv generate`")
+    info = read_json(root / MARKER)
+    if info.get("status") != "complete":
+        raise DataError(f"{root} is unfinished; complete it with `diffinv generate ... --resume`")
+    rows = read_manifest(root)
+    classes = list(classes or info["classes"])
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({r["class"] for r in rows} - set(index))
+    if unknown:
+        raise DataError(f"{root} has classes {unknown} that the real data does not have")
+    paths = [root / r["file"] for r in rows]
+    return LabelledImages([r["id"] for r in rows], np.asarray([index[r["class"]] for r in rows], dtype=np.int64), classes,
+                          [str(p) for p in paths], lambda i: Image.open(paths[i]))
+
+

@@ -1,0 +1,79 @@
+"""The denoising loop shared by every generation method: guidance, samplers, img2img starts.
+
+A sampler is a diffusers scheduler made by :meth:`Backbone.make_scheduler`; this module only
+drives it. All randomness comes in as tensors keyed by sample identity (initial noise, DDIM's
+eta noise), so a batch of samples equals the same samples made one at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffinv.diffusion import rng
+from diffinv.diffusion.backbone import Backbone
+from diffinv.diffusion.perturb import cfg_combine
+
+
+def guided_prediction(backbone: Backbone, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                      uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """Classifier-free guided UNet output [B, C, h, w].
+
+    x [B, C, h, w]; t a scalar timestep; cond, uncond [B, L, D]. Conditional and unconditional
+    halves go through the UNet as one batch. ``uncond=None`` or ``guidance == 1`` skips guidance.
+    """
+    t = t.reshape(1).expand(len(x)).to(x.device)
+    if uncond is None or guidance == 1.0:
+        return backbone.predict_noise(x, t, cond)
+    both = backbone.predict_noise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
+    cond_out, uncond_out = both.chunk(2)
+    return cfg_combine(uncond_out, cond_out, guidance)
+
+
+@torch.no_grad()
+def sample_latents(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor, *,
+                   sampler: str, steps: int, guidance: float, keys: torch.Tensor | None = None, eta: float = 0.0,
+                   start: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """Denoise a batch: clean latents [B, C, h, w].
+
+    cond, uncond [B, L, D]; noise [B, C, h, w] standard normal, keyed by sample. Without ``start``
+    sampling begins from pure noise (text-to-image). With ``start`` (clean latents [B, C, h, w])
+    it is SDEdit / img2img: ``start`` is noised to the ``strength`` fraction of the schedule
+    and only the remaining steps run. ``keys`` [B] feed DDIM's per-step noise when ``eta > 0``.
+    """
+    device = backbone.device
+    noise = noise.to(device)
+    cond = cond.to(device)
+    uncond = uncond.to(device) if uncond is not None else None
+
+    # 1. A fresh scheduler and its timesteps (schedulers keep per-run state, so never share one).
+    scheduler = backbone.make_scheduler(sampler)
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+
+    # 2. Starting latents: pure noise, or a real latent noised to `strength` (diffusers' img2img rule).
+    if start is None:
+        x = noise * scheduler.init_noise_sigma
+    else:
+        t_start = max(steps - min(int(steps * strength), steps), 0)
+        timesteps = timesteps[t_start * scheduler.order:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        x = scheduler.add_noise(start.to(device), noise, timesteps[:1].repeat(len(noise)))
+
+    # 3. The loop: guided prediction, then one scheduler step. No host synchronisation here.
+    stochastic = sampler == "ddim" and eta > 0
+    for i, t in enumerate(timesteps):
+        out = guided_prediction(backbone, scheduler.scale_model_input(x, t), t, cond, uncond, guidance)
+        extra = {}
+        if stochastic:
+            extra = {"eta": eta, "variance_noise": rng.keyed_normal(keys.to(device), 1 + i, rng.STREAM_SAMPLER, tuple(x.shape[1:]))}
+        x = scheduler.step(out, t, x, return_dict=False, **extra)[0]
+    return x
+
+
+def to_uint8(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
+    """pixels [B, 3, H, W] in [-1, 1] -> uint8 [B, H', W', 3] on the CPU, resized to ``size`` (bicubic, antialiased)."""
+    if size is not None and size != pixels.shape[-1]:
+        pixels = F.interpolate(pixels.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
