@@ -49,10 +49,20 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bad-images", choices=["skip", "error"], help="unreadable images: skip them (reported) or stop")
     p.add_argument("--target", choices=["image", "class"],
                    help="one conditioning per image (Diffusion Inversion, default) or per class (the class-inversion rival)")
-    p.add_argument("--resume", action="store_true", help="continue an unfinished store, skipping finished images")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_flags(p, "continue an unfinished store, skipping finished images", "replace an existing store")
     p.set_defaults(func=_run_invert)
+
+
+def _add_output_flags(p: argparse.ArgumentParser, resume: str, overwrite: str) -> None:
+    p.add_argument("--resume", action="store_true", help=resume)
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _stage_config(cls: type, args: argparse.Namespace):
+    """The stage's config: defaults < --config YAML < flags (flags left unset are None and do not count)."""
+    not_fields = {"out", "config", "resume", "overwrite", "quiet", "func", "command"}
+    return load_config(cls, args.config, {k: v for k, v in vars(args).items() if k not in not_fields})
 
 
 def _run_invert(args: argparse.Namespace) -> int:
@@ -60,8 +70,7 @@ def _run_invert(args: argparse.Namespace) -> int:
     from diffinv.diffusion.store import read_rows
     from diffinv.runs import read_json
 
-    skip = {"out", "config", "resume", "overwrite", "quiet", "func", "command"}
-    config = load_config(InvertConfig, args.config, {k: v for k, v in vars(args).items() if k not in skip})
+    config = _stage_config(InvertConfig, args)
     if not config.model or not config.data:
         raise ConfigError("--model and --data are required (on the command line or in --config)")
     out = invert_dataset(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -103,9 +112,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--batch-size", type=int, help="samples per batch (default 64); does not change the images")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    p.add_argument("--resume", action="store_true", help="complete an unfinished set (re-running does the same)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing generated set")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_flags(p, "complete an unfinished set (re-running does the same)", "replace an existing generated set")
     p.set_defaults(func=_run_generate)
 
 
@@ -113,8 +120,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from diffinv.data.synthetic import read_manifest
     from diffinv.diffusion.generation import generate_dataset
 
-    skip = {"out", "config", "resume", "overwrite", "quiet", "func", "command"}
-    config = load_config(GenerateConfig, args.config, {k: v for k, v in vars(args).items() if k not in skip})
+    config = _stage_config(GenerateConfig, args)
     out = generate_dataset(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
     rows = read_manifest(out)
     per_class: dict[str, int] = {}
