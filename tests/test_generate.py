@@ -18,7 +18,7 @@ from diffinv.diffusion.generation import Conditioning, generate_batch, generate_
 from diffinv.diffusion.inversion import invert_batch, invert_dataset
 from diffinv.diffusion.perturb import lerp, perturb, pick_partners, slerp
 from diffinv.diffusion.sampling import sample_latents
-from diffinv.diffusion.store import EmbeddingStore, StoreError
+from diffinv.diffusion.store import EmbeddingStore
 from diffinv.runs import RunError, read_json
 
 

@@ -67,6 +67,27 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_yaml(path: str | Path) -> Any:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def check_same_settings(out: str | Path, config: Any, noun: str, action: str) -> None:
+    """Refuse to continue ``out`` when its saved ``config.yaml`` differs from ``config`` in a result field.
+
+    A field added after the folder was made counts as its default. ``noun`` names the folder in
+    the message ("store"), ``action`` what was refused ("cannot resume").
+    """
+    from diffinv.config import config_to_dict, result_fields
+
+    saved = read_yaml(Path(out) / "config.yaml") or {}
+    defaults = config_to_dict(type(config)())
+    asked = config_to_dict(config)
+    diffs = {k: (saved.get(k, defaults[k]), asked[k]) for k in result_fields(config) if saved.get(k, defaults[k]) != asked[k]}
+    if diffs:
+        listing = ", ".join(f"{k}: {noun} has {a!r}, asked {b!r}" for k, (a, b) in diffs.items())
+        raise RunError(f"{action} {out} with different settings ({listing}); use the same settings, --overwrite, or a new --out")
+
+
 def prepare_output(out: str | Path, marker: str, *, resume: bool, overwrite: bool) -> str:
     """Decide how a stage may use ``out``. Returns ``"fresh"``, ``"resume"`` or ``"done"``.
 

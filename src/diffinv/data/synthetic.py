@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from diffinv.data.real import DataError, LabelledImages
-from diffinv.runs import atomic_write, read_json, write_json, write_text
+from diffinv.runs import RunError, atomic_write, read_json, write_json, write_text
 
 SYNTHETIC_FORMAT = "diffinv-synthetic-v1"
 MARKER = "generate.json"
@@ -66,7 +66,7 @@ class SyntheticWriter:
     def finish(self, rows: list[dict[str, Any]]) -> None:
         missing = [r["file"] for r in rows if not self.exists(r)]
         if missing:
-            raise RuntimeError(f"{self.root}: {len(missing)} images are missing, e.g. {missing[:3]}")
+            raise RunError(f"{self.root}: {len(missing)} images are missing, e.g. {missing[:3]}; re-run the same command to make them")
         write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         write_json(self.root / MARKER, {**self.info(), "status": "complete", "n_samples": len(rows)})
 

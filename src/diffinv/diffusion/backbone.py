@@ -235,7 +235,10 @@ def _load_folder(path: Path, spec: str, with_text_encoder: bool) -> Backbone:
     if with_text_encoder:
         if not (path / "text_encoder").is_dir() or not (path / "tokenizer").is_dir():
             raise ModelError(f"{spec} has no text_encoder/ and tokenizer/; prompt-based methods need them")
-        import transformers
+        try:
+            import transformers
+        except ImportError as exc:
+            raise ModelError("prompt-based methods need transformers: pip install 'diffusion-inversion[text]'") from exc
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # a load bar per small file is noise

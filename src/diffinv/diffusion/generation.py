@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from diffinv.config import GenerateConfig, config_to_dict, result_fields
+from diffinv.config import GenerateConfig, config_to_dict
 from diffinv.data.real import DataError, LabelledImages, load_pixels, open_images
 from diffinv.data.synthetic import MARKER, SyntheticWriter, slug
 from diffinv.diffusion import rng
@@ -33,7 +33,7 @@ from diffinv.diffusion.inversion import CLASS_PREFIX
 from diffinv.diffusion.perturb import perturb, pick_partners
 from diffinv.diffusion.sampling import sample_latents, to_uint8
 from diffinv.diffusion.store import EmbeddingStore, StoreError
-from diffinv.runs import RunError, prepare_output, remove_temporaries, write_yaml
+from diffinv.runs import check_same_settings, prepare_output, read_yaml, remove_temporaries, write_yaml
 
 
 @dataclass
@@ -78,11 +78,15 @@ def plan_samples(config: GenerateConfig, store: EmbeddingStore, model: str) -> l
                                  f"{store_row['id']}|{k}", k, config.seed, source=store_row["id"], _src=r))
         _add_partners(rows, store, config)
     else:
-        counts = {row["label"]: row.get("n_images", 1) for row in store.rows} if _target(store) == "class" else \
-            {c: int((store.labels == c).sum()) for c in range(len(store.classes))}
+        # Real images per class: a class store records them, an image store has a row for each.
+        counts = [0] * len(store.classes)
+        first_row: dict[int, int] = {}
+        for r, row in enumerate(store.rows):
+            counts[row["label"]] += row.get("n_images", 1) if _target(store) == "class" else 1
+            first_row.setdefault(row["label"], r)
         for c, name in enumerate(store.classes):
-            src = next((r for r, row in enumerate(store.rows) if row["label"] == c), None)
-            for j in range(counts.get(c, 0) * config.per_image):
+            src = first_row.get(c)
+            for j in range(counts[c] * config.per_image):
                 extra: dict[str, Any] = {"source": CLASS_PREFIX + name, "noise": config.noise, "_src": src}
                 if config.method == "prompt":
                     template = j % len(config.templates)
@@ -190,7 +194,7 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     # 2. Output folder: fresh, or the same settings continued (idempotent re-run).
     mode = prepare_output(out, MARKER, resume=True, overwrite=overwrite)
     if mode != "fresh":
-        _check_same_config(out, config)
+        check_same_settings(out, config, "folder", "cannot continue")
         if mode == "done":
             log(f"{out} is already complete; nothing to do")
             return out
@@ -296,25 +300,8 @@ def _load_conditioning(config: GenerateConfig, store: EmbeddingStore, class_stor
 
 def _real_images(store: EmbeddingStore) -> LabelledImages:
     """The real images a store was inverted from, reopened from its config."""
-    saved = _read_yaml(store.root / "config.yaml")
+    saved = read_yaml(store.root / "config.yaml")
     try:
         return open_images(saved["data"], saved.get("format", "auto"), saved.get("split", "train"))
     except DataError as exc:
         raise DataError(f"img2img re-reads the store's real images from {saved['data']}: {exc}") from exc
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
-
-
-def _check_same_config(out: Path, config: GenerateConfig) -> None:
-    saved = _read_yaml(out / "config.yaml")
-    asked = config_to_dict(config)
-    asked = {k: asked[k] for k in result_fields(config)}
-    diffs = {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
-    if diffs:
-        listing = ", ".join(f"{k}: folder has {a!r}, asked {b!r}" for k, (a, b) in diffs.items())
-        raise RunError(f"{out} was generated with different settings ({listing}); use the same settings, --overwrite, or a new --out")
-

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffinv.config import InvertConfig, config_to_dict, result_fields
+from diffinv.config import InvertConfig, config_to_dict
 from diffinv.data.real import LabelledImages, load_pixels, open_images, select
 from diffinv.diffusion import rng
 from diffinv.diffusion.backbone import Backbone, LatentMoments, load_backbone, resolve_device, resolve_dtype
 from diffinv.diffusion.store import MARKER, StoreWriter
-from diffinv.runs import RunError, prepare_output, remove_temporaries, write_yaml
+from diffinv.runs import RunError, check_same_settings, prepare_output, remove_temporaries, write_yaml
 
 StepHook = Callable[[int, int], None]  # (batch index, finished step) -> None; may raise to stop
 
@@ -221,7 +221,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
         log(f"{out} is already complete; nothing to do")
         return out
     if mode == "resume":
-        _check_same_config(out, config)
+        check_same_settings(out, config, "store", "cannot resume")
         remove_temporaries(out)
 
     # 1. Data: the selected, readable images.
@@ -328,15 +328,3 @@ def encode_images(backbone: Backbone, images: LabelledImages, resolution: int, s
     parts = [backbone.encode(load_pixels(images.subset(range(i, min(i + slice_size, len(images)))), resolution))
              for i in range(0, len(images), slice_size)]
     return LatentMoments(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]))
-
-
-def _check_same_config(out: Path, config: InvertConfig) -> None:
-    import yaml
-
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    defaults = InvertConfig()  # a field added after the store was made counts as its default
-    diffs = {k: (saved.get(k, getattr(defaults, k)), v) for k, v in result_fields(config).items()
-             if saved.get(k, getattr(defaults, k)) != v}
-    if diffs:
-        listing = ", ".join(f"{k}: store has {a!r}, asked {b!r}" for k, (a, b) in diffs.items())
-        raise RunError(f"cannot resume {out} with different settings ({listing}); use the same settings, --overwrite, or a new --out")

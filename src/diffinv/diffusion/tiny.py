@@ -50,7 +50,6 @@ def build_text_encoder(out: Path, cross_attention_dim: int) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = ["a", "photo", "of", "the", "an", "image", "picture", "small", "digit", "number"]
     words += [str(i) for i in range(10)] + ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
