@@ -92,8 +92,8 @@ def plan_samples(config: GenerateConfig, store: EmbeddingStore, model: str) -> l
                     template = j % len(config.templates)
                     extra = {"source": None, "prompt": config.templates[template].format(name), "_prompt": c * len(config.templates) + template}
                 rows.append(_row(common, name, c, f"{slug(name)}-{j:05d}", f"{name}|{j}", j, config.seed, **extra))
-    for row in rows:
-        if config.method == "img2img":
+    if config.method == "img2img":
+        for row in rows:
             row.update(strength=config.strength, embedding=config.img2img_embedding)
     return rows
 
