@@ -102,10 +102,10 @@ def main() -> None:
 
         # The paper's sampler, fp32, on the same conditionings and initial noise.
         backbone = load_backbone(model).to(device, torch.float32)
-        source = Conditioning(store.embeddings.to(device), store.labels, store.mean_embedding().to(device),
+        source = Conditioning(store.embeddings.to(device), store.mean_embedding().to(device),
                               resolution=int(store.info["resolution"]))
         keys = torch.tensor([r["_key"] for r in rows], device=device)
-        cond, uncond = conditioning_for(rows, source, base, keys, store.labels[[r["_src"] for r in rows]])
+        cond, uncond = conditioning_for(rows, source, base, keys)
         noise = rng.keyed_normal(keys, 0, rng.STREAM_NOISE, backbone.latent_shape(source.resolution))
         b = args.batch_size
         paper_sampler(backbone, cond[:2], uncond[:2], noise[:2], steps=2)  # warm-up

@@ -107,7 +107,7 @@ def test_batch_equals_samples_made_one_by_one(stores):
     for sampler in ("dpm++2m", "ddim", "euler", "pndm"):
         config = _gen(store_dir, sampler=sampler, eta=0.5 if sampler == "ddim" else 0.0)
         rows = plan_samples(config, store, str(model))[:4]
-        source = Conditioning(store.embeddings, store.labels, store.mean_embedding(), resolution=16)
+        source = Conditioning(store.embeddings, store.mean_embedding(), resolution=16)
         together = generate_batch(backbone, rows, source, config)
         alone = torch.cat([generate_batch(backbone, [r], source, config) for r in rows])
         torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
@@ -120,7 +120,7 @@ def test_zero_interp_and_noise_reproduce_the_deterministic_sample_of_c_i(stores)
     store = EmbeddingStore.open(store_dir)
     config = _gen(store_dir, interp=0.0, noise=0.0, sampler="ddim", guidance=3.0)
     rows = plan_samples(config, store, str(model))[:2]  # two samples of image 0
-    source = Conditioning(store.embeddings, store.labels, store.mean_embedding(), resolution=16)
+    source = Conditioning(store.embeddings, store.mean_embedding(), resolution=16)
     made = generate_batch(backbone, rows, source, config)
     keys = torch.tensor([r["_key"] for r in rows])
     c_i = store.embeddings[[0, 0]]

@@ -41,13 +41,12 @@ class Conditioning:
     """What a batch draws its conditioning from, loaded once per run.
 
     ``embeddings`` [N, K, D]: the store's rows (per image, or per class for class-inversion);
-    ``labels`` [N]; ``uncond`` [K, D] or, per class, [C, K, D]; ``class_embeddings`` [C, K, D]
+    ``uncond`` [K, D] or, per class, [C, K, D]; ``class_embeddings`` [C, K, D]
     for img2img with class embeddings; ``prompts`` [P, L, D] and ``empty_prompt`` [L, D] for the
     prompt method; ``real`` the real images for img2img.
     """
 
     embeddings: torch.Tensor
-    labels: torch.Tensor
     uncond: torch.Tensor
     class_embeddings: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
@@ -79,10 +78,11 @@ def plan_samples(config: GenerateConfig, store: EmbeddingStore, model: str) -> l
         _add_partners(rows, store, config)
     else:
         # Real images per class: a class store records them, an image store has a row for each.
+        per_class_store = _target(store) == "class"
         counts = [0] * len(store.classes)
         first_row: dict[int, int] = {}
         for r, row in enumerate(store.rows):
-            counts[row["label"]] += row.get("n_images", 1) if _target(store) == "class" else 1
+            counts[row["label"]] += row["n_images"] if per_class_store else 1
             first_row.setdefault(row["label"], r)
         for c, name in enumerate(store.classes):
             src = first_row.get(c)
@@ -132,10 +132,9 @@ def generate_batch(backbone: Backbone, rows: list[dict[str, Any]], cond_source: 
     """Make the samples of ``rows``: pixels [B, 3, R, R] in [-1, 1] at the store's resolution."""
     device = backbone.device
     keys = torch.tensor([r["_key"] for r in rows], dtype=torch.int64, device=device)
-    labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
 
     # 1. Conditioning and the unconditional input of guidance, per sample.
-    cond, uncond = conditioning_for(rows, cond_source, config, keys, labels)
+    cond, uncond = conditioning_for(rows, cond_source, config, keys)
 
     # 2. Starting noise keyed by the sample; for img2img also the real image's clean latent.
     shape = backbone.latent_shape(cond_source.resolution)
@@ -153,22 +152,22 @@ def generate_batch(backbone: Backbone, rows: list[dict[str, Any]], cond_source: 
     return backbone.decode(latents)
 
 
-def conditioning_for(rows: list[dict[str, Any]], src: Conditioning, config: GenerateConfig, keys: torch.Tensor,
-                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cond, uncond [B, L, D] for a batch of plan rows."""
+def conditioning_for(rows: list[dict[str, Any]], src: Conditioning, config: GenerateConfig,
+                     keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cond, uncond [B, L, D] for a batch of plan rows; keys [B] the rows' sample keys."""
     if config.method == "prompt":
         cond = src.prompts[torch.tensor([r["_prompt"] for r in rows])]
         return cond, src.empty_prompt.expand_as(cond)
+    labels = torch.tensor([r["label"] for r in rows])
     if config.method == "img2img" and config.img2img_embedding == "class":
         own = src.class_embeddings[labels]
-        cond = perturb(own, own, keys, 0.0, config.noise)
-    elif config.method == "class-inversion":
-        own = src.embeddings[torch.tensor([r["_src"] for r in rows])]
-        cond = perturb(own, own, keys, 0.0, config.noise)
     else:
         own = src.embeddings[torch.tensor([r["_src"] for r in rows])]
-        partner = src.embeddings[torch.tensor([r["_partner"] for r in rows])]
-        cond = perturb(own.to(keys.device), partner.to(keys.device), keys, config.interp, config.noise, config.interp_mode)
+    # The plan gave partners to DI and own-embedding img2img rows; the others only get the noise.
+    with_partner = "_partner" in rows[0]
+    partner = src.embeddings[torch.tensor([r["_partner"] for r in rows])] if with_partner else own
+    cond = perturb(own.to(keys.device), partner.to(keys.device), keys, config.interp if with_partner else 0.0, config.noise,
+                   config.interp_mode)
     uncond = src.uncond[labels] if src.uncond.dim() == 3 else src.uncond.expand(len(rows), -1, -1)
     return cond, uncond
 
@@ -270,12 +269,12 @@ def _load_conditioning(config: GenerateConfig, store: EmbeddingStore, class_stor
                        backbone: Backbone, rows: list[dict[str, Any]]) -> Conditioning:
     device = backbone.device
     embeddings = store.embeddings.to(device)
-    labels = store.labels
     if config.uncond == "class-mean":
+        labels = store.labels
         uncond = torch.stack([embeddings[labels == c].mean(0) for c in range(len(store.classes))])
     else:
         uncond = store.mean_embedding().to(device)
-    source = Conditioning(embeddings, labels, uncond, resolution=int(store.info["resolution"]))
+    source = Conditioning(embeddings, uncond, resolution=int(store.info["resolution"]))
     if config.method == "prompt":
         prompts = [t.format(c) for c in store.classes for t in config.templates]
         source.prompts = backbone.encode_prompts(prompts)
@@ -288,20 +287,21 @@ def _load_conditioning(config: GenerateConfig, store: EmbeddingStore, class_stor
         by_label = {row["label"]: i for i, row in enumerate(class_store.rows)}
         source.class_embeddings = class_store.embeddings[[by_label[c] for c in range(len(store.classes))]].to(device)
     if config.method == "img2img":
-        source.real = _real_images(store)
-        index = {image_id: i for i, image_id in enumerate(source.real.ids)}
-        missing = sorted({r["source"] for r in rows} - set(index))
-        if missing:
-            raise DataError(f"img2img needs the store's real images, but {len(missing)} are not in {store.info.get('data')}, e.g. {missing[:3]}")
-        for r in rows:
-            r["_real"] = index[r["source"]]
+        source.real = _real_images(store, rows)
     return source
 
 
-def _real_images(store: EmbeddingStore) -> LabelledImages:
-    """The real images a store was inverted from, reopened from its config."""
-    saved = read_yaml(store.root / "config.yaml")
+def _real_images(store: EmbeddingStore, rows: list[dict[str, Any]]) -> LabelledImages:
+    """The real images a store was inverted from, reopened from its config; sets each row's ``_real`` index."""
+    data = read_yaml(store.root / "config.yaml")
     try:
-        return open_images(saved["data"], saved.get("format", "auto"), saved.get("split", "train"))
+        real = open_images(data["data"], data.get("format", "auto"), data.get("split", "train"))
     except DataError as exc:
-        raise DataError(f"img2img re-reads the store's real images from {saved['data']}: {exc}") from exc
+        raise DataError(f"img2img re-reads the store's real images from {data['data']}: {exc}") from exc
+    index = {image_id: i for i, image_id in enumerate(real.ids)}
+    missing = sorted({r["source"] for r in rows} - set(index))
+    if missing:
+        raise DataError(f"img2img needs the store's real images, but {len(missing)} are no longer in {data['data']}, e.g. {missing[:3]}")
+    for r in rows:
+        r["_real"] = index[r["source"]]
+    return real
