@@ -12,11 +12,14 @@ import sys
 from pathlib import Path
 
 from diffinv import __version__
-from diffinv.config import METHODS, SAMPLERS, ConfigError, GenerateConfig, InvertConfig, load_config
+from diffinv.config import ARCHS, AUGS, METHODS, SAMPLERS, ConfigError, GenerateConfig, InvertConfig, TrainConfig, load_config
 
 STAGES = """stages:
   invert       learn one conditioning per real image (stage 1) -> embedding store
   generate     sample a synthetic dataset around the learned conditionings (stage 2)
+  train        train a classifier on real, synthetic or both; evaluate on the real test split (stage 3)
+  experiment   run a study grid (datasets x real sizes x methods x archs x augs x seeds): mean and std
+  report       Markdown + HTML report of a study or a run, from its saved files
   tiny-model   save a small random SD-architecture model (for trying the pipeline offline)
 """
 
@@ -133,6 +136,104 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a classifier on real, synthetic or both (stage 3)",
+                       description="Train a classifier with all images in memory and augmentation on the device; evaluates on "
+                                   "the real test split and writes metrics, a confusion matrix and safetensors weights.")
+    p.add_argument("--data", help="real data (as for invert); its --split is subset, its --eval-split evaluates")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
+    p.add_argument("--format", choices=["auto", "folder", "npz", "idx", "csv", "digits", "hf"])
+    p.add_argument("--split", help="training split (default train)")
+    p.add_argument("--eval-split", help="evaluation split (default test)")
+    p.add_argument("--per-class", type=int, help="seeded subset of K real images per class (default: all)")
+    p.add_argument("--subset-seed", type=int, help="seed of the subset; the same rule as invert (default 0)")
+    p.add_argument("--synthetic", action="append", help="a folder from `diffinv generate`; repeat for several")
+    p.add_argument("--use", choices=["auto", "real", "synthetic", "both"], help="what to train on (auto: both if --synthetic)")
+    p.add_argument("--real-batch", type=int, help="real images in every batch (with --syn-batch; the paper's fixed split)")
+    p.add_argument("--syn-batch", type=int, help="synthetic images in every batch")
+    p.add_argument("--arch", help=f"{', '.join(ARCHS)} or timm:<name> (default resnet18)")
+    p.add_argument("--stem", choices=["auto", "cifar", "imagenet"], help="auto: small-image stem below 64 px")
+    p.add_argument("--resolution", type=int, help="train at R x R (default: the data's size, at least 32)")
+    p.add_argument("--epochs", type=float, help="passes over the training set (default 30)")
+    p.add_argument("--steps", type=int, help="SGD steps; overrides --epochs")
+    p.add_argument("--batch-size", type=int, help="batch size when pooling (default 128)")
+    p.add_argument("--lr", type=float, help="peak SGD learning rate (default 0.1)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    p.add_argument("--warmup", type=float, help="fraction of steps of linear warm-up before the cosine (default 0.05)")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing (default 0)")
+    p.add_argument("--aug", choices=AUGS, help="crop-flip (default), autoaugment, randaugment (both after crop-flip) or none")
+    p.add_argument("--mixup", type=float, help="MixUp Beta alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, help="CutMix Beta alpha (0 = off)")
+    p.add_argument("--seed", type=int, help="seed of initialisation, batch order and augmentation (default 0)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: ten over the run)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: at every evaluation)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, help="keep NCHW memory layout")
+    p.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
+    p.add_argument("--bad-images", choices=["skip", "error"], help="unreadable images: skip them (reported) or stop")
+    _add_output_flags(p, "continue an interrupted run from its last checkpoint", "replace an existing run")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from diffinv.classify.train import train_classifier
+    from diffinv.runs import read_json
+
+    config = _stage_config(TrainConfig, args)
+    out = train_classifier(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    final = read_json(out / "final.json")
+    worst = min((a, c) for a, c in zip(final["per_class"], final["classes"]) if a is not None)
+    print(f"run {out}: {config.arch} on {final['n_real']} real + {final['n_synthetic']} synthetic images, {final['steps']} steps; "
+          f"test top-1 {final['top1']:.4f} on {final['n_test']} images (worst class {worst[1]}: {worst[0]:.3f})")
+    return 0
+
+
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="run a study grid from a YAML; finished cells are skipped",
+                       description="Train every cell of a study (see diffinv.experiment for the YAML), then write "
+                                   "results.csv/json, summary.csv/json (mean and std over seeds) and quality.json.")
+    p.add_argument("study", help="study YAML")
+    p.add_argument("--out", required=True, help="study folder (re-running continues it)")
+    p.add_argument("--steps", type=int, help="override train.steps for every cell (e.g. a quick trial)")
+    p.add_argument("--device", help="override train.device")
+    p.add_argument("--report", action="store_true", help="also write the report when done")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_experiment)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from diffinv.experiment import load_study, run_study, with_overrides
+    from diffinv.runs import read_json
+
+    study = with_overrides(load_study(args.study), steps=args.steps, device=args.device)
+    out = run_study(study, args.out, progress=not args.quiet)
+    for r in read_json(out / "summary.json"):
+        print(f"{r['dataset']:>10} {r['method']:>16} k={'all' if r['per_class'] is None else r['per_class']:<5} {r['arch']} "
+              f"{r['aug']}: top-1 {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} % over {r['n_seeds']} seed(s)")
+    print(f"study {out}: results.csv, summary.csv, quality.json")
+    if args.report:
+        from diffinv.report.build import build_report
+
+        print(f"report {build_report(out)}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="Markdown + self-contained HTML report of a study or run folder")
+    p.add_argument("folder", help="a study folder (from experiment) or a run folder (from train)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from diffinv.report.build import build_report
+
+    page = build_report(args.folder)
+    print(f"report {page} (and {page.with_suffix('.md')})")
+    return 0
+
+
 def _add_tiny(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tiny-model", help="save a small random SD-architecture model (diffusers format)")
     p.add_argument("out", help="folder to write")
@@ -165,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="STAGE")
     _add_invert(sub)
     _add_generate(sub)
+    _add_train(sub)
+    _add_experiment(sub)
+    _add_report(sub)
     _add_tiny(sub)
     return parser
 
@@ -179,11 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     from diffinv.diffusion.backbone import ModelError
     from diffinv.diffusion.inversion import InversionError
     from diffinv.diffusion.store import StoreError
+    from diffinv.classify.models import ModelConfigError
+    from diffinv.classify.train import TrainingError
     from diffinv.runs import RunError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, InversionError, StoreError, RunError) as exc:
+    except (ConfigError, DataError, ModelError, InversionError, StoreError, RunError, ModelConfigError,
+            TrainingError) as exc:
         print(f"diffinv {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

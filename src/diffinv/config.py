@@ -135,6 +135,81 @@ class GenerateConfig:
                "every prompt template must contain {} where the class name goes, e.g. 'a photo of a {}'")
 
 
+ARCHS = ("resnet18", "resnet50", "vgg16", "mobilenetv2", "efficientnet-b0", "shufflenetv2")
+AUGS = ("none", "crop-flip", "autoaugment", "randaugment")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage 3: a classifier trained on real, synthetic or both, evaluated on the real test split.
+
+    Real images are a seeded subset of ``per_class`` per class (the same rule as ``invert``, so
+    ``subset_seed`` picks the images a store was made from). With ``real_batch`` and
+    ``syn_batch`` both set, every batch holds that many of each (the paper's fixed split);
+    otherwise real and synthetic images are pooled.
+    """
+
+    data: str = ""
+    format: str = "auto"
+    split: str = "train"
+    eval_split: str = "test"
+    per_class: int | None = None
+    subset_seed: int = 0
+    synthetic: tuple[str, ...] = ()  # folders from `diffinv generate`
+    use: str = "auto"  # auto (both if synthetic is given, else real) | real | synthetic | both
+    real_batch: int = 0
+    syn_batch: int = 0
+    arch: str = "resnet18"  # or timm:<name>
+    stem: str = "auto"  # auto: small-image stem below 64 px
+    resolution: int | None = None  # None: the data's own size, at least 32 px
+    epochs: float = 30.0
+    steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup: float = 0.05  # fraction of the steps with linear warm-up, then cosine to zero
+    label_smoothing: float = 0.0
+    aug: str = "crop-flip"
+    mixup: float = 0.0  # Beta alpha; 0 = off
+    cutmix: float = 0.0
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; bf16 also pays off on CPUs with AMX
+    # Execution-only fields.
+    eval_every: int = 0  # steps between evaluations; 0: ten over the run
+    eval_batch_size: int = 500
+    checkpoint_every: int = 0  # steps; 0: at every evaluation
+    channels_last: bool = True
+    device: str = "auto"
+    bad_images: str = "skip"
+
+    RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "data", "format", "split", "eval_split", "per_class", "subset_seed", "synthetic", "use", "real_batch", "syn_batch",
+        "arch", "stem", "resolution", "epochs", "steps", "batch_size", "lr", "momentum", "weight_decay", "warmup",
+        "label_smoothing", "aug", "mixup", "cutmix", "seed", "precision",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHS or self.arch.startswith("timm:"),
+               f"arch must be one of {', '.join(ARCHS)} or timm:<name>; got {self.arch!r}")
+        _one_of("stem", self.stem, ("auto", "cifar", "imagenet"))
+        _one_of("use", self.use, ("auto", "real", "synthetic", "both"))
+        _one_of("aug", self.aug, AUGS)
+        _one_of("precision", self.precision, ("auto", "fp32", "bf16"))
+        _one_of("bad-images", self.bad_images, ("skip", "error"))
+        _check(self.per_class is None or self.per_class >= 1, "per-class must be >= 1")
+        _check(self.resolution is None or self.resolution >= 8, "resolution must be >= 8 pixels")
+        _check(self.epochs > 0 or self.steps > 0, "give epochs > 0 or steps > 0")
+        _check(self.steps >= 0 and self.batch_size >= 1 and self.eval_batch_size >= 1, "steps and batch sizes must be >= 0 / >= 1")
+        _check(self.real_batch >= 0 and self.syn_batch >= 0, "real-batch and syn-batch must be >= 0")
+        _check((self.real_batch > 0) == (self.syn_batch > 0), "give both --real-batch and --syn-batch (the split of every batch), or neither")
+        _check(self.lr > 0 and 0.0 <= self.warmup < 1.0, "lr must be > 0 and warmup a fraction in [0, 1)")
+        _check(self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix are Beta alphas >= 0 (0 = off)")
+        _check(0.0 <= self.label_smoothing < 1.0, "label-smoothing must be in [0, 1)")
+        _check(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval/checkpoint intervals must be >= 0")
+        _check(self.use not in ("synthetic", "both") or bool(self.synthetic), f"use {self.use} needs --synthetic folders")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)

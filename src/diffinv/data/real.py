@@ -102,8 +102,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """RGB image -> float tensor [3, R, R] in [-1, 1]: centre square crop, bicubic resize."""
+def to_uint8(img: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB image -> uint8 tensor [3, R, R]: centre square crop, bicubic resize."""
     w, h = img.size
     if w != h:
         side = min(w, h)
@@ -111,15 +111,30 @@ def to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
         img = img.crop((left, top, left + side, top + side))
     if img.size != (resolution, resolution):
         img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return arr.float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB image -> float tensor [3, R, R] in [-1, 1]: centre square crop, bicubic resize."""
+    return to_uint8(img, resolution).float().div(127.5).sub(1.0)
 
 
 def load_pixels(images: LabelledImages, resolution: int) -> torch.Tensor:
     """All images of ``images`` as one tensor [N, 3, R, R] in [-1, 1]."""
-    if len(images) == 0:
-        return torch.empty(0, 3, resolution, resolution)
-    return torch.stack([to_tensor(images.image(i), resolution) for i in range(len(images))])
+    return load_uint8(images, resolution).float().div(127.5).sub(1.0)
+
+
+def load_uint8(images: LabelledImages, resolution: int, progress: bool = False, desc: str = "loading") -> torch.Tensor:
+    """All images of ``images`` as one uint8 tensor [N, 3, R, R] (4x smaller in memory than floats)."""
+    out = torch.empty(len(images), 3, resolution, resolution, dtype=torch.uint8)
+    indices = range(len(images))
+    if progress and len(images) > 1000:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc=desc, unit="img", leave=False)
+    for i in indices:
+        out[i] = to_uint8(images.image(i), resolution)
+    return out
 
 
 # ----------------------------------------------------------------------------- opening

@@ -1,0 +1,110 @@
+"""Classifier architectures: torchvision's maintained definitions, given a small-image stem when needed.
+
+The paper trains on 32 px (CIFAR) and small medical images. ImageNet stems (7x7 stride-2 conv plus
+max-pool) throw away 4x of the resolution before the first block, so for small images the first
+downsampling layers are set to stride 1 - the "CIFAR-style" variants used throughout the
+literature - while every block stays torchvision's own code. ``timm:NAME`` builds any timm model
+(for larger images), when timm is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffinv.config import ARCHS
+
+STEMS = ("auto", "cifar", "imagenet")
+# Below this side length, "auto" picks the small-image stem.
+SMALL_IMAGE = 64
+
+
+class ModelConfigError(ValueError):
+    """The architecture cannot be built as asked; the message says what to do."""
+
+
+def build_model(arch: str, num_classes: int, image_size: int, stem: str = "auto") -> nn.Module:
+    """A freshly initialised classifier mapping [B, 3, S, S] images to [B, num_classes] logits.
+
+    ``arch`` is one of :data:`ARCHS` or ``timm:<name>``. ``stem`` ``auto`` uses the small-image
+    stem when ``image_size`` < 64.
+    """
+    if stem not in STEMS:
+        raise ModelConfigError(f"stem must be one of {', '.join(STEMS)}; got {stem!r}")
+    if arch.startswith("timm:"):
+        return _timm_model(arch[len("timm:"):], num_classes)
+    if arch not in ARCHS:
+        raise ModelConfigError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHS)} or timm:<name>")
+    try:
+        from torchvision import models
+    except ImportError as exc:
+        raise ModelConfigError("the classifiers need torchvision: pip install torchvision (matching your torch)") from exc
+    small = stem == "cifar" or (stem == "auto" and image_size < SMALL_IMAGE)
+    if arch == "resnet18" or arch == "resnet50":
+        net = getattr(models, arch)(num_classes=num_classes)
+        if small:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+    elif arch == "vgg16":
+        # Batch-norm VGG as trained on CIFAR; the 4096-wide ImageNet head (120M weights) is replaced by one
+        # linear layer on globally pooled features, which is how CIFAR VGG-16 is defined.
+        net = models.vgg16_bn(num_classes=num_classes)
+        net.avgpool = nn.AdaptiveAvgPool2d(1)
+        net.classifier = nn.Linear(512, num_classes)
+        if small and image_size < 32:
+            # Five 2x2 max-pools need >= 32 px; on smaller images drop the last ones.
+            pools = [i for i, m in enumerate(net.features) if isinstance(m, nn.MaxPool2d)]
+            for i in pools[max(1, _halvings(image_size)):]:
+                net.features[i] = nn.Identity()
+    elif arch == "mobilenetv2":
+        net = models.mobilenet_v2(num_classes=num_classes)
+        if small:
+            net.features[0][0].stride = (1, 1)
+    elif arch == "efficientnet-b0":
+        net = models.efficientnet_b0(num_classes=num_classes)
+        if small:
+            net.features[0][0].stride = (1, 1)
+    else:  # shufflenetv2
+        net = models.shufflenet_v2_x1_0(num_classes=num_classes)
+        if small:
+            net.conv1[0].stride = (1, 1)
+            net.maxpool = nn.Identity()
+    return net
+
+
+def _halvings(size: int) -> int:
+    n = 0
+    while size >= 2:
+        size //= 2
+        n += 1
+    return n
+
+
+def _timm_model(name: str, num_classes: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError as exc:
+        raise ModelConfigError(f"timm:{name} needs timm: pip install 'diffusion-inversion[timm]'") from exc
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except RuntimeError as exc:  # timm raises RuntimeError("Unknown model ...")
+        raise ModelConfigError(f"timm cannot build {name!r}: {exc}") from exc
+
+
+def penultimate(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``net`` on ``x`` [B, 3, S, S]; returns (features [B, F] that enter the head, logits [B, C]).
+
+    The features are caught by a hook on the classification head, so no architecture needs a
+    second forward definition. The quality metrics embed images in this space.
+    """
+    head = net.get_classifier() if hasattr(net, "get_classifier") else next(
+        (getattr(net, a) for a in ("fc", "classifier", "head") if isinstance(getattr(net, a, None), nn.Module)), None)
+    if head is None:
+        raise ModelConfigError(f"cannot find the classification head of {type(net).__name__}")
+    caught: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, inputs: caught.append(inputs[0].flatten(1)))
+    try:
+        logits = net(x)
+    finally:
+        hook.remove()
+    return caught[0], logits

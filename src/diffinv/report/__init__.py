@@ -1,0 +1,1 @@
+"""Reports: Markdown and self-contained HTML pages built only from saved result files."""

@@ -1,0 +1,317 @@
+"""``diffinv report DIR``: a Markdown page and a self-contained HTML page for a study or a single run.
+
+Every number and plot comes from the files the study or run saved (``summary.json``,
+``quality.json``, ``metrics.jsonl``, generated sets' manifests), so a report can be rebuilt at
+any time without training anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffinv.report.efficiency import efficiency_factor
+from diffinv.runs import RunError, atomic_write, read_json, read_yaml, write_text
+
+GRID_SOURCES = 6  # real images per grid
+GRID_VARIANTS = 5  # synthetic variants beside each
+
+
+def build_report(root: str | Path) -> Path:
+    """Write ``ROOT/report/report.md`` and ``report.html``; returns the HTML path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    root = Path(root)
+    if (root / "summary.json").is_file():
+        sections = _study_sections(root)
+        title = f"Study {root.name}"
+    elif (root / "final.json").is_file():
+        sections = _run_sections(root)
+        title = f"Run {root.name}"
+    elif (root / "metrics.jsonl").is_file():
+        raise RunError(f"{root} is an unfinished run; finish it with `diffinv train ... --resume`, then report")
+    else:
+        raise RunError(f"{root} is neither a study (summary.json) nor a finished run (final.json)")
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    md, body = [f"# {title}\n"], [f"<h1>{html.escape(title)}</h1>"]
+    for heading, text, figure in sections:
+        md.append(f"## {heading}\n")
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        if text:
+            md.append(text + "\n")
+            body.append(_markdown_table_to_html(text))
+        if figure is not None:
+            name = f"{_slug(heading)}.png"
+            png = _png(figure)
+            atomic_write(out / name, lambda p: p.write_bytes(png))
+            md.append(f"![{heading}]({name})\n")
+            body.append(f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+    write_text(out / "report.md", "\n".join(md))
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
+             "img{max-width:100%}pre{background:#f6f6f6;padding:1em}")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>" \
+           f"<body>{''.join(body)}</body></html>"
+    write_text(out / "report.html", page)
+    return out / "report.html"
+
+
+# ----------------------------------------------------------------------------- study
+
+
+def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
+    summary = read_json(root / "summary.json")
+    quality = read_json(root / "quality.json") if (root / "quality.json").is_file() else {}
+    study = read_yaml(root / "study.yaml") if (root / "study.yaml").is_file() else {}
+    sections = []
+    for (dataset, arch, aug), rows in _groups(summary).items():
+        tag = f"{dataset}, {arch}, {aug}"
+        sections.append((f"Accuracy ({tag})", _accuracy_table(rows), _accuracy_plot(rows, tag)))
+        sections.append((f"Sample efficiency ({tag})", _efficiency_table(rows), None))
+        sections.append((f"Per-class accuracy ({tag})", "", _per_class_plot(rows, tag)))
+    if quality:
+        sections.append(("Synthetic data quality", _quality_table(quality), None))
+    for key, q in quality.items():
+        figure = _grid_figure(q["synthetic"][0], _dataset_spec(study, q["dataset"]), key)
+        if figure is not None:
+            sections.append((f"Real images and their synthetic variants ({key})", "", figure))
+    return sections
+
+
+def _groups(summary: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in summary:
+        groups.setdefault((r["dataset"], r["arch"], r["aug"]), []).append(r)
+    return groups
+
+
+def _k(value: Any) -> str:
+    return "all" if value is None else str(value)
+
+
+def _accuracy_table(rows: list[dict[str, Any]]) -> str:
+    ks = sorted({r["per_class"] for r in rows}, key=lambda k: math.inf if k is None else k)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["per_class"]): r for r in rows}
+    lines = ["| method | " + " | ".join(f"{_k(k)} / class" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for m in methods:
+        vals = []
+        for k in ks:
+            r = cell.get((m, k))
+            vals.append("" if r is None else f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} (n={r['n_seeds']})")
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    return "Test top-1 accuracy in %, mean ± std over seeds.\n\n" + "\n".join(lines)
+
+
+def _real_curve(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    # Real-only rows: the methods without synthetic images.
+    return [(float(r["n_real"]) / len(r["classes"]), r["top1_mean"]) for r in rows if r["n_synthetic"] == 0]
+
+
+def _efficiency_table(rows: list[dict[str, Any]]) -> str:
+    curve = _real_curve(rows)
+    if len(curve) < 2:
+        return "Needs a real-only method at two or more real sizes to compute."
+    lines = ["| method | real / class | top-1 % | worth real / class | factor |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["n_synthetic"] == 0:
+            continue
+        k = r["n_real"] / len(r["classes"])
+        factor, rel = efficiency_factor(curve, k, r["top1_mean"])
+        if factor is None:
+            continue
+        worth = factor * k
+        lines.append(f"| {r['method']} | {k:g} | {100 * r['top1_mean']:.2f} | {rel.replace('=', '')}{worth:.1f} | "
+                     f"{rel.replace('=', '')}{factor:.2f}x |")
+    return ("How many real images per class the real-only curve needs to match each method (interpolated in log size; "
+            "'>' means better than every real-only size measured).\n\n" + "\n".join(lines))
+
+
+def _accuracy_plot(rows: list[dict[str, Any]], tag: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["n_real"] / len(r["classes"]), 100 * r["top1_mean"], 100 * r["top1_std"]) for r in rows if r["method"] == m)
+        x, y, s = (np.array(v) for v in zip(*pts))
+        ax.plot(x, y, marker="o", label=m)
+        ax.fill_between(x, y - s, y + s, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("real images per class")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"Accuracy vs real data ({tag})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _per_class_plot(rows: list[dict[str, Any]], tag: str):
+    import matplotlib.pyplot as plt
+
+    smallest = min(r["n_real"] for r in rows)
+    chosen = [r for r in rows if r["n_real"] == smallest]
+    classes = chosen[0]["classes"]
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.6 * len(classes) * len(chosen) / 2), 4))
+    width = 0.8 / len(chosen)
+    for i, r in enumerate(chosen):
+        vals = [100 * (v or 0) for v in r["per_class_acc_mean"]]
+        ax.bar(np.arange(len(classes)) + i * width, vals, width, label=r["method"])
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Per-class accuracy at {smallest / len(classes):g} real / class ({tag})")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _quality_table(quality: dict[str, Any]) -> str:
+    lines = ["| set | label fidelity | diversity (syn/real) | NN dist syn→real | NN dist real→real | near copies | FD (judge) | FID |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, q in quality.items():
+        div = "" if q["diversity_ratio"] is None else f"{q['diversity_ratio']:.3f}"
+        fid = "left out" if q["fid"] is None else f"{q['fid']:.2f}"
+        lines.append(f"| {key} | {100 * q['label_fidelity']:.1f}% | {div} | {q['nn_distance_syn_to_real']:.4f} | "
+                     f"{q['nn_distance_real_to_real']:.4f} | {q['near_copies']}/{q['n_synthetic']} | {q['fd_judge']:.2f} | {fid} |")
+    notes = sorted({q["fid_note"] for q in quality.values()})
+    return ("Label fidelity: accuracy of the real-only judge on the synthetic images. Distances are RMS on [0, 1] pixels. "
+            "FD (judge): Fréchet distance to the real test set in the judge's feature space.\n\n" + "\n".join(lines)
+            + "\n\n" + "\n".join(f"- {n}" for n in notes))
+
+
+def _dataset_spec(study: dict[str, Any], dataset: str) -> dict[str, Any]:
+    spec = (study.get("datasets") or {}).get(dataset) or {}
+    return spec if isinstance(spec, dict) else {"data": spec}
+
+
+def _grid_figure(synthetic: str, dataset: dict[str, Any], title: str):
+    """Rows of [real source | its variants] from a generated set's manifest; None if it cannot be drawn."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from diffinv.data.real import open_images
+    from diffinv.data.synthetic import read_manifest
+
+    try:
+        rows = read_manifest(synthetic)
+    except Exception:  # a moved set is reported as a missing figure, not a failed report
+        return None
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_source.setdefault(r.get("source") or f"class {r['class']}", []).append(r)
+    sources = list(by_source)[:: max(1, len(by_source) // GRID_SOURCES)][:GRID_SOURCES]
+    real_by_id: dict[str, Any] = {}
+    if dataset.get("data"):
+        try:
+            real = open_images(dataset["data"], dataset.get("format", "auto"), dataset.get("split", "train"))
+            wanted = set(sources)
+            real_by_id = {i: idx for idx, i in enumerate(real.ids) if i in wanted}
+        except Exception:
+            real = None
+    fig, axes = plt.subplots(len(sources), GRID_VARIANTS + 1, figsize=(1.3 * (GRID_VARIANTS + 1), 1.3 * len(sources)),
+                             squeeze=False)
+    for row, src in zip(axes, sources):
+        for ax in row:
+            ax.axis("off")
+        if src in real_by_id:
+            row[0].imshow(real.image(real_by_id[src]))
+            row[0].set_title("real", fontsize=7)
+        for ax, r in zip(row[1:], by_source[src][:GRID_VARIANTS]):
+            ax.imshow(Image.open(Path(synthetic) / r["file"]).convert("RGB"))
+            ax.set_title(r["class"], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- single run
+
+
+def _run_sections(root: Path) -> list[tuple[str, str, Any]]:
+    import json
+
+    import matplotlib.pyplot as plt
+
+    final = read_json(root / "final.json")
+    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    config = read_yaml(root / "config.yaml")
+    classes = final["classes"]
+    text = (f"| field | value |\n|---|---|\n| architecture | {config['arch']} |\n| real images | {final['n_real']} |\n"
+            f"| synthetic images | {final['n_synthetic']} |\n| steps | {final['steps']} |\n"
+            f"| test top-1 | {100 * final['top1']:.2f}% on {final['n_test']} images |")
+    curve, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in rows]
+    ax[0].plot(steps, [100 * r["top1"] for r in rows], marker="o")
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("test top-1 (%)")
+    ax[1].plot(steps, [r["train_loss"] for r in rows], label="train (EMA)")
+    ax[1].plot(steps, [r["loss"] for r in rows], label="test")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("loss")
+    ax[1].legend()
+    curve.tight_layout()
+    conf = np.array(rows[-1]["confusion"])
+    fig, axc = plt.subplots(1, 2, figsize=(11, 4.5))
+    axc[0].bar(range(len(classes)), [100 * (v or 0) for v in final["per_class"]])
+    axc[0].set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axc[0].set_ylabel("test accuracy (%)")
+    axc[1].imshow(conf / np.maximum(conf.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    axc[1].set_xticks(range(len(classes)), classes, rotation=90)
+    axc[1].set_yticks(range(len(classes)), classes)
+    axc[1].set_xlabel("predicted")
+    axc[1].set_ylabel("true")
+    fig.tight_layout()
+    return [("Summary", text, None), ("Learning curves", "", curve), ("Per-class accuracy and confusion", "", fig)]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _png(figure) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:80]
+
+
+def _markdown_table_to_html(text: str) -> str:
+    """The small subset of Markdown these sections use: paragraphs, bullet lists and pipe tables."""
+    out, table = [], []
+
+    def flush() -> None:
+        if table:
+            head, *body = [row for row in table if not set(row.replace("|", "")) <= set("-: ")]
+            cells = lambda row: [c.strip() for c in row.strip().strip("|").split("|")]  # noqa: E731
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells(head)) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(r)) + "</tr>" for r in body)
+                       + "</table>")
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("- "):
+            out.append(f"<ul><li>{html.escape(line[2:])}</li></ul>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "".join(out)
