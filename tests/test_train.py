@@ -47,7 +47,8 @@ def test_every_architecture_trains_and_its_loss_falls(arch):
     torch.manual_seed(0)
     net = build_model(arch, 4, 32)
     x, y = _patterns(8, 4)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    # Adam: SGD on a batch of 8 with train-mode BatchNorm made ResNet-50's loss oscillate on some CPUs.
+    opt = torch.optim.Adam(net.parameters(), lr=3e-4)
     losses = []
     for _ in range(8):
         loss = torch.nn.functional.cross_entropy(net(x), y)
@@ -56,7 +57,7 @@ def test_every_architecture_trains_and_its_loss_falls(arch):
         opt.step()
         losses.append(float(loss.detach()))
     assert net(x).shape == (8, 4)
-    assert min(losses[-3:]) < losses[0]
+    assert max(losses[-3:]) < 0.8 * losses[0]
     net.eval()
     feats, logits = penultimate(net, x)
     assert feats.ndim == 2 and feats.shape[0] == 8

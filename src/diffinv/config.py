@@ -210,6 +210,98 @@ class TrainConfig:
         _check(self.use not in ("synthetic", "both") or bool(self.synthetic), f"use {self.use} needs --synthetic folders")
 
 
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The project's own base generator: a diffusion autoencoder trained on unlabeled images.
+
+    A small SD-architecture UNet (diffusers ``UNet2DConditionModel`` with cross-attention) in
+    pixel space reads K tokens that a small encoder makes from the training image; the tokens
+    are dropped with probability ``cond_dropout`` so classifier-free guidance has an
+    unconditional mode. Labels are never read, and the test split is refused.
+    """
+
+    data: str = "digits"
+    format: str = "auto"
+    split: str = "train"
+    resolution: int = 8  # digits are 8 x 8; natural images want 32 or more
+    channels: tuple[int, ...] = (32, 64)  # UNet block widths; every block has cross-attention
+    layers_per_block: int = 2
+    cross_attention_dim: int = 64  # D of a conditioning token
+    tokens: int = 5  # K
+    prediction_type: str = "epsilon"
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    cond_dropout: float = 0.1
+    ema: float = 0.999  # decay of the weights' exponential moving average (what is saved)
+    hflip: bool = False  # random horizontal flips: off for digits and text, on for natural images
+    seed: int = 0
+    precision: str = "auto"
+    # Execution-only fields.
+    device: str = "auto"
+    checkpoint_every: int = 250
+    log_every: int = 50
+    bad_images: str = "skip"
+
+    RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "data", "format", "split", "resolution", "channels", "layers_per_block", "cross_attention_dim", "tokens",
+        "prediction_type", "steps", "batch_size", "lr", "warmup", "cond_dropout", "ema", "hflip", "seed", "precision",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.split != "test", "pretraining never reads a test split; use the training split (--split train)")
+        _check(self.resolution >= 8 and self.resolution % 2 ** (len(self.channels) - 1) == 0,
+               f"resolution must be >= 8 and a multiple of {2 ** (len(self.channels) - 1)} (one halving per extra block)")
+        _check(len(self.channels) >= 2 and all(c >= 8 and c % 8 == 0 for c in self.channels),
+               "channels: two or more block widths, each a multiple of 8")
+        _check(self.layers_per_block >= 1 and self.tokens >= 1 and self.cross_attention_dim >= 8,
+               "layers-per-block and tokens must be >= 1, cross-attention-dim >= 8")
+        _check(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0 and self.warmup >= 0, "steps, batch-size, lr must be positive")
+        _check(0.0 <= self.cond_dropout < 1.0, "cond-dropout must be in [0, 1)")
+        _check(0.0 <= self.ema < 1.0, "ema must be in [0, 1) (0 = no averaging)")
+        _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
+        _one_of("prediction-type", self.prediction_type, ("epsilon", "v_prediction"))
+        _one_of("precision", self.precision, ("auto", "fp32", "bf16"))
+        _one_of("bad-images", self.bad_images, ("skip", "error"))
+
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The one-command proof: few-shot real data, inverted into a base, variants generated, classifiers compared.
+
+    Every cell trains the same classifier on real only, real + Diffusion Inversion, and real +
+    the rival (img2img / SDEdit from each real image with its own embedding, as in DA-Fusion),
+    over ``seeds``; equal synthetic counts for both generators.
+    """
+
+    data: str = "digits"
+    base: str = ""  # empty: the base model embedded in the package (digits)
+    per_class: int = 5
+    subset_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    invert_steps: int = 400
+    per_image: int = 10
+    sample_steps: int = 25
+    guidance: float = 2.0
+    noise: float = 0.1
+    interp: float = 0.1
+    strength: float = 0.5  # the rival's img2img strength
+    arch: str = "resnet18"
+    train_steps: int = 150
+    train_batch: int = 32
+    train_resolution: int = 16
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.per_class >= 1 and len(self.seeds) >= 1, "per-class must be >= 1 and at least one seed given")
+        _check(self.invert_steps >= 1 and self.per_image >= 1 and self.sample_steps >= 1 and self.train_steps >= 1,
+               "step counts and per-image must be >= 1")
+        _check(self.arch in ARCHS or self.arch.startswith("timm:"), f"arch must be one of {', '.join(ARCHS)} or timm:<name>")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -254,10 +346,18 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if value is None and type(None) in args:
         return None
     if typing.get_origin(hint) in (tuple, list):
-        if isinstance(value, str):
+        item = args[0] if args else str
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
             value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"option {name} must be a list of strings, got {value!r}")
+        if item is int and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            # From a flag: "64,128" or "64 128".
+            value = [v for part in value for v in part.replace(",", " ").split()]
+            if not all(v.isdigit() for v in value):
+                raise ConfigError(f"option {name} must be a list of integers, got {value!r}")
+            value = [int(v) for v in value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            kind = "strings" if item is str else "integers"
+            raise ConfigError(f"option {name} must be a list of {kind}, got {value!r}")
         return tuple(value)
     target = next((a for a in args if a is not type(None)), hint) if args else hint
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):

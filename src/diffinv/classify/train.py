@@ -29,7 +29,7 @@ from diffinv.classify.models import build_model
 from diffinv.config import TrainConfig, config_to_dict
 from diffinv.data.real import DataError, load_uint8, open_images, select
 from diffinv.data.synthetic import open_synthetic, read_manifest
-from diffinv.diffusion.backbone import resolve_device
+from diffinv.diffusion.backbone import resolve_device, slow_bf16_warning
 from diffinv.diffusion.rng import key_of
 from diffinv.runs import (RunError, check_same_settings, prepare_output, remove_temporaries, write_json,
                           write_safetensors, write_text, write_yaml)
@@ -173,6 +173,8 @@ def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = Fal
     data = load_train_data(config, progress, log)
     device = resolve_device(config.device)
     autocast = torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda") else None
+    if autocast is not None and (warning := slow_bf16_warning(autocast, device)):
+        log(f"warning: {warning}")
     channels_last = config.channels_last
     num_classes = len(data.classes)
     streams, total = plan_streams(config, len(data.real), len(data.syn))

@@ -131,19 +131,28 @@ def _efficiency_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['method']} | {k:g} | {100 * r['top1_mean']:.2f} | {rel.replace('=', '')}{worth:.1f} | "
                      f"{rel.replace('=', '')}{factor:.2f}x |")
     return ("How many real images per class the real-only curve needs to match each method (interpolated in log size; "
-            "'>' means better than every real-only size measured).\n\n" + "\n".join(lines))
+            "'>' means better than every real-only size measured). A factor whose accuracy gap is within one std "
+            "of the real-only curve is noise, not evidence: read it beside the std in the accuracy table.\n\n"
+            + "\n".join(lines))
 
 
 def _accuracy_plot(rows: list[dict[str, Any]], tag: str):
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullLocator
+
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    sizes: set[float] = set()
     for m in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["n_real"] / len(r["classes"]), 100 * r["top1_mean"], 100 * r["top1_std"]) for r in rows if r["method"] == m)
         x, y, s = (np.array(v) for v in zip(*pts))
+        sizes.update(x.tolist())
         ax.plot(x, y, marker="o", label=m)
         ax.fill_between(x, y - s, y + s, alpha=0.2)
     ax.set_xscale("log")
+    # Log-scale default ticks (10^0, 10^1...) hide the sizes actually measured; label exactly those.
+    ax.set_xticks(sorted(sizes), [f"{v:g}" for v in sorted(sizes)])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("real images per class")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"Accuracy vs real data ({tag})")

@@ -1,0 +1,126 @@
+"""The project's own base model (`pretrain-base`) and the one-command demo (`demo`)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import diffinv.diffusion.pretrain as pretrain
+from diffinv.cli import main
+from diffinv.config import ConfigError, DemoConfig, PretrainConfig, load_config
+from diffinv.diffusion.backbone import load_backbone
+from diffinv.runs import read_json
+
+TINY = dict(resolution=8, channels=(16, 32), layers_per_block=1, cross_attention_dim=16, tokens=2, batch_size=16,
+            lr=3e-3, warmup=5, ema=0.9, log_every=5, checkpoint_every=10, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "digits-base"
+    pretrain.pretrain_base(PretrainConfig(**TINY, steps=60), out, progress=False, log=lambda m: None)
+    return out
+
+
+def test_pretraining_lowers_the_loss_and_loads_like_sd(tiny_base):
+    losses = [json.loads(line)["loss"] for line in (tiny_base / "losses.jsonl").read_text().splitlines()]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+    info = read_json(tiny_base / "pretrain.json")
+    assert info["status"] == "complete" and info["images"] == 1437  # digits' training split only (80 %)
+    for name in ("loss.png", "samples.png", "config.yaml", "encoder.safetensors"):
+        assert (tiny_base / name).stat().st_size > 0
+    assert not (tiny_base / "checkpoint.safetensors").exists()
+    # Through the same loader as Stable Diffusion: a pixel-space diffusers folder, conditioning [B, K, D].
+    backbone = load_backbone(tiny_base)
+    assert backbone.vae is None and backbone.cond_dim == 16 and backbone.latent_shape(8) == (3, 8, 8)
+    out = backbone.predict_noise(torch.zeros(2, 3, 8, 8), torch.tensor([10, 500]), torch.zeros(2, 2, 16))
+    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+
+
+def test_the_saved_weights_are_the_average(tiny_base, tmp_path):
+    # ema = 0 saves the trained weights themselves: they differ from the averaged ones.
+    plain = tmp_path / "plain"
+    pretrain.pretrain_base(PretrainConfig(**{**TINY, "ema": 0.0}, steps=60), plain, progress=False, log=lambda m: None)
+    a = load_file(str(tiny_base / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(plain / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_a_kill_gives_identical_weights(tmp_path, monkeypatch):
+    config = PretrainConfig(**TINY, steps=20)
+    whole = tmp_path / "whole"
+    pretrain.pretrain_base(config, whole, progress=False, log=lambda m: None)
+
+    calls = {"n": 0}
+    real_update = pretrain.ema_update
+
+    def dying_update(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 14:  # after the checkpoint at step 10
+            raise KeyboardInterrupt
+        real_update(*args, **kw)
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(pretrain, "ema_update", dying_update)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.pretrain_base(config, killed, progress=False, log=lambda m: None)
+    monkeypatch.setattr(pretrain, "ema_update", real_update)
+    assert read_json(killed / "pretrain.json")["status"] == "running" and (killed / "checkpoint.safetensors").is_file()
+    with pytest.raises(Exception, match="--resume"):
+        pretrain.pretrain_base(config, killed, progress=False, log=lambda m: None)
+    pretrain.pretrain_base(config, killed, resume=True, progress=False, log=lambda m: None)
+    a = load_file(str(whole / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(killed / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (whole / "losses.jsonl").read_text().count("\n") == (killed / "losses.jsonl").read_text().count("\n")
+    # Other settings cannot continue it.
+    with pytest.raises(Exception, match="different settings"):
+        pretrain.pretrain_base(PretrainConfig(**{**TINY, "lr": 1e-2}, steps=20), killed, resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_advice(tmp_path):
+    with pytest.raises(pretrain.PretrainError, match="lower --lr"):
+        pretrain.pretrain_base(PretrainConfig(**{**TINY, "lr": 1e30, "warmup": 0}, steps=10), tmp_path / "b",
+                               progress=False, log=lambda m: None)
+
+
+def test_config_rules():
+    with pytest.raises(ConfigError, match="never reads a test split"):
+        PretrainConfig(split="test")
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        PretrainConfig(resolution=10, channels=(16, 32, 64))
+    # Lists from flags: "16,32" or "0 1 2".
+    assert load_config(PretrainConfig, None, {"channels": "16,32"}).channels == (16, 32)
+    assert load_config(DemoConfig, None, {"seeds": "0 1 2"}).seeds == (0, 1, 2)
+    with pytest.raises(ConfigError, match="integers"):
+        load_config(DemoConfig, None, {"seeds": "a,b"})
+
+
+def test_cli_pretrain_bad_data_is_one_clear_line(tmp_path, capsys):
+    assert main(["pretrain-base", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--base", str(tiny_base), "--per-class", "2", "--out", str(out), "--fast", "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    table = (out / "results.md").read_text()
+    assert table.strip() in printed
+    body = table.strip().splitlines()[2:]
+    assert [line.split("|")[1].strip() for line in body] == ["real only", "real + di", "real + img2img"]
+    assert "20 + 40" in table  # 2 per class x 10 classes real; 2 variants each per generator
+    summary = read_json(out / "study" / "summary.json")
+    assert {r["n_seeds"] for r in summary} == {2}
+    assert (out / "study" / "report" / "report.html").stat().st_size > 10_000
+    # Both generators made the same number of images at the data's own size, from the same store.
+    for method in ("di", "img2img"):
+        rows = [json.loads(line) for line in (out / method / "manifest.jsonl").read_text().splitlines()]
+        assert len(rows) == 40 and {r["save_size"] for r in rows} == {8}
+    # A second run finds everything done and prints the same table.
+    assert main(argv) == 0
+    assert table.strip() in capsys.readouterr().out
