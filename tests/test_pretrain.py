@@ -124,3 +124,34 @@ def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
     # A second run finds everything done and prints the same table.
     assert main(argv) == 0
     assert table.strip() in capsys.readouterr().out
+
+
+def test_the_embedded_digits_base_loads_like_sd_and_reconstructs_from_tokens():
+    from diffinv.demo import embedded_base
+    from diffinv.diffusion.pretrain import TokenEncoder
+    from diffinv.diffusion.sampling import sample_latents
+    from diffinv.data.real import load_pixels, open_images, select
+
+    base = embedded_base()
+    size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+    assert size <= 10 * 2 ** 20  # shipped inside the package
+    info = read_json(base / "pretrain.json")
+    assert info["status"] == "complete" and info["images"] == 1437  # digits' training split, never its test split
+    backbone = load_backbone(base)
+    # The saved encoder's tokens of held-out test digits make the base redraw those digits: the
+    # conditioning space carries the image (the property inversion relies on).
+    from safetensors import safe_open
+
+    with safe_open(str(base / "encoder.safetensors"), framework="pt") as f:
+        tokens = int(f.metadata()["tokens"])
+    encoder = TokenEncoder(3, tokens, backbone.cond_dim)
+    encoder.load_state_dict(load_file(str(base / "encoder.safetensors")))
+    test = load_pixels(select(open_images("digits", split="test"), 1, seed=0), 8)
+    with torch.no_grad():
+        cond = encoder.eval()(test)
+        noise = torch.randn(test.shape, generator=torch.Generator().manual_seed(0))
+        own = sample_latents(backbone, cond, None, noise, sampler="ddim", steps=10, guidance=1.0)
+        shuffled = sample_latents(backbone, cond.roll(1, 0), None, noise, sampler="ddim", steps=10, guidance=1.0)
+    err_own = (own - test).pow(2).mean()
+    err_other = (shuffled - test).pow(2).mean()
+    assert err_own < 0.5 * err_other

@@ -49,7 +49,7 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
     out = Path(out)
     base = config.base or str(embedded_base())
     resolution = int(load_backbone(base).unet.config.sample_size)
-    native = open_images(config.data).image(0).size[0]
+    native = min(open_images(config.data).image(0).size)  # synthetic images are saved at the data's own size
     write_yaml(out / "demo.yaml", {**config_to_dict(config), "base": base})
 
     # 1. Invert the few-shot real subset: one conditioning per image.
