@@ -74,8 +74,8 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
         datasets={"data": {"data": config.data, "subset_seed": config.subset_seed}},
         methods={"real": {"synthetic": []}, "di": {"synthetic": [sets["di"]]}, RIVAL: {"synthetic": [sets[RIVAL]]}},
         per_class=(config.per_class,), seeds=tuple(config.seeds), archs=(config.arch,), augs=("crop-flip",),
-        train={"steps": config.train_steps, "batch_size": config.train_batch, "resolution": config.train_resolution,
-               "device": config.device},
+        train={"steps": config.train_steps, "batch_size": config.train_batch, "lr": config.train_lr,
+               "resolution": config.train_resolution, "device": config.device},
     )
     folder = run_study(study, out / "study", progress=progress, log=log)
 
