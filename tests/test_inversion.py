@@ -99,7 +99,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tiny_latent, image_tree, tmp
 
     with pytest.raises(KeyboardInterrupt):
         invert_dataset(_config(tiny_latent, image_tree), tmp_path / "run", progress=False, on_step=stop)
-    assert (tmp_path / "run" / "checkpoint.safetensors").exists()
+    assert len(list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))) == 1
     with pytest.raises(RunError, match="--resume"):
         invert_dataset(_config(tiny_latent, image_tree), tmp_path / "run", progress=False)
     resumed_steps = []
@@ -107,7 +107,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tiny_latent, image_tree, tmp
                    on_step=lambda batch, step: resumed_steps.append(step))
     assert resumed_steps == [5, 6]  # continued from the step-4 checkpoint, first batch not redone
     _same_store(tmp_path / "ref", tmp_path / "run")
-    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
 
 
 def test_kill_9_then_resume_equals_uninterrupted(tiny_latent, image_tree, tmp_path):

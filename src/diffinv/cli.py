@@ -22,6 +22,7 @@ STAGES = """stages:
   train        train a classifier on real, synthetic or both; evaluate on the real test split (stage 3)
   experiment   run a study grid (datasets x real sizes x methods x archs x augs x seeds): mean and std
   report       Markdown + HTML report of a study or a run, from its saved files
+  merge        final step of a sharded invert / generate / experiment (--shard I/N, torchrun, SLURM, --backend ray)
   pretrain-base  train the project's own small base generator on unlabeled images (diffusers format)
   tiny-model   save a small random SD-architecture model (for trying the pipeline offline)
 """
@@ -55,8 +56,63 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bad-images", choices=["skip", "error"], help="unreadable images: skip them (reported) or stop")
     p.add_argument("--target", choices=["image", "class"],
                    help="one conditioning per image (Diffusion Inversion, default) or per class (the class-inversion rival)")
+    p.add_argument("--nan-retries", type=int, help="re-invert an image whose loss is not finite at lr/10, lr/100 ... this many times (default 2)")
     _add_output_flags(p, "continue an unfinished store, skipping finished images", "replace an existing store")
+    _add_shard_flags(p)
     p.set_defaults(func=_run_invert)
+
+
+def _add_shard_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scaling out", "shards of one job write into the same --out; the last one writes the manifest")
+    g.add_argument("--shard", metavar="I/N", help="run shard I of N (0-based); default: RANK/WORLD_SIZE from torchrun or "
+                                                   "accelerate, SLURM array / srun task ids, else the whole job")
+    g.add_argument("--backend", choices=["local", "ray"], default="local", help="ray: run --workers shards as Ray tasks (pip install ray)")
+    g.add_argument("--workers", type=int, default=2, help="shards (= Ray tasks) with --backend ray (default 2)")
+    g.add_argument("--ray-address", help="join a running Ray cluster (e.g. HEAD:6379 or 'auto'); default: start a local one")
+    g.add_argument("--gpus-per-shard", type=float, help="GPUs each Ray task asks for (default: 1 when the cluster has GPUs)")
+    g.add_argument("--attempts", type=int, default=3, help="tries per Ray shard before the job gives up on it (default 3)")
+
+
+def _run_stage(stage: str, config, args: argparse.Namespace):
+    """Run ``stage`` as the flags ask: whole, one --shard (or the launcher's), or all shards on Ray.
+
+    Returns (shard, out) where out is None when other shards' work is still missing.
+    """
+    from diffinv.shards import Shard, resolve_shard, run_on_ray
+
+    if args.backend == "ray":
+        if args.shard:
+            raise ConfigError("--shard and --backend ray do not mix: Ray makes the shards itself (set --workers)")
+        if args.workers < 1 or args.attempts < 1:
+            raise ConfigError("--workers and --attempts must be >= 1")
+        if getattr(args, "overwrite", False):
+            raise ConfigError(f"--overwrite does not mix with --backend ray (it would race the shards); delete {args.out} first")
+        return Shard(), run_on_ray(stage, config, args.out, workers=args.workers, address=args.ray_address,
+                                   gpus_per_shard=args.gpus_per_shard, attempts=args.attempts, progress=not args.quiet)
+    shard = resolve_shard(args.shard)
+    if stage == "invert":
+        from diffinv.diffusion.inversion import invert_dataset
+
+        out = invert_dataset(config, args.out, resume=args.resume or not shard.whole, overwrite=args.overwrite,
+                             progress=not args.quiet, shard=shard)
+    elif stage == "generate":
+        from diffinv.diffusion.generation import generate_dataset
+
+        out = generate_dataset(config, args.out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
+    else:
+        from diffinv.experiment import run_study
+
+        out = run_study(config, args.out, progress=not args.quiet, shard=shard)
+    marker = {"invert": "store.json", "generate": "generate.json"}.get(stage)
+    if out is not None and marker is not None and Path(out, marker).is_file():
+        from diffinv.runs import read_json
+
+        if read_json(Path(out, marker)).get("status") != "complete":
+            out = None
+    if out is None:
+        print(f"shard {shard} of {args.out} is done; the other shards' work is not finished yet (the last shard to "
+              f"finish writes the manifest, or run `diffinv merge {args.out}`)")
+    return shard, out
 
 
 def _add_output_flags(p: argparse.ArgumentParser, resume: str, overwrite: str) -> None:
@@ -67,19 +123,23 @@ def _add_output_flags(p: argparse.ArgumentParser, resume: str, overwrite: str) -
 
 def _stage_config(cls: type, args: argparse.Namespace):
     """The stage's config: defaults < --config YAML < flags (flags left unset are None and do not count)."""
-    not_fields = {"out", "config", "resume", "overwrite", "quiet", "func", "command"}
+    not_fields = {"out", "config", "resume", "overwrite", "quiet", "func", "command", *SHARD_FLAGS}
     return load_config(cls, args.config, {k: v for k, v in vars(args).items() if k not in not_fields})
 
 
+SHARD_FLAGS = ("shard", "backend", "workers", "ray_address", "gpus_per_shard", "attempts")
+
+
 def _run_invert(args: argparse.Namespace) -> int:
-    from diffinv.diffusion.inversion import invert_dataset
     from diffinv.diffusion.store import read_rows
     from diffinv.runs import read_json
 
     config = _stage_config(InvertConfig, args)
     if not config.model or not config.data:
         raise ConfigError("--model and --data are required (on the command line or in --config)")
-    out = invert_dataset(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    shard, out = _run_stage("invert", config, args)
+    if out is None:
+        return 0
     # The summary reads the manifest rows only: the embeddings of a large store need not fit in memory.
     info, rows = read_json(out / "store.json"), read_rows(out)
     losses = [r["loss"] for r in rows]
@@ -119,15 +179,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="samples per batch (default 64); does not change the images")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     _add_output_flags(p, "complete an unfinished set (re-running does the same)", "replace an existing generated set")
+    _add_shard_flags(p)
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     from diffinv.data.synthetic import read_manifest
-    from diffinv.diffusion.generation import generate_dataset
 
     config = _stage_config(GenerateConfig, args)
-    out = generate_dataset(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    shard, out = _run_stage("generate", config, args)
+    if out is None:
+        return 0
     rows = read_manifest(out)
     per_class: dict[str, int] = {}
     for r in rows:
@@ -203,15 +265,18 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="override train.device")
     p.add_argument("--report", action="store_true", help="also write the report when done")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_shard_flags(p)
     p.set_defaults(func=_run_experiment)
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from diffinv.experiment import load_study, run_study, with_overrides
+    from diffinv.experiment import load_study, with_overrides
     from diffinv.runs import read_json
 
     study = with_overrides(load_study(args.study), steps=args.steps, device=args.device)
-    out = run_study(study, args.out, progress=not args.quiet)
+    shard, out = _run_stage("experiment", study, args)
+    if out is None:
+        return 0
     for r in read_json(out / "summary.json"):
         print(f"{r['dataset']:>10} {r['method']:>16} k={'all' if r['per_class'] is None else r['per_class']:<5} {r['arch']} "
               f"{r['aug']}: top-1 {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} % over {r['n_seeds']} seed(s)")
@@ -220,6 +285,22 @@ def _run_experiment(args: argparse.Namespace) -> int:
         from diffinv.report.build import build_report
 
         print(f"report {build_report(out)}")
+    return 0
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="finish a sharded invert / generate / experiment: check every shard's work, write the manifest",
+                       description="The final step of a sharded job (the last shard does it automatically when the shards "
+                                   "share a folder). Lists what is missing, and which shards to re-run, when work is unfinished.")
+    p.add_argument("folder", help="the --out of the sharded job")
+    p.set_defaults(func=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from diffinv.shards import merge
+
+    kind = merge(args.folder)
+    print(f"merged {args.folder}: the {kind} is complete")
     return 0
 
 
@@ -358,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_experiment(sub)
     _add_report(sub)
+    _add_merge(sub)
     _add_pretrain(sub)
     _add_tiny(sub)
     return parser

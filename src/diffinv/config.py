@@ -54,6 +54,9 @@ class InvertConfig:
     # "image": one conditioning per image (Diffusion Inversion). "class": one per class, learned
     # from all of the class's images (textual inversion / DA-Fusion), the rival it must beat.
     target: str = "image"
+    # An image whose loss is not finite is inverted again at lr/10, then lr/100 ...; after this
+    # many retries it is reported and left out of the store (its row says which lr it used).
+    nan_retries: int = 2
 
     RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
         "model", "data", "format", "split", "per_class", "subset_seed", "resolution", "tokens",
@@ -69,6 +72,7 @@ class InvertConfig:
         _check(self.per_class is None or self.per_class >= 1, "per-class must be >= 1")
         _check(self.eval_timesteps >= 1, "eval-timesteps must be >= 1")
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
+        _check(self.nan_retries >= 0, "nan-retries must be >= 0")
         _one_of("latent", self.latent, ("sample", "mean"))
         _one_of("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _one_of("bad-images", self.bad_images, ("skip", "error"))

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffinv.config import ConfigError, TrainConfig, load_config
-from diffinv.runs import read_json, read_yaml, write_json, write_text, write_yaml
+from diffinv.runs import RunError, read_json, read_yaml, write_json, write_text, write_yaml
+from diffinv.shards import Shard, missing_message
 
 GROUP_KEYS = ("dataset", "method", "per_class", "arch", "aug")
 
@@ -137,26 +138,65 @@ def cells(study: Study) -> list[Cell]:
 
 
 def run_study(study: Study, out: str | Path, progress: bool = True, log: Callable[[str], None] = print,
-              on_cell: Callable[[Cell], None] | None = None) -> Path:
-    """Run every unfinished cell, then write the results, the summary and the quality metrics."""
+              on_cell: Callable[[Cell], None] | None = None, shard: Shard | None = None) -> Path | None:
+    """Run every unfinished cell, then write the results, the summary and the quality metrics.
+
+    With ``shard`` (I of N) only cells c with c % N == I are trained; the shard that finds
+    every cell finished writes the tables. Returns ``out``, or None while other shards' cells
+    are still missing.
+    """
     from diffinv.classify.train import train_classifier
 
     out = Path(out)
+    shard = shard or Shard()
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "study.yaml").is_file() and read_yaml(out / "study.yaml") != _study_dict(study):
+        if not shard.whole:
+            raise RunError(f"{out} holds a study with other settings; every shard must run the same study YAML and overrides")
     write_yaml(out / "study.yaml", _study_dict(study))
     grid = cells(study)
     for i, cell in enumerate(grid):
+        if not shard.owns(i):
+            continue
         run = out / cell.path
         finished = (run / "final.json").is_file()
         log(f"[{i + 1}/{len(grid)}] {cell.path}{' (done, skipped)' if finished else ''}")
         train_classifier(cell.config, run, resume=True, progress=progress, log=log)
         if on_cell is not None:
             on_cell(cell)
+    missing = [i for i, cell in enumerate(grid) if not (out / cell.path / "final.json").is_file()]
+    if missing:
+        if shard.whole:
+            raise RunError(f"{out}: {len(missing)} cells did not finish")
+        log(f"{out}: " + missing_message(missing, shard.count, "cell"))
+        return None
+    return _write_results(study, grid, out, log)
+
+
+def _write_results(study: Study, grid: list[Cell], out: Path, log: Callable[[str], None]) -> Path:
     rows = [result_row(cell, out / cell.path) for cell in grid]
     write_table(out / "results", rows)
     write_table(out / "summary", summarise(rows))
     write_json(out / "quality.json", study_quality(study, grid, out, log))
     return out
+
+
+def finish_study(out: str | Path, log: Callable[[str], None] = print) -> Path:
+    """``diffinv merge`` for a study: the tables, once every cell of every shard has finished."""
+    out = Path(out)
+    study = study_from_dict(read_yaml(out / "study.yaml"))
+    grid = cells(study)
+    missing = [i for i, cell in enumerate(grid) if not (out / cell.path / "final.json").is_file()]
+    if missing:
+        raise RunError(f"{out}: {len(missing)} of {len(grid)} cells have not finished, e.g. {grid[missing[0]].path}; run the "
+                       f"study's remaining shards (or `diffinv experiment` without --shard), then merge")
+    return _write_results(study, grid, out, log)
+
+
+def study_from_dict(d: dict[str, Any]) -> Study:
+    """The Study a ``study.yaml`` written by :func:`run_study` describes (paths already resolved)."""
+    listed = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
+    return Study(**{**d, **listed})
 
 
 def _study_dict(study: Study) -> dict[str, Any]:

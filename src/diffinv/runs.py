@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -33,6 +34,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunError(f"the disk is full while writing {path}; free space and re-run the same command "
+                           f"(finished work is kept and will not be redone)") from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -114,11 +120,73 @@ def prepare_output(out: str | Path, marker: str, *, resume: bool, overwrite: boo
             return "resume"
     elif out.exists() and any(out.iterdir()):
         raise RunError(f"--out {out} is a non-empty folder that is not a diffinv output; choose an empty or new folder")
+    _check_writable(out)
+    return "fresh"
+
+
+def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        # A per-process name: several shards may probe the same folder at once.
+        probe = out / f".write-test-{os.getpid()}.tmp"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
         raise RunError(f"cannot write to --out {out}: {exc}") from exc
+
+
+def join_shared_output(out: str | Path, marker: str) -> str:
+    """:func:`prepare_output` for one of several shards writing into the same folder at once.
+
+    Any shard may be first: a folder that is missing, empty, or holds only what a starting
+    shard writes (``config.yaml``, hidden temporaries) is ``"fresh"``; one whose marker says
+    in progress is joined (``"resume"``); a complete one is ``"done"``. Never deletes anything.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is a file; give a folder path")
+    if (out / marker).exists():
+        return "done" if read_json(out / marker).get("status") == "complete" else "resume"
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != "config.yaml")
+        if foreign:
+            raise RunError(f"--out {out} is a non-empty folder that is not a diffinv output (holds {foreign[:3]}); "
+                           f"choose an empty or new folder")
+    _check_writable(out)
     return "fresh"
+
+
+def open_output(out: str | Path, marker: str, config: Any, *, noun: str, resume: bool, overwrite: bool,
+                shared: bool = False) -> str:
+    """Every stage's opening: decide fresh / resume / done and refuse to mix settings in one folder.
+
+    ``shared``: several shard processes write this folder together (see :mod:`diffinv.shards`),
+    so it is joined rather than claimed, ``--overwrite`` is refused (it would delete the other
+    shards' work) and temporaries are left alone (another shard may be writing them).
+    Returns ``"fresh"``, ``"resume"`` or ``"done"``.
+    """
+    out = Path(out)
+    if shared and overwrite:
+        raise RunError(f"--overwrite cannot be combined with sharding (it would delete other shards' work); "
+                       f"delete {out} first, then start the shards")
+    mode = join_shared_output(out, marker) if shared else prepare_output(out, marker, resume=resume, overwrite=overwrite)
+    if (out / "config.yaml").is_file():
+        check_same_settings(out, config, noun, "cannot continue" if mode == "done" else "cannot resume")
+        saved = (read_yaml(out / "config.yaml") or {}).get("batch_size")
+        if shared and saved is not None and saved != getattr(config, "batch_size", saved):
+            # The batch is the unit shards split the work by: other sizes would cut it differently.
+            raise RunError(f"every shard of {out} must use the same --batch-size (the {noun} has {saved}), "
+                           f"or shards would split the work differently")
+    if mode == "resume" and not shared:
+        remove_temporaries(out)
+    return mode
+
+
+def check_free_space(out: str | Path, need_bytes: int, what: str) -> None:
+    """Refuse to start when the disk holding ``out`` has less than ``need_bytes`` free."""
+    out = Path(out)
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise RunError(f"{what} needs about {need_bytes / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are free "
+                       f"on the disk of {out}; free space or choose another --out")

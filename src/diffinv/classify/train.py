@@ -31,8 +31,7 @@ from diffinv.data.real import DataError, load_uint8, open_images, select
 from diffinv.data.synthetic import open_synthetic, read_manifest
 from diffinv.diffusion.backbone import resolve_device, slow_bf16_warning
 from diffinv.diffusion.rng import key_of
-from diffinv.runs import (RunError, check_same_settings, prepare_output, remove_temporaries, write_json,
-                          write_safetensors, write_text, write_yaml)
+from diffinv.runs import RunError, open_output, write_json, write_safetensors, write_text, write_yaml
 
 MARKER = "train.json"
 MIN_RESOLUTION = 32  # the smallest side on which every listed architecture keeps a spatial map
@@ -162,12 +161,9 @@ def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = Fal
     out = Path(out)
     if not config.data:
         raise DataError("--data is required: the real data set (its train split is subset, its test split evaluates)")
-    state = prepare_output(out, MARKER, resume=resume, overwrite=overwrite)
-    if state != "fresh":
-        check_same_settings(out, config, "run", "cannot resume")
+    state = open_output(out, MARKER, config, noun="run", resume=resume, overwrite=overwrite)
     if state == "done":
         return out
-    remove_temporaries(out)
 
     # 1. Data, held in memory; the model, optimiser and augmentation on the device.
     data = load_train_data(config, progress, log)

@@ -24,16 +24,17 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from diffinv.config import GenerateConfig, config_to_dict
+from diffinv.config import GenerateConfig, config_to_dict, load_config
 from diffinv.data.real import DataError, LabelledImages, load_pixels, open_images
 from diffinv.data.synthetic import MARKER, SyntheticWriter, slug
 from diffinv.diffusion import rng
 from diffinv.diffusion.backbone import Backbone, load_backbone, resolve_device, resolve_dtype
-from diffinv.diffusion.inversion import CLASS_PREFIX
+from diffinv.diffusion.inversion import CLASS_PREFIX, OUT_OF_MEMORY
 from diffinv.diffusion.perturb import perturb, pick_partners
 from diffinv.diffusion.sampling import sample_latents, to_uint8
 from diffinv.diffusion.store import EmbeddingStore, StoreError
-from diffinv.runs import check_same_settings, prepare_output, read_yaml, remove_temporaries, write_yaml
+from diffinv.runs import RunError, check_free_space, open_output, read_yaml, remove_temporaries, write_yaml
+from diffinv.shards import Shard, missing_message
 
 
 @dataclass
@@ -176,13 +177,17 @@ def conditioning_for(rows: list[dict[str, Any]], src: Conditioning, config: Gene
 
 
 def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
-                     on_batch: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> Path:
+                     on_batch: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
+                     shard: Shard | None = None) -> Path:
     """Write the synthetic dataset of ``config`` to ``out``; re-running completes an unfinished set.
 
     Samples are made in fixed chunks of ``batch_size`` in plan order; a chunk whose images all
     exist is skipped, so a re-run after a kill only makes what is missing, with the same images.
+    With ``shard`` (I of N) only chunks b with b % N == I are made, into the folder all shards
+    share; the last shard to finish writes the manifest.
     """
     out = Path(out)
+    shard = shard or Shard()
 
     # 1. Stores, checked before anything slow happens.
     store = _open_store(config.store, "store")
@@ -191,13 +196,10 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     model = config.model or store.info.get("model_path", store.info["model"])
 
     # 2. Output folder: fresh, or the same settings continued (idempotent re-run).
-    mode = prepare_output(out, MARKER, resume=True, overwrite=overwrite)
-    if mode != "fresh":
-        check_same_settings(out, config, "folder", "cannot continue")
-        if mode == "done":
-            log(f"{out} is already complete; nothing to do")
-            return out
-        remove_temporaries(out)
+    mode = open_output(out, MARKER, config, noun="folder", resume=True, overwrite=overwrite, shared=not shard.whole)
+    if mode == "done":
+        log(f"{out} is already complete; nothing to do")
+        return out
 
     # 3. Model on the device, and the check that the stores were made with it.
     device = resolve_device(config.device)
@@ -213,30 +215,74 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     rows = plan_samples(config, store, model)
     cond_source = _load_conditioning(config, store, class_store, backbone, rows)
     writer = SyntheticWriter(out)
-    if mode == "fresh":
+    if not (out / MARKER).is_file():
         write_yaml(out / "config.yaml", config_to_dict(config))
         writer.start({"method": config.method, "classes": store.classes, "n_samples": len(rows), "store": str(store.root),
-                      "model": model, "model_fingerprint": fingerprint})
+                      "model": model, "model_fingerprint": fingerprint, "shards": shard.count})
 
-    # 5. Chunks with missing images, generated and written.
+    # 5. This shard's chunks with missing images, generated and written.
     chunks = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
-    todo = [c for c in chunks if not all(writer.exists(r) for r in c)]
-    bar = tqdm(total=len(rows), initial=len(rows) - sum(len(c) for c in todo), unit="img", disable=not progress,
-               dynamic_ncols=True, desc=f"generate ({config.method}, {config.sampler} {config.steps} steps)")
+    todo = [c for b, c in enumerate(chunks) if shard.owns(b) and not all(writer.exists(r) for r in c)]
     save_size = config.save_size or store.info["resolution"]
+    # Worst case: incompressible PNGs of the missing images.
+    check_free_space(out, sum(len(c) for c in todo) * (3 * save_size**2 + 1024), "the generated images")
+    mine = sum(len(c) for b, c in enumerate(chunks) if shard.owns(b))
+    bar = tqdm(total=mine, initial=mine - sum(len(c) for c in todo), unit="img", disable=not progress, dynamic_ncols=True,
+               desc=f"generate ({config.method}, {config.sampler} {config.steps} steps)" + ("" if shard.whole else f" shard {shard}"))
     for b, chunk in enumerate(todo):
-        images = to_uint8(generate_batch(backbone, chunk, cond_source, config), save_size)
-        for row, image in zip(chunk, images):
-            if not writer.exists(row):
-                writer.write_image(row, image)
+        for part in _generate_halving(backbone, chunk, cond_source, config, log):
+            images = to_uint8(part[1], save_size)
+            for row, image in zip(part[0], images):
+                if not writer.exists(row):
+                    writer.write_image(row, image)
         bar.update(len(chunk))
         if on_batch is not None:
             on_batch(b)
     bar.close()
 
-    # 6. The manifest, once every image exists.
+    # 6. The manifest, once every shard's images exist.
+    return _finish(out, writer, rows, log, strict=shard.whole, chunk_size=config.batch_size)
+
+
+def _generate_halving(backbone: Backbone, chunk: list[dict[str, Any]], cond_source: Conditioning, config: GenerateConfig,
+                      log: Callable[[str], None]) -> list[tuple[list[dict[str, Any]], torch.Tensor]]:
+    """Generate a chunk; out of GPU memory, in halves (each sample is keyed, so the images are the same)."""
+    try:
+        return [(chunk, generate_batch(backbone, chunk, cond_source, config))]
+    except OUT_OF_MEMORY as exc:
+        if len(chunk) == 1:
+            raise RunError(f"out of memory generating a single sample ({exc}); lower the resolution or use a smaller model") from exc
+        half = len(chunk) // 2
+        log(f"out of memory on a batch of {len(chunk)}; continuing in batches of {half} (pass a smaller --batch-size)")
+        if backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return (_generate_halving(backbone, chunk[:half], cond_source, config, log)
+                + _generate_halving(backbone, chunk[half:], cond_source, config, log))
+
+
+def _finish(out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], log: Callable[[str], None], *, strict: bool,
+            chunk_size: int) -> Path:
+    missing = [i for i, r in enumerate(rows) if not writer.exists(r)]
+    if missing:
+        chunks = sorted({i // chunk_size for i in missing})
+        message = f"{out}: {len(missing)} images in " + missing_message(chunks, int(writer.info().get("shards", 1)), "chunk")
+        if strict:
+            raise RunError(message)
+        log(message)
+        return out
     writer.finish([public(r) for r in rows])
+    remove_temporaries(out)
     return out
+
+
+def finish_dataset(out: str | Path, log: Callable[[str], None] = print) -> Path:
+    """``diffinv merge`` for a generated set: its plan is rebuilt from the saved config and store."""
+    out = Path(out)
+    config = load_config(GenerateConfig, str(out / "config.yaml"), {})
+    writer = SyntheticWriter(out)
+    store = _open_store(config.store, "store")
+    rows = plan_samples(config, store, writer.info()["model"])
+    return _finish(out, writer, rows, log, strict=True, chunk_size=config.batch_size)
 
 
 def _open_store(path: str, what: str) -> EmbeddingStore:

@@ -12,7 +12,7 @@ in bf16/fp16 on GPU; the host is only synchronised every ``log_every`` steps.
 
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +24,9 @@ from diffinv.config import InvertConfig, config_to_dict
 from diffinv.data.real import LabelledImages, load_pixels, open_images, select
 from diffinv.diffusion import rng
 from diffinv.diffusion.backbone import Backbone, LatentMoments, load_backbone, resolve_device, resolve_dtype
-from diffinv.diffusion.store import MARKER, StoreWriter
-from diffinv.runs import RunError, check_same_settings, prepare_output, remove_temporaries, write_yaml
+from diffinv.diffusion.store import MARKER, StoreWriter, part_name, read_rows
+from diffinv.runs import RunError, check_free_space, open_output, read_yaml, remove_temporaries, write_yaml
+from diffinv.shards import Shard, missing_message
 
 StepHook = Callable[[int, int], None]  # (batch index, finished step) -> None; may raise to stop
 
@@ -126,29 +127,32 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
                           "exp_avg_sq": state["exp_avg_sq"].to(device).clone()}
     loss_init = _evaluate(backbone, moments.mean, init, keys, groups, config.eval_timesteps)
 
-    # 3. Denoising steps. Loss = sum of per-image means, so each image's gradient is its own.
-    running, counted = torch.zeros((), device=device), 0
+    # 3. Denoising steps. Loss = sum of per-image means, so each image's gradient is its own
+    #    (a NaN in one image stays in that image: the caller retries it at a lower lr).
+    running, counted = torch.zeros(len(keys), device=device), 0
     for step in range(start_step, config.steps):
         step_moments = moments if groups is None else groups.draw(moments, keys, step)
         x0, noise, t = training_draws(keys, step, step_moments, backbone.num_train_timesteps, config.latent == "sample")
         a = backbone.alphas_cumprod[t]
         pred = backbone.predict_noise(q_sample(x0, noise, a), t, emb)
-        loss = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type)).sum()
+        losses = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.sum().backward()
         opt.step()
-        running += loss.detach()
+        running += losses.detach()
         counted += 1
 
         # 4. Host syncs only here, every log_every steps: finiteness check and the progress bar.
         done = step + 1
         mean_loss = None
         if done % config.log_every == 0 or done == config.steps:
-            mean_loss = running.item() / (len(keys) * counted)
+            per_image = running / counted
+            finite = torch.isfinite(per_image)
+            if not bool(finite.any()):
+                break  # every image has failed: stop early, the caller retries or reports them
+            mean_loss = per_image[finite].mean().item()
             running.zero_()
             counted = 0
-            if not math.isfinite(mean_loss):
-                raise InversionError(f"the inversion loss became {mean_loss} at step {done}; lower --lr or use --precision fp32")
         if checkpoint is not None and done % config.checkpoint_every == 0 and done < config.steps:
             adam = opt.state[emb]
             checkpoint(done, {"embeddings": emb.detach(), "exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"],
@@ -208,21 +212,22 @@ def _encode_in_slices(backbone: Backbone, pixels: torch.Tensor, slice_size: int 
 
 
 def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                   progress: bool = True, on_step: StepHook | None = None, log: Callable[[str], None] = print) -> Path:
+                   progress: bool = True, on_step: StepHook | None = None, log: Callable[[str], None] = print,
+                   shard: Shard | None = None) -> Path:
     """Invert every selected image of ``config.data`` into the store at ``out``.
 
-    Finished batches are written as atomic parts; the batch in progress is checkpointed every
-    ``checkpoint_every`` steps, so ``resume=True`` after a kill gives the same store as an
-    uninterrupted run.
+    Items are planned in fixed batches of ``batch_size``; finished batches are written as
+    atomic parts, a batch in progress is checkpointed every ``checkpoint_every`` steps, so
+    ``resume=True`` after a kill gives the same store as an uninterrupted run. With ``shard``
+    (I of N) only batches b with b % N == I are inverted, into the same folder as the other
+    shards; whichever shard finishes last writes the manifest.
     """
     out = Path(out)
-    mode = prepare_output(out, MARKER, resume=resume, overwrite=overwrite)
+    shard = shard or Shard()
+    mode = open_output(out, MARKER, config, noun="store", resume=resume, overwrite=overwrite, shared=not shard.whole)
     if mode == "done":
         log(f"{out} is already complete; nothing to do")
         return out
-    if mode == "resume":
-        check_same_settings(out, config, "store", "cannot resume")
-        remove_temporaries(out)
 
     # 1. Data: the selected, readable images.
     images = select(open_images(config.data, config.format, config.split), config.per_class, config.subset_seed,
@@ -241,53 +246,102 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     model_path = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
     info = {"model": config.model, "model_path": model_path, "model_fingerprint": backbone.fingerprint(), "cond_shape": [config.tokens, backbone.cond_dim],
             "classes": images.classes, "resolution": config.resolution, "latent_shape": list(latent_shape),
-            "n_images": len(item_ids), "target": config.target, "dtype": str(backbone.dtype).replace("torch.", "")}
-    if mode == "resume":
+            "n_images": len(item_ids), "n_items": len(item_ids), "target": config.target, "shards": shard.count,
+            "dtype": str(backbone.dtype).replace("torch.", "")}
+    if (out / MARKER).is_file():
         old = writer.info()
         if old.get("model_fingerprint") != info["model_fingerprint"]:
             raise RunError(f"{out} was made with another model ({old.get('model')}); use --overwrite or a new --out")
     else:
         write_yaml(out / "config.yaml", config_to_dict(config))
         writer.start(info)
+    # The whole store's embeddings plus a checkpoint per batch (AdamW keeps two more copies).
+    cond_bytes = 4 * config.tokens * backbone.cond_dim
+    check_free_space(out, len(item_ids) * cond_bytes + 4 * config.batch_size * cond_bytes + (1 << 20), "the store")
 
-    # 4. Batches of not-yet-finished items, the checkpointed batch first.
+    # 4. This shard's batches that are not finished yet.
     finished = writer.finished_ids()
-    todo = [i for i, item in enumerate(item_ids) if item not in finished]
-    batches = _plan_batches(item_ids, todo, config.batch_size, writer.load_checkpoint())
+    work = [(b, [i for i in batch if item_ids[i] not in finished]) for b, batch in enumerate(plan_batches(len(item_ids), config.batch_size))
+            if shard.owns(b)]
+    work = [(b, todo) for b, todo in work if todo]
     unit = "image" if config.target == "image" else "class"
-    bar = tqdm(total=len(todo) * config.steps, unit=f"{unit}-step", disable=not progress, dynamic_ncols=True,
-               desc=f"invert {len(todo)} {unit}{'es' if unit == 'class' else 's'}")
-    for b, (indices, resumed) in enumerate(batches):
-        _invert_and_write(backbone, images, indices, config, writer, resumed, bar, b, on_step)
+    n_todo = sum(len(todo) for _, todo in work)
+    bar = tqdm(total=n_todo * config.steps, unit=f"{unit}-step", disable=not progress, dynamic_ncols=True,
+               desc=f"invert {n_todo} {unit}{'es' if unit == 'class' else 's'}" + ("" if shard.whole else f" (shard {shard})"))
+    failed = 0
+    for b, todo in work:
+        failed += _invert_and_write(backbone, images, todo, config, writer, bar, b, on_step, log)
     bar.close()
-    writer.finish(len(item_ids))
-    return out
+    if work and failed == n_todo:
+        raise InversionError(f"the inversion loss was not finite for every image, even after {config.nan_retries} retries at "
+                             f"lower learning rates; lower --lr or use --precision fp32")
+
+    # 5. The manifest, once every shard's batches are in.
+    return finish_store(out, log=log, strict=shard.whole)
 
 
 CLASS_PREFIX = "class:"
 
 
-def _plan_batches(ids: list[str], todo: list[int], batch_size: int, checkpoint) -> list[tuple[list[int], object]]:
-    """Batches of ``todo`` (indices into ``ids``); a checkpointed batch whose items are all still to do goes first.
+def plan_batches(n_items: int, batch_size: int) -> list[list[int]]:
+    """The fixed batches of item indices [0, n_items): batch b is what shard b % N inverts."""
+    return [list(range(i, min(i + batch_size, n_items))) for i in range(0, n_items, batch_size)]
 
-    A checkpoint whose batch already has its part (a kill between the two writes) is ignored.
-    """
-    batches: list[tuple[list[int], object]] = []
-    if checkpoint is not None:
-        pending = {ids[i]: i for i in todo}
-        saved = checkpoint[1]["ids"]
-        if all(i in pending for i in saved):
-            first = [pending[i] for i in saved]
-            batches.append((first, checkpoint))
-            in_first = set(first)
-            todo = [i for i in todo if i not in in_first]
-    batches += [(todo[i : i + batch_size], None) for i in range(0, len(todo), batch_size)]
-    return batches
+
+def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bool = True) -> Path:
+    """Write the store's manifest if every item is finished; else raise (``strict``) or log what is missing."""
+    out = Path(out)
+    writer = StoreWriter(out)
+    info = writer.info()
+    total = info.get("n_items", info["n_images"])
+    done = {r["index"] for r in read_rows(out)} | {r["index"] for r in read_rows(out, "failed")}
+    missing = sorted(set(range(total)) - done)
+    if missing:
+        batch_size = int(read_yaml(out / "config.yaml")["batch_size"])
+        batches = sorted({i // batch_size for i in missing})
+        message = f"{out}: {len(missing)} images in " + missing_message(batches, int(info.get("shards", 1)), "batch")
+        if strict:
+            raise RunError(message)
+        log(message)
+        return out
+    writer.finish(total)
+    remove_temporaries(out)
+    failed = read_rows(out, "failed")
+    if failed:
+        log(f"warning: {len(failed)} image(s) left out of {out}, their loss stayed non-finite: "
+            f"{', '.join(r['id'] for r in failed[:5])}{' ...' if len(failed) > 5 else ''} (listed in store.json)")
+    return out
 
 
 def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[int], config: InvertConfig,
-                      writer: StoreWriter, resumed, bar, batch_index: int, on_step: StepHook | None) -> None:
-    """Invert one batch of items (images, or classes with ``target == "class"``) and write its part."""
+                      writer: StoreWriter, bar, batch_index: int, on_step: StepHook | None,
+                      log: Callable[[str], None]) -> int:
+    """Invert one batch of items (images, or classes with ``target == "class"``) and write its part.
+
+    Out of GPU memory, the batch is split in two and each half written as its own part.
+    Returns how many items were given up on (non-finite loss after every retry).
+    """
+    try:
+        return _invert_batch_and_write(backbone, images, indices, config, writer, bar, batch_index, on_step, log)
+    except OUT_OF_MEMORY as exc:
+        if len(indices) == 1:
+            raise InversionError(f"out of memory inverting a single item ({exc}); lower --resolution or use a smaller model") from exc
+        half = len(indices) // 2
+        log(f"out of memory on a batch of {len(indices)}; continuing in batches of {half} and {len(indices) - half} "
+            f"(pass a smaller --batch-size to avoid the retry)")
+        if backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return sum(_invert_and_write(backbone, images, part, config, writer, bar, batch_index, on_step, log)
+                   for part in (indices[:half], indices[half:]))
+
+
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _invert_batch_and_write(backbone: Backbone, images: LabelledImages, indices: list[int], config: InvertConfig,
+                            writer: StoreWriter, bar, batch_index: int, on_step: StepHook | None,
+                            log: Callable[[str], None]) -> int:
+    # 1. Inputs: pixels per image, or latents of every image of each class with its owner.
     if config.target == "image":
         subset = images.subset(indices)
         ids, inputs, owners = subset.ids, load_pixels(subset, config.resolution), None
@@ -297,30 +351,64 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
         inputs = encode_images(backbone, images.subset([i for m in members for i in m]), config.resolution)
         owners = torch.cat([torch.full((len(m),), b, dtype=torch.long) for b, m in enumerate(members)])
     keys = rng.keys_tensor(config.seed, ids)
+    batch = part_name(ids)
+    resumed = writer.load_checkpoint(batch)
+    if resumed is not None and resumed[1]["ids"] != ids:
+        resumed = None  # a checkpoint of another split of these images (e.g. another --batch-size)
     state, start = (resumed[0], int(resumed[1]["step"])) if resumed else (None, 0)
     bar.update(start * len(indices))
 
     def checkpoint(step: int, tensors: dict[str, torch.Tensor]) -> None:
-        writer.save_checkpoint(tensors, {"ids": ids, "step": step})
+        writer.save_checkpoint(batch, tensors, {"ids": ids, "step": step})
 
     def step_done(step: int, loss: float | None) -> None:
         bar.update(len(indices))
         if loss is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", done=f"{bar.n // config.steps}")
+            bar.set_postfix(loss=f"{loss:.4f}")
         if on_step is not None:
             on_step(batch_index, step)
 
+    # 2. Optimise, then retry the items whose loss is not finite at lower learning rates.
     emb, loss_init, loss_final = invert_batch(backbone, inputs, keys, config, owners=owners, state=state, start_step=start,
                                               checkpoint=checkpoint, on_step=step_done)
+    lrs = [config.lr] * len(ids)
+    for attempt in range(1, config.nan_retries + 1):
+        bad = [j for j in range(len(ids)) if not _finite(emb[j], loss_final[j])]
+        if not bad:
+            break
+        lr = config.lr * 0.1**attempt
+        log(f"{len(bad)} item(s) of batch {batch_index} had a non-finite loss at lr {lrs[bad[0]]:g}; retrying at lr {lr:g}")
+        # One image's trajectory does not depend on its batch-mates, so the retry takes only the failed ones
+        # (a class batch is retried whole: its images are laid out by owner).
+        sel = bad if owners is None else list(range(len(ids)))
+        retry = invert_batch(backbone, inputs[sel] if owners is None else inputs, keys[sel], replace(config, lr=lr), owners=owners)
+        for r, j in enumerate(sel):
+            emb[j], loss_init[j], loss_final[j], lrs[j] = retry[0][r], retry[1][r], retry[2][r], lr
+
+    # 3. Rows of the manifest; the failures apart.
     if config.target == "image":
         rows = [{"id": ids[j], "index": indices[j], "label": int(subset.labels[j]), "class": images.classes[subset.labels[j]],
                  "source": subset.sources[j]} for j in range(len(indices))]
     else:
         rows = [{"id": ids[j], "index": c, "label": c, "class": images.classes[c], "source": f"{len(members[j])} images",
                  "n_images": len(members[j])} for j, c in enumerate(indices)]
-    rows = [{**r, "loss_init": float(loss_init[j]), "loss": float(loss_final[j]), "steps": config.steps} for j, r in enumerate(rows)]
-    writer.write_part(emb, rows)
-    writer.clear_checkpoint()
+    rows = [{**r, "loss_init": float(loss_init[j]), "loss": float(loss_final[j]), "steps": config.steps, "lr": lrs[j]}
+            for j, r in enumerate(rows)]
+    good = [j for j in range(len(ids)) if _finite(emb[j], loss_final[j])]
+    if not good and len(ids) > 1:
+        # A whole batch failing is the settings, not the images: stop before it happens to every batch.
+        raise InversionError(f"the inversion loss was not finite for any of the {len(ids)} items of batch {batch_index}, even after "
+                             f"{config.nan_retries} retries at lower learning rates; lower --lr or use --precision fp32 "
+                             f"(finished batches are kept)")
+    failed = [{**rows[j], "error": f"loss not finite at lr {config.lr:g} and {config.nan_retries} lower rate(s)"}
+              for j in range(len(ids)) if j not in good]
+    writer.write_part(emb[good], [rows[j] for j in good], failed)
+    writer.clear_checkpoint(batch)
+    return len(failed)
+
+
+def _finite(embedding: torch.Tensor, loss: torch.Tensor) -> bool:
+    return bool(torch.isfinite(embedding).all()) and bool(torch.isfinite(loss))
 
 
 def encode_images(backbone: Backbone, images: LabelledImages, resolution: int, slice_size: int = 64) -> LatentMoments:

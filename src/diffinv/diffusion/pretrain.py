@@ -26,8 +26,7 @@ from diffinv.config import PretrainConfig, config_to_dict
 from diffinv.diffusion import rng
 from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS, Backbone, resolve_device, save_folder, slow_bf16_warning
 from diffinv.diffusion.inversion import denoising_target, per_image_loss, q_sample
-from diffinv.runs import (RunError, check_same_settings, prepare_output, remove_temporaries, write_json, write_safetensors,
-                          write_text, write_yaml)
+from diffinv.runs import RunError, open_output, write_json, write_safetensors, write_text, write_yaml
 
 MARKER = "pretrain.json"
 
@@ -152,13 +151,10 @@ def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = Fal
         log(f"warning: {warning}")
 
     # 1. The output folder: fresh, resumed (same settings only) or already done.
-    state = prepare_output(out, MARKER, resume=resume, overwrite=overwrite)
-    if state != "fresh":
-        check_same_settings(out, config, "base", "cannot resume")
+    state = open_output(out, MARKER, config, noun="base", resume=resume, overwrite=overwrite)
     if state == "done":
         log(f"{out} is already complete")
         return out
-    remove_temporaries(out)
     write_yaml(out / "config.yaml", config_to_dict(config))
     write_json(out / MARKER, {"status": "running", "steps_total": config.steps})
 

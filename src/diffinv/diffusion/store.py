@@ -5,7 +5,8 @@ Layout of a store folder::
     store.json            format, model fingerprint, conditioning shape, classes, status
     config.yaml           the resolved InvertConfig
     parts/part-<h>.safetensors + part-<h>.json   embeddings [n, K, D] + their manifest rows
-    checkpoint.safetensors                       the batch in progress (removed when it finishes)
+    failed/part-<h>.json  images whose loss stayed non-finite after the retries (left out, reported)
+    checkpoints/batch-<h>.safetensors            batches in progress (one per shard at most)
     manifest.jsonl        every image's row, written when the store is complete
 
 A part counts as finished only once its ``.json`` exists, and that is written (atomically)
@@ -75,10 +76,18 @@ class EmbeddingStore:
         return cls(root, info, rows, embeddings)
 
 
-def read_rows(root: str | Path) -> list[dict[str, Any]]:
-    """Manifest rows of every finished part, in image order, without loading any tensor."""
-    rows = [r for meta in (Path(root) / "parts").glob("part-*.json") for r in read_json(meta)]
+def read_rows(root: str | Path, folder: str = "parts") -> list[dict[str, Any]]:
+    """Manifest rows of every finished part, in image order, without loading any tensor.
+
+    ``folder="failed"`` lists the images that were given up on instead.
+    """
+    rows = [r for meta in (Path(root) / folder).glob("part-*.json") for r in read_json(meta)]
     return sorted(rows, key=lambda r: r["index"])
+
+
+def part_name(ids: list[str]) -> str:
+    """A batch's stable name: the same images give the same name in any process."""
+    return "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
 
 
 class StoreWriter:
@@ -95,23 +104,31 @@ class StoreWriter:
         return read_json(self.root / MARKER)
 
     def finished_ids(self) -> set[str]:
-        return {r["id"] for r in read_rows(self.root)}
+        """Ids with a result: in a part, or given up on (retrying those would fail the same way)."""
+        return {r["id"] for r in read_rows(self.root)} | {r["id"] for r in read_rows(self.root, "failed")}
 
-    def write_part(self, embeddings: torch.Tensor, rows: list[dict[str, Any]]) -> str:
-        """Atomically add embeddings [n, K, D] with their manifest rows; returns the part name."""
-        name = "part-" + hashlib.sha1("\n".join(r["id"] for r in rows).encode()).hexdigest()[:12]
+    def write_part(self, embeddings: torch.Tensor, rows: list[dict[str, Any]], failed: list[dict[str, Any]] = ()) -> str:
+        """Atomically add embeddings [n, K, D] with their manifest rows (and the batch's failed images)."""
+        name = part_name([r["id"] for r in rows] + [r["id"] for r in failed])
+        if failed:
+            # Written first: a kill between the two writes leaves the batch unfinished, and it is redone.
+            write_json(self.root / "failed" / f"{name}.json", list(failed))
         rows = [{**r, "part": name, "row": j} for j, r in enumerate(rows)]
         write_safetensors(self.root / "parts" / f"{name}.safetensors", {"embeddings": embeddings.float()})
         write_json(self.root / "parts" / f"{name}.json", rows)
         return name
 
-    # -- the batch in progress ---------------------------------------------------------------
-    # One file holds tensors and metadata, so the pair can never be torn by a kill.
-    def save_checkpoint(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        write_safetensors(self.root / "checkpoint.safetensors", tensors, {"meta": json.dumps(meta)})
+    # -- batches in progress ------------------------------------------------------------------
+    # One file holds tensors and metadata, so the pair can never be torn by a kill. Each batch
+    # has its own file, so shards writing into one store never touch each other's checkpoints.
+    def _checkpoint_path(self, batch: str) -> Path:
+        return self.root / "checkpoints" / f"{batch}.safetensors"
 
-    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        path = self.root / "checkpoint.safetensors"
+    def save_checkpoint(self, batch: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        write_safetensors(self._checkpoint_path(batch), tensors, {"meta": json.dumps(meta)})
+
+    def load_checkpoint(self, batch: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        path = self._checkpoint_path(batch)
         if not path.is_file():
             return None
         with safe_open(str(path), framework="pt") as fh:
@@ -119,12 +136,14 @@ class StoreWriter:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         return tensors, meta
 
-    def clear_checkpoint(self) -> None:
-        (self.root / "checkpoint.safetensors").unlink(missing_ok=True)
+    def clear_checkpoint(self, batch: str) -> None:
+        self._checkpoint_path(batch).unlink(missing_ok=True)
 
     def finish(self, expected: int) -> None:
-        rows = read_rows(self.root)
-        if len(rows) != expected:
-            raise StoreError(f"{self.root}: expected {expected} images, found {len(rows)}")
+        """Write the manifest once all ``expected`` items have a part or a failure record; idempotent."""
+        rows, failed = read_rows(self.root), read_rows(self.root, "failed")
+        if len(rows) + len(failed) != expected:
+            raise StoreError(f"{self.root}: expected {expected} images, found {len(rows) + len(failed)}")
         write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        write_json(self.root / MARKER, {**self.info(), "status": "complete", "n_images": expected})
+        write_json(self.root / MARKER, {**self.info(), "status": "complete", "n_items": expected, "n_images": len(rows),
+                                         "failed": [{"id": r["id"], "error": r["error"]} for r in failed]})
