@@ -10,7 +10,7 @@ import diffinv.diffusion.pretrain as pretrain
 from diffinv.cli import main
 from diffinv.config import ConfigError, DemoConfig, PretrainConfig, load_config
 from diffinv.diffusion.backbone import load_backbone
-from diffinv.runs import read_json
+from diffinv.runs import read_json, read_yaml
 
 TINY = dict(resolution=8, channels=(16, 32), layers_per_block=1, cross_attention_dim=16, tokens=2, batch_size=16,
             lr=3e-3, warmup=5, ema=0.9, log_every=5, checkpoint_every=10, device="cpu")
@@ -116,6 +116,10 @@ def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
     assert "20 + 40" in table  # 2 per class x 10 classes real; 2 variants each per generator
     summary = read_json(out / "study" / "summary.json")
     assert {r["n_seeds"] for r in summary} == {2}
+    # Runs with variants keep real images in every batch (the paper's split); real only pools.
+    results = read_json(out / "study" / "results.json")
+    splits = {r["method"]: read_yaml(out / "study" / r["run"] / "config.yaml")["real_batch"] for r in results}
+    assert splits == {"real": 0, "di": 8, "img2img": 8}
     assert (out / "study" / "report" / "report.html").stat().st_size > 10_000
     # Both generators made the same number of images at the data's own size, from the same store.
     for method in ("di", "img2img"):

@@ -381,6 +381,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="classifier (default shufflenetv2)")
     p.add_argument("--train-lr", type=float, help="classifier peak SGD learning rate (default 0.05)")
     p.add_argument("--train-steps", type=int, help="classifier SGD steps (default 100)")
+    p.add_argument("--train-real-batch", type=int, help="real images per batch of 32 when synthetic data is added (default 16; 0 pools them)")
     p.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
     p.add_argument("--fast", action="store_true", help="every count cut to the bone: checks the flow, not the method")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

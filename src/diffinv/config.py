@@ -299,10 +299,15 @@ class DemoConfig:
     train_lr: float = 0.05
     train_steps: int = 100
     train_batch: int = 32
+    # Runs with synthetic data take this many real images in every batch, the rest synthetic (the
+    # paper's fixed split); 0 pools real and synthetic. Pooled, 50 real images among 250 variants
+    # are seen a sixth as often as in the real-only run.
+    train_real_batch: int = 16
     train_resolution: int = 16
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        _check(0 <= self.train_real_batch < self.train_batch, "train-real-batch must be >= 0 and below train-batch")
         _check(self.per_class >= 1 and len(self.seeds) >= 1, "per-class must be >= 1 and at least one seed given")
         _check(self.invert_steps >= 1 and self.per_image >= 1 and self.sample_steps >= 1 and self.train_steps >= 1,
                "step counts and per-image must be >= 1")

@@ -34,7 +34,7 @@ def embedded_base() -> Path:
 def fast(config: DemoConfig) -> DemoConfig:
     """The same flow with every count cut to the bone: for tests and a first look, not for conclusions."""
     return replace(config, seeds=config.seeds[:2], invert_steps=20, per_image=2, sample_steps=4, train_steps=4,
-                   train_batch=16)
+                   train_batch=16, train_real_batch=min(config.train_real_batch, 8))
 
 
 def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
@@ -70,9 +70,10 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
 
     # 3. The same classifier on real, real + DI, real + rival, over seeds.
     log(f"3/4 training {config.arch} on real / real + di / real + {RIVAL}, seeds {list(config.seeds)}")
+    split = {"real_batch": config.train_real_batch, "syn_batch": config.train_batch - config.train_real_batch} if config.train_real_batch else {}
     study = Study(
         datasets={"data": {"data": config.data, "subset_seed": config.subset_seed}},
-        methods={"real": {"synthetic": []}, "di": {"synthetic": [sets["di"]]}, RIVAL: {"synthetic": [sets[RIVAL]]}},
+        methods={"real": {"synthetic": []}, "di": {"synthetic": [sets["di"]], **split}, RIVAL: {"synthetic": [sets[RIVAL]], **split}},
         per_class=(config.per_class,), seeds=tuple(config.seeds), archs=(config.arch,), augs=("crop-flip",),
         train={"steps": config.train_steps, "batch_size": config.train_batch, "lr": config.train_lr,
                "resolution": config.train_resolution, "device": config.device},
