@@ -45,6 +45,8 @@ def _add_invert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-2)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-2)")
     p.add_argument("--init-std", type=float, help="std of the random initial conditioning (default 1.0)")
+    p.add_argument("--init", choices=["random", "encoder"],
+                   help="start c_i from keyed noise (default, the paper) or from the base's encoder tokens (pretrain-base models)")
     p.add_argument("--latent", choices=["sample", "mean"], help="sample the VAE posterior each step (paper) or use its mean")
     p.add_argument("--eval-timesteps", type=int, help="timesteps of the final per-image loss (default 8)")
     p.add_argument("--batch-size", type=int, help="images optimised together (default 64); does not change results")
@@ -377,6 +379,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-class", type=int, help="real images per class (default 5)")
     p.add_argument("--seeds", help="classifier seeds, e.g. 0,1,2 (default)")
     p.add_argument("--invert-steps", type=int, help="inversion steps (default 200)")
+    p.add_argument("--invert-init", choices=["random", "encoder"], help="start c_i from noise (default) or the base's encoder tokens")
     p.add_argument("--per-image", type=int, help="synthetic images per real image, for each generator (default 5)")
     p.add_argument("--arch", help="classifier (default shufflenetv2)")
     p.add_argument("--train-lr", type=float, help="classifier peak SGD learning rate (default 0.05)")

@@ -41,6 +41,9 @@ class InvertConfig:
     lr: float = 3e-2
     weight_decay: float = 1e-2
     init_std: float = 1.0
+    # "random": keyed N(0, init_std^2), the paper's start. "encoder": the tokens the base's own
+    # encoder gives the image (bases from `diffinv pretrain-base` only), then optimised as usual.
+    init: str = "random"
     latent: str = "sample"  # "sample": draw from the VAE posterior each step (paper); "mean"
     eval_timesteps: int = 8
     seed: int = 0
@@ -60,7 +63,7 @@ class InvertConfig:
 
     RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
         "model", "data", "format", "split", "per_class", "subset_seed", "resolution", "tokens",
-        "steps", "lr", "weight_decay", "init_std", "latent", "eval_timesteps", "seed", "precision", "target",
+        "steps", "lr", "weight_decay", "init_std", "init", "latent", "eval_timesteps", "seed", "precision", "target",
     )
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class InvertConfig:
         _one_of("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _one_of("bad-images", self.bad_images, ("skip", "error"))
         _one_of("target", self.target, ("image", "class"))
+        _one_of("init", self.init, ("random", "encoder"))
+        _check(self.init == "random" or self.target == "image", "--init encoder is for per-image inversion (--target image)")
 
 
 METHODS = ("di", "prompt", "class-inversion", "img2img")
@@ -287,6 +292,7 @@ class DemoConfig:
     subset_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     invert_steps: int = 200
+    invert_init: str = "random"  # or "encoder": start c_i from the base's encoder tokens
     per_image: int = 5
     sample_steps: int = 25
     guidance: float = 2.0
@@ -307,6 +313,7 @@ class DemoConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        _one_of("invert-init", self.invert_init, ("random", "encoder"))
         _check(0 <= self.train_real_batch < self.train_batch, "train-real-batch must be >= 0 and below train-batch")
         _check(self.per_class >= 1 and len(self.seeds) >= 1, "per-class must be >= 1 and at least one seed given")
         _check(self.invert_steps >= 1 and self.per_image >= 1 and self.sample_steps >= 1 and self.train_steps >= 1,

@@ -55,7 +55,7 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
     # 1. Invert the few-shot real subset: one conditioning per image.
     log(f"1/4 inverting {config.per_class} images per class of {config.data} into {base} at {resolution} px")
     invert = InvertConfig(model=base, data=config.data, per_class=config.per_class, subset_seed=config.subset_seed,
-                          resolution=resolution, steps=config.invert_steps, device=config.device,
+                          resolution=resolution, steps=config.invert_steps, init=config.invert_init, device=config.device,
                           checkpoint_every=max(1, config.invert_steps // 4))
     store = invert_dataset(invert, out / "store", resume=True, progress=progress, log=log)
 

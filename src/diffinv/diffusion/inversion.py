@@ -101,14 +101,16 @@ def evaluation_loss(backbone: Backbone, latents: torch.Tensor, cond: torch.Tenso
 def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys: torch.Tensor, config: InvertConfig, *,
                  owners: torch.Tensor | None = None, state: dict[str, torch.Tensor] | None = None, start_step: int = 0,
                  checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-                 on_step: Callable[[int, float | None], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 on_step: Callable[[int, float | None], None] | None = None,
+                 init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Optimise one conditioning per image of a batch (or, with ``owners``, one per group of images).
 
     pixels [N, 3, R, R] in [-1, 1], or their latent moments; keys [B] from :func:`rng.keys_tensor`,
     one per conditioning. Without ``owners``, N = B and conditioning b belongs to image b. With
     ``owners`` [N] (sorted, values 0..B-1), conditioning b is shared by the images it owns and
     each step trains it on one of them, drawn by its key (textual inversion's class token).
-    ``state`` and ``start_step`` continue from a checkpoint. Returns (embeddings [B, K, D]
+    ``state`` and ``start_step`` continue from a checkpoint; ``init`` [B, K, D] replaces the
+    keyed random start (e.g. the base's encoder tokens). Returns (embeddings [B, K, D]
     float32 on CPU, initial and final evaluation losses [B]).
     """
     device = backbone.device
@@ -119,7 +121,7 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
     groups = _Groups(owners.to(device), len(keys)) if owners is not None else None
 
     # 2. Starting point: fresh keyed initialisation, or the checkpointed embeddings and AdamW moments.
-    init = init_embeddings(keys, config.tokens, backbone.cond_dim, config.init_std)
+    init = init_embeddings(keys, config.tokens, backbone.cond_dim, config.init_std) if init is None else init.to(device, torch.float32)
     emb = torch.nn.Parameter((state["embeddings"] if state else init).to(device, torch.float32).clone())
     opt = torch.optim.AdamW([emb], lr=config.lr, weight_decay=config.weight_decay)
     if state:
@@ -237,6 +239,11 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     device = resolve_device(config.device)
     backbone = load_backbone(config.model).to(device, resolve_dtype(config.precision, device))
     latent_shape = backbone.latent_shape(config.resolution)
+    encoder = None
+    if config.init == "encoder":
+        from diffinv.diffusion.pretrain import load_encoder
+
+        encoder = load_encoder(config.model).to(device)
 
     # 3. Store: header and resolved config, or a check that the resumed store fits this model.
     #    A store holds one row per image, or one per class with --target class.
@@ -270,7 +277,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
                desc=f"invert {n_todo} {unit}{'es' if unit == 'class' else 's'}" + ("" if shard.whole else f" (shard {shard})"))
     failed = 0
     for b, todo in work:
-        failed += _invert_and_write(backbone, images, todo, config, writer, bar, b, on_step, log)
+        failed += _invert_and_write(backbone, images, todo, config, writer, bar, b, on_step, log, encoder)
     bar.close()
     if work and failed == n_todo:
         raise InversionError(f"the inversion loss was not finite for every image, even after {config.nan_retries} retries at "
@@ -315,14 +322,14 @@ def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bo
 
 def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[int], config: InvertConfig,
                       writer: StoreWriter, bar, batch_index: int, on_step: StepHook | None,
-                      log: Callable[[str], None]) -> int:
+                      log: Callable[[str], None], encoder: torch.nn.Module | None = None) -> int:
     """Invert one batch of items (images, or classes with ``target == "class"``) and write its part.
 
     Out of GPU memory, the batch is split in two and each half written as its own part.
     Returns how many items were given up on (non-finite loss after every retry).
     """
     try:
-        return _invert_batch_and_write(backbone, images, indices, config, writer, bar, batch_index, on_step, log)
+        return _invert_batch_and_write(backbone, images, indices, config, writer, bar, batch_index, on_step, log, encoder)
     except OUT_OF_MEMORY as exc:
         if len(indices) == 1:
             raise InversionError(f"out of memory inverting a single item ({exc}); lower --resolution or use a smaller model") from exc
@@ -331,7 +338,7 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
             f"(pass a smaller --batch-size to avoid the retry)")
         if backbone.device.type == "cuda":
             torch.cuda.empty_cache()
-        return sum(_invert_and_write(backbone, images, part, config, writer, bar, batch_index, on_step, log)
+        return sum(_invert_and_write(backbone, images, part, config, writer, bar, batch_index, on_step, log, encoder)
                    for part in (indices[:half], indices[half:]))
 
 
@@ -340,7 +347,7 @@ OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 def _invert_batch_and_write(backbone: Backbone, images: LabelledImages, indices: list[int], config: InvertConfig,
                             writer: StoreWriter, bar, batch_index: int, on_step: StepHook | None,
-                            log: Callable[[str], None]) -> int:
+                            log: Callable[[str], None], encoder: torch.nn.Module | None) -> int:
     # 1. Inputs: pixels per image, or latents of every image of each class with its owner.
     if config.target == "image":
         subset = images.subset(indices)
@@ -351,6 +358,10 @@ def _invert_batch_and_write(backbone: Backbone, images: LabelledImages, indices:
         inputs = encode_images(backbone, images.subset([i for m in members for i in m]), config.resolution)
         owners = torch.cat([torch.full((len(m),), b, dtype=torch.long) for b, m in enumerate(members)])
     keys = rng.keys_tensor(config.seed, ids)
+    start_from = None
+    if encoder is not None:
+        with torch.no_grad():
+            start_from = encoder(inputs.to(backbone.device, torch.float32)).float()
     batch = part_name(ids)
     resumed = writer.load_checkpoint(batch)
     if resumed is not None and resumed[1]["ids"] != ids:
@@ -370,7 +381,7 @@ def _invert_batch_and_write(backbone: Backbone, images: LabelledImages, indices:
 
     # 2. Optimise, then retry the items whose loss is not finite at lower learning rates.
     emb, loss_init, loss_final = invert_batch(backbone, inputs, keys, config, owners=owners, state=state, start_step=start,
-                                              checkpoint=checkpoint, on_step=step_done)
+                                              checkpoint=checkpoint, on_step=step_done, init=start_from)
     lrs = [config.lr] * len(ids)
     for attempt in range(1, config.nan_retries + 1):
         bad = [j for j in range(len(ids)) if not _finite(emb[j], loss_final[j])]
@@ -381,7 +392,8 @@ def _invert_batch_and_write(backbone: Backbone, images: LabelledImages, indices:
         # One image's trajectory does not depend on its batch-mates, so the retry takes only the failed ones
         # (a class batch is retried whole: its images are laid out by owner).
         sel = bad if owners is None else list(range(len(ids)))
-        retry = invert_batch(backbone, inputs[sel] if owners is None else inputs, keys[sel], replace(config, lr=lr), owners=owners)
+        retry = invert_batch(backbone, inputs[sel] if owners is None else inputs, keys[sel], replace(config, lr=lr), owners=owners,
+                             init=None if start_from is None else start_from[sel])
         for r, j in enumerate(sel):
             emb[j], loss_init[j], loss_final[j], lrs[j] = retry[0][r], retry[1][r], retry[2][r], lr
 

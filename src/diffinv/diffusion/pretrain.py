@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from diffinv.config import PretrainConfig, config_to_dict
@@ -58,6 +59,21 @@ class TokenEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.net(x).view(-1, self.tokens, self.dim))
+
+
+def load_encoder(model: str | Path) -> TokenEncoder:
+    """The token encoder a ``pretrain-base`` folder saved beside its UNet (for ``invert --init encoder``)."""
+    from safetensors import safe_open
+
+    path = Path(model) / "encoder.safetensors"
+    if not path.is_file():
+        raise RunError(f"--init encoder needs the encoder that `diffinv pretrain-base` saves ({path} does not exist); "
+                       f"use --init random with other models")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    encoder = TokenEncoder(3, int(meta["tokens"]), int(meta["dim"]))
+    encoder.load_state_dict(load_file(str(path)))
+    return encoder.eval().requires_grad_(False)
 
 
 def build_base_unet(config: PretrainConfig):
