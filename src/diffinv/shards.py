@@ -149,7 +149,7 @@ def merge(out: str | Path, log: Callable[[str], None] = print) -> str:
 
 
 def missing_message(missing: list[int], count: int, unit: str) -> str:
-    """'3 batches are not finished (of shards 1/2)': what a user needs to re-run."""
+    """'3 batches not finished yet (they belong to shard 1/2 ...)': which shards a user must re-run."""
     shards = sorted({u % count for u in missing})
     listed = ", ".join(f"{s}/{count}" for s in shards[:8]) + (" ..." if len(shards) > 8 else "")
     plural = "" if len(missing) == 1 else "es" if unit.endswith("ch") else "s"
