@@ -75,12 +75,12 @@ def _add_shard_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attempts", type=int, default=3, help="tries per Ray shard before the job gives up on it (default 3)")
 
 
-def _run_stage(stage: str, config, args: argparse.Namespace):
+def _run_stage(stage: str, config, args: argparse.Namespace) -> Path | None:
     """Run ``stage`` as the flags ask: whole, one --shard (or the launcher's), or all shards on Ray.
 
-    Returns (shard, out) where out is None when other shards' work is still missing.
+    Returns the output folder, or None when other shards' work is still missing.
     """
-    from diffinv.shards import Shard, resolve_shard, run_on_ray
+    from diffinv.shards import resolve_shard, run_on_ray, run_shard
 
     if args.backend == "ray":
         if args.shard:
@@ -89,32 +89,15 @@ def _run_stage(stage: str, config, args: argparse.Namespace):
             raise ConfigError("--workers and --attempts must be >= 1")
         if getattr(args, "overwrite", False):
             raise ConfigError(f"--overwrite does not mix with --backend ray (it would race the shards); delete {args.out} first")
-        return Shard(), run_on_ray(stage, config, args.out, workers=args.workers, address=args.ray_address,
-                                   gpus_per_shard=args.gpus_per_shard, attempts=args.attempts, progress=not args.quiet)
+        return run_on_ray(stage, config, args.out, workers=args.workers, address=args.ray_address,
+                          gpus_per_shard=args.gpus_per_shard, attempts=args.attempts, progress=not args.quiet)
     shard = resolve_shard(args.shard)
-    if stage == "invert":
-        from diffinv.diffusion.inversion import invert_dataset
-
-        out = invert_dataset(config, args.out, resume=args.resume or not shard.whole, overwrite=args.overwrite,
-                             progress=not args.quiet, shard=shard)
-    elif stage == "generate":
-        from diffinv.diffusion.generation import generate_dataset
-
-        out = generate_dataset(config, args.out, overwrite=args.overwrite, progress=not args.quiet, shard=shard)
-    else:
-        from diffinv.experiment import run_study
-
-        out = run_study(config, args.out, progress=not args.quiet, shard=shard)
-    marker = {"invert": "store.json", "generate": "generate.json"}.get(stage)
-    if out is not None and marker is not None and Path(out, marker).is_file():
-        from diffinv.runs import read_json
-
-        if read_json(Path(out, marker)).get("status") != "complete":
-            out = None
+    out = run_shard(stage, config, args.out, shard, progress=not args.quiet, resume=getattr(args, "resume", False),
+                    overwrite=getattr(args, "overwrite", False))
     if out is None:
         print(f"shard {shard} of {args.out} is done; the other shards' work is not finished yet (the last shard to "
               f"finish writes the manifest, or run `diffinv merge {args.out}`)")
-    return shard, out
+    return out
 
 
 def _add_output_flags(p: argparse.ArgumentParser, resume: str, overwrite: str) -> None:
@@ -139,7 +122,7 @@ def _run_invert(args: argparse.Namespace) -> int:
     config = _stage_config(InvertConfig, args)
     if not config.model or not config.data:
         raise ConfigError("--model and --data are required (on the command line or in --config)")
-    shard, out = _run_stage("invert", config, args)
+    out = _run_stage("invert", config, args)
     if out is None:
         return 0
     # The summary reads the manifest rows only: the embeddings of a large store need not fit in memory.
@@ -189,7 +172,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from diffinv.data.synthetic import read_manifest
 
     config = _stage_config(GenerateConfig, args)
-    shard, out = _run_stage("generate", config, args)
+    out = _run_stage("generate", config, args)
     if out is None:
         return 0
     rows = read_manifest(out)
@@ -276,7 +259,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from diffinv.runs import read_json
 
     study = with_overrides(load_study(args.study), steps=args.steps, device=args.device)
-    shard, out = _run_stage("experiment", study, args)
+    out = _run_stage("experiment", study, args)
     if out is None:
         return 0
     for r in read_json(out / "summary.json"):

@@ -150,9 +150,9 @@ def run_study(study: Study, out: str | Path, progress: bool = True, log: Callabl
     out = Path(out)
     shard = shard or Shard()
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "study.yaml").is_file() and read_yaml(out / "study.yaml") != _study_dict(study):
-        if not shard.whole:
-            raise RunError(f"{out} holds a study with other settings; every shard must run the same study YAML and overrides")
+    # One process may change a study (add seeds ...) and continue it; shards must all run the same one.
+    if not shard.whole and (out / "study.yaml").is_file() and read_yaml(out / "study.yaml") != _study_dict(study):
+        raise RunError(f"{out} holds a study with other settings; every shard must run the same study YAML and overrides")
     write_yaml(out / "study.yaml", _study_dict(study))
     grid = cells(study)
     for i, cell in enumerate(grid):

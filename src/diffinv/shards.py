@@ -102,25 +102,30 @@ def local_device(device: str) -> str:
 # ----------------------------------------------------------------------------- one shard, any stage
 
 
-def run_shard(stage: str, config: Any, out: str, shard: Shard, hook: Callable[..., None] | None = None,
-              log: Callable[[str], None] = print) -> None:
-    """Run one shard of ``stage`` in this process (what every Ray task and ``--shard`` process does)."""
+def run_shard(stage: str, config: Any, out: str | Path, shard: Shard, hook: Callable[..., None] | None = None,
+              log: Callable[[str], None] = print, *, progress: bool = False, resume: bool = True,
+              overwrite: bool = False) -> Path | None:
+    """Run one shard of ``stage`` in this process (the whole job for Shard(0, 1)).
+
+    What the CLI, every ``--shard`` process and every Ray task call. A sharded run always
+    joins the folder (``resume``). Returns ``out``, or None while other shards' work is missing.
+    """
     if is_dataclass(config) and "device" in {f.name for f in fields(config)}:
         config = replace(config, device=local_device(config.device))
     if stage == "invert":
         from diffinv.diffusion.inversion import invert_dataset
 
-        invert_dataset(config, out, resume=True, progress=False, on_step=hook, log=log, shard=shard)
-    elif stage == "generate":
+        return invert_dataset(config, out, resume=resume or not shard.whole, overwrite=overwrite, progress=progress,
+                              on_step=hook, log=log, shard=shard)
+    if stage == "generate":
         from diffinv.diffusion.generation import generate_dataset
 
-        generate_dataset(config, out, progress=False, on_batch=hook, log=log, shard=shard)
-    elif stage == "experiment":
+        return generate_dataset(config, out, overwrite=overwrite, progress=progress, on_batch=hook, log=log, shard=shard)
+    if stage == "experiment":
         from diffinv.experiment import run_study
 
-        run_study(config, out, progress=False, log=log, on_cell=hook, shard=shard)
-    else:
-        raise RunError(f"unknown stage {stage!r}; one of {STAGES}")
+        return run_study(config, out, progress=progress, log=log, on_cell=hook, shard=shard)
+    raise RunError(f"unknown stage {stage!r}; one of {STAGES}")
 
 
 def merge(out: str | Path, log: Callable[[str], None] = print) -> str:
@@ -214,11 +219,12 @@ def run_on_ray(stage: str, config: Any, out: str | Path, *, workers: int, addres
         total = len(cells(config))
     bar = tqdm(total=total, unit=unit, disable=not progress, dynamic_ncols=True, desc=f"{stage} on Ray, {workers} shards")
     failures: dict[Shard, str] = {}
+    seen: dict[str, int] = {}  # finished part -> its images: parts never change, so each is read once
 
     # 2. Wait; report and resubmit failed shards.
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
-        _update_bar(bar, stage, out)
+        _update_bar(bar, stage, out, seen)
         for ref in ready:
             shard, attempt = pending.pop(ref)
             try:
@@ -232,7 +238,7 @@ def run_on_ray(stage: str, config: Any, out: str | Path, *, workers: int, addres
                 else:
                     log(f"shard {shard} failed (attempt {attempt} of {attempts}): {error}; giving up on it")
                     failures[shard] = error
-    _update_bar(bar, stage, out)
+    _update_bar(bar, stage, out, seen)
     bar.close()
     if failures:
         listing = "; ".join(f"shard {s}: {e}" for s, e in failures.items())
@@ -277,8 +283,8 @@ def _short_error(exc: BaseException) -> str:
     return lines[-1] if lines else type(cause).__name__
 
 
-def _update_bar(bar, stage: str, out: Path) -> None:
-    done, total = units_done(stage, out)
+def _update_bar(bar, stage: str, out: Path, seen: dict[str, int]) -> None:
+    done, total = units_done(stage, out, seen)
     total = total if total is not None else bar.total
     if total is not None and bar.total != total:
         bar.total = total
@@ -286,13 +292,20 @@ def _update_bar(bar, stage: str, out: Path) -> None:
     bar.refresh()
 
 
-def units_done(stage: str, out: Path) -> tuple[int, int | None]:
-    """(finished, total) work of a sharded job, read from its folder: images, samples or cells."""
+def units_done(stage: str, out: Path, seen: dict[str, int] | None = None) -> tuple[int, int | None]:
+    """(finished, total) work of a sharded job, read from its folder: images, samples or cells.
+
+    ``seen`` caches the size of every finished store part between calls.
+    """
     try:
         if stage == "invert" and (out / "store.json").is_file():
-            from diffinv.diffusion.store import read_rows
-
-            return len(read_rows(out)), read_json(out / "store.json").get("n_images")
+            seen = {} if seen is None else seen
+            for meta in (*(out / "parts").glob("part-*.json"), *(out / "failed").glob("part-*.json")):
+                key = f"{meta.parent.name}/{meta.name}"
+                if key not in seen:
+                    seen[key] = len(read_json(meta))
+            info = read_json(out / "store.json")
+            return sum(seen.values()), info.get("n_items", info.get("n_images"))
         if stage == "generate" and (out / "generate.json").is_file():
             done = sum(1 for d in out.iterdir() if d.is_dir() for f in os.scandir(d) if f.name.endswith(".png"))
             return done, read_json(out / "generate.json").get("n_samples")

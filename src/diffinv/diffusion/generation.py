@@ -178,13 +178,14 @@ def conditioning_for(rows: list[dict[str, Any]], src: Conditioning, config: Gene
 
 def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
                      on_batch: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
-                     shard: Shard | None = None) -> Path:
+                     shard: Shard | None = None) -> Path | None:
     """Write the synthetic dataset of ``config`` to ``out``; re-running completes an unfinished set.
 
     Samples are made in fixed chunks of ``batch_size`` in plan order; a chunk whose images all
     exist is skipped, so a re-run after a kill only makes what is missing, with the same images.
     With ``shard`` (I of N) only chunks b with b % N == I are made, into the folder all shards
-    share; the last shard to finish writes the manifest.
+    share; the last shard to finish writes the manifest. Returns ``out``, or None while other
+    shards' chunks are still missing.
     """
     out = Path(out)
     shard = shard or Shard()
@@ -261,7 +262,7 @@ def _generate_halving(backbone: Backbone, chunk: list[dict[str, Any]], cond_sour
 
 
 def _finish(out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], log: Callable[[str], None], *, strict: bool,
-            chunk_size: int) -> Path:
+            chunk_size: int) -> Path | None:
     missing = [i for i, r in enumerate(rows) if not writer.exists(r)]
     if missing:
         chunks = sorted({i // chunk_size for i in missing})
@@ -269,7 +270,7 @@ def _finish(out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], log:
         if strict:
             raise RunError(message)
         log(message)
-        return out
+        return None
     writer.finish([public(r) for r in rows])
     remove_temporaries(out)
     return out

@@ -215,14 +215,15 @@ def _encode_in_slices(backbone: Backbone, pixels: torch.Tensor, slice_size: int 
 
 def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                    progress: bool = True, on_step: StepHook | None = None, log: Callable[[str], None] = print,
-                   shard: Shard | None = None) -> Path:
+                   shard: Shard | None = None) -> Path | None:
     """Invert every selected image of ``config.data`` into the store at ``out``.
 
     Items are planned in fixed batches of ``batch_size``; finished batches are written as
     atomic parts, a batch in progress is checkpointed every ``checkpoint_every`` steps, so
     ``resume=True`` after a kill gives the same store as an uninterrupted run. With ``shard``
     (I of N) only batches b with b % N == I are inverted, into the same folder as the other
-    shards; whichever shard finishes last writes the manifest.
+    shards; whichever shard finishes last writes the manifest. Returns ``out``, or None while
+    other shards' batches are still missing.
     """
     out = Path(out)
     shard = shard or Shard()
@@ -295,8 +296,8 @@ def plan_batches(n_items: int, batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + batch_size, n_items))) for i in range(0, n_items, batch_size)]
 
 
-def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bool = True) -> Path:
-    """Write the store's manifest if every item is finished; else raise (``strict``) or log what is missing."""
+def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bool = True) -> Path | None:
+    """Write the store's manifest if every item is finished; else raise (``strict``) or log what is missing and return None."""
     out = Path(out)
     writer = StoreWriter(out)
     info = writer.info()
@@ -310,7 +311,7 @@ def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bo
         if strict:
             raise RunError(message)
         log(message)
-        return out
+        return None
     writer.finish(total)
     remove_temporaries(out)
     failed = read_rows(out, "failed")
