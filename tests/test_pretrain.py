@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -123,7 +124,7 @@ def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
     assert (out / "study" / "report" / "report.html").stat().st_size > 10_000
     # Both generators made the same number of images at the data's own size, from the same store.
     for method in ("di", "img2img"):
-        rows = [json.loads(line) for line in (out / method / "manifest.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (out / "k2" / method / "manifest.jsonl").read_text().splitlines()]
         assert len(rows) == 40 and {r["save_size"] for r in rows} == {8}
     # A second run finds everything done and prints the same table.
     assert main(argv) == 0
@@ -178,3 +179,27 @@ def test_encoder_tokens_start_inversion_closer_than_noise(tmp_path, tiny_latent)
         store("encoder", tiny_latent, 16)
     with pytest.raises(ConfigError, match="per-image"):
         InvertConfig(init="encoder", target="class")
+
+
+def test_demo_with_several_sizes_is_a_sample_efficiency_study(tiny_base, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--base", str(tiny_base), "--per-class", "1,2", "--real-sizes", "4", "--out", str(out), "--fast",
+            "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    table = (out / "results.md").read_text().strip().splitlines()[2:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table]
+    assert [(r[0], r[1]) for r in rows] == [("real only", "1"), ("real + di", "1"), ("real + img2img", "1"),
+                                           ("real only", "2"), ("real + di", "2"), ("real + img2img", "2"),
+                                           ("real only", "4")]
+    # Each size has its own inversion of its own (nested) subset.
+    stores = {k: read_json(out / f"k{k}" / "store" / "store.json")["n_items"] for k in (1, 2)}
+    assert stores == {1: 10, 2: 20} and not (out / "k4").exists()
+    # The gain column is the mean and std of the per-seed differences with real only.
+    results = read_json(out / "study" / "results.json")
+    acc = {(r["method"], r["per_class"], r["seed"]): 100 * r["top1"] for r in results}
+    diffs = [acc[("di", 2, s)] - acc[("real", 2, s)] for s in (0, 1)]
+    expected = f"{np.mean(diffs):+.2f} ± {np.std(diffs, ddof=1):.2f}"
+    assert rows[4][4] == expected
+    # Synthetic rows are read against the real-only curve (1, 2, 4 per class): "worth" is filled in.
+    assert all(r[5] for r in rows if r[0] != "real only") and not any(r[5] for r in rows if r[0] == "real only")
+    assert "Sample efficiency" in (out / "study" / "report" / "report.md").read_text()

@@ -355,3 +355,23 @@ def test_sample_efficiency_interpolates_in_log_size_and_bounds_outside_the_curve
     assert rel == "=" and value == pytest.approx(np.sqrt(200))  # geometric midpoint of 10 and 20
     assert equivalent_real(curve, 0.9) == (20, ">")
     assert efficiency_factor(curve, 5, 0.40) == (pytest.approx(2.0), "=")
+
+
+def test_a_method_may_list_its_own_real_sizes(tmp_path):
+    from diffinv.experiment import cells
+
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("""
+datasets: {digits: {data: digits}}
+per_class: [1, 2]
+methods:
+  real: {per_class: [1, 2, 4, 8]}
+  di: {synthetic: "runs/di-k{per_class}", real_batch: 4, syn_batch: 6}
+train: {batch_size: 10}
+""")
+    grid = cells(load_study(study_file))
+    sizes = {m: sorted(c.per_class for c in grid if c.method == m) for m in ("real", "di")}
+    assert sizes == {"real": [1, 2, 4, 8], "di": [1, 2]}
+    di2 = next(c for c in grid if c.method == "di" and c.per_class == 2)
+    assert di2.config.synthetic == ("runs/di-k2",) and di2.config.real_batch == 4
+    assert all(c.config.per_class == c.per_class for c in grid)

@@ -359,7 +359,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="base model (default: the embedded digits base)")
     p.add_argument("--out", default="runs/demo", help="folder to write (default runs/demo)")
     p.add_argument("--config", help="YAML file of DemoConfig fields (flags override it)")
-    p.add_argument("--per-class", type=int, help="real images per class (default 5)")
+    p.add_argument("--per-class", help="real images per class (default 5); several, e.g. 5,10,20, make a sample-efficiency "
+                                       "study")
+    p.add_argument("--real-sizes", help="extra real-only sizes per class for the efficiency curve, e.g. 40,80")
     p.add_argument("--seeds", help="classifier seeds, e.g. 0,1,2 (default)")
     p.add_argument("--invert-steps", type=int, help="inversion steps (default 200)")
     p.add_argument("--invert-init", choices=["random", "encoder"], help="start c_i from noise (default) or the base's encoder tokens")

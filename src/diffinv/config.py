@@ -288,7 +288,12 @@ class DemoConfig:
 
     data: str = "digits"
     base: str = ""  # empty: the base model embedded in the package (digits)
-    per_class: int = 5
+    # Real images per class; several sizes make a sample-efficiency study (each size is inverted
+    # and generated on its own; the seeded subsets are nested, 5 of 10 of 20).
+    per_class: tuple[int, ...] = (5,)
+    # Extra real-only sizes, so the real-only curve reaches past the sizes given synthetic data
+    # and "worth N real images per class" is interpolated rather than a lower bound.
+    real_sizes: tuple[int, ...] = ()
     subset_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     invert_steps: int = 200
@@ -315,7 +320,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         _one_of("invert-init", self.invert_init, ("random", "encoder"))
         _check(0 <= self.train_real_batch < self.train_batch, "train-real-batch must be >= 0 and below train-batch")
-        _check(self.per_class >= 1 and len(self.seeds) >= 1, "per-class must be >= 1 and at least one seed given")
+        _check(len(self.per_class) >= 1 and min(self.per_class + self.real_sizes) >= 1 and len(self.seeds) >= 1,
+               "per-class and real-sizes must be >= 1, and at least one size and one seed given")
         _check(self.invert_steps >= 1 and self.per_image >= 1 and self.sample_steps >= 1 and self.train_steps >= 1,
                "step counts and per-image must be >= 1")
         _check(self.arch in ARCHS or self.arch.startswith("timm:"), f"arch must be one of {', '.join(ARCHS)} or timm:<name>")

@@ -11,6 +11,7 @@ where it stopped and a finished demo only re-prints its table.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +39,10 @@ def fast(config: DemoConfig) -> DemoConfig:
 
 
 def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Run the demo into ``out``; returns the study folder (with results, summary and report)."""
+    """Run the demo into ``out``; returns the study folder (with results, summary and report).
+
+    Each real size K gets ``out/kK/{store,di,img2img}``; one study trains every size's cells.
+    """
     from diffinv.data.real import open_images
     from diffinv.diffusion.backbone import load_backbone
     from diffinv.diffusion.generation import generate_dataset
@@ -52,29 +56,31 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
     native = min(open_images(config.data).image(0).size)  # synthetic images are saved at the data's own size
     write_yaml(out / "demo.yaml", {**config_to_dict(config), "base": base})
 
-    # 1. Invert the few-shot real subset: one conditioning per image.
-    log(f"1/4 inverting {config.per_class} images per class of {config.data} into {base} at {resolution} px")
-    invert = InvertConfig(model=base, data=config.data, per_class=config.per_class, subset_seed=config.subset_seed,
-                          resolution=resolution, steps=config.invert_steps, init=config.invert_init, device=config.device,
-                          checkpoint_every=max(1, config.invert_steps // 4))
-    store = invert_dataset(invert, out / "store", resume=True, progress=progress, log=log)
+    for k in config.per_class:
+        # 1. Invert the few-shot real subset: one conditioning per image.
+        log(f"1/4 inverting {k} images per class of {config.data} into {base} at {resolution} px")
+        invert = InvertConfig(model=base, data=config.data, per_class=k, subset_seed=config.subset_seed,
+                              resolution=resolution, steps=config.invert_steps, init=config.invert_init, device=config.device,
+                              checkpoint_every=max(1, config.invert_steps // 4))
+        store = invert_dataset(invert, out / f"k{k}" / "store", resume=True, progress=progress, log=log)
 
-    # 2. Variants: Diffusion Inversion and the rival, same sampler, guidance, count and size.
-    sets = {}
-    for method in ("di", RIVAL):
-        log(f"2/4 generating {config.per_image} {method} variants per image")
-        gen = GenerateConfig(store=str(store), method=method, per_image=config.per_image, steps=config.sample_steps,
-                             guidance=config.guidance, noise=config.noise, interp=config.interp, strength=config.strength,
-                             save_size=native, device=config.device)
-        sets[method] = str(generate_dataset(gen, out / method, progress=progress, log=log))
+        # 2. Variants: Diffusion Inversion and the rival, same sampler, guidance, count and size.
+        for method in ("di", RIVAL):
+            log(f"2/4 generating {config.per_image} {method} variants per image ({k} per class)")
+            gen = GenerateConfig(store=str(store), method=method, per_image=config.per_image, steps=config.sample_steps,
+                                 guidance=config.guidance, noise=config.noise, interp=config.interp, strength=config.strength,
+                                 save_size=native, device=config.device)
+            generate_dataset(gen, out / f"k{k}" / method, progress=progress, log=log)
 
-    # 3. The same classifier on real, real + DI, real + rival, over seeds.
+    # 3. The same classifier on real, real + DI, real + rival, over seeds; real only also at real_sizes.
     log(f"3/4 training {config.arch} on real / real + di / real + {RIVAL}, seeds {list(config.seeds)}")
     split = {"real_batch": config.train_real_batch, "syn_batch": config.train_batch - config.train_real_batch} if config.train_real_batch else {}
+    real_sizes = sorted(set(config.per_class) | set(config.real_sizes))
     study = Study(
         datasets={"data": {"data": config.data, "subset_seed": config.subset_seed}},
-        methods={"real": {"synthetic": []}, "di": {"synthetic": [sets["di"]], **split}, RIVAL: {"synthetic": [sets[RIVAL]], **split}},
-        per_class=(config.per_class,), seeds=tuple(config.seeds), archs=(config.arch,), augs=("crop-flip",),
+        methods={"real": {"synthetic": [], "per_class": real_sizes},
+                 **{m: {"synthetic": [str(out / "k{per_class}" / m)], **split} for m in ("di", RIVAL)}},
+        per_class=tuple(config.per_class), seeds=tuple(config.seeds), archs=(config.arch,), augs=("crop-flip",),
         train={"steps": config.train_steps, "batch_size": config.train_batch, "lr": config.train_lr,
                "resolution": config.train_resolution, "device": config.device},
     )
@@ -87,13 +93,36 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
 
 
 def summary_table(study: str | Path) -> str:
-    """The demo's result as a Markdown table: top-1 mean ± std per method, and the gain over real only."""
-    rows: list[dict[str, Any]] = read_json(Path(study) / "summary.json")
-    real = next((r for r in rows if r["method"] == "real"), None)
-    lines = ["| training data | images | test top-1 % (mean ± std) | gain vs real (points) | seeds |", "|---|---|---|---|---|"]
+    """The demo's result as a Markdown table, one row per (method, real size).
+
+    Gains are paired by seed (the same real subset, seed and step count with and without the
+    synthetic set), so their std is the seed-to-seed spread of the gain itself. "Worth" reads the
+    real-only curve: how many real images per class reach the same accuracy (log-interpolated).
+    """
+    from diffinv.report.efficiency import efficiency_factor
+
+    study = Path(study)
+    summary: list[dict[str, Any]] = read_json(study / "summary.json")
+    results: list[dict[str, Any]] = read_json(study / "results.json")
+    real_acc = {(r["per_class"], r["seed"]): r["top1"] for r in results if r["method"] == "real"}
+    curve = [(float(r["per_class"]), r["top1_mean"]) for r in summary if r["method"] == "real" and r["per_class"]]
+    rows = sorted(summary, key=lambda r: (r["per_class"] or 0, r["method"] != "real"))
+    lines = ["| training data | real / class | images | test top-1 % (mean ± std) | gain vs real (points, paired) "
+             "| worth real / class | seeds |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        gain = "" if real is None or r is real else f"{100 * (r['top1_mean'] - real['top1_mean']):+.2f}"
+        k = r["per_class"]
         what = "real only" if r["method"] == "real" else f"real + {r['method']}"
         n = f"{r['n_real']} + {r['n_synthetic']}" if r["n_synthetic"] else str(r["n_real"])
-        lines.append(f"| {what} | {n} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | {gain} | {r['n_seeds']} |")
+        gain = worth = ""
+        if r["method"] != "real":
+            diffs = [100 * (x["top1"] - real_acc[(k, x["seed"])]) for x in results
+                     if x["method"] == r["method"] and x["per_class"] == k and (k, x["seed"]) in real_acc]
+            if diffs:
+                spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                gain = f"{statistics.fmean(diffs):+.2f} ± {spread:.2f}"
+            factor, rel = efficiency_factor(curve, k, r["top1_mean"]) if len(curve) >= 2 and k else (None, "")
+            if factor is not None:
+                worth = f"{rel.replace('=', '')}{factor * k:.1f} ({rel.replace('=', '')}{factor:.2f}x)"
+        lines.append(f"| {what} | {'all' if k is None else k} | {n} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} "
+                     f"| {gain} | {worth} | {r['n_seeds']} |")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ A study YAML (every key but ``datasets`` and ``methods`` is optional)::
     augs: [crop-flip]
     methods:                        # name: synthetic folder(s), {dataset} and {per_class} filled in
       real: null                    #   null = real images only (the baseline)
+      real-more: {per_class: [40, 80]}  # a method may list its own sizes (here: a longer real-only curve)
       di: runs/{dataset}-di-k{per_class}
       prompt: {synthetic: [runs/{dataset}-prompt-k{per_class}], use: both}
     train: {steps: 300}             # TrainConfig fields shared by every cell
@@ -101,6 +102,9 @@ def load_study(path: str | Path, base: str | Path | None = None) -> Study:
         spec = dict(spec)
         folders = spec.get("synthetic") or []
         spec["synthetic"] = [where(str(f)) for f in ([folders] if isinstance(folders, str) else folders)]
+        if "per_class" in spec:
+            sizes = spec["per_class"]
+            spec["per_class"] = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
         methods[str(name)] = spec
 
     def listed(key: str, default: tuple) -> tuple:
@@ -119,14 +123,14 @@ def cells(study: Study) -> list[Cell]:
     out = []
     for dname, dspec in study.datasets.items():
         for mname, mspec in study.methods.items():
-            for k in study.per_class:
+            for k in mspec.get("per_class", study.per_class):
                 for arch in study.archs:
                     for aug in study.augs:
                         for seed in study.seeds:
                             synthetic = tuple(s.format(dataset=dname, per_class="all" if k is None else k)
                                               for s in mspec["synthetic"])
                             overrides = {**study.train, **{a: b for a, b in dspec.items()},
-                                         **{a: b for a, b in mspec.items() if a != "synthetic"},
+                                         **{a: b for a, b in mspec.items() if a not in ("synthetic", "per_class")},
                                          "per_class": k, "arch": arch, "aug": aug, "seed": seed, "synthetic": synthetic,
                                          "use": mspec.get("use", "both" if synthetic else "real")}
                             try:
