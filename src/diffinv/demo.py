@@ -79,7 +79,9 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
     study = Study(
         datasets={"data": {"data": config.data, "subset_seed": config.subset_seed}},
         methods={"real": {"synthetic": [], "per_class": real_sizes},
-                 **{m: {"synthetic": [str(out / "k{per_class}" / m)], **split} for m in ("di", RIVAL)}},
+                 # The study fills {per_class} in with str.format: braces in OUT itself must be escaped.
+                 **{m: {"synthetic": [str(out).replace("{", "{{").replace("}", "}}") + f"/k{{per_class}}/{m}"], **split}
+                    for m in ("di", RIVAL)}},
         per_class=tuple(config.per_class), seeds=tuple(config.seeds), archs=(config.arch,), augs=("crop-flip",),
         train={"steps": config.train_steps, "batch_size": config.train_batch, "lr": config.train_lr,
                "resolution": config.train_resolution, "device": config.device},
@@ -99,7 +101,7 @@ def summary_table(study: str | Path) -> str:
     synthetic set), so their std is the seed-to-seed spread of the gain itself. "Worth" reads the
     real-only curve: how many real images per class reach the same accuracy (log-interpolated).
     """
-    from diffinv.report.efficiency import efficiency_factor
+    from diffinv.report.efficiency import worth_text
 
     study = Path(study)
     summary: list[dict[str, Any]] = read_json(study / "summary.json")
@@ -120,9 +122,9 @@ def summary_table(study: str | Path) -> str:
             if diffs:
                 spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
                 gain = f"{statistics.fmean(diffs):+.2f} ± {spread:.2f}"
-            factor, rel = efficiency_factor(curve, k, r["top1_mean"]) if len(curve) >= 2 and k else (None, "")
-            if factor is not None:
-                worth = f"{rel.replace('=', '')}{factor * k:.1f} ({rel.replace('=', '')}{factor:.2f}x)"
+            text = worth_text(curve, k, r["top1_mean"]) if len(curve) >= 2 and k else None
+            if text is not None:
+                worth = f"{text[0]} ({text[1]})"
         lines.append(f"| {what} | {'all' if k is None else k} | {n} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} "
                      f"| {gain} | {worth} | {r['n_seeds']} |")
     return "\n".join(lines)

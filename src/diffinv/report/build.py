@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from diffinv.report.efficiency import efficiency_factor
+from diffinv.report.efficiency import worth_text
 from diffinv.runs import RunError, atomic_write, read_json, read_yaml, write_text
 
 GRID_SOURCES = 6  # real images per grid
@@ -124,12 +124,10 @@ def _efficiency_table(rows: list[dict[str, Any]]) -> str:
         if r["n_synthetic"] == 0:
             continue
         k = r["n_real"] / len(r["classes"])
-        factor, rel = efficiency_factor(curve, k, r["top1_mean"])
-        if factor is None:
+        text = worth_text(curve, k, r["top1_mean"])
+        if text is None:
             continue
-        worth = factor * k
-        lines.append(f"| {r['method']} | {k:g} | {100 * r['top1_mean']:.2f} | {rel.replace('=', '')}{worth:.1f} | "
-                     f"{rel.replace('=', '')}{factor:.2f}x |")
+        lines.append(f"| {r['method']} | {k:g} | {100 * r['top1_mean']:.2f} | {text[0]} | {text[1]} |")
     return ("How many real images per class the real-only curve needs to match each method (interpolated in log size; "
             "'>' means better than every real-only size measured). A factor whose accuracy gap is within one std "
             "of the real-only curve is noise, not evidence: read it beside the std in the accuracy table.\n\n"

@@ -37,3 +37,12 @@ def efficiency_factor(real_curve: list[tuple[float, float]], per_class: float, a
     """(equivalent real images / real images used, relation) for a method using ``per_class`` real images."""
     value, relation = equivalent_real(real_curve, accuracy)
     return (None, "") if value is None else (value / per_class, relation)
+
+
+def worth_text(real_curve: list[tuple[float, float]], per_class: float, accuracy: float) -> tuple[str, str] | None:
+    """("worth" real images per class, "factor") as table text, e.g. (">14.2", ">2.84x"); None without a curve."""
+    factor, relation = efficiency_factor(real_curve, per_class, accuracy)
+    if factor is None:
+        return None
+    mark = relation.replace("=", "")
+    return f"{mark}{factor * per_class:.1f}", f"{mark}{factor:.2f}x"
