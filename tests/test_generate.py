@@ -17,7 +17,7 @@ from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.generation import Conditioning, generate_batch, generate_dataset, plan_samples
 from diffinv.diffusion.inversion import invert_batch, invert_dataset
 from diffinv.diffusion.perturb import lerp, perturb, pick_partners, slerp
-from diffinv.diffusion.sampling import sample_latents
+from diffinv.diffusion.sampling import sample_latents, unit_rms
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.runs import RunError, read_json
 
@@ -132,6 +132,45 @@ def test_zero_interp_and_noise_reproduce_the_deterministic_sample_of_c_i(stores)
     plain = sample_latents(backbone, c_i, None, rng.keyed_normal(keys, 0, rng.STREAM_NOISE, backbone.latent_shape(16)),
                            sampler="ddim", steps=3, guidance=1.0)
     assert not torch.allclose(plain, direct, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_clip_x0_keeps_a_pixel_models_samples_in_range(tiny_pixel, tiny_latent, sampler):
+    # A random tiny pixel UNet predicts clean images far outside [-1, 1]; clipped, each step's
+    # prediction (and so the final sample, where alpha_bar is 1) stays inside.
+    backbone = load_backbone(tiny_pixel)
+    keys = torch.arange(4, dtype=torch.int64)
+    noise = 3.0 * rng.keyed_normal(keys, 0, rng.STREAM_NOISE, backbone.latent_shape(16))
+    cond = torch.randn(4, 2, backbone.cond_dim, generator=torch.Generator().manual_seed(0))
+    free = sample_latents(backbone, cond, None, noise, sampler=sampler, steps=4, guidance=1.0)
+    clipped = sample_latents(backbone, cond, None, noise, sampler=sampler, steps=4, guidance=1.0, clip_x0=True)
+    assert free.abs().max() > 1.5 and clipped.abs().max() <= 1.0 + 1e-4
+    # Latents have no such range, and euler / pndm cannot clip: both are refused with the reason.
+    with pytest.raises(ValueError, match="pixel-space models"):
+        load_backbone(tiny_latent).make_scheduler(sampler, clip_x0=True)
+    with pytest.raises(ConfigError, match="clip-x0 needs --sampler"):
+        GenerateConfig(store="s", sampler="euler", clip_x0=True)
+
+
+def test_unit_noise_rescales_only_the_starting_noise_of_each_sample(stores):
+    z = rng.keyed_normal(torch.arange(3), 0, rng.STREAM_NOISE, (3, 4, 4))
+    u = unit_rms(z)
+    torch.testing.assert_close(u.flatten(1).pow(2).mean(1), torch.ones(3))
+    torch.testing.assert_close(torch.nn.functional.cosine_similarity(u.flatten(1), z.flatten(1)), torch.ones(3))
+    # Generation with unit_noise is the same sampler started from the rescaled noise, per sample.
+    model, _, store_dir, _ = stores
+    backbone = load_backbone(model)
+    store = EmbeddingStore.open(store_dir)
+    config = _gen(store_dir, interp=0.0, noise=0.0, sampler="ddim", guidance=1.0, unit_noise=True)
+    rows = plan_samples(config, store, str(model))[:2]
+    assert all(r["unit_noise"] is True for r in rows)
+    made = generate_batch(backbone, rows, Conditioning(store.embeddings, store.mean_embedding(), resolution=16), config)
+    noise = rng.keyed_normal(torch.tensor([r["_key"] for r in rows]), 0, rng.STREAM_NOISE, backbone.latent_shape(16))
+    c_i = store.embeddings[[0, 0]]
+    direct = sample_latents(backbone, c_i, None, unit_rms(noise), sampler="ddim", steps=3, guidance=1.0)
+    torch.testing.assert_close(made, backbone.decode(direct))
+    raw = sample_latents(backbone, c_i, None, noise, sampler="ddim", steps=3, guidance=1.0)
+    assert not torch.allclose(direct, raw, atol=1e-4)
 
 
 def test_img2img_small_strength_stays_near_the_real_image(stores):

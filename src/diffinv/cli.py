@@ -153,6 +153,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, help="ddim (default), dpm++2m, euler or pndm (the paper's)")
     p.add_argument("--steps", type=int, help="sampling steps (default 25)")
     p.add_argument("--eta", type=float, help="DDIM noise (0 = deterministic, default)")
+    p.add_argument("--clip-x0", action="store_const", const=True,
+                   help="pixel models, ddim/dpm++2m: clip every step's predicted clean image to [-1, 1]")
+    p.add_argument("--unit-noise", action="store_const", const=True,
+                   help="rescale each sample's starting noise to RMS 1 (steadies small pixel bases)")
     p.add_argument("--strength", type=float, help="img2img: fraction of the schedule each real image is noised to (default 0.5)")
     p.add_argument("--img2img-embedding", choices=["own", "class"], help="img2img: the image's own embedding or its class's")
     p.add_argument("--class-store", help="per-class store (`diffinv invert --target class`) for --img2img-embedding class")
@@ -319,6 +323,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cross-attention-dim", type=int, help="width D of a conditioning token (default 64)")
     p.add_argument("--tokens", type=int, help="conditioning tokens K (default 5)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
+    p.add_argument("--beta-schedule", choices=["scaled_linear", "linear"],
+                   help="noise schedule: scaled_linear (Stable Diffusion's, default) or linear (DDPM's, "
+                        "near-pure noise at t = T; see bases/README.md for how it compared)")
     p.add_argument("--steps", type=int, help="optimiser steps (default 4000)")
     p.add_argument("--batch-size", type=int, help="images per step (default 64)")
     p.add_argument("--lr", type=float, help="AdamW learning rate after warm-up (default 1e-3)")
@@ -366,6 +373,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--invert-steps", type=int, help="inversion steps (default 200)")
     p.add_argument("--invert-init", choices=["random", "encoder"], help="start c_i from noise (default) or the base's encoder tokens")
     p.add_argument("--per-image", type=int, help="synthetic images per real image, for each generator (default 5)")
+    p.add_argument("--clip-x0", action="store_const", const=True,
+                   help="both generators clip every step's predicted clean image to [-1, 1] (pixel bases)")
+    p.add_argument("--unit-noise", action="store_const", const=True,
+                   help="both generators rescale each sample's starting noise to RMS 1 (small pixel bases)")
     p.add_argument("--arch", help="classifier (default shufflenetv2)")
     p.add_argument("--train-lr", type=float, help="classifier peak SGD learning rate (default 0.05)")
     p.add_argument("--train-steps", type=int, help="classifier SGD steps (default 100)")

@@ -86,6 +86,9 @@ class InvertConfig:
 
 METHODS = ("di", "prompt", "class-inversion", "img2img")
 SAMPLERS = ("ddim", "dpm++2m", "euler", "pndm")
+CLIPPING_SAMPLERS = ("ddim", "dpm++2m")  # diffusers schedulers with x0 thresholding
+# pretrain-base's noise schedules: name -> (beta_start, beta_end), as diffusers' beta_schedule names them.
+BETA_SCHEDULES = {"scaled_linear": (0.00085, 0.012), "linear": (0.0001, 0.02)}
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,13 @@ class GenerateConfig:
     sampler: str = "ddim"  # deterministic (eta 0); see benchmarks/sample_speed.py for why
     steps: int = 25
     eta: float = 0.0  # DDIM only: 0 is deterministic
+    # Pixel-space models: clip every step's predicted clean image to [-1, 1] (DDPM's clip_sample).
+    # It keeps a small base's diverging trajectories in range; wrong for latents, so refused there.
+    clip_x0: bool = False
+    # Rescale each sample's starting noise to RMS 1, its expected size. At 16 px (768 values) the
+    # RMS of a draw varies by +-3%, and a small pixel base amplifies the excess ~12x on its first
+    # step into a diverging sample; SD's 16,384 latent values vary 5x less, so it changes little there.
+    unit_noise: bool = False
     strength: float = 0.5  # img2img: how far each real image is noised before denoising
     img2img_embedding: str = "own"  # img2img: the image's own embedding, or its class's (needs class_store)
     class_store: str = ""  # a store from `diffinv invert --target class`
@@ -121,12 +131,15 @@ class GenerateConfig:
 
     RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
         "store", "model", "method", "per_image", "interp", "interp_mode", "noise", "guidance", "uncond", "sampler",
-        "steps", "eta", "strength", "img2img_embedding", "class_store", "templates", "save_size", "seed", "precision",
+        "steps", "eta", "clip_x0", "unit_noise", "strength", "img2img_embedding", "class_store", "templates", "save_size",
+        "seed", "precision",
     )
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, METHODS)
         _one_of("sampler", self.sampler, SAMPLERS)
+        _check(not self.clip_x0 or self.sampler in CLIPPING_SAMPLERS,
+               f"clip-x0 needs --sampler {' or '.join(CLIPPING_SAMPLERS)} (the schedulers that can clip x0)")
         _one_of("interp-mode", self.interp_mode, ("linear", "spherical"))
         _one_of("uncond", self.uncond, ("mean", "class-mean"))
         _one_of("img2img-embedding", self.img2img_embedding, ("own", "class"))
@@ -239,6 +252,10 @@ class PretrainConfig:
     cross_attention_dim: int = 64  # D of a conditioning token
     tokens: int = 5  # K
     prediction_type: str = "epsilon"
+    # Noise schedule: scaled_linear is Stable Diffusion's (betas 0.00085-0.012, sqrt(alpha_bar_T) =
+    # 0.068), linear is DDPM's pixel-space one (1e-4-0.02, 0.006). On the 1,400-step PneumoniaMNIST
+    # base, linear did not cure the diverging samples (bases/README.md), so SD's stays the default.
+    beta_schedule: str = "scaled_linear"
     steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
@@ -256,7 +273,8 @@ class PretrainConfig:
 
     RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
         "data", "format", "split", "resolution", "channels", "layers_per_block", "cross_attention_dim", "tokens",
-        "prediction_type", "steps", "batch_size", "lr", "warmup", "cond_dropout", "ema", "hflip", "seed", "precision",
+        "prediction_type", "beta_schedule", "steps", "batch_size", "lr", "warmup", "cond_dropout", "ema", "hflip", "seed",
+        "precision",
     )
 
     def __post_init__(self) -> None:
@@ -272,6 +290,7 @@ class PretrainConfig:
         _check(0.0 <= self.ema < 1.0, "ema must be in [0, 1) (0 = no averaging)")
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
         _one_of("prediction-type", self.prediction_type, ("epsilon", "v_prediction"))
+        _one_of("beta-schedule", self.beta_schedule, tuple(BETA_SCHEDULES))
         _one_of("precision", self.precision, ("auto", "fp32", "bf16"))
         _one_of("bad-images", self.bad_images, ("skip", "error"))
 
@@ -304,6 +323,8 @@ class DemoConfig:
     noise: float = 0.1
     interp: float = 0.1
     strength: float = 0.5  # the rival's img2img strength
+    clip_x0: bool = False  # both generators: clip predicted clean images to [-1, 1] (pixel bases)
+    unit_noise: bool = False  # both generators: starting noise rescaled to RMS 1 per sample
     arch: str = "shufflenetv2"  # ~5x ResNet-18's speed on a CPU at 16 px
     # The paper's 0.1 is for batches of 128 on whole datasets; on 50 images in batches of 32 it
     # diverged (MobileNetV2: 29% real-only at 0.1, 73% at 0.02; ShuffleNetV2 at 0.05: 81%).

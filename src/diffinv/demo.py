@@ -11,6 +11,7 @@ where it stopped and a finished demo only re-prints its table.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -69,6 +70,7 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
             log(f"2/4 generating {config.per_image} {method} variants per image ({k} per class)")
             gen = GenerateConfig(store=str(store), method=method, per_image=config.per_image, steps=config.sample_steps,
                                  guidance=config.guidance, noise=config.noise, interp=config.interp, strength=config.strength,
+                                 clip_x0=config.clip_x0, unit_noise=config.unit_noise,
                                  save_size=native, device=config.device)
             generate_dataset(gen, out / f"k{k}" / method, progress=progress, log=log)
 
@@ -99,7 +101,8 @@ def summary_table(study: str | Path) -> str:
 
     Gains are paired by seed (the same real subset, seed and step count with and without the
     synthetic set), so their std is the seed-to-seed spread of the gain itself. "Worth" reads the
-    real-only curve: how many real images per class reach the same accuracy (log-interpolated).
+    real-only curve: how many real images per class reach the same accuracy (log-interpolated);
+    a gain is marked "within noise" when its +-2 standard-error interval over seeds contains zero.
     """
     from diffinv.report.efficiency import worth_text
 
@@ -122,6 +125,10 @@ def summary_table(study: str | Path) -> str:
             if diffs:
                 spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
                 gain = f"{statistics.fmean(diffs):+.2f} ± {spread:.2f}"
+                # A gain (and the factor read off the curve for it) is only evidence when its +-2
+                # standard-error interval over the seeds excludes zero.
+                if len(diffs) < 2 or abs(statistics.fmean(diffs)) <= 2 * spread / math.sqrt(len(diffs)):
+                    gain += " (within noise)"
             text = worth_text(curve, k, r["top1_mean"]) if len(curve) >= 2 and k else None
             if text is not None:
                 worth = f"{text[0]} ({text[1]})"

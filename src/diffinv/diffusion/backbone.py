@@ -17,6 +17,7 @@ Accepted model specs:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,17 +118,27 @@ class Backbone:
                 h.update(p.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def make_scheduler(self, sampler: str) -> Any:
+    def make_scheduler(self, sampler: str, clip_x0: bool = False) -> Any:
         """A fresh diffusers scheduler (``set_timesteps``/``scale_model_input``/``step``/``add_noise``)
-        for ``sampler`` (a key of :data:`SAMPLERS`), on this model's training noise schedule."""
+        for ``sampler`` (a key of :data:`SAMPLERS`), on this model's training noise schedule.
+
+        ``clip_x0`` (pixel models, ddim / dpm++2m): every step's predicted clean image is clipped
+        to [-1, 1], through diffusers' thresholding with a ceiling of 1 (which is exactly a clip).
+        """
         import diffusers
 
         if sampler not in SAMPLERS:
             raise ModelError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
         name, extra = SAMPLERS[sampler]
-        # No x0 clipping: it is wrong for latents, and for pixels it bends DDIM's trajectory away
-        # from the other samplers' (DDPM configs switch it on by default for training-time sampling).
-        config = {**self.scheduler_config, **extra, "clip_sample": False}
+        # No x0 clipping unless asked: it is wrong for latents, and the saved configs of DDPM-trained
+        # pixel models (ours included) switch it on for every sampler that reads the flag.
+        config = {**self.scheduler_config, **extra, "clip_sample": False, "thresholding": False}
+        if clip_x0:
+            if self.vae is not None:
+                raise ModelError("--clip-x0 is for pixel-space models: latents have no [-1, 1] range to clip to")
+            if "thresholding" not in inspect.signature(getattr(diffusers, name).__init__).parameters:
+                raise ModelError(f"the {sampler} sampler cannot clip x0; use ddim or dpm++2m")
+            config.update(thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995)
         return getattr(diffusers, name).from_config(config)
 
     # -- the three operations -----------------------------------------------------------------

@@ -31,7 +31,7 @@ from diffinv.diffusion import rng
 from diffinv.diffusion.backbone import Backbone, load_backbone, resolve_device, resolve_dtype
 from diffinv.diffusion.inversion import CLASS_PREFIX, OUT_OF_MEMORY
 from diffinv.diffusion.perturb import perturb, pick_partners
-from diffinv.diffusion.sampling import sample_latents, to_uint8
+from diffinv.diffusion.sampling import sample_latents, to_uint8, unit_rms
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.runs import RunError, check_free_space, open_output, read_yaml, remove_temporaries, write_yaml
 from diffinv.shards import Shard, missing_message
@@ -67,7 +67,8 @@ def plan_samples(config: GenerateConfig, store: EmbeddingStore, model: str) -> l
     so methods are compared at equal dataset sizes.
     """
     common = {"method": config.method, "seed": config.seed, "sampler": config.sampler, "steps": config.steps,
-              "eta": config.eta if config.sampler == "ddim" else None, "guidance": config.guidance,
+              "eta": config.eta if config.sampler == "ddim" else None, "clip_x0": config.clip_x0,
+              "unit_noise": config.unit_noise, "guidance": config.guidance,
               "uncond": "empty-prompt" if config.method == "prompt" else config.uncond, "model": model,
               "resolution": store.info["resolution"], "save_size": config.save_size or store.info["resolution"]}
     rows: list[dict[str, Any]] = []
@@ -140,6 +141,8 @@ def generate_batch(backbone: Backbone, rows: list[dict[str, Any]], cond_source: 
     # 2. Starting noise keyed by the sample; for img2img also the real image's clean latent.
     shape = backbone.latent_shape(cond_source.resolution)
     noise = rng.keyed_normal(keys, 0, rng.STREAM_NOISE, shape)
+    if config.unit_noise:
+        noise = unit_rms(noise)
     start = None
     if config.method == "img2img":
         real = cond_source.real.subset([r["_real"] for r in rows])
@@ -147,7 +150,7 @@ def generate_batch(backbone: Backbone, rows: list[dict[str, Any]], cond_source: 
 
     # 3. Denoise with guidance.
     latents = sample_latents(backbone, cond, uncond, noise, sampler=config.sampler, steps=config.steps, guidance=config.guidance,
-                             keys=keys, eta=config.eta, start=start, strength=config.strength)
+                             keys=keys, eta=config.eta, start=start, strength=config.strength, clip_x0=config.clip_x0)
 
     # 4. Back to pixels.
     return backbone.decode(latents)

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from diffinv.config import PretrainConfig, config_to_dict
+from diffinv.config import BETA_SCHEDULES, PretrainConfig, config_to_dict
 from diffinv.diffusion import rng
 from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS, Backbone, resolve_device, save_folder, slow_bf16_warning
 from diffinv.diffusion.inversion import denoising_target, per_image_loss, q_sample
@@ -87,6 +87,13 @@ def build_base_unet(config: PretrainConfig):
         up_block_types=("CrossAttnUpBlock2D",) * n, cross_attention_dim=config.cross_attention_dim,
         attention_head_dim=8, norm_num_groups=min(32, config.channels[0] // 2),
     )
+
+
+def base_scheduler_config(config: PretrainConfig) -> dict[str, Any]:
+    """The diffusers scheduler settings a base is trained with and saved with (SD's unless asked otherwise)."""
+    start, end = BETA_SCHEDULES[config.beta_schedule]
+    return {**SCHEDULER_DEFAULTS, "beta_schedule": config.beta_schedule, "beta_start": start, "beta_end": end,
+            "prediction_type": config.prediction_type}
 
 
 def autoencoder_loss(backbone: Backbone, encoder: TokenEncoder, x0: torch.Tensor, keys: torch.Tensor, step: int,
@@ -180,7 +187,7 @@ def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = Fal
     # 3. Model, encoder, their average and the optimiser; everything seeded.
     torch.manual_seed(config.seed)
     unet = build_base_unet(config).to(device).train()
-    scheduler_config = {**SCHEDULER_DEFAULTS, "prediction_type": config.prediction_type}
+    scheduler_config = base_scheduler_config(config)
     backbone = Backbone(unet, None, scheduler_config, str(out))
     encoder = TokenEncoder(3, config.tokens, config.cross_attention_dim).to(device).train()
     averaged = nn.ModuleDict({"unet": copy.deepcopy(unet), "encoder": copy.deepcopy(encoder)}).requires_grad_(False)

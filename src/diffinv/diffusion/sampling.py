@@ -33,13 +33,14 @@ def guided_prediction(backbone: Backbone, x: torch.Tensor, t: torch.Tensor, cond
 @torch.no_grad()
 def sample_latents(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor, *,
                    sampler: str, steps: int, guidance: float, keys: torch.Tensor | None = None, eta: float = 0.0,
-                   start: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+                   start: torch.Tensor | None = None, strength: float = 1.0, clip_x0: bool = False) -> torch.Tensor:
     """Denoise a batch: clean latents [B, C, h, w].
 
     cond, uncond [B, L, D]; noise [B, C, h, w] standard normal, keyed by sample. Without ``start``
     sampling begins from pure noise (text-to-image). With ``start`` (clean latents [B, C, h, w])
     it is SDEdit / img2img: ``start`` is noised to the ``strength`` fraction of the schedule
     and only the remaining steps run. ``keys`` [B] feed DDIM's per-step noise when ``eta > 0``.
+    ``clip_x0`` clips each step's clean-image prediction to [-1, 1] (pixel models only).
     """
     device = backbone.device
     noise = noise.to(device)
@@ -47,7 +48,7 @@ def sample_latents(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor 
     uncond = uncond.to(device) if uncond is not None else None
 
     # 1. A fresh scheduler and its timesteps (schedulers keep per-run state, so never share one).
-    scheduler = backbone.make_scheduler(sampler)
+    scheduler = backbone.make_scheduler(sampler, clip_x0)
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
 
@@ -70,6 +71,16 @@ def sample_latents(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor 
             extra = {"eta": eta, "variance_noise": rng.keyed_normal(keys.to(device), 1 + i, rng.STREAM_SAMPLER, tuple(x.shape[1:]))}
         x = scheduler.step(out, t, x, return_dict=False, **extra)[0]
     return x
+
+
+def unit_rms(noise: torch.Tensor) -> torch.Tensor:
+    """noise [B, ...] rescaled so that each sample's root mean square is exactly 1.
+
+    A Gaussian draw in d dimensions has RMS 1 +- 1/sqrt(2d); this keeps its direction and
+    removes only that spread, which small pixel models' first denoising steps amplify.
+    """
+    rms = noise.flatten(1).pow(2).mean(1).sqrt()
+    return noise / rms.view(-1, *([1] * (noise.dim() - 1)))
 
 
 def to_uint8(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
