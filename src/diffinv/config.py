@@ -115,7 +115,7 @@ class GenerateConfig:
     # It keeps a small base's diverging trajectories in range; wrong for latents, so refused there.
     clip_x0: bool = False
     # Rescale each sample's starting noise to RMS 1, its expected size. At 16 px (768 values) the
-    # RMS of a draw varies by +-3%, and a small pixel base amplifies the excess ~12x on its first
+    # RMS of a draw varies by +-2.6%, and a small pixel base amplifies the excess ~12x on its first
     # step into a diverging sample; SD's 16,384 latent values vary 5x less, so it changes little there.
     unit_noise: bool = False
     strength: float = 0.5  # img2img: how far each real image is noised before denoising

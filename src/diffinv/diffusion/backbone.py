@@ -138,7 +138,7 @@ class Backbone:
                 raise ModelError("--clip-x0 is for pixel-space models: latents have no [-1, 1] range to clip to")
             if "thresholding" not in inspect.signature(getattr(diffusers, name).__init__).parameters:
                 raise ModelError(f"the {sampler} sampler cannot clip x0; use ddim or dpm++2m")
-            config.update(thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995)
+            config.update(thresholding=True, sample_max_value=1.0)  # the percentile is then moot: the ceiling is 1
         return getattr(diffusers, name).from_config(config)
 
     # -- the three operations -----------------------------------------------------------------
