@@ -35,9 +35,13 @@ def test_pretraining_lowers_the_loss_and_loads_like_sd(tiny_base):
     assert not (tiny_base / "checkpoint.safetensors").exists()
     # Through the same loader as Stable Diffusion: a pixel-space diffusers folder, conditioning [B, K, D].
     backbone = load_backbone(tiny_base)
-    assert backbone.vae is None and backbone.cond_dim == 16 and backbone.latent_shape(8) == (3, 8, 8)
-    out = backbone.predict_noise(torch.zeros(2, 3, 8, 8), torch.tensor([10, 500]), torch.zeros(2, 2, 16))
-    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+    # Digits are grey, so the base is a one-channel model (samples come out equal-RGB, never tinted).
+    assert info["image_channels"] == 1
+    assert backbone.vae is None and backbone.cond_dim == 16 and backbone.latent_shape(8) == (1, 8, 8)
+    out = backbone.predict_noise(torch.zeros(2, 1, 8, 8), torch.tensor([10, 500]), torch.zeros(2, 2, 16))
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    decoded = backbone.decode(out)
+    assert decoded.shape == (2, 3, 8, 8) and torch.equal(decoded[:, 0], decoded[:, 2])
 
 
 def test_the_saved_weights_are_the_average(tiny_base, tmp_path):

@@ -333,6 +333,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cond-dropout", type=float, help="probability of dropping the tokens (default 0.1)")
     p.add_argument("--ema", type=float, help="decay of the saved weight average (default 0.999)")
     p.add_argument("--hflip", action="store_const", const=True, help="random horizontal flips (natural images)")
+    p.add_argument("--extra-data", nargs="+", help="more unlabeled training images (train splits), e.g. MNIST beside digits")
+    p.add_argument("--views", choices=["same", "invariant"],
+                   help="same: the encoder sees the image the UNet denoises (default); invariant: it sees a strongly "
+                        "augmented view, so the tokens keep content and lose pose and colour")
+    p.add_argument("--view-min-area", type=float, help="smallest crop of the encoder's view, a fraction of the area (default 0.35)")
+    p.add_argument("--token-noise", type=float, help="std of Gaussian noise on the tokens in training (default 0)")
+    p.add_argument("--image-channels", type=int, choices=[0, 1, 3], help="0: 1 for grey data, else 3 (default)")
+    p.add_argument("--max-seconds", type=float, help="stop training after this many seconds and save (default 0: no limit)")
     p.add_argument("--seed", type=int, help="seed of initialisation, batches and noise (default 0)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--device", help="auto, cpu, cuda ... (default auto)")

@@ -263,6 +263,17 @@ class PretrainConfig:
     cond_dropout: float = 0.1
     ema: float = 0.999  # decay of the weights' exponential moving average (what is saved)
     hflip: bool = False  # random horizontal flips: off for digits and text, on for natural images
+    # More unlabeled training images (train splits, never test), e.g. MNIST beside digits: a base
+    # that has seen more than the target data has more to fill in around an inverted image.
+    extra_data: tuple[str, ...] = ()
+    # "same": the encoder sees the image the UNet denoises (a diffusion autoencoder; its tokens can
+    # pin the whole image). "invariant": the encoder sees a strongly augmented view (crop, small
+    # rotation, colour jitter) and the UNet an independently flipped original, so the tokens keep
+    # content and lose pose and colour, which sampling then varies (see diffusion/views.py).
+    views: str = "same"
+    view_min_area: float = 0.35  # smallest crop of the encoder's view, as a fraction of the area
+    token_noise: float = 0.0  # std of Gaussian noise on the (unit-scale) tokens in training: a lossy bottleneck
+    image_channels: int = 0  # 0: 1 when every training image is grey (R = G = B), else 3
     seed: int = 0
     precision: str = "auto"
     # Execution-only fields.
@@ -270,11 +281,15 @@ class PretrainConfig:
     checkpoint_every: int = 250
     log_every: int = 50
     bad_images: str = "skip"
+    # Stop after this many seconds of training (0: never) and save what was reached; the saved
+    # config then says the steps actually taken, so the same command with --steps N reproduces it
+    # (the learning rate is constant after warm-up, so stopping early is a valid shorter run).
+    max_seconds: float = 0.0
 
     RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
         "data", "format", "split", "resolution", "channels", "layers_per_block", "cross_attention_dim", "tokens",
-        "prediction_type", "beta_schedule", "steps", "batch_size", "lr", "warmup", "cond_dropout", "ema", "hflip", "seed",
-        "precision",
+        "prediction_type", "beta_schedule", "steps", "batch_size", "lr", "warmup", "cond_dropout", "ema", "hflip",
+        "extra_data", "views", "view_min_area", "token_noise", "image_channels", "seed", "precision",
     )
 
     def __post_init__(self) -> None:
@@ -291,6 +306,11 @@ class PretrainConfig:
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
         _one_of("prediction-type", self.prediction_type, ("epsilon", "v_prediction"))
         _one_of("beta-schedule", self.beta_schedule, tuple(BETA_SCHEDULES))
+        _one_of("views", self.views, ("same", "invariant"))
+        _check(0.05 <= self.view_min_area <= 1.0, f"view-min-area must be in [0.05, 1]; got {self.view_min_area}")
+        _check(self.token_noise >= 0.0, f"token-noise must be >= 0; got {self.token_noise}")
+        _check(self.image_channels in (0, 1, 3), "image-channels must be 0 (auto), 1 or 3")
+        _check(self.max_seconds >= 0.0, "max-seconds must be >= 0 (0 = no limit)")
         _one_of("precision", self.precision, ("auto", "fp32", "bf16"))
         _one_of("bad-images", self.bad_images, ("skip", "error"))
 

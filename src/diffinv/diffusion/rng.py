@@ -32,6 +32,8 @@ STREAM_PICK = 7  # which image a shared (class) conditioning trains on
 STREAM_PARTNER = 8  # generation: the interpolation partner
 STREAM_PERTURB = 9  # generation: the Gaussian added to the conditioning
 STREAM_SAMPLER = 10  # generation: the sampler's own noise (DDIM eta > 0), offset by step
+STREAM_VIEW = 11  # pretraining: the encoder's augmented view
+STREAM_TOKEN_NOISE = 12  # pretraining: noise on the encoder's tokens
 
 
 def mix32(x):
