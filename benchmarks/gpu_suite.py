@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from invert_speed import paper_loop  # noqa: E402  (the benchmarks' own reference loops)
 from sample_speed import paper_sampler  # noqa: E402
 
+from diffinv import rng  # noqa: E402
 from diffinv.config import InvertConfig  # noqa: E402
-from diffinv.diffusion import rng  # noqa: E402
 from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS, Backbone  # noqa: E402
 from diffinv.diffusion.inversion import invert_batch  # noqa: E402
 from diffinv.diffusion.sampling import sample_latents  # noqa: E402

@@ -22,10 +22,11 @@ import time
 
 import torch
 
+from diffinv import rng
 from diffinv.config import InvertConfig
 from diffinv.data.real import load_pixels, open_images, select
-from diffinv.diffusion import rng
-from diffinv.diffusion.backbone import load_backbone, resolve_device, resolve_dtype
+from diffinv.device import resolve_device, resolve_dtype
+from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.inversion import invert_batch
 from diffinv.diffusion.tiny import save_tiny_model
 

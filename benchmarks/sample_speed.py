@@ -22,14 +22,16 @@ import time
 
 import torch
 
+from diffinv import rng
 from diffinv.config import GenerateConfig, InvertConfig
-from diffinv.diffusion import rng
-from diffinv.diffusion.backbone import Backbone, load_backbone, resolve_device, resolve_dtype
-from diffinv.diffusion.generation import Conditioning, conditioning_for, generate_batch, plan_samples
-from diffinv.diffusion.inversion import invert_dataset
+from diffinv.device import resolve_device, resolve_dtype
+from diffinv.diffusion.backbone import Backbone, load_backbone
+from diffinv.diffusion.generation import Conditioning, generate_batch, plan_samples
+from diffinv.diffusion.methods import get_method
 from diffinv.diffusion.sampling import to_uint8
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.diffusion.tiny import save_tiny_model
+from diffinv.stages.invert import invert_dataset
 
 
 @torch.no_grad()
@@ -105,7 +107,7 @@ def main() -> None:
         source = Conditioning(store.embeddings.to(device), store.mean_embedding().to(device),
                               resolution=int(store.info["resolution"]))
         keys = torch.tensor([r["_key"] for r in rows], device=device)
-        cond, uncond = conditioning_for(rows, source, base, keys)
+        cond, uncond = get_method(base.method).conditioning(rows, source, base, keys)
         noise = rng.keyed_normal(keys, 0, rng.STREAM_NOISE, backbone.latent_shape(source.resolution))
         b = args.batch_size
         paper_sampler(backbone, cond[:2], uncond[:2], noise[:2], steps=2)  # warm-up

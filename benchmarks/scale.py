@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from diffinv.config import InvertConfig
-from diffinv.demo import embedded_base
-from diffinv.diffusion.inversion import invert_dataset
 from diffinv.diffusion.store import EmbeddingStore
-from diffinv.shards import import_ray, run_on_ray
+from diffinv.launch import import_ray, run_on_ray
+from diffinv.stages.demo import embedded_base
+from diffinv.stages.invert import invert_dataset
 
 
 def main() -> None:

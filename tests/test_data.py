@@ -3,10 +3,10 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import write_image_tree
 from PIL import Image
 
 from diffinv.data.real import BadImageError, DataError, load_pixels, open_images, select, to_rgb
-from conftest import write_image_tree
 
 
 def test_folder_ids_labels_and_pixels(image_tree):

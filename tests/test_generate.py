@@ -9,17 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
+from diffinv import rng
 from diffinv.cli import main
 from diffinv.config import ConfigError, GenerateConfig, InvertConfig, load_config
 from diffinv.data.synthetic import open_synthetic, read_manifest
-from diffinv.diffusion import rng
 from diffinv.diffusion.backbone import load_backbone
-from diffinv.diffusion.generation import Conditioning, generate_batch, generate_dataset, plan_samples
-from diffinv.diffusion.inversion import invert_batch, invert_dataset
+from diffinv.diffusion.generation import Conditioning, generate_batch, plan_samples
+from diffinv.diffusion.inversion import invert_batch
 from diffinv.diffusion.perturb import lerp, perturb, pick_partners, slerp
 from diffinv.diffusion.sampling import sample_latents, unit_rms
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.runs import RunError, read_json
+from diffinv.stages.generate import generate_dataset
+from diffinv.stages.invert import invert_dataset
 
 
 def _invert(model, data, out, **kw):
@@ -31,6 +33,7 @@ def _invert(model, data, out, **kw):
 def stores(tmp_path_factory):
     """A per-image and a per-class store of 2 classes x 3 random images, on the tiny latent model."""
     from conftest import write_image_tree
+
     from diffinv.diffusion.tiny import save_tiny_model
 
     root = tmp_path_factory.mktemp("gen")

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffinv import rng
 from diffinv.config import InvertConfig
 from diffinv.data.real import load_pixels, open_images, select
-from diffinv.diffusion import rng
 from diffinv.diffusion.backbone import load_backbone
-from diffinv.diffusion.inversion import (InversionError, denoising_target, evaluation_loss, invert_batch, invert_dataset,
-                                         q_sample)
+from diffinv.diffusion.inversion import InversionError, invert_batch
+from diffinv.diffusion.objective import denoising_target, evaluation_loss, q_sample
 from diffinv.diffusion.pretrain import pretrain_autoencoder
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.diffusion.tiny import save_tiny_model
 from diffinv.runs import RunError, read_json
+from diffinv.stages.invert import invert_dataset
 
 
 def _config(model, data, **kw):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import diffinv.diffusion.pretrain as pretrain
+import diffinv.stages.pretrain as pretrain
 from diffinv.cli import main
 from diffinv.config import ConfigError, DemoConfig, PretrainConfig, load_config
 from diffinv.diffusion.backbone import load_backbone
@@ -154,10 +154,10 @@ def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
 
 
 def test_the_embedded_digits_base_loads_like_sd_and_reconstructs_from_tokens():
-    from diffinv.demo import embedded_base
-    from diffinv.diffusion.pretrain import TokenEncoder
-    from diffinv.diffusion.sampling import sample_latents
     from diffinv.data.real import load_pixels, open_images, select
+    from diffinv.diffusion.encoder import TokenEncoder
+    from diffinv.diffusion.sampling import sample_latents
+    from diffinv.stages.demo import embedded_base
 
     base = embedded_base()
     size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
@@ -186,10 +186,10 @@ def test_the_embedded_digits_base_loads_like_sd_and_reconstructs_from_tokens():
 
 def test_encoder_tokens_start_inversion_closer_than_noise(tmp_path, tiny_latent):
     from diffinv.config import InvertConfig
-    from diffinv.demo import embedded_base
-    from diffinv.diffusion.inversion import invert_dataset
     from diffinv.diffusion.store import EmbeddingStore
     from diffinv.runs import RunError
+    from diffinv.stages.demo import embedded_base
+    from diffinv.stages.invert import invert_dataset
 
     def store(init, model=embedded_base(), resolution=8):
         config = InvertConfig(model=str(model), data="digits", per_class=2, resolution=resolution, steps=1, init=init, device="cpu")
@@ -231,3 +231,79 @@ def test_demo_with_several_sizes_is_a_sample_efficiency_study(tiny_base, tmp_pat
     # Synthetic rows are read against the real-only curve (1, 2, 4 per class): "worth" is filled in.
     assert all(r[5] for r in rows if r[0] != "real only") and not any(r[5] for r in rows if r[0] == "real only")
     assert "Sample efficiency" in (out / "study" / "report" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- lossy, semantic conditioning
+
+
+def test_invariant_views_feed_the_encoder_another_view_than_the_unet(tmp_path, monkeypatch):
+    seen = []
+    real_loss = pretrain.autoencoder_loss
+
+    def spy(backbone, encoder, x0, keys, step, cond_dropout, encoder_input=None, token_noise=0.0):
+        seen.append((x0.clone(), None if encoder_input is None else encoder_input.clone()))
+        return real_loss(backbone, encoder, x0, keys, step, cond_dropout, encoder_input, token_noise)
+
+    monkeypatch.setattr(pretrain, "autoencoder_loss", spy)
+    for views in ("same", "invariant"):
+        seen.clear()
+        pretrain.pretrain_base(PretrainConfig(**TINY, steps=3, views=views, view_min_area=0.4), tmp_path / views,
+                               progress=False, log=lambda m: None)
+        x0, enc = seen[-1]
+        if views == "same":
+            assert enc is None  # the encoder reads x0 itself: a diffusion autoencoder
+        else:
+            # Same images (same batch), different pixels: a crop / rotation / colour view of each.
+            assert enc.shape == x0.shape and not torch.allclose(enc, x0, atol=1e-3)
+            assert (enc - x0).abs().flatten(1).mean(1).min() > 1e-3
+            # The UNet's target stays the data itself: the step's training images, untouched (digits are never flipped).
+            config = PretrainConfig(**TINY, steps=3, views=views)
+            pixels = pretrain._training_pixels(config, False)[:, :1]
+            assert torch.equal(x0, pixels[pretrain._batch(config, 2, len(pixels))])
+
+
+def test_views_are_keyed_and_the_denoiser_view_only_flips():
+    from diffinv import rng
+    from diffinv.diffusion.views import denoiser_view, random_views, strong
+
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    keys = torch.arange(4)
+    a = random_views(x, keys, 5, rng.STREAM_VIEW, strong(0.35), hflip=True)
+    assert torch.equal(a, random_views(x, keys, 5, rng.STREAM_VIEW, strong(0.35), hflip=True))  # a pure function of its keys
+    assert not torch.equal(a, random_views(x, keys, 6, rng.STREAM_VIEW, strong(0.35), hflip=True))
+    assert torch.equal(random_views(x[2:3], keys[2:3], 5, rng.STREAM_VIEW, strong(0.35), hflip=True), a[2:3])  # batch-free
+    flipped = denoiser_view(x, keys, 5, rng.STREAM_LATENT, hflip=True)
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(-1)) for f, o in zip(flipped, x))
+    assert torch.equal(denoiser_view(x, keys, 5, rng.STREAM_LATENT, hflip=False), x)
+
+
+def test_ema_is_bias_corrected():
+    # A plain average started from the initial weights keeps decay^n of them; the corrected one
+    # averages only the trained iterates: after updates to a constant w it is exactly w.
+    from torch import nn
+
+    from diffinv.diffusion.pretrain import ema_update, ema_weight
+
+    model, average = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        average.weight.fill_(100.0)  # "the initial weights"
+        model.weight.fill_(1.0)
+    for n in range(1, 4):
+        ema_update(average, model, 0.999, n)
+    torch.testing.assert_close(average.weight, torch.ones(2, 2))
+    assert ema_weight(0.999, 1) == 1.0 and abs(ema_weight(0.999, 10**6) - 0.001) < 1e-12 and ema_weight(0.0, 5) == 1.0
+
+
+def test_max_seconds_stops_early_and_records_the_steps_reached(tmp_path, monkeypatch):
+    clock = {"t": 1000.0}
+
+    def fake_time():
+        clock["t"] += 1.0  # every call one second later
+        return clock["t"]
+
+    monkeypatch.setattr(pretrain.time, "time", fake_time)
+    out = tmp_path / "b"
+    pretrain.pretrain_base(PretrainConfig(**TINY, steps=500, max_seconds=6), out, progress=False, log=lambda m: None)
+    info = read_json(out / "pretrain.json")
+    assert info["status"] == "complete" and info["steps_asked"] == 500 and 1 <= info["steps"] < 10
+    assert read_yaml(out / "config.yaml")["steps"] == info["steps"]  # the saved config reproduces the run

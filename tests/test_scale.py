@@ -2,7 +2,6 @@
 
 import errno
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,18 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_image_tree
 
 from diffinv.cli import main
 from diffinv.config import GenerateConfig, InvertConfig
 from diffinv.diffusion import inversion
 from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.generation import generate_dataset
-from diffinv.diffusion.inversion import InversionError, invert_dataset
 from diffinv.diffusion.store import EmbeddingStore, part_name
+from diffinv.launch import merge
 from diffinv.runs import RunError, read_json, write_text
-from diffinv.shards import Shard, merge, parse_shard, shard_from_env
-
-from conftest import write_image_tree
+from diffinv.shards import Shard, parse_shard, shard_from_env
+from diffinv.stages.generate import generate_dataset
+from diffinv.stages.invert import invert_dataset
 
 INVERT = ["--resolution", "16", "--steps", "6", "--batch-size", "2", "--checkpoint-every", "2", "--log-every", "2", "--quiet"]
 # Long enough that shard 0 is still in its first batch when the test sees that batch's checkpoint.
@@ -150,7 +149,7 @@ def local_ray():
 
 
 def test_ray_workers_killed_mid_shard_are_retried_and_equal_one_process(local_ray, tiny_latent, data, tmp_path, one_thread):
-    from diffinv.shards import run_on_ray
+    from diffinv.launch import run_on_ray
 
     invert_dataset(_invert_config(tiny_latent, data), tmp_path / "ref", progress=False)
     generate_dataset(_generate_config(tmp_path / "ref"), tmp_path / "ref-syn", progress=False)
@@ -169,7 +168,7 @@ def test_ray_workers_killed_mid_shard_are_retried_and_equal_one_process(local_ra
 
 
 def test_ray_shard_that_always_fails_is_reported_not_dropped(local_ray, tiny_latent, data, tmp_path):
-    from diffinv.shards import ShardError, run_on_ray
+    from diffinv.launch import ShardError, run_on_ray
 
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(ShardError, match=r"2 of 2 shards failed after 2 attempts.*not-a-model"):
@@ -194,7 +193,7 @@ def test_missing_ray_is_a_clear_message(monkeypatch, tiny_latent, data, tmp_path
 
 
 def test_non_finite_images_are_retried_at_lower_lr_then_reported(tiny_latent, data, tmp_path, monkeypatch):
-    from diffinv.diffusion import rng
+    from diffinv import rng
 
     real = inversion.invert_batch
     stubborn, flaky = rng.key_of(0, "cat/001.png"), rng.key_of(0, "dog/002.png")

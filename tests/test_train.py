@@ -15,13 +15,14 @@ from safetensors.torch import load_file
 from diffinv.classify.augment import Augmenter
 from diffinv.classify.metrics import confusion_matrix, evaluate, summarise
 from diffinv.classify.models import ARCHS, build_model, penultimate
-from diffinv.classify.quality import frechet_distance, kernel_distance, nearest_distances, synthetic_quality
-from diffinv.classify.train import Stream, eval_steps, load_classifier, lr_at, train_classifier
+from diffinv.classify.train import Stream, eval_steps, lr_at
 from diffinv.cli import main
 from diffinv.config import AUGS, ConfigError, GenerateConfig, InvertConfig, TrainConfig, load_config
-from diffinv.experiment import load_study, run_study
+from diffinv.quality.measures import frechet_distance, kernel_distance, nearest_distances, synthetic_quality
 from diffinv.report.efficiency import efficiency_factor, equivalent_real
 from diffinv.runs import RunError, read_json
+from diffinv.stages.experiment import load_study, run_study
+from diffinv.stages.train import load_classifier, train_classifier
 
 # A few digits at 32 px on a small network: a run takes a few seconds on two cores.
 FAST = dict(data="digits", per_class=3, arch="shufflenetv2", resolution=32, batch_size=10, eval_batch_size=400)
@@ -246,9 +247,9 @@ def test_train_options_from_yaml_and_bad_combinations(tmp_path):
 @pytest.fixture(scope="module")
 def digits_di(tmp_path_factory):
     """Real Diffusion Inversion output on 2 digits per class: a tiny random model, so the images are noise-like."""
-    from diffinv.diffusion.generation import generate_dataset
-    from diffinv.diffusion.inversion import invert_dataset
     from diffinv.diffusion.tiny import save_tiny_model
+    from diffinv.stages.generate import generate_dataset
+    from diffinv.stages.invert import invert_dataset
 
     root = tmp_path_factory.mktemp("di")
     model = save_tiny_model(root / "model", "latent")
@@ -358,7 +359,7 @@ def test_sample_efficiency_interpolates_in_log_size_and_bounds_outside_the_curve
 
 
 def test_a_method_may_list_its_own_real_sizes(tmp_path):
-    from diffinv.experiment import cells
+    from diffinv.stages.experiment import cells
 
     study_file = tmp_path / "study.yaml"
     study_file.write_text("""

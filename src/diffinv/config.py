@@ -1,70 +1,95 @@
-"""Typed, frozen configs, one per stage.
+"""Typed, frozen configs, one per stage, each field with its help, choices and whether it changes the result.
 
 Precedence: dataclass defaults < YAML file (``--config``) < command-line flags. The resolved
-config is written beside every output so a result can always be traced to what made it.
+config is written beside every output so a result can always be traced to what made it. The
+command line is generated from these fields (:mod:`diffinv.cli`), so a new field is one line
+here: its flag, help and choices follow, and it counts in the resume check unless it is marked
+``execution_only`` (fields that change only how fast or where a result is computed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import yaml
 
+from diffinv.errors import UserError
+
 C = TypeVar("C")
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # autocast: fp16 would need a gradient scaler
+FORMATS = ("auto", "folder", "npz", "idx", "csv", "digits", "hf")
+BAD_IMAGES = ("skip", "error")
+# Sampler name -> (diffusers scheduler class, settings). PNDM without its Runge-Kutta warm-up is
+# what Stable Diffusion v1-4 (and the paper's code) uses; DDIM with eta 0 is our default.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+}
+CLIPPING_SAMPLERS = ("ddim", "dpm++2m")  # diffusers schedulers with x0 thresholding
+# pretrain-base's noise schedules: name -> (beta_start, beta_end), as diffusers' beta_schedule names them.
+BETA_SCHEDULES = {"scaled_linear": (0.00085, 0.012), "linear": (0.0001, 0.02)}
+AUGS = ("none", "crop-flip", "autoaugment", "randaugment")
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value or file is wrong; the message says which and what to do."""
+
+
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, execution_only: bool = False,
+        flag: str | None = None, action: str | None = None, metavar: str | None = None) -> Any:
+    """A config field with what the command line and the resume check need to know of it.
+
+    ``help`` and ``choices`` make its flag; ``execution_only`` fields (device, batch sizes,
+    logging) do not change the result, so an output may be continued with other values;
+    ``flag`` and ``action`` override the generated flag (e.g. ``--template`` appended to ``templates``).
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "execution_only": execution_only,
+                                            "flag": flag, "action": action, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class InvertConfig:
-    """Stage 1: learn one conditioning (tokens x width) per real image.
+    """Stage 1: learn one conditioning (tokens x width) per real image."""
 
-    Fields that change the result are listed in :attr:`RESULT_FIELDS`; the others (device,
-    batch size, logging) only change how fast it is computed.
-    """
-
-    model: str = ""
-    data: str = ""
-    format: str = "auto"
-    split: str = "train"
-    per_class: int | None = None
-    subset_seed: int = 0
-    resolution: int = 32
-    tokens: int = 5
-    steps: int = 3000
-    lr: float = 3e-2
-    weight_decay: float = 1e-2
-    init_std: float = 1.0
-    # "random": keyed N(0, init_std^2), the paper's start. "encoder": the tokens the base's own
-    # encoder gives the image (bases from `diffinv pretrain-base` only), then optimised as usual.
-    init: str = "random"
-    latent: str = "sample"  # "sample": draw from the VAE posterior each step (paper); "mean"
-    eval_timesteps: int = 8
-    seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    # Execution-only fields (do not change the result).
-    batch_size: int = 64
-    device: str = "auto"
-    checkpoint_every: int = 200
-    log_every: int = 25
-    bad_images: str = "skip"  # skip | error
+    model: str = opt("", "diffusers folder, .safetensors file or cached hub id")
+    data: str = opt("", "image folder, .npz, .csv, idx folder, 'digits' or 'hf:NAME'")
+    format: str = opt("auto", "how to read --data", choices=FORMATS)
+    split: str = opt("train", "data split to read")
+    per_class: int | None = opt(None, "seeded subset of K images per class (default: all)")
+    subset_seed: int = opt(0, "seed of the per-class subset")
+    resolution: int = opt(32, "images are resized (bicubic) to R x R")
+    tokens: int = opt(5, "conditioning tokens K per image")
+    steps: int = opt(3000, "optimisation steps per image")
+    lr: float = opt(3e-2, "AdamW learning rate")
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    init_std: float = opt(1.0, "std of the random initial conditioning")
+    init: str = opt("random", "start c_i from keyed noise (the paper) or from the base's encoder tokens (pretrain-base models)",
+                    choices=("random", "encoder"))
+    latent: str = opt("sample", "sample the VAE posterior each step (the paper) or use its mean", choices=("sample", "mean"))
+    eval_timesteps: int = opt(8, "timesteps of the final per-image loss")
+    seed: int = opt(0, "seed of all noise and initialisation")
+    precision: str = opt("auto", "auto: bf16 on GPU, fp32 on CPU", choices=PRECISIONS)
     # "image": one conditioning per image (Diffusion Inversion). "class": one per class, learned
     # from all of the class's images (textual inversion / DA-Fusion), the rival it must beat.
-    target: str = "image"
+    target: str = opt("image", "one conditioning per image (Diffusion Inversion) or per class (the class-inversion rival)",
+                      choices=("image", "class"))
+    batch_size: int = opt(64, "images optimised together; does not change results", execution_only=True)
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...", execution_only=True)
+    checkpoint_every: int = opt(200, "checkpoint the batch in progress every N steps", execution_only=True)
+    log_every: int = opt(25, "progress / NaN check interval in steps", execution_only=True)
+    bad_images: str = opt("skip", "unreadable images: skip them (reported) or stop", choices=BAD_IMAGES, execution_only=True)
     # An image whose loss is not finite is inverted again at lr/10, then lr/100 ...; after this
     # many retries it is reported and left out of the store (its row says which lr it used).
-    nan_retries: int = 2
-
-    RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
-        "model", "data", "format", "split", "per_class", "subset_seed", "resolution", "tokens",
-        "steps", "lr", "weight_decay", "init_std", "init", "latent", "eval_timesteps", "seed", "precision", "target",
-    )
+    nan_retries: int = opt(2, "re-invert an image whose loss is not finite at lr/10, lr/100 ... this many times",
+                           execution_only=True)
 
     def __post_init__(self) -> None:
         _check(self.tokens >= 1, "tokens must be >= 1")
@@ -76,74 +101,54 @@ class InvertConfig:
         _check(self.eval_timesteps >= 1, "eval-timesteps must be >= 1")
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
         _check(self.nan_retries >= 0, "nan-retries must be >= 0")
-        _one_of("latent", self.latent, ("sample", "mean"))
-        _one_of("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        _one_of("bad-images", self.bad_images, ("skip", "error"))
-        _one_of("target", self.target, ("image", "class"))
-        _one_of("init", self.init, ("random", "encoder"))
+        _check_choices(self)
         _check(self.init == "random" or self.target == "image", "--init encoder is for per-image inversion (--target image)")
-
-
-METHODS = ("di", "prompt", "class-inversion", "img2img")
-SAMPLERS = ("ddim", "dpm++2m", "euler", "pndm")
-CLIPPING_SAMPLERS = ("ddim", "dpm++2m")  # diffusers schedulers with x0 thresholding
-# pretrain-base's noise schedules: name -> (beta_start, beta_end), as diffusers' beta_schedule names them.
-BETA_SCHEDULES = {"scaled_linear": (0.00085, 0.012), "linear": (0.0001, 0.02)}
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     """Stage 2: sample new images around the learned conditionings of a store.
 
-    ``method`` picks Diffusion Inversion (``di``) or one of the rivals it is compared with,
-    all through the same sampler, guidance and output code so the comparison is fair.
+    ``method`` picks Diffusion Inversion (``di``) or one of the rivals it is compared with
+    (:mod:`diffinv.diffusion.methods`), all through the same sampler, guidance and output code.
     """
 
-    store: str = ""
-    model: str = ""  # empty: the model the store was made with
-    method: str = "di"
-    per_image: int = 5
-    interp: float = 0.1  # s: c_i + s (c_j - c_i)
-    interp_mode: str = "linear"  # linear | spherical
-    noise: float = 0.1  # sigma of the Gaussian added to the conditioning
-    guidance: float = 2.0
-    uncond: str = "mean"  # CFG's unconditional input: mean of the store | mean of the sample's class
-    sampler: str = "ddim"  # deterministic (eta 0); see benchmarks/sample_speed.py for why
-    steps: int = 25
-    eta: float = 0.0  # DDIM only: 0 is deterministic
+    store: str = opt("", "embedding store from `diffinv invert` (per class for --method class-inversion)")
+    model: str = opt("", "model (default: the one the store was made with)")
+    method: str = opt("di", "di (Diffusion Inversion) or a rival: the registered generation methods")
+    per_image: int = opt(5, "samples per real image; per-class methods make as many per class")
+    interp: float = opt(0.1, "s, the step towards a same-class partner: c_i + s (c_j - c_i)")
+    interp_mode: str = opt("linear", "interpolation of the partner step", choices=("linear", "spherical"))
+    noise: float = opt(0.1, "sigma of the Gaussian added to the conditioning")
+    guidance: float = opt(2.0, "classifier-free guidance scale (1 = none)")
+    uncond: str = opt("mean", "guidance's unconditional input: mean embedding of the store or of the sample's class",
+                      choices=("mean", "class-mean"))
+    sampler: str = opt("ddim", "ddim (deterministic, eta 0), dpm++2m, euler or pndm (the paper's)", choices=tuple(SAMPLERS))
+    steps: int = opt(25, "sampling steps")
+    eta: float = opt(0.0, "DDIM noise (0 = deterministic)")
     # Pixel-space models: clip every step's predicted clean image to [-1, 1] (DDPM's clip_sample).
     # It keeps a small base's diverging trajectories in range; wrong for latents, so refused there.
-    clip_x0: bool = False
+    clip_x0: bool = opt(False, "pixel models, ddim/dpm++2m: clip every step's predicted clean image to [-1, 1]")
     # Rescale each sample's starting noise to RMS 1, its expected size. At 16 px (768 values) the
     # RMS of a draw varies by +-2.6%, and a small pixel base amplifies the excess ~12x on its first
     # step into a diverging sample; SD's 16,384 latent values vary 5x less, so it changes little there.
-    unit_noise: bool = False
-    strength: float = 0.5  # img2img: how far each real image is noised before denoising
-    img2img_embedding: str = "own"  # img2img: the image's own embedding, or its class's (needs class_store)
-    class_store: str = ""  # a store from `diffinv invert --target class`
-    templates: tuple[str, ...] = ("a photo of a {}",)  # prompt method; {} is the class name
-    save_size: int | None = None  # None: the inversion resolution
-    seed: int = 0
-    precision: str = "auto"
-    # Execution-only fields.
-    batch_size: int = 64
-    device: str = "auto"
-
-    RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
-        "store", "model", "method", "per_image", "interp", "interp_mode", "noise", "guidance", "uncond", "sampler",
-        "steps", "eta", "clip_x0", "unit_noise", "strength", "img2img_embedding", "class_store", "templates", "save_size",
-        "seed", "precision",
-    )
+    unit_noise: bool = opt(False, "rescale each sample's starting noise to RMS 1 (steadies small pixel bases)")
+    strength: float = opt(0.5, "img2img: fraction of the schedule each real image is noised to")
+    img2img_embedding: str = opt("own", "img2img: the image's own embedding or its class's (needs --class-store)",
+                                 choices=("own", "class"))
+    class_store: str = opt("", "per-class store (`diffinv invert --target class`) for --img2img-embedding class")
+    templates: tuple[str, ...] = opt(("a photo of a {}",), "prompt method: a template with {} for the class name; "
+                                     "repeat for several", flag="--template", action="append")
+    save_size: int | None = opt(None, "resize the saved images to PX x PX (default: the inversion resolution)")
+    seed: int = opt(0, "seed of every sample's randomness")
+    precision: str = opt("auto", "auto: bf16 on GPU, fp32 on CPU", choices=PRECISIONS)
+    batch_size: int = opt(64, "samples per batch; does not change the images", execution_only=True)
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...", execution_only=True)
 
     def __post_init__(self) -> None:
-        _one_of("method", self.method, METHODS)
-        _one_of("sampler", self.sampler, SAMPLERS)
+        _check_choices(self)
         _check(not self.clip_x0 or self.sampler in CLIPPING_SAMPLERS,
                f"clip-x0 needs --sampler {' or '.join(CLIPPING_SAMPLERS)} (the schedulers that can clip x0)")
-        _one_of("interp-mode", self.interp_mode, ("linear", "spherical"))
-        _one_of("uncond", self.uncond, ("mean", "class-mean"))
-        _one_of("img2img-embedding", self.img2img_embedding, ("own", "class"))
-        _one_of("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check(self.per_image >= 1, "per-image must be >= 1")
         _check(0.0 <= self.interp <= 1.0, f"interp must be in [0, 1]; got {self.interp}")
         _check(self.noise >= 0.0, f"noise must be >= 0; got {self.noise}")
@@ -157,10 +162,6 @@ class GenerateConfig:
                "every prompt template must contain {} where the class name goes, e.g. 'a photo of a {}'")
 
 
-ARCHS = ("resnet18", "resnet50", "vgg16", "mobilenetv2", "efficientnet-b0", "shufflenetv2")
-AUGS = ("none", "crop-flip", "autoaugment", "randaugment")
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Stage 3: a classifier trained on real, synthetic or both, evaluated on the real test split.
@@ -171,54 +172,42 @@ class TrainConfig:
     otherwise real and synthetic images are pooled.
     """
 
-    data: str = ""
-    format: str = "auto"
-    split: str = "train"
-    eval_split: str = "test"
-    per_class: int | None = None
-    subset_seed: int = 0
-    synthetic: tuple[str, ...] = ()  # folders from `diffinv generate`
-    use: str = "auto"  # auto (both if synthetic is given, else real) | real | synthetic | both
-    real_batch: int = 0
-    syn_batch: int = 0
-    arch: str = "resnet18"  # or timm:<name>
-    stem: str = "auto"  # auto: small-image stem below 64 px
-    resolution: int | None = None  # None: the data's own size, at least 32 px
-    epochs: float = 30.0
-    steps: int = 0  # > 0 overrides epochs
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup: float = 0.05  # fraction of the steps with linear warm-up, then cosine to zero
-    label_smoothing: float = 0.0
-    aug: str = "crop-flip"
-    mixup: float = 0.0  # Beta alpha; 0 = off
-    cutmix: float = 0.0
-    seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; bf16 also pays off on CPUs with AMX
-    # Execution-only fields.
-    eval_every: int = 0  # steps between evaluations; 0: ten over the run
-    eval_batch_size: int = 500
-    checkpoint_every: int = 0  # steps; 0: at every evaluation
-    channels_last: bool = True
-    device: str = "auto"
-    bad_images: str = "skip"
-
-    RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
-        "data", "format", "split", "eval_split", "per_class", "subset_seed", "synthetic", "use", "real_batch", "syn_batch",
-        "arch", "stem", "resolution", "epochs", "steps", "batch_size", "lr", "momentum", "weight_decay", "warmup",
-        "label_smoothing", "aug", "mixup", "cutmix", "seed", "precision",
-    )
+    data: str = opt("", "real data (as for invert); its --split is subset, its --eval-split evaluates")
+    format: str = opt("auto", "how to read --data", choices=FORMATS)
+    split: str = opt("train", "training split")
+    eval_split: str = opt("test", "evaluation split")
+    per_class: int | None = opt(None, "seeded subset of K real images per class (default: all)")
+    subset_seed: int = opt(0, "seed of the subset; the same rule as invert")
+    synthetic: tuple[str, ...] = opt((), "a folder from `diffinv generate`; repeat for several", action="append")
+    use: str = opt("auto", "what to train on (auto: both if --synthetic)", choices=("auto", "real", "synthetic", "both"))
+    real_batch: int = opt(0, "real images in every batch (with --syn-batch; the paper's fixed split)")
+    syn_batch: int = opt(0, "synthetic images in every batch")
+    arch: str = opt("resnet18", "a registered architecture (diffinv.classify.models) or timm:<name>")
+    stem: str = opt("auto", "auto: small-image stem below 64 px", choices=("auto", "cifar", "imagenet"))
+    resolution: int | None = opt(None, "train at R x R (default: the data's size, at least 32)")
+    epochs: float = opt(30.0, "passes over the training set")
+    steps: int = opt(0, "SGD steps; > 0 overrides --epochs")
+    batch_size: int = opt(128, "batch size when pooling")
+    lr: float = opt(0.1, "peak SGD learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "weight decay")
+    warmup: float = opt(0.05, "fraction of steps of linear warm-up before the cosine")
+    label_smoothing: float = opt(0.0, "label smoothing")
+    aug: str = opt("crop-flip", "crop-flip, autoaugment / randaugment (both after crop-flip) or none", choices=AUGS)
+    mixup: float = opt(0.0, "MixUp Beta alpha (0 = off)")
+    cutmix: float = opt(0.0, "CutMix Beta alpha (0 = off)")
+    seed: int = opt(0, "seed of initialisation, batch order and augmentation")
+    precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16 also pays off on CPUs with AMX",
+                         choices=TRAIN_PRECISIONS)
+    eval_every: int = opt(0, "steps between evaluations (0: ten over the run)", execution_only=True)
+    eval_batch_size: int = opt(500, "images per evaluation batch", execution_only=True)
+    checkpoint_every: int = opt(0, "steps between checkpoints (0: at every evaluation)", execution_only=True)
+    channels_last: bool = opt(True, "channels-last memory layout", flag="--no-channels-last", execution_only=True)
+    device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
+    bad_images: str = opt("skip", "unreadable images: skip them (reported) or stop", choices=BAD_IMAGES, execution_only=True)
 
     def __post_init__(self) -> None:
-        _check(self.arch in ARCHS or self.arch.startswith("timm:"),
-               f"arch must be one of {', '.join(ARCHS)} or timm:<name>; got {self.arch!r}")
-        _one_of("stem", self.stem, ("auto", "cifar", "imagenet"))
-        _one_of("use", self.use, ("auto", "real", "synthetic", "both"))
-        _one_of("aug", self.aug, AUGS)
-        _one_of("precision", self.precision, ("auto", "fp32", "bf16"))
-        _one_of("bad-images", self.bad_images, ("skip", "error"))
+        _check_choices(self)
         _check(self.per_class is None or self.per_class >= 1, "per-class must be >= 1")
         _check(self.resolution is None or self.resolution >= 8, "resolution must be >= 8 pixels")
         _check(self.epochs > 0 or self.steps > 0, "give epochs > 0 or steps > 0")
@@ -232,7 +221,6 @@ class TrainConfig:
         _check(self.use not in ("synthetic", "both") or bool(self.synthetic), f"use {self.use} needs --synthetic folders")
 
 
-
 @dataclass(frozen=True)
 class PretrainConfig:
     """The project's own base generator: a diffusion autoencoder trained on unlabeled images.
@@ -243,54 +231,50 @@ class PretrainConfig:
     unconditional mode. Labels are never read, and the test split is refused.
     """
 
-    data: str = "digits"
-    format: str = "auto"
-    split: str = "train"
-    resolution: int = 8  # digits are 8 x 8; natural images want 32 or more
-    channels: tuple[int, ...] = (32, 64)  # UNet block widths; every block has cross-attention
-    layers_per_block: int = 2
-    cross_attention_dim: int = 64  # D of a conditioning token
-    tokens: int = 5  # K
-    prediction_type: str = "epsilon"
+    data: str = opt("digits", "training images (as for invert; labels ignored)")
+    format: str = opt("auto", "how to read --data", choices=FORMATS)
+    split: str = opt("train", "training split (test is refused)")
+    resolution: int = opt(8, "pixel resolution of the model (digits are 8 x 8; natural images want 32 or more)")
+    channels: tuple[int, ...] = opt((32, 64), "UNet block widths, e.g. 32,64; every block has cross-attention")
+    layers_per_block: int = opt(2, "resnet layers per UNet block")
+    cross_attention_dim: int = opt(64, "width D of a conditioning token")
+    tokens: int = opt(5, "conditioning tokens K")
+    prediction_type: str = opt("epsilon", "what the UNet predicts", choices=("epsilon", "v_prediction"))
     # Noise schedule: scaled_linear is Stable Diffusion's (betas 0.00085-0.012, sqrt(alpha_bar_T) =
     # 0.068), linear is DDPM's pixel-space one (1e-4-0.02, 0.006). On the 1,400-step PneumoniaMNIST
     # base, linear did not cure the diverging samples (bases/README.md), so SD's stays the default.
-    beta_schedule: str = "scaled_linear"
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 200
-    cond_dropout: float = 0.1
-    ema: float = 0.999  # decay of the weights' exponential moving average (what is saved)
-    hflip: bool = False  # random horizontal flips: off for digits and text, on for natural images
+    beta_schedule: str = opt("scaled_linear", "noise schedule: scaled_linear (Stable Diffusion's) or linear (DDPM's, "
+                             "near-pure noise at t = T; see bases/README.md for how it compared)", choices=tuple(BETA_SCHEDULES))
+    steps: int = opt(4000, "optimiser steps")
+    batch_size: int = opt(64, "images per step")
+    lr: float = opt(1e-3, "AdamW learning rate after warm-up")
+    warmup: int = opt(200, "steps of linear warm-up")
+    cond_dropout: float = opt(0.1, "probability of dropping the tokens (the unconditional mode guidance needs)")
+    ema: float = opt(0.999, "decay of the saved (bias-corrected) weight average; 0 saves the last weights")
+    hflip: bool = opt(False, "random horizontal flips: off for digits and text, on for natural images")
     # More unlabeled training images (train splits, never test), e.g. MNIST beside digits: a base
     # that has seen more than the target data has more to fill in around an inverted image.
-    extra_data: tuple[str, ...] = ()
+    extra_data: tuple[str, ...] = opt((), "more unlabeled training images (train splits), e.g. MNIST beside digits",
+                                      action="extend")
     # "same": the encoder sees the image the UNet denoises (a diffusion autoencoder; its tokens can
     # pin the whole image). "invariant": the encoder sees a strongly augmented view (crop, small
     # rotation, colour jitter) and the UNet an independently flipped original, so the tokens keep
     # content and lose pose and colour, which sampling then varies (see diffusion/views.py).
-    views: str = "same"
-    view_min_area: float = 0.35  # smallest crop of the encoder's view, as a fraction of the area
-    token_noise: float = 0.0  # std of Gaussian noise on the (unit-scale) tokens in training: a lossy bottleneck
-    image_channels: int = 0  # 0: 1 when every training image is grey (R = G = B), else 3
-    seed: int = 0
-    precision: str = "auto"
-    # Execution-only fields.
-    device: str = "auto"
-    checkpoint_every: int = 250
-    log_every: int = 50
-    bad_images: str = "skip"
+    views: str = opt("same", "same: the encoder sees the image the UNet denoises; invariant: it sees a strongly augmented "
+                     "view, so the tokens keep content and lose pose and colour", choices=("same", "invariant"))
+    view_min_area: float = opt(0.35, "smallest crop of the encoder's view, as a fraction of the area")
+    token_noise: float = opt(0.0, "std of Gaussian noise on the (unit-scale) tokens in training: a lossy bottleneck")
+    image_channels: int = opt(0, "0: 1 when every training image is grey (R = G = B), else 3")
+    seed: int = opt(0, "seed of initialisation, batches and noise")
+    precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
+    checkpoint_every: int = opt(250, "steps between checkpoints", execution_only=True)
+    log_every: int = opt(50, "steps per logged loss", execution_only=True)
+    bad_images: str = opt("skip", "unreadable images: skip them (reported) or stop", choices=BAD_IMAGES, execution_only=True)
     # Stop after this many seconds of training (0: never) and save what was reached; the saved
     # config then says the steps actually taken, so the same command with --steps N reproduces it
     # (the learning rate is constant after warm-up, so stopping early is a valid shorter run).
-    max_seconds: float = 0.0
-
-    RESULT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
-        "data", "format", "split", "resolution", "channels", "layers_per_block", "cross_attention_dim", "tokens",
-        "prediction_type", "beta_schedule", "steps", "batch_size", "lr", "warmup", "cond_dropout", "ema", "hflip",
-        "extra_data", "views", "view_min_area", "token_noise", "image_channels", "seed", "precision",
-    )
+    max_seconds: float = opt(0.0, "stop training after this many seconds and save (0: no limit)", execution_only=True)
 
     def __post_init__(self) -> None:
         _check(self.split != "test", "pretraining never reads a test split; use the training split (--split train)")
@@ -304,16 +288,11 @@ class PretrainConfig:
         _check(0.0 <= self.cond_dropout < 1.0, "cond-dropout must be in [0, 1)")
         _check(0.0 <= self.ema < 1.0, "ema must be in [0, 1) (0 = no averaging)")
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
-        _one_of("prediction-type", self.prediction_type, ("epsilon", "v_prediction"))
-        _one_of("beta-schedule", self.beta_schedule, tuple(BETA_SCHEDULES))
-        _one_of("views", self.views, ("same", "invariant"))
+        _check_choices(self)
         _check(0.05 <= self.view_min_area <= 1.0, f"view-min-area must be in [0.05, 1]; got {self.view_min_area}")
         _check(self.token_noise >= 0.0, f"token-noise must be >= 0; got {self.token_noise}")
         _check(self.image_channels in (0, 1, 3), "image-channels must be 0 (auto), 1 or 3")
         _check(self.max_seconds >= 0.0, "max-seconds must be >= 0 (0 = no limit)")
-        _one_of("precision", self.precision, ("auto", "fp32", "bf16"))
-        _one_of("bad-images", self.bad_images, ("skip", "error"))
-
 
 
 @dataclass(frozen=True)
@@ -325,47 +304,46 @@ class DemoConfig:
     over ``seeds``; equal synthetic counts for both generators.
     """
 
-    data: str = "digits"
-    base: str = ""  # empty: the base model embedded in the package (digits)
+    data: str = opt("digits", "labelled real data (as for invert)")
+    base: str = opt("", "base model (default: the digits base embedded in the package)")
     # Real images per class; several sizes make a sample-efficiency study (each size is inverted
     # and generated on its own; the seeded subsets are nested, 5 of 10 of 20).
-    per_class: tuple[int, ...] = (5,)
+    per_class: tuple[int, ...] = opt((5,), "real images per class; several, e.g. 5,10,20, make a sample-efficiency study")
     # Extra real-only sizes, so the real-only curve reaches past the sizes given synthetic data
     # and "worth N real images per class" is interpolated rather than a lower bound.
-    real_sizes: tuple[int, ...] = ()
-    subset_seed: int = 0
-    seeds: tuple[int, ...] = (0, 1, 2)
-    invert_steps: int = 200
-    invert_init: str = "random"  # or "encoder": start c_i from the base's encoder tokens
-    per_image: int = 5
-    sample_steps: int = 25
-    guidance: float = 2.0
-    noise: float = 0.1
-    interp: float = 0.1
-    strength: float = 0.5  # the rival's img2img strength
-    clip_x0: bool = False  # both generators: clip predicted clean images to [-1, 1] (pixel bases)
-    unit_noise: bool = False  # both generators: starting noise rescaled to RMS 1 per sample
-    arch: str = "shufflenetv2"  # ~5x ResNet-18's speed on a CPU at 16 px
+    real_sizes: tuple[int, ...] = opt((), "extra real-only sizes per class for the efficiency curve, e.g. 40,80")
+    subset_seed: int = opt(0, "seed of the real subset")
+    seeds: tuple[int, ...] = opt((0, 1, 2), "classifier seeds, e.g. 0,1,2")
+    invert_steps: int = opt(200, "inversion steps")
+    invert_init: str = opt("random", "start c_i from noise or from the base's encoder tokens", choices=("random", "encoder"))
+    per_image: int = opt(5, "synthetic images per real image, for each generator")
+    sample_steps: int = opt(25, "sampling steps")
+    guidance: float = opt(2.0, "classifier-free guidance scale")
+    noise: float = opt(0.1, "sigma of DI's conditioning noise")
+    interp: float = opt(0.1, "s, DI's step towards a same-class partner")
+    strength: float = opt(0.5, "the rival's img2img strength")
+    clip_x0: bool = opt(False, "both generators clip every step's predicted clean image to [-1, 1] (pixel bases)")
+    unit_noise: bool = opt(False, "both generators rescale each sample's starting noise to RMS 1 (small pixel bases)")
+    arch: str = opt("shufflenetv2", "classifier (~5x ResNet-18's speed on a CPU at 16 px)")
     # The paper's 0.1 is for batches of 128 on whole datasets; on 50 images in batches of 32 it
     # diverged (MobileNetV2: 29% real-only at 0.1, 73% at 0.02; ShuffleNetV2 at 0.05: 81%).
-    train_lr: float = 0.05
-    train_steps: int = 100
-    train_batch: int = 32
+    train_lr: float = opt(0.05, "classifier peak SGD learning rate")
+    train_steps: int = opt(100, "classifier SGD steps")
+    train_batch: int = opt(32, "classifier batch size")
     # Runs with synthetic data take this many real images in every batch, the rest synthetic (the
     # paper's fixed split); 0 pools real and synthetic. Pooled, 50 real images among 250 variants
     # are seen a sixth as often as in the real-only run.
-    train_real_batch: int = 16
-    train_resolution: int = 16
-    device: str = "auto"
+    train_real_batch: int = opt(16, "real images per batch when synthetic data is added (0 pools them)")
+    train_resolution: int = opt(16, "classifier input size")
+    device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
 
     def __post_init__(self) -> None:
-        _one_of("invert-init", self.invert_init, ("random", "encoder"))
+        _check_choices(self)
         _check(0 <= self.train_real_batch < self.train_batch, "train-real-batch must be >= 0 and below train-batch")
         _check(len(self.per_class) >= 1 and min(self.per_class + self.real_sizes) >= 1 and len(self.seeds) >= 1,
                "per-class and real-sizes must be >= 1, and at least one size and one seed given")
         _check(self.invert_steps >= 1 and self.per_image >= 1 and self.sample_steps >= 1 and self.train_steps >= 1,
                "step counts and per-image must be >= 1")
-        _check(self.arch in ARCHS or self.arch.startswith("timm:"), f"arch must be one of {', '.join(ARCHS)} or timm:<name>")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -377,6 +355,11 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _check_choices(config: Any) -> None:
+    """Every field with choices holds one of them (the message names the field as its flag does)."""
+    for f in fields(config):
+        if f.metadata.get("choices"):
+            _one_of(f.name.replace("_", "-"), getattr(config, f.name), f.metadata["choices"])
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:
     """Build ``cls`` from its defaults, an optional YAML file, then non-None ``overrides``.
 
@@ -426,6 +409,12 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"option {name} must be a list of {kind}, got {value!r}")
         return tuple(value)
     target = next((a for a in args if a is not type(None)), hint) if args else hint
+    if target is float and isinstance(value, str):
+        # PyYAML reads "1e-3" (no dot) as a string; a number written so is still a number.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"option {name} must be a number, got {value!r}") from None
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     wrong_type = target in (int, str, bool) and not isinstance(value, target)
@@ -440,6 +429,16 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def result_fields(config: Any) -> dict[str, Any]:
-    """The subset of a config that determines its result (for resume / mismatch checks)."""
-    names = getattr(config, "RESULT_FIELDS", None) or [f.name for f in fields(config)]
-    return {n: getattr(config, n) for n in names}
+    """The fields of a config that determine its result (for resume / mismatch checks): all but the execution-only ones."""
+    return {f.name: getattr(config, f.name) for f in fields(config) if not f.metadata.get("execution_only")}
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """``diffinv tiny-model``: a small random model of Stable Diffusion's architecture, for trying things offline."""
+
+    kind: str = opt("latent", "latent: tiny UNet + VAE; pixel: UNet only; sd1: SD 1.x-sized random UNet + VAE",
+                    choices=("latent", "pixel", "sd1"))
+    prediction_type: str = opt("epsilon", "what the UNet predicts", choices=("epsilon", "v_prediction"))
+    text_encoder: bool = opt(False, "also save a tiny CLIP text encoder + tokenizer")
+    seed: int = opt(0, "seed of the random weights")

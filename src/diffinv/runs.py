@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,8 +15,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from diffinv.errors import UserError
 
-class RunError(RuntimeError):
+
+class RunError(UserError, RuntimeError):
     """An output folder is in a state that does not allow the requested action."""
 
 
@@ -190,3 +193,108 @@ def check_free_space(out: str | Path, need_bytes: int, what: str) -> None:
     if free < need_bytes:
         raise RunError(f"{what} needs about {need_bytes / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are free "
                        f"on the disk of {out}; free space or choose another --out")
+
+
+# ----------------------------------------------------------------------------- units of work in one folder
+
+
+def missing_message(missing: list[int], count: int, unit: str, total: int | None = None) -> str:
+    """'3 batches not finished yet (they belong to shard 1/2 ...)': which shards a user must re-run.
+
+    ``count`` 0: the number of shards is not known (then no shard is named).
+    """
+    plural = "es" if unit.endswith("ch") else "s"
+    what = f"{len(missing)} of {total} {unit}{plural}" if total is not None else f"{len(missing)} {unit}{'' if len(missing) == 1 else plural}"
+    if count <= 0:
+        return f"{what} not finished yet; run the remaining shards (or the same command without --shard), then `diffinv merge`"
+    shards = sorted({u % count for u in missing})
+    listed = ", ".join(f"{s}/{count}" for s in shards[:8]) + (" ..." if len(shards) > 8 else "")
+    return (f"{what} not finished yet "
+            f"(they belong to shard{'s' if len(shards) > 1 else ''} {listed} of a {count}-shard run); run those shards "
+            f"(or the same command without --shard), then `diffinv merge`")
+
+
+@dataclass(frozen=True)
+class Units:
+    """A stage's work in one output folder as fixed units: invert's batches, generate's chunks, a study's cells.
+
+    Unit ``u`` belongs to shard ``u % shards``; ``is_done(u)`` reads the folder. Every stage asks
+    the same three questions of it: what is left for this shard, what is missing, and whether the
+    whole is complete (the last shard to finish then writes the manifest).
+    """
+
+    out: Path
+    noun: str  # "batch", "chunk", "cell"
+    total: int
+    is_done: Callable[[int], bool]
+    shards: int = 1
+
+    def todo(self, shard: Any) -> list[int]:
+        """This shard's unfinished units (``shard.owns(u)``), in order."""
+        return [u for u in range(self.total) if shard.owns(u) and not self.is_done(u)]
+
+    def missing(self) -> list[int]:
+        return [u for u in range(self.total) if not self.is_done(u)]
+
+    def complete(self, *, strict: bool, log: Callable[[str], None], what: str = "") -> bool:
+        """True when every unit is done; else raise (``strict``) or log which shards must still run."""
+        missing = self.missing()
+        if not missing:
+            return True
+        message = f"{self.out}: {what}" + missing_message(missing, self.shards, self.noun, self.total)
+        if strict:
+            raise RunError(message)
+        log(message)
+        return False
+
+
+# ----------------------------------------------------------------------------- optimiser state in checkpoints
+
+
+def optimiser_tensors(optimiser: torch.optim.Optimizer, prefix: str = "opt") -> dict[str, torch.Tensor]:
+    """Every per-parameter state tensor of ``optimiser`` (Adam's moments and step, SGD's momentum) by name."""
+    tensors = {}
+    for i, p in enumerate(p for group in optimiser.param_groups for p in group["params"]):
+        for name, value in optimiser.state.get(p, {}).items():
+            value = torch.as_tensor(value).detach()
+            tensors[f"{prefix}.{i}.{name}"] = value.reshape(1) if value.dim() == 0 else value  # safetensors keeps no 0-d
+    return tensors
+
+
+def load_optimiser_tensors(optimiser: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str = "opt") -> None:
+    """Restore what :func:`optimiser_tensors` saved; scalars (Adam's step) come back as 0-d tensors on the CPU."""
+    for i, p in enumerate(p for group in optimiser.param_groups for p in group["params"]):
+        state = {}
+        for key, value in tensors.items():
+            head, _, name = key.rpartition(".")
+            if head == f"{prefix}.{i}":
+                state[name] = value.reshape(()).cpu() if value.numel() == 1 and name == "step" else value.to(p.device)
+        if state:
+            optimiser.state[p] = state
+
+
+def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer | None,
+                    meta: dict[str, Any]) -> None:
+    """One atomic safetensors file: named tensors (weights, embeddings), the optimiser's state and JSON ``meta``.
+
+    Tensors and metadata live in one file, so a kill can never leave a torn pair.
+    """
+    tensors = dict(state)
+    if optimiser is not None:
+        tensors.update(optimiser_tensors(optimiser))
+    write_safetensors(path, tensors, {"meta": json.dumps(meta)})
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and ``meta`` of a :func:`save_checkpoint` file (optimiser entries under ``opt.``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    return tensors, meta
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix.``, with the prefix removed (a module's state dict inside a checkpoint)."""
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}

@@ -4,72 +4,108 @@ The paper trains on 32 px (CIFAR) and small medical images. ImageNet stems (7x7 
 max-pool) throw away 4x of the resolution before the first block, so for small images the first
 downsampling layers are set to stride 1 - the "CIFAR-style" variants used throughout the
 literature - while every block stays torchvision's own code. ``timm:NAME`` builds any timm model
-(for larger images), when timm is installed.
+(for larger images), when timm is installed. :data:`ARCHITECTURES` is the registry.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from diffinv.config import ARCHS
+from diffinv.config import ConfigError
+from diffinv.errors import UserError
 
 STEMS = ("auto", "cifar", "imagenet")
 # Below this side length, "auto" picks the small-image stem.
 SMALL_IMAGE = 64
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """The architecture cannot be built as asked; the message says what to do."""
+
+
+def _torchvision():
+    try:
+        from torchvision import models
+    except ImportError as exc:
+        raise ModelConfigError("the classifiers need torchvision: pip install torchvision (matching your torch)") from exc
+    return models
+
+
+def _resnet(name: str) -> Callable[[int, int, bool], nn.Module]:
+    def build(num_classes: int, image_size: int, small: bool) -> nn.Module:
+        net = getattr(_torchvision(), name)(num_classes=num_classes)
+        if small:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        return net
+    return build
+
+
+def _vgg16(num_classes: int, image_size: int, small: bool) -> nn.Module:
+    # Batch-norm VGG as trained on CIFAR; the 4096-wide ImageNet head (120M weights) is replaced by one
+    # linear layer on globally pooled features, which is how CIFAR VGG-16 is defined.
+    net = _torchvision().vgg16_bn(num_classes=num_classes)
+    net.avgpool = nn.AdaptiveAvgPool2d(1)
+    net.classifier = nn.Linear(512, num_classes)
+    if small and image_size < 32:
+        # Five 2x2 max-pools need >= 32 px; on smaller images drop the last ones.
+        pools = [i for i, m in enumerate(net.features) if isinstance(m, nn.MaxPool2d)]
+        for i in pools[max(1, _halvings(image_size)):]:
+            net.features[i] = nn.Identity()
+    return net
+
+
+def _first_conv_stride_one(name: str) -> Callable[[int, int, bool], nn.Module]:
+    def build(num_classes: int, image_size: int, small: bool) -> nn.Module:
+        net = getattr(_torchvision(), name)(num_classes=num_classes)
+        if small:
+            net.features[0][0].stride = (1, 1)
+        return net
+    return build
+
+
+def _shufflenetv2(num_classes: int, image_size: int, small: bool) -> nn.Module:
+    net = _torchvision().shufflenet_v2_x1_0(num_classes=num_classes)
+    if small:
+        net.conv1[0].stride = (1, 1)
+        net.maxpool = nn.Identity()
+    return net
+
+
+# name -> builder(num_classes, image_size, small_stem): a new architecture is one entry here (plus its test).
+ARCHITECTURES: dict[str, Callable[[int, int, bool], nn.Module]] = {
+    "resnet18": _resnet("resnet18"),
+    "resnet50": _resnet("resnet50"),
+    "vgg16": _vgg16,
+    "mobilenetv2": _first_conv_stride_one("mobilenet_v2"),
+    "efficientnet-b0": _first_conv_stride_one("efficientnet_b0"),
+    "shufflenetv2": _shufflenetv2,
+}
+ARCHS = tuple(ARCHITECTURES)
+
+
+def check_arch(arch: str) -> None:
+    """A clear error for an architecture that is neither registered nor ``timm:<name>``."""
+    if arch not in ARCHITECTURES and not arch.startswith("timm:"):
+        raise ConfigError(f"arch must be one of {', '.join(ARCHS)} or timm:<name>; got {arch!r}")
 
 
 def build_model(arch: str, num_classes: int, image_size: int, stem: str = "auto") -> nn.Module:
     """A freshly initialised classifier mapping [B, 3, S, S] images to [B, num_classes] logits.
 
-    ``arch`` is one of :data:`ARCHS` or ``timm:<name>``. ``stem`` ``auto`` uses the small-image
+    ``arch`` is one of :data:`ARCHITECTURES` or ``timm:<name>``. ``stem`` ``auto`` uses the small-image
     stem when ``image_size`` < 64.
     """
     if stem not in STEMS:
         raise ModelConfigError(f"stem must be one of {', '.join(STEMS)}; got {stem!r}")
     if arch.startswith("timm:"):
         return _timm_model(arch[len("timm:"):], num_classes)
-    if arch not in ARCHS:
+    if arch not in ARCHITECTURES:
         raise ModelConfigError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHS)} or timm:<name>")
-    try:
-        from torchvision import models
-    except ImportError as exc:
-        raise ModelConfigError("the classifiers need torchvision: pip install torchvision (matching your torch)") from exc
-    small = stem == "cifar" or (stem == "auto" and image_size < SMALL_IMAGE)
-    if arch == "resnet18" or arch == "resnet50":
-        net = getattr(models, arch)(num_classes=num_classes)
-        if small:
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()
-    elif arch == "vgg16":
-        # Batch-norm VGG as trained on CIFAR; the 4096-wide ImageNet head (120M weights) is replaced by one
-        # linear layer on globally pooled features, which is how CIFAR VGG-16 is defined.
-        net = models.vgg16_bn(num_classes=num_classes)
-        net.avgpool = nn.AdaptiveAvgPool2d(1)
-        net.classifier = nn.Linear(512, num_classes)
-        if small and image_size < 32:
-            # Five 2x2 max-pools need >= 32 px; on smaller images drop the last ones.
-            pools = [i for i, m in enumerate(net.features) if isinstance(m, nn.MaxPool2d)]
-            for i in pools[max(1, _halvings(image_size)):]:
-                net.features[i] = nn.Identity()
-    elif arch == "mobilenetv2":
-        net = models.mobilenet_v2(num_classes=num_classes)
-        if small:
-            net.features[0][0].stride = (1, 1)
-    elif arch == "efficientnet-b0":
-        net = models.efficientnet_b0(num_classes=num_classes)
-        if small:
-            net.features[0][0].stride = (1, 1)
-    else:  # shufflenetv2
-        net = models.shufflenet_v2_x1_0(num_classes=num_classes)
-        if small:
-            net.conv1[0].stride = (1, 1)
-            net.maxpool = nn.Identity()
-    return net
+    return ARCHITECTURES[arch](num_classes, image_size, stem == "cifar" or (stem == "auto" and image_size < SMALL_IMAGE))
 
 
 def _halvings(size: int) -> int:

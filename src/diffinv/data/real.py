@@ -26,12 +26,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from diffinv.errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}
-FORMATS = ("auto", "folder", "npz", "idx", "csv", "digits", "hf")
+from diffinv.config import FORMATS  # noqa: E402  (one list of readable formats, also the flag's choices)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The dataset cannot be read as asked; the message says what to change."""
 
 

@@ -25,20 +25,13 @@ from typing import Any
 
 import torch
 
+from diffinv.config import SAMPLERS
+from diffinv.errors import UserError
+
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                       "beta_end": 0.012, "prediction_type": "epsilon"}
 PACKED_FORMAT = "diffinv-packed-v1"
-# Sampler name -> (diffusers scheduler class, settings). PNDM without its Runge-Kutta warm-up is
-# what Stable Diffusion v1-4 (and the paper's code) uses; DDIM with eta 0 is our default.
-SAMPLERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-}
-
-
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """The model spec cannot be loaded; the message says what to give instead."""
 
 
@@ -328,38 +321,3 @@ def save_packed(backbone: Backbone, path: str | Path) -> None:
         tensors.update({f"vae.{k}": v for k, v in backbone.vae.state_dict().items()})
         meta["vae_config"] = json.dumps(dict(backbone.vae.config), default=str)
     write_safetensors(path, tensors, meta)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on a GPU that supports it (fp16 otherwise) and fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def slow_bf16_warning(dtype: torch.dtype, device: torch.device) -> str | None:
-    """A warning when bf16 is asked for on a CPU without bf16 units (AMX / AVX512-BF16).
-
-    Without them PyTorch emulates bf16 and a step is ~10x slower than fp32 (measured: ResNet-18
-    at 32 px, 1.9 vs 25.8 img/s on an AVX2-only EPYC; with AMX bf16 was 3x *faster*).
-    """
-    if dtype != torch.bfloat16 or device.type != "cpu":
-        return None
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    if "amx_bf16" in flags or "avx512_bf16" in flags:
-        return None
-    return ("bf16 on this CPU is emulated (no AMX or AVX512-BF16 units) and about 10x slower than fp32; "
-            "use --precision fp32 (the CPU default) unless you measured otherwise")

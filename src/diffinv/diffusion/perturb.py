@@ -1,7 +1,7 @@
 """Stage 2 maths: new conditionings around the learned ones (pure functions, no model).
 
 c = c_i + s (c_j - c_i) + sigma * eps, with j a partner of the same class. Every random choice
-is keyed by the sample's identity (see :mod:`diffinv.diffusion.rng`), so a sample does not
+is keyed by the sample's identity (see :mod:`diffinv.rng`), so a sample does not
 depend on the batch it is made in.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from diffinv.diffusion import rng
+from diffinv import rng
 
 
 def pick_partners(keys: torch.Tensor, sources: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffinv.diffusion import rng
+from diffinv import rng
 from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.perturb import cfg_combine
 

@@ -22,16 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffinv.runs import read_json, write_json, write_safetensors, write_text
+from diffinv.errors import UserError
+from diffinv.runs import read_checkpoint, read_json, save_checkpoint, write_json, write_safetensors, write_text
 
 STORE_FORMAT = "diffinv-store-v1"
+CLASS_PREFIX = "class:"  # the id of a per-class row (``invert --target class``): "class:<name>"
 MARKER = "store.json"
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A store is missing, unfinished, or does not fit the model or data it is used with."""
 
 
@@ -124,17 +125,13 @@ class StoreWriter:
     def _checkpoint_path(self, batch: str) -> Path:
         return self.root / "checkpoints" / f"{batch}.safetensors"
 
-    def save_checkpoint(self, batch: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        write_safetensors(self._checkpoint_path(batch), tensors, {"meta": json.dumps(meta)})
+    def save_checkpoint(self, batch: str, tensors: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer,
+                        meta: dict[str, Any]) -> None:
+        save_checkpoint(self._checkpoint_path(batch), tensors, optimiser, meta)
 
     def load_checkpoint(self, batch: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         path = self._checkpoint_path(batch)
-        if not path.is_file():
-            return None
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {})["meta"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        return tensors, meta
+        return read_checkpoint(path) if path.is_file() else None
 
     def clear_checkpoint(self, batch: str) -> None:
         self._checkpoint_path(batch).unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from diffinv.diffusion import rng
+from diffinv import rng
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,6 @@ def random_views(x: torch.Tensor, keys: torch.Tensor, step: int, stream: int, st
     Geometry is one affine resampling (crop + flip + rotation, bilinear, border-padded); then
     brightness, contrast and saturation. keys [B] int64 with ``step`` and ``stream`` key every draw.
     """
-    b = x.shape[0]
     u = rng.keyed_uniform(keys.to(x.device), step, stream, (8,)).to(x.dtype)  # [B, 8]
 
     # 1. Geometry: crop of area a and aspect r at a random place, flipped and rotated, as one affine map

@@ -136,7 +136,6 @@ def _efficiency_table(rows: list[dict[str, Any]]) -> str:
 
 def _accuracy_plot(rows: list[dict[str, Any]], tag: str):
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullLocator
 
     fig, ax = plt.subplots(figsize=(6.5, 4))

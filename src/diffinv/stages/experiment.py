@@ -30,9 +30,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from diffinv.classify.models import check_arch
 from diffinv.config import ConfigError, TrainConfig, load_config
-from diffinv.runs import RunError, read_json, read_yaml, write_json, write_text, write_yaml
-from diffinv.shards import Shard, missing_message
+from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
+from diffinv.shards import Shard
+from diffinv.stages import Stage
 
 GROUP_KEYS = ("dataset", "method", "per_class", "arch", "aug")
 
@@ -134,6 +136,7 @@ def cells(study: Study) -> list[Cell]:
                                          "per_class": k, "arch": arch, "aug": aug, "seed": seed, "synthetic": synthetic,
                                          "use": mspec.get("use", "both" if synthetic else "real")}
                             try:
+                                check_arch(arch)
                                 config = load_config(TrainConfig, None, overrides)
                             except ConfigError as exc:
                                 raise ConfigError(f"study cell {dname}/{mname}/k{k}/{arch}/{aug}/s{seed}: {exc}") from exc
@@ -149,7 +152,7 @@ def run_study(study: Study, out: str | Path, progress: bool = True, log: Callabl
     every cell finished writes the tables. Returns ``out``, or None while other shards' cells
     are still missing.
     """
-    from diffinv.classify.train import train_classifier
+    from diffinv.stages.train import train_classifier
 
     out = Path(out)
     shard = shard or Shard()
@@ -159,22 +162,22 @@ def run_study(study: Study, out: str | Path, progress: bool = True, log: Callabl
         raise RunError(f"{out} holds a study with other settings; every shard must run the same study YAML and overrides")
     write_yaml(out / "study.yaml", _study_dict(study))
     grid = cells(study)
-    for i, cell in enumerate(grid):
-        if not shard.owns(i):
-            continue
+    units = _units(out, grid, shard.count)
+    for i in (i for i in range(len(grid)) if shard.owns(i)):  # finished cells too: each says it is skipped
+        cell = grid[i]
         run = out / cell.path
         finished = (run / "final.json").is_file()
         log(f"[{i + 1}/{len(grid)}] {cell.path}{' (done, skipped)' if finished else ''}")
         train_classifier(cell.config, run, resume=True, progress=progress, log=log)
         if on_cell is not None:
             on_cell(cell)
-    missing = [i for i, cell in enumerate(grid) if not (out / cell.path / "final.json").is_file()]
-    if missing:
-        if shard.whole:
-            raise RunError(f"{out}: {len(missing)} cells did not finish")
-        log(f"{out}: " + missing_message(missing, shard.count, "cell"))
+    if not units.complete(strict=shard.whole, log=log):
         return None
     return _write_results(study, grid, out, log)
+
+
+def _units(out: Path, grid: list[Cell], shards: int) -> Units:
+    return Units(out, "cell", len(grid), lambda i: (out / grid[i].path / "final.json").is_file(), shards)
 
 
 def _write_results(study: Study, grid: list[Cell], out: Path, log: Callable[[str], None]) -> Path:
@@ -190,10 +193,7 @@ def finish_study(out: str | Path, log: Callable[[str], None] = print) -> Path:
     out = Path(out)
     study = study_from_dict(read_yaml(out / "study.yaml"))
     grid = cells(study)
-    missing = [i for i, cell in enumerate(grid) if not (out / cell.path / "final.json").is_file()]
-    if missing:
-        raise RunError(f"{out}: {len(missing)} of {len(grid)} cells have not finished, e.g. {grid[missing[0]].path}; run the "
-                       f"study's remaining shards (or `diffinv experiment` without --shard), then merge")
+    _units(out, grid, 0).complete(strict=True, log=log)  # 0: the study does not record how many shards ran it
     return _write_results(study, grid, out, log)
 
 
@@ -249,10 +249,10 @@ def study_quality(study: Study, grid: list[Cell], out: Path, log: Callable[[str]
     """Quality of every distinct synthetic source, judged by the dataset's real-only run with the most images."""
     import torch
 
-    from diffinv.classify.quality import synthetic_quality
-    from diffinv.classify.train import load_classifier
     from diffinv.data.real import load_uint8, open_images, select
     from diffinv.data.synthetic import open_synthetic
+    from diffinv.quality.measures import synthetic_quality
+    from diffinv.stages.train import load_classifier
 
     report: dict[str, Any] = {}
     for dname in study.datasets:
@@ -289,3 +289,41 @@ def study_quality(study: Study, grid: list[Cell], out: Path, log: Callable[[str]
 def with_overrides(study: Study, **train: Any) -> Study:
     """The same study with extra shared TrainConfig fields (the CLI's --steps etc.)."""
     return replace(study, train={**study.train, **{k: v for k, v in train.items() if v is not None}})
+
+
+def absolute_paths(study: Study) -> Study:
+    """The study with its data and synthetic paths absolute (Ray workers do not share the driver's working directory).
+
+    Paths may be templates ("runs/{dataset}-di") that exist only once filled in, so they are joined, not resolved.
+    """
+    import os
+
+    def path(value: str) -> str:
+        special = value == "digits" or ":" in value or os.path.isabs(value)
+        return value if special else os.path.abspath(value)
+
+    datasets = {name: {**spec, "data": path(spec["data"])} for name, spec in study.datasets.items()}
+    methods = {name: {**spec, "synthetic": [path(f) for f in spec["synthetic"]]} for name, spec in study.methods.items()}
+    return replace(study, datasets=datasets, methods=methods)
+
+
+def _count_done(out: Path, seen: dict[str, int]) -> tuple[int, int | None]:
+    total = len(cells(study_from_dict(read_yaml(out / "study.yaml")))) if (out / "study.yaml").is_file() else None
+    return len(list((out / "runs").rglob("final.json"))), total
+
+
+def _summary(study: Study, out: Path) -> str:
+    lines = [f"{r['dataset']:>10} {r['method']:>16} k={'all' if r['per_class'] is None else r['per_class']:<5} {r['arch']} "
+             f"{r['aug']}: top-1 {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} % over {r['n_seeds']} seed(s)"
+             for r in read_json(out / "summary.json")]
+    return "\n".join(lines + [f"study {out}: results.csv, summary.csv, quality.json"])
+
+
+def _run(study: Study, out: Path, *, shard: Shard, progress: bool, log: Callable[[str], None], hook: Any = None,
+         **_: Any) -> Path | None:
+    return run_study(study, out, progress=progress, log=log, on_cell=hook, shard=shard)
+
+
+STAGE = Stage(name="experiment", config=Study, marker="study.yaml", run=_run, finish=finish_study, count_done=_count_done,
+              summary=_summary, unit="cell", shardable=True, absolute=absolute_paths,
+              help="run a study grid (datasets x real sizes x methods x archs x augs x seeds): mean and std")

@@ -1,0 +1,163 @@
+"""What every generation method shares: the plan's provenance rows, the conditioning source, the strategy interface.
+
+A method is a :class:`Method` subclass in its own module of this package with a module-level
+``METHOD`` instance; :mod:`diffinv.diffusion.methods` finds it, so a new method is one file
+(plus its test) and the sampler, guidance and output code stay shared, which keeps methods
+comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffinv import rng
+from diffinv.config import GenerateConfig
+from diffinv.data.synthetic import slug
+from diffinv.diffusion.backbone import Backbone
+from diffinv.diffusion.perturb import perturb, pick_partners
+from diffinv.diffusion.store import EmbeddingStore, StoreError
+
+Row = dict[str, Any]
+
+
+@dataclass
+class Conditioning:
+    """What a batch draws its conditioning from, loaded once per run.
+
+    ``embeddings`` [N, K, D]: the store's rows (per image, or per class for class-inversion);
+    ``uncond`` [K, D] or, per class, [C, K, D]; ``extra`` holds what only one method needs
+    (prompt embeddings, class embeddings, the real images of img2img).
+    """
+
+    embeddings: torch.Tensor
+    uncond: torch.Tensor
+    resolution: int = 32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """A way to make synthetic images from a store. Subclasses override what differs."""
+
+    name = ""
+    store_target = "image"  # the store it reads: one row per "image" or per "class"
+    text_encoder = False  # needs the model's tokenizer and text encoder
+    uses_embeddings = True  # samples from the store's embeddings, so the store must be of the model used
+
+    def check(self, config: GenerateConfig, store: EmbeddingStore) -> None:
+        """Refuse, with a message that says what to do, a store or settings this method cannot use."""
+        if store.info.get("target", "image") != self.store_target:
+            raise StoreError(self.wrong_store_message(store))
+
+    def wrong_store_message(self, store: EmbeddingStore) -> str:
+        return (f"{store.root} holds one embedding per class; --method {self.name} needs a per-image store "
+                f"(`diffinv invert` without --target class)")
+
+    def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
+        """One provenance row per sample, in a fixed order (default: ``per_image`` samples of every store row)."""
+        return per_image_rows(config, store, common)
+
+    def extra_stores(self, config: GenerateConfig) -> dict[str, str]:
+        """Other stores this method reads, by name (opened and checked against the model by the stage)."""
+        return {}
+
+    def load(self, config: GenerateConfig, store: EmbeddingStore, backbone: Backbone, rows: list[Row],
+             extra: dict[str, EmbeddingStore] | None = None) -> Conditioning:
+        """The conditioning source (default: the store's embeddings, guided by the mean embedding)."""
+        device = backbone.device
+        embeddings = store.embeddings.to(device)
+        if config.uncond == "class-mean":
+            labels = store.labels
+            uncond = torch.stack([embeddings[labels == c].mean(0) for c in range(len(store.classes))])
+        else:
+            uncond = store.mean_embedding().to(device)
+        return Conditioning(embeddings, uncond, resolution=int(store.info["resolution"]))
+
+    def conditioning(self, rows: list[Row], src: Conditioning, config: GenerateConfig,
+                     keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cond, uncond [B, L, D] for a batch of plan rows; keys [B] the rows' sample keys.
+
+        Default: the row's own embedding, moved towards its partner (rows that have one) and noised.
+        """
+        own = src.embeddings[torch.tensor([r["_src"] for r in rows])]
+        return perturbed(rows, own, src, config, keys), uncond_for(rows, src)
+
+    def start(self, backbone: Backbone, rows: list[Row], src: Conditioning) -> torch.Tensor | None:
+        """Clean latents [B, C, h, w] that sampling starts from part-way (img2img); None: pure noise."""
+        return None
+
+
+# ----------------------------------------------------------------------------- shared pieces of plans
+
+
+def common_fields(config: GenerateConfig, store: EmbeddingStore, model: str, uncond: str) -> Row:
+    """The fields every row of a plan shares (what a sample was made with)."""
+    return {"method": config.method, "seed": config.seed, "sampler": config.sampler, "steps": config.steps,
+            "eta": config.eta if config.sampler == "ddim" else None, "clip_x0": config.clip_x0,
+            "unit_noise": config.unit_noise, "guidance": config.guidance, "uncond": uncond, "model": model,
+            "resolution": store.info["resolution"], "save_size": config.save_size or store.info["resolution"]}
+
+
+def row(common: Row, cls: str, label: int, sample_id: str, identity: str, index: int, seed: int, **extra: Any) -> Row:
+    """A sample's provenance row; ``_key`` (internal) keys all its randomness by its identity."""
+    return {"id": sample_id, "file": f"{slug(cls)}/{sample_id}.png", "class": cls, "label": int(label), "index": index,
+            **common, "source": None, "partner": None, "partner_fallback": None, "interp": None, "interp_mode": None,
+            "noise": None, **extra, "_key": rng.key_of(seed, identity)}
+
+
+def per_image_rows(config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
+    """``per_image`` samples of every store row, in store order."""
+    rows = []
+    for r, store_row in enumerate(store.rows):
+        for k in range(config.per_image):
+            rows.append(row(common, store_row["class"], store_row["label"], f"{slug(store_row['id'])}-{k:02d}",
+                            f"{store_row['id']}|{k}", k, config.seed, source=store_row["id"], _src=r))
+    return rows
+
+
+def per_class_rows(config: GenerateConfig, store: EmbeddingStore, common: Row, extra) -> list[Row]:
+    """As many samples per class as the per-image methods make from that class's real images.
+
+    ``extra(c, name, j, first_row)`` gives the method's own fields of sample j of class c.
+    """
+    # Real images per class: a class store records them, an image store has a row for each.
+    per_class_store = store.info.get("target", "image") == "class"
+    counts = [0] * len(store.classes)
+    first_row: dict[int, int] = {}
+    for r, store_row in enumerate(store.rows):
+        counts[store_row["label"]] += store_row["n_images"] if per_class_store else 1
+        first_row.setdefault(store_row["label"], r)
+    rows = []
+    for c, name in enumerate(store.classes):
+        for j in range(counts[c] * config.per_image):
+            rows.append(row(common, name, c, f"{slug(name)}-{j:05d}", f"{name}|{j}", j, config.seed,
+                            **extra(c, name, j, first_row.get(c))))
+    return rows
+
+
+def add_partners(rows: list[Row], store: EmbeddingStore, config: GenerateConfig) -> None:
+    """Partner j of each sample (same class, keyed by the sample), and the s / sigma it used."""
+    keys = torch.tensor([r["_key"] for r in rows], dtype=torch.int64)
+    sources = torch.tensor([r["_src"] for r in rows], dtype=torch.int64)
+    partners, fallback = pick_partners(keys, sources, store.labels)
+    ids = store.ids
+    for r, j, fb in zip(rows, partners.tolist(), fallback.tolist()):
+        r.update(partner=ids[j], partner_fallback=bool(fb), interp=config.interp, interp_mode=config.interp_mode,
+                 noise=config.noise, _partner=j)
+
+
+def perturbed(rows: list[Row], own: torch.Tensor, src: Conditioning, config: GenerateConfig, keys: torch.Tensor) -> torch.Tensor:
+    """own [B, K, D] moved by s towards each row's partner (when the plan gave it one), plus sigma noise."""
+    with_partner = "_partner" in rows[0]
+    partner = src.embeddings[torch.tensor([r["_partner"] for r in rows])] if with_partner else own
+    return perturb(own.to(keys.device), partner.to(keys.device), keys, config.interp if with_partner else 0.0, config.noise,
+                   config.interp_mode)
+
+
+def uncond_for(rows: list[Row], src: Conditioning) -> torch.Tensor:
+    """Guidance's unconditional input per row [B, K, D]: the mean embedding, or its class's mean."""
+    if src.uncond.dim() == 3:
+        return src.uncond[torch.tensor([r["label"] for r in rows])]
+    return src.uncond.expand(len(rows), -1, -1)

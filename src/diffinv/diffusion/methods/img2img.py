@@ -1,0 +1,88 @@
+"""img2img / SDEdit (DA-Fusion's rival): each real image noised to ``strength`` and denoised with its own embedding.
+
+With ``--img2img-embedding class`` it is denoised with its class's embedding instead (a store from
+``diffinv invert --target class`` given as ``--class-store``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffinv.config import GenerateConfig
+from diffinv.data.real import DataError, LabelledImages, load_pixels, open_images
+from diffinv.diffusion.backbone import Backbone
+from diffinv.diffusion.methods.base import Conditioning, Method, Row, add_partners, per_image_rows, perturbed, uncond_for
+from diffinv.diffusion.store import EmbeddingStore, StoreError
+from diffinv.runs import read_yaml
+
+
+class Img2Img(Method):
+    name = "img2img"
+
+    def check(self, config: GenerateConfig, store: EmbeddingStore) -> None:
+        super().check(config, store)
+        if config.img2img_embedding == "class" and not config.class_store:
+            raise StoreError("--img2img-embedding class needs --class-store DIR (from `diffinv invert --target class`)")
+
+    def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
+        rows = per_image_rows(config, store, common)
+        if config.img2img_embedding == "class":
+            for r in rows:
+                r.update(noise=config.noise)
+        else:
+            add_partners(rows, store, config)
+        for r in rows:
+            r.update(strength=config.strength, embedding=config.img2img_embedding)
+        return rows
+
+    def extra_stores(self, config: GenerateConfig) -> dict[str, str]:
+        return {"class store": config.class_store} if config.img2img_embedding == "class" else {}
+
+    def load(self, config: GenerateConfig, store: EmbeddingStore, backbone: Backbone, rows: list[Row],
+             extra: dict[str, EmbeddingStore] | None = None) -> Conditioning:
+        source = super().load(config, store, backbone, rows)
+        if config.img2img_embedding == "class":
+            class_store = (extra or {})["class store"]
+            if class_store.classes != store.classes:
+                raise StoreError(f"{class_store.root} has classes {class_store.classes}, the store {store.classes}; "
+                                 f"invert both from the same data")
+            if tuple(class_store.info["cond_shape"]) != tuple(store.info["cond_shape"]):
+                raise StoreError(f"{class_store.root} has conditioning {class_store.info['cond_shape']}, "
+                                 f"the store {store.info['cond_shape']}")
+            by_label = {r["label"]: i for i, r in enumerate(class_store.rows)}
+            source.extra["class_embeddings"] = class_store.embeddings[[by_label[c] for c in range(len(store.classes))]].to(backbone.device)
+        source.extra["real"] = real_images(store, rows)
+        return source
+
+    def conditioning(self, rows: list[Row], src: Conditioning, config: GenerateConfig,
+                     keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if config.img2img_embedding == "class":
+            own = src.extra["class_embeddings"][torch.tensor([r["label"] for r in rows])]
+        else:
+            own = src.embeddings[torch.tensor([r["_src"] for r in rows])]
+        return perturbed(rows, own, src, config, keys), uncond_for(rows, src)
+
+    def start(self, backbone: Backbone, rows: list[Row], src: Conditioning) -> torch.Tensor:
+        real = src.extra["real"].subset([r["_real"] for r in rows])
+        return backbone.encode(load_pixels(real, src.resolution)).mean
+
+
+def real_images(store: EmbeddingStore, rows: list[Row]) -> LabelledImages:
+    """The real images a store was inverted from, reopened from its config; sets each row's ``_real`` index."""
+    data = read_yaml(Path(store.root) / "config.yaml")
+    try:
+        real = open_images(data["data"], data.get("format", "auto"), data.get("split", "train"))
+    except DataError as exc:
+        raise DataError(f"img2img re-reads the store's real images from {data['data']}: {exc}") from exc
+    index = {image_id: i for i, image_id in enumerate(real.ids)}
+    missing = sorted({r["source"] for r in rows} - set(index))
+    if missing:
+        raise DataError(f"img2img needs the store's real images, but {len(missing)} are no longer in {data['data']}, e.g. {missing[:3]}")
+    for r in rows:
+        r["_real"] = index[r["source"]]
+    return real
+
+
+METHOD = Img2Img()

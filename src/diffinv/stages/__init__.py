@@ -1,0 +1,43 @@
+"""The pipeline's stages, one module per sub-command, each exporting a :class:`Stage`.
+
+real images -> invert -> store -> generate -> synthetic set -> train / experiment -> runs -> report
+
+A stage owns its output folder (fresh / resume / done, atomic units, the manifest); the maths it
+drives lives in the library (:mod:`diffinv.diffusion`, :mod:`diffinv.classify`,
+:mod:`diffinv.quality`), which never imports from here. :mod:`diffinv.launch` runs a stage whole,
+as one shard, or as shards on Ray, by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the launcher and the CLI need to know of a stage.
+
+    ``run(config, out, *, shard, resume, overwrite, progress, log, hook)`` does the work (one
+    shard's part of it) and returns ``out``, or None while other shards' units are missing.
+    ``finish(out)`` writes the manifest once every unit is there (``diffinv merge``);
+    ``count_done(out, seen)`` reads (finished, total) units from the folder for progress;
+    ``summary(config, out)`` is the line the CLI prints; ``path_fields`` are config fields that
+    name local paths (made absolute for Ray workers).
+    """
+
+    name: str
+    config: type
+    marker: str
+    run: Callable[..., Path | None]
+    help: str
+    description: str = ""  # the sub-command's --help text (default: ``help``)
+    outputs: tuple[str, str, str] | None = None  # help of --out, --resume, --overwrite (stages with an output folder)
+    finish: Callable[..., Path | None] | None = None
+    count_done: Callable[[Path, dict[str, int]], tuple[int, int | None]] | None = None
+    summary: Callable[[Any, Path], str] | None = None
+    unit: str = "unit"
+    path_fields: tuple[str, ...] = ()
+    shardable: bool = False
+    absolute: Callable[[Any], Any] | None = None  # a config with its local paths made absolute, when path_fields cannot say

@@ -1,0 +1,155 @@
+"""``diffinv generate``: an embedding store -> a synthetic dataset (PNGs + provenance), by DI or a rival method.
+
+Samples are made in fixed chunks of ``batch_size`` in plan order; a chunk whose images all exist
+is skipped, so a re-run after a kill only makes what is missing, with the same images. Shard I
+of N makes the chunks b with b % N == I, into the folder all shards share; the last shard to
+finish writes the manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from diffinv.config import GenerateConfig, config_to_dict, load_config
+from diffinv.data.synthetic import MARKER, SyntheticWriter, read_manifest
+from diffinv.device import halving_on_oom, resolve_device, resolve_dtype
+from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.generation import generate_batch, plan_samples, public
+from diffinv.diffusion.methods import get_method
+from diffinv.diffusion.sampling import to_uint8
+from diffinv.diffusion.store import EmbeddingStore, StoreError
+from diffinv.runs import Units, check_free_space, open_output, read_json, remove_temporaries, write_yaml
+from diffinv.shards import Shard
+from diffinv.stages import Stage
+
+
+def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+                     on_batch: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
+                     shard: Shard | None = None) -> Path | None:
+    """Write the synthetic dataset of ``config`` to ``out``; re-running completes an unfinished set.
+
+    Returns ``out``, or None while other shards' chunks are still missing.
+    """
+    out = Path(out)
+    shard = shard or Shard()
+    method = get_method(config.method)
+
+    # 1. Stores, checked before anything slow happens.
+    store = _open_store(config.store, "store")
+    method.check(config, store)
+    extra = {name: _open_store(path, name) for name, path in method.extra_stores(config).items()}
+    model = config.model or store.info.get("model_path", store.info["model"])
+
+    # 2. Output folder: fresh, or the same settings continued (idempotent re-run).
+    mode = open_output(out, MARKER, config, noun="folder", resume=True, overwrite=overwrite, shared=not shard.whole)
+    if mode == "done":
+        log(f"{out} is already complete; nothing to do")
+        return out
+
+    # 3. Model on the device, and the check that the stores were made with it.
+    device = resolve_device(config.device)
+    backbone = load_backbone(model, with_text_encoder=method.text_encoder).to(device, resolve_dtype(config.precision, device))
+    fingerprint = backbone.fingerprint()
+    for s in (store, *extra.values()):
+        if method.uses_embeddings and s.info["model_fingerprint"] != fingerprint:
+            raise StoreError(f"{s.root} was made with another model ({s.info['model']}), not {model}; "
+                             f"generate with the store's model or invert again with this one")
+
+    # 4. The plan and what its conditionings are drawn from.
+    rows = plan_samples(config, store, model)
+    source = method.load(config, store, backbone, rows, extra)
+    writer = SyntheticWriter(out)
+    if not (out / MARKER).is_file():
+        write_yaml(out / "config.yaml", config_to_dict(config))
+        writer.start({"method": config.method, "classes": store.classes, "n_samples": len(rows), "store": str(store.root),
+                      "model": model, "model_fingerprint": fingerprint, "shards": shard.count})
+
+    # 5. This shard's chunks with missing images, generated and written.
+    chunks = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
+    units = Units(out, "chunk", len(chunks), lambda b: all(writer.exists(r) for r in chunks[b]), shard.count)
+    todo = [chunks[b] for b in units.todo(shard)]
+    save_size = config.save_size or store.info["resolution"]
+    # Worst case: incompressible PNGs of the missing images.
+    check_free_space(out, sum(len(c) for c in todo) * (3 * save_size**2 + 1024), "the generated images")
+    mine = sum(len(c) for b, c in enumerate(chunks) if shard.owns(b))
+    bar = tqdm(total=mine, initial=mine - sum(len(c) for c in todo), unit="img", disable=not progress, dynamic_ncols=True,
+               desc=f"generate ({config.method}, {config.sampler} {config.steps} steps)" + ("" if shard.whole else f" shard {shard}"))
+    for b, chunk in enumerate(todo):
+        # Out of GPU memory, in halves: each sample is keyed, so the images are the same.
+        for part, pixels in halving_on_oom(lambda part: generate_batch(backbone, list(part), source, config), chunk,
+                                           what="generating", log=log, device=backbone.device):
+            for row, image in zip(part, to_uint8(pixels, save_size)):
+                if not writer.exists(row):
+                    writer.write_image(row, image)
+        bar.update(len(chunk))
+        if on_batch is not None:
+            on_batch(b)
+    bar.close()
+
+    # 6. The manifest, once every shard's images exist.
+    return _finish(out, writer, rows, log, strict=shard.whole, chunk_size=config.batch_size)
+
+
+def _finish(out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], log: Callable[[str], None], *, strict: bool,
+            chunk_size: int) -> Path | None:
+    chunks = [rows[i : i + chunk_size] for i in range(0, len(rows), chunk_size)]
+    units = Units(out, "chunk", len(chunks), lambda b: all(writer.exists(r) for r in chunks[b]), int(writer.info().get("shards", 1)))
+    missing = sum(1 for r in rows if not writer.exists(r))
+    if not units.complete(strict=strict, log=log, what=f"{missing} images in "):
+        return None
+    writer.finish([public(r) for r in rows])
+    remove_temporaries(out)
+    return out
+
+
+def finish_dataset(out: str | Path, log: Callable[[str], None] = print) -> Path:
+    """``diffinv merge`` for a generated set: its plan is rebuilt from the saved config and store."""
+    out = Path(out)
+    config = load_config(GenerateConfig, str(out / "config.yaml"), {})
+    writer = SyntheticWriter(out)
+    store = _open_store(config.store, "store")
+    rows = plan_samples(config, store, writer.info()["model"])
+    return _finish(out, writer, rows, log, strict=True, chunk_size=config.batch_size)
+
+
+def _open_store(path: str, what: str) -> EmbeddingStore:
+    if not path:
+        raise StoreError(f"a {what} is required (--{what.replace(' ', '-')} DIR, made by `diffinv invert`)")
+    if not Path(path).is_dir():
+        raise StoreError(f"--{what.replace(' ', '-')} {path} does not exist; give the --out folder of `diffinv invert`")
+    return EmbeddingStore.open(path)
+
+
+def _count_done(out: Path, seen: dict[str, int]) -> tuple[int, int | None]:
+    import os
+
+    done = sum(1 for d in out.iterdir() if d.is_dir() for f in os.scandir(d) if f.name.endswith(".png"))
+    return done, read_json(out / MARKER).get("n_samples")
+
+
+def _summary(config: GenerateConfig, out: Path) -> str:
+    rows = read_manifest(out)
+    per_class: dict[str, int] = {}
+    for r in rows:
+        per_class[r["class"]] = per_class.get(r["class"], 0) + 1
+    fallbacks = sum(1 for r in rows if r.get("partner_fallback"))
+    note = f"; {fallbacks} partners from another class (class had a single image)" if fallbacks else ""
+    return (f"dataset {out}: {len(rows)} images ({config.method}, {config.sampler} {config.steps} steps, guidance "
+            f"{config.guidance}) in {len(per_class)} classes, {min(per_class.values())}-{max(per_class.values())} per class{note}")
+
+
+def _run(config: GenerateConfig, out: Path, *, shard: Shard, resume: bool, overwrite: bool, progress: bool,
+         log: Callable[[str], None], hook: Any = None) -> Path | None:
+    return generate_dataset(config, out, overwrite=overwrite, progress=progress, on_batch=hook, log=log, shard=shard)
+
+
+STAGE = Stage(name="generate", config=GenerateConfig, marker=MARKER, run=_run, finish=finish_dataset, count_done=_count_done,
+              summary=_summary, unit="img", path_fields=("model", "store", "class_store"), shardable=True,
+              help="sample a synthetic dataset around the learned conditionings (stage 2)",
+              description=("Diffusion Inversion stage 2: c = c_i + s (c_j - c_i) + sigma * eps, guided by the mean embedding; "
+                          "or a rival method (prompt, class-inversion, img2img) through the same sampler."),
+              outputs=("dataset folder to write: OUT/<class>/<id>.png + manifest.jsonl",
+                      "complete an unfinished set (re-running does the same)", "replace an existing generated set"))

@@ -1,0 +1,238 @@
+"""``diffinv invert``: real images -> an embedding store (one conditioning per image, or per class).
+
+Items are planned in fixed batches of ``batch_size``; finished batches are written as atomic
+parts, a batch in progress is checkpointed every ``checkpoint_every`` steps, so a resume after a
+kill gives the same store as an uninterrupted run. Shard I of N inverts the batches b with
+b % N == I into the one folder; whichever shard finishes last writes the manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffinv import rng
+from diffinv.config import InvertConfig, config_to_dict
+from diffinv.data.real import LabelledImages, load_pixels, open_images, select
+from diffinv.device import halving_on_oom, resolve_device, resolve_dtype
+from diffinv.diffusion.backbone import Backbone, load_backbone
+from diffinv.diffusion.inversion import InversionError, encode_images, invert_items
+from diffinv.diffusion.store import CLASS_PREFIX, MARKER, StoreWriter, part_name, read_rows
+from diffinv.runs import RunError, Units, check_free_space, open_output, read_json, read_yaml, remove_temporaries, write_yaml
+from diffinv.shards import Shard
+from diffinv.stages import Stage
+
+StepHook = Callable[[int, int], None]  # (batch index, finished step) -> None; may raise to stop
+
+
+def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                   progress: bool = True, on_step: StepHook | None = None, log: Callable[[str], None] = print,
+                   shard: Shard | None = None) -> Path | None:
+    """Invert every selected image of ``config.data`` into the store at ``out``.
+
+    Returns ``out``, or None while other shards' batches are still missing.
+    """
+    out = Path(out)
+    shard = shard or Shard()
+    mode = open_output(out, MARKER, config, noun="store", resume=resume, overwrite=overwrite, shared=not shard.whole)
+    if mode == "done":
+        log(f"{out} is already complete; nothing to do")
+        return out
+
+    # 1. Data: the selected, readable images.
+    images = select(open_images(config.data, config.format, config.split), config.per_class, config.subset_seed,
+                    config.bad_images, warn=log)
+
+    # 2. Model, frozen, on the device in the working precision.
+    device = resolve_device(config.device)
+    backbone = load_backbone(config.model).to(device, resolve_dtype(config.precision, device))
+    encoder = None
+    if config.init == "encoder":
+        from diffinv.diffusion.encoder import load_encoder
+
+        encoder = load_encoder(config.model).to(device)
+
+    # 3. Store: header and resolved config, or a check that the resumed store fits this model.
+    #    A store holds one row per image, or one per class with --target class.
+    item_ids = images.ids if config.target == "image" else [CLASS_PREFIX + name for name in images.classes]
+    writer = StoreWriter(out)
+    _start_store(config, out, writer, backbone, images, item_ids, shard)
+
+    # 4. This shard's batches that are not finished yet.
+    finished = writer.finished_ids()
+    batches = plan_batches(len(item_ids), config.batch_size)
+    units = Units(out, "batch", len(batches), lambda b: all(item_ids[i] in finished for i in batches[b]), shard.count)
+    work = [(b, [i for i in batches[b] if item_ids[i] not in finished]) for b in units.todo(shard)]
+    unit = "image" if config.target == "image" else "class"
+    n_todo = sum(len(todo) for _, todo in work)
+    bar = tqdm(total=n_todo * config.steps, unit=f"{unit}-step", disable=not progress, dynamic_ncols=True,
+               desc=f"invert {n_todo} {unit}{'es' if unit == 'class' else 's'}" + ("" if shard.whole else f" (shard {shard})"))
+    failed = 0
+    for b, todo in work:
+        # Out of GPU memory, a batch is split in two and each half written as its own part.
+        parts = halving_on_oom(lambda part: _invert_and_write(backbone, images, list(part), config, writer, bar, b, on_step,
+                                                              log, encoder),
+                               todo, what="inverting", log=log, device=backbone.device)
+        failed += sum(n for _, n in parts)
+    bar.close()
+    if work and failed == n_todo:
+        raise InversionError(f"the inversion loss was not finite for every image, even after {config.nan_retries} retries at "
+                             f"lower learning rates; lower --lr or use --precision fp32")
+
+    # 5. The manifest, once every shard's batches are in.
+    return finish_store(out, log=log, strict=shard.whole)
+
+
+def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone: Backbone, images: LabelledImages,
+                 item_ids: list[str], shard: Shard) -> None:
+    # The absolute path lets `generate` find the model from any working directory.
+    model_path = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
+    info = {"model": config.model, "model_path": model_path, "model_fingerprint": backbone.fingerprint(),
+            "cond_shape": [config.tokens, backbone.cond_dim], "classes": images.classes, "resolution": config.resolution,
+            "latent_shape": list(backbone.latent_shape(config.resolution)), "n_images": len(item_ids), "n_items": len(item_ids),
+            "target": config.target, "shards": shard.count, "dtype": str(backbone.dtype).replace("torch.", "")}
+    if (out / MARKER).is_file():
+        old = writer.info()
+        if old.get("model_fingerprint") != info["model_fingerprint"]:
+            raise RunError(f"{out} was made with another model ({old.get('model')}); use --overwrite or a new --out")
+    else:
+        write_yaml(out / "config.yaml", config_to_dict(config))
+        writer.start(info)
+    # The whole store's embeddings plus a checkpoint per batch (AdamW keeps two more copies).
+    cond_bytes = 4 * config.tokens * backbone.cond_dim
+    check_free_space(out, len(item_ids) * cond_bytes + 4 * config.batch_size * cond_bytes + (1 << 20), "the store")
+
+
+def plan_batches(n_items: int, batch_size: int) -> list[list[int]]:
+    """The fixed batches of item indices [0, n_items): batch b is what shard b % N inverts."""
+    return [list(range(i, min(i + batch_size, n_items))) for i in range(0, n_items, batch_size)]
+
+
+def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bool = True) -> Path | None:
+    """Write the store's manifest if every item is finished; else raise (``strict``) or log what is missing and return None."""
+    out = Path(out)
+    writer = StoreWriter(out)
+    info = writer.info()
+    total = info.get("n_items", info["n_images"])
+    done = {r["index"] for r in read_rows(out)} | {r["index"] for r in read_rows(out, "failed")}
+    batch_size = int(read_yaml(out / "config.yaml")["batch_size"])
+    batches = plan_batches(total, batch_size)
+    units = Units(out, "batch", len(batches), lambda b: all(i in done for i in batches[b]), int(info.get("shards", 1)))
+    missing = len(set(range(total)) - done)
+    if not units.complete(strict=strict, log=log, what=f"{missing} images in "):
+        return None
+    writer.finish(total)
+    remove_temporaries(out)
+    failed = read_rows(out, "failed")
+    if failed:
+        log(f"warning: {len(failed)} image(s) left out of {out}, their loss stayed non-finite: "
+            f"{', '.join(r['id'] for r in failed[:5])}{' ...' if len(failed) > 5 else ''} (listed in store.json)")
+    return out
+
+
+def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[int], config: InvertConfig,
+                      writer: StoreWriter, bar, batch_index: int, on_step: StepHook | None,
+                      log: Callable[[str], None], encoder: torch.nn.Module | None) -> int:
+    """Invert one batch of items (images, or classes with ``target == "class"``) and write its part.
+
+    Returns how many items were given up on (non-finite loss after every retry).
+    """
+    # 1. Inputs: pixels per image, or latents of every image of each class with its owner.
+    if config.target == "image":
+        subset = images.subset(indices)
+        ids, inputs, owners = subset.ids, load_pixels(subset, config.resolution), None
+    else:
+        ids = [CLASS_PREFIX + images.classes[c] for c in indices]
+        members = [np.flatnonzero(images.labels == c).tolist() for c in indices]
+        inputs = encode_images(backbone, images.subset([i for m in members for i in m]), config.resolution)
+        owners = torch.cat([torch.full((len(m),), b, dtype=torch.long) for b, m in enumerate(members)])
+    keys = rng.keys_tensor(config.seed, ids)
+    start_from = None
+    if encoder is not None:
+        with torch.no_grad():
+            start_from = encoder(inputs.to(backbone.device, torch.float32)).float()
+
+    # 2. A checkpoint of exactly these items continues; one of another split of them is ignored.
+    batch = part_name(ids)
+    resumed = writer.load_checkpoint(batch)
+    if resumed is not None and resumed[1]["ids"] != ids:
+        resumed = None
+    state, start = (resumed[0], int(resumed[1]["step"])) if resumed else (None, 0)
+    bar.update(start * len(indices))
+
+    def checkpoint(step: int, embeddings: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
+        writer.save_checkpoint(batch, {"embeddings": embeddings}, optimiser, {"ids": ids, "step": step})
+
+    def step_done(step: int, loss: float | None) -> None:
+        bar.update(len(indices))
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if on_step is not None:
+            on_step(batch_index, step)
+
+    # 3. Optimise; items whose loss is not finite are retried at lower learning rates.
+    result = invert_items(backbone, inputs, keys, config, owners=owners, init=start_from, log=log, what=f"batch {batch_index}",
+                          state=state, start_step=start, checkpoint=checkpoint, on_step=step_done)
+
+    # 4. Rows of the manifest; the failures apart.
+    if config.target == "image":
+        rows = [{"id": ids[j], "index": indices[j], "label": int(subset.labels[j]), "class": images.classes[subset.labels[j]],
+                 "source": subset.sources[j]} for j in range(len(indices))]
+    else:
+        rows = [{"id": ids[j], "index": c, "label": c, "class": images.classes[c], "source": f"{len(members[j])} images",
+                 "n_images": len(members[j])} for j, c in enumerate(indices)]
+    rows = [{**r, "loss_init": float(result.loss_init[j]), "loss": float(result.loss_final[j]), "steps": config.steps,
+             "lr": result.lrs[j]} for j, r in enumerate(rows)]
+    good = [j for j in range(len(ids)) if result.finite(j)]
+    if not good and len(ids) > 1:
+        # A whole batch failing is the settings, not the images: stop before it happens to every batch.
+        raise InversionError(f"the inversion loss was not finite for any of the {len(ids)} items of batch {batch_index}, even after "
+                             f"{config.nan_retries} retries at lower learning rates; lower --lr or use --precision fp32 "
+                             f"(finished batches are kept)")
+    failed = [{**rows[j], "error": f"loss not finite at lr {config.lr:g} and {config.nan_retries} lower rate(s)"}
+              for j in range(len(ids)) if j not in good]
+    writer.write_part(result.embeddings[good], [rows[j] for j in good], failed)
+    writer.clear_checkpoint(batch)
+    return len(failed)
+
+
+def _count_done(out: Path, seen: dict[str, int]) -> tuple[int, int | None]:
+    """Finished images of a store being written by shards; ``seen`` caches each finished part's size."""
+    for meta in (*(out / "parts").glob("part-*.json"), *(out / "failed").glob("part-*.json")):
+        key = f"{meta.parent.name}/{meta.name}"
+        if key not in seen:
+            seen[key] = len(read_json(meta))
+    info = read_json(out / MARKER)
+    return sum(seen.values()), info.get("n_items", info.get("n_images"))
+
+
+def _summary(config: InvertConfig, out: Path) -> str:
+    # Manifest rows only: the embeddings of a large store need not fit in memory.
+    info, rows = read_json(out / MARKER), read_rows(out)
+    losses = [r["loss"] for r in rows]
+    inits = [r["loss_init"] for r in rows]
+    what = (f"{len(rows)} images" if config.target == "image"
+            else f"one conditioning per class from {sum(r['n_images'] for r in rows)} images")
+    return (f"store {out}: {what}, {len(info['classes'])} classes, conditioning {tuple(info['cond_shape'])}; "
+            f"mean loss {sum(inits) / len(inits):.4f} at init -> {sum(losses) / len(losses):.4f} after {config.steps} steps")
+
+
+def _run(config: InvertConfig, out: Path, *, shard: Shard, resume: bool, overwrite: bool, progress: bool,
+         log: Callable[[str], None], hook: Any = None) -> Path | None:
+    if not config.model or not config.data:
+        from diffinv.config import ConfigError
+
+        raise ConfigError("--model and --data are required (on the command line or in --config)")
+    return invert_dataset(config, out, resume=resume or not shard.whole, overwrite=overwrite, progress=progress,
+                          on_step=hook, log=log, shard=shard)
+
+
+STAGE = Stage(name="invert", config=InvertConfig, marker=MARKER, run=_run, finish=finish_store, count_done=_count_done,
+              summary=_summary, unit="img", path_fields=("model", "data"), shardable=True,
+              help="learn one conditioning per real image (stage 1) -> embedding store",
+              description="Diffusion Inversion stage 1: a learned K x D conditioning per image, UNet and VAE frozen.",
+              outputs=("store folder to write", "continue an unfinished store, skipping finished images", "replace an existing store"))

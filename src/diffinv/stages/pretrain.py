@@ -1,0 +1,241 @@
+"""``diffinv pretrain-base``: unlabeled images -> the project's own small base generator (a diffusers folder).
+
+The parts and the loss are in :mod:`diffinv.diffusion.pretrain`; this module owns the run: data,
+the keyed loop, checkpoints (a resumed run ends with the same weights), the saved folder with its
+loss curve and preview grid. Labels are never read; the config refuses a test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from diffinv import rng
+from diffinv.config import PretrainConfig, config_to_dict
+from diffinv.device import resolve_device, slow_bf16_warning
+from diffinv.diffusion.backbone import Backbone, save_folder
+from diffinv.diffusion.encoder import TokenEncoder
+from diffinv.diffusion.pretrain import (PretrainError, autoencoder_loss, base_scheduler_config, build_base_unet, ema_update,
+                                        is_grey, warmup_lr)
+from diffinv.diffusion.views import denoiser_view, random_views, strong
+from diffinv.runs import (RunError, load_optimiser_tensors, open_output, prefixed, read_checkpoint, read_json, save_checkpoint,
+                          write_json, write_safetensors, write_text, write_yaml)
+from diffinv.stages import Stage
+
+MARKER = "pretrain.json"
+
+
+def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                  progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Pretrain a base model and write it to ``out`` as a diffusers folder that ``load_backbone`` reads.
+
+    ``out`` also gets ``config.yaml``, ``losses.jsonl`` (mean loss per ``log_every`` steps),
+    ``loss.png``, ``samples.png`` (real images, their reconstructions from the encoder's tokens,
+    unconditional samples), ``encoder.safetensors`` and ``pretrain.json``. A checkpoint is
+    written every ``checkpoint_every`` steps; ``resume`` continues it to the same weights as an
+    uninterrupted run (batches and draws are keyed by (seed, step)).
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    device = resolve_device(config.device)
+    autocast = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    if autocast and (warning := slow_bf16_warning(torch.bfloat16, device)):
+        log(f"warning: {warning}")
+
+    # 1. The output folder: fresh, resumed (same settings only) or already done.
+    state = open_output(out, MARKER, config, noun="base", resume=resume, overwrite=overwrite)
+    if state == "done":
+        log(f"{out} is already complete")
+        return out
+    write_yaml(out / "config.yaml", config_to_dict(config))
+    write_json(out / MARKER, {"status": "running", "steps_total": config.steps})
+
+    # 2. Unlabeled training images as pixels in [-1, 1] on the device, one channel for grey data.
+    pixels = _training_pixels(config, progress)
+    channels = config.image_channels or (1 if is_grey(pixels) else 3)
+    pixels = (pixels[:, :1] if channels == 1 else pixels).to(device)
+
+    # 3. Model, encoder, their average and the optimiser; everything seeded.
+    torch.manual_seed(config.seed)
+    unet = build_base_unet(config, channels).to(device).train()
+    scheduler_config = base_scheduler_config(config)
+    backbone = Backbone(unet, None, scheduler_config, str(out))
+    encoder = TokenEncoder(channels, config.tokens, config.cross_attention_dim).to(device).train()
+    averaged = nn.ModuleDict({"unet": copy.deepcopy(unet), "encoder": copy.deepcopy(encoder)}).requires_grad_(False)
+    trained = nn.ModuleDict({"unet": unet, "encoder": encoder})
+    opt = torch.optim.AdamW(trained.parameters(), lr=config.lr, weight_decay=0.0)
+
+    # 4. Resume: weights, average, Adam moments, the loss history.
+    ckpt = out / "checkpoint.safetensors"
+    start, history = 0, []
+    if state == "resume" and ckpt.is_file():
+        start, history = _load_checkpoint(ckpt, trained, averaged, opt)
+        log(f"resuming {out} at step {start}/{config.steps}")
+
+    # 5. The loop: keyed batch, loss, step, average; sync with the host only every log_every steps.
+    bar = tqdm(total=config.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
+    window = torch.zeros((), device=device)
+    began = time.time() - (history[-1]["seconds"] if history else 0.0)  # seconds count across resumes
+    # Draws are keyed by (batch position, step): an image drawn twice in one batch still gets two noises.
+    keys = torch.arange(config.batch_size, dtype=torch.int64, device=device) + config.seed * 1_000_003
+    steps, done = config.steps, start
+    for step in range(start, config.steps):
+        # 5a. The step's images: what the UNet denoises, and what the encoder sees (the same, or another view).
+        idx = _batch(config, step, len(pixels)).to(device)
+        x0 = denoiser_view(pixels[idx], keys, step, rng.STREAM_LATENT, config.hflip)
+        seen = None
+        if config.views == "invariant":
+            seen = random_views(pixels[idx], keys, step, rng.STREAM_VIEW, strong(config.view_min_area), config.hflip)
+        for group in opt.param_groups:
+            group["lr"] = warmup_lr(step, config.warmup, config.lr)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = autoencoder_loss(backbone, encoder, x0, keys, step, config.cond_dropout, seen, config.token_noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema_update(averaged, trained, config.ema, step + 1)
+        window += loss.detach()
+        done = step + 1
+        out_of_time = bool(config.max_seconds) and time.time() - began >= config.max_seconds
+        if out_of_time:
+            steps = done  # the run ends here; it is then exactly a run of `done` steps
+        if done % config.log_every == 0 or done == steps:
+            n = done - (history[-1]["step"] if history else 0)
+            mean = float(window) / n
+            if not math.isfinite(mean):
+                raise PretrainError(f"the loss became {mean} before step {done}; lower --lr (now {config.lr}) or use "
+                                    f"--precision fp32; the last checkpoint in {out} is kept")
+            history.append({"step": done, "loss": mean, "seconds": round(time.time() - began, 2)})
+            window.zero_()
+            bar.set_postfix(loss=f"{mean:.4f}")
+        if done % config.checkpoint_every == 0 and done < steps:
+            save_checkpoint(ckpt, {**{f"model.{k}": v for k, v in trained.state_dict().items()},
+                                   **{f"ema.{k}": v for k, v in averaged.state_dict().items()}}, opt,
+                            {"step": done, "history": history})
+        bar.update(1)
+        if out_of_time:
+            log(f"stopping after {done} steps: --max-seconds {config.max_seconds:g} reached")
+            break
+    bar.close()
+    if steps != config.steps:
+        write_yaml(out / "config.yaml", {**config_to_dict(config), "steps": steps})
+
+    # 6. Save the averaged weights as a diffusers folder, the curves and the preview grid, then mark done.
+    final = Backbone(averaged["unet"].eval(), None, scheduler_config, str(out))
+    save_folder(final, out)
+    write_safetensors(out / "encoder.safetensors", averaged["encoder"].state_dict(),
+                      {"tokens": str(config.tokens), "dim": str(config.cross_attention_dim), "in_channels": str(channels)})
+    write_text(out / "losses.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    _plot_losses(history, out / "loss.png")
+    _preview(final, averaged["encoder"].eval(), pixels, config, out / "samples.png")
+    n_params = sum(p.numel() for p in final.unet.parameters())
+    write_json(out / MARKER, {
+        "status": "complete", "steps": steps, "steps_asked": config.steps, "images": len(pixels), "image_channels": channels,
+        "unet_parameters": n_params,
+        "final_loss": history[-1]["loss"] if history else None, "device": str(device),
+        "train_seconds": history[-1]["seconds"] if history else None,
+    })
+    ckpt.unlink(missing_ok=True)
+    return out
+
+
+def _training_pixels(config: PretrainConfig, progress: bool) -> torch.Tensor:
+    """[N, 3, R, R] float in [-1, 1]: every training image of ``data`` and ``extra_data``, labels ignored."""
+    from diffinv.data.real import load_uint8, open_images, select
+
+    parts = []
+    for spec, fmt in [(config.data, config.format)] + [(extra, "auto") for extra in config.extra_data]:
+        images = select(open_images(spec, fmt, config.split), None, 0, config.bad_images)
+        if len(images) == 0:
+            raise PretrainError(f"{spec} ({config.split} split) holds no readable images to pretrain on")
+        parts.append(load_uint8(images, config.resolution, progress=progress, desc=f"loading {Path(spec).name}"))
+    return torch.cat(parts).float().div(127.5).sub(1.0)
+
+
+def _batch(config: PretrainConfig, step: int, n: int) -> torch.Tensor:
+    """[B] image indices of a step: a pure function of (seed, step), so a resumed run sees the same batches."""
+    gen = torch.Generator().manual_seed(rng.key_of(config.seed, f"pretrain-step/{step}"))
+    return torch.randint(n, (config.batch_size,), generator=gen)
+
+
+def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"denoising loss (mean of {history[0]['step'] if history else 0} steps)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    from diffinv.runs import atomic_write
+
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+@torch.no_grad()
+def _preview(backbone: Backbone, encoder: TokenEncoder, pixels: torch.Tensor, config: PretrainConfig, path: Path,
+             n: int = 16) -> None:
+    """Three rows of ``n``: real training images, their reconstructions from the encoder's tokens, unconditional samples."""
+    from PIL import Image
+
+    from diffinv.diffusion.sampling import sample_latents, to_uint8
+    from diffinv.runs import atomic_write
+
+    n = min(n, len(pixels))
+    real = pixels[torch.linspace(0, len(pixels) - 1, n).long()]
+    keys = torch.arange(n, dtype=torch.int64, device=real.device) + 7_777_777
+    noise = rng.keyed_normal(keys, 0, rng.STREAM_NOISE, tuple(real.shape[1:]))
+    cond = encoder(real)
+    recon = sample_latents(backbone, cond, None, noise, sampler="ddim", steps=25, guidance=1.0)
+    uncond = sample_latents(backbone, torch.zeros_like(cond), None, noise, sampler="ddim", steps=25, guidance=1.0)
+    rows = [to_uint8(x.expand(-1, 3, -1, -1), None) for x in (real, recon.clamp(-1, 1), uncond.clamp(-1, 1))]  # each [n, R, R, 3]
+    grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).numpy()
+    scale = max(1, 64 // config.resolution)
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
+
+
+def _load_checkpoint(path: Path, trained: nn.Module, averaged: nn.Module,
+                     opt: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]]]:
+    tensors, meta = read_checkpoint(path)
+    try:
+        trained.load_state_dict(prefixed(tensors, "model"))
+        averaged.load_state_dict(prefixed(tensors, "ema"))
+    except RuntimeError as exc:
+        raise RunError(f"{path} does not match this configuration ({exc}); use --overwrite to start over") from exc
+    load_optimiser_tensors(opt, tensors)
+    return int(meta["step"]), meta["history"]
+
+
+def _summary(config: PretrainConfig, out: Path) -> str:
+    info = read_json(out / MARKER)
+    size = sum(f.stat().st_size for f in (out / "unet").iterdir()) / 2 ** 20
+    return (f"base {out}: {info['unet_parameters'] / 1e6:.2f}M-parameter pixel UNet ({size:.1f} MB) trained {info['steps']} "
+            f"steps on {info['images']} images, final loss {info['final_loss']:.4f}; samples in {out / 'samples.png'}")
+
+
+def _run(config: PretrainConfig, out: Path, *, resume: bool, overwrite: bool, progress: bool, log: Callable[[str], None],
+         **_: Any) -> Path:
+    return pretrain_base(config, out, resume=resume, overwrite=overwrite, progress=progress, log=log)
+
+
+STAGE = Stage(name="pretrain-base", config=PretrainConfig, marker=MARKER, run=_run, summary=_summary,
+              path_fields=("data",), help="train the project's own small base generator on unlabeled images (diffusers format)",
+              description=("A diffusion autoencoder: a pixel-space UNet2DConditionModel reading K tokens that a small encoder "
+                          "makes from the image (dropped 10%% of the time for guidance). Saved as a diffusers folder that "
+                          "invert/generate load like Stable Diffusion. Labels are never read."),
+              outputs=("folder to write the base model to", "continue an interrupted pretraining from its last checkpoint",
+                      "replace an existing base"))

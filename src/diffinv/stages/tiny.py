@@ -1,0 +1,25 @@
+"""``diffinv tiny-model``: write a small random SD-architecture model (diffusers format) to try the pipeline offline."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from diffinv.config import ConfigError, TinyModelConfig
+from diffinv.diffusion.tiny import save_tiny_model
+from diffinv.stages import Stage
+
+
+def _run(config: TinyModelConfig, out: Path, *, overwrite: bool, **_: Any) -> Path:
+    if out.exists() and any(out.iterdir()):
+        if not (overwrite and (out / "model_index.json").is_file()):
+            raise ConfigError(f"{out} exists and is not empty; choose a new folder (--overwrite replaces a tiny-model folder)")
+        shutil.rmtree(out)
+    return save_tiny_model(out, config.kind, config.seed, config.prediction_type, config.text_encoder)
+
+
+STAGE = Stage(name="tiny-model", config=TinyModelConfig, marker="model_index.json", run=_run,
+              summary=lambda config, out: f"saved a random {config.kind} model to {out}",
+              help="save a small random SD-architecture model (for trying the pipeline offline)",
+              outputs=("folder to write", "(not used: a model is written whole)", "replace a model previously written by tiny-model"))

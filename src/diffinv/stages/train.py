@@ -1,0 +1,195 @@
+"""``diffinv train``: a classifier trained on real, synthetic or both, evaluated on the real test split.
+
+Small data sets fit on the device as uint8 tensors (CIFAR-10 is 150 MB), so there is no data
+loader: each step indexes the tensors, augments the batch on the device and takes one SGD step.
+Everything random in a step is a function of (seed, step): batch order comes from keyed
+permutations and the global generator is reseeded before the step, so a resumed run is the
+same as an uninterrupted one.
+
+Run folder: ``config.yaml``, ``train.json`` (status), ``metrics.jsonl`` (one row per
+evaluation), ``checkpoint.safetensors`` (while running), ``model.safetensors`` and
+``final.json`` (when done).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from diffinv.classify.augment import Augmenter
+from diffinv.classify.metrics import channel_stats, evaluate, normalise
+from diffinv.classify.models import build_model, check_arch
+from diffinv.classify.train import TrainingError, eval_steps, load_train_data, lr_at, plan_streams
+from diffinv.config import TrainConfig, config_to_dict
+from diffinv.data.real import DataError
+from diffinv.device import resolve_device, slow_bf16_warning
+from diffinv.rng import key_of
+from diffinv.runs import (RunError, load_optimiser_tensors, open_output, prefixed, read_checkpoint, read_json, save_checkpoint,
+                          write_json, write_safetensors, write_text, write_yaml)
+from diffinv.stages import Stage
+
+MARKER = "train.json"
+
+
+def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                     progress: bool = True, log: Callable[[str], None] = print,
+                     on_step: Callable[[int], None] | None = None) -> Path:
+    """Train one classifier into the run folder ``out``; returns ``out``.
+
+    ``on_step(finished_steps)`` is called after every step (tests use it to interrupt a run).
+    """
+    out = Path(out)
+    check_arch(config.arch)
+    if not config.data:
+        raise DataError("--data is required: the real data set (its train split is subset, its test split evaluates)")
+    state = open_output(out, MARKER, config, noun="run", resume=resume, overwrite=overwrite)
+    if state == "done":
+        return out
+
+    # 1. Data, held in memory; the model, optimiser and augmentation on the device.
+    data = load_train_data(config, progress, log)
+    device = resolve_device(config.device)
+    autocast = torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda") else None
+    if autocast is not None and (warning := slow_bf16_warning(autocast, device)):
+        log(f"warning: {warning}")
+    channels_last = config.channels_last
+    num_classes = len(data.classes)
+    streams, total = plan_streams(config, len(data.real), len(data.syn))
+    pool = torch.cat([data.real, data.syn]).to(device)
+    pool_labels = torch.cat([data.real_labels, data.syn_labels]).to(device)
+    offsets = {"real": 0, "syn": len(data.real), "pool": 0}  # a "synthetic" run has no real images: pool = syn
+    mean, std = channel_stats(pool.cpu())
+    mean, std = mean.to(device), std.to(device)
+
+    torch.manual_seed(key_of(config.seed, "init"))
+    model = build_model(config.arch, num_classes, data.resolution, config.stem).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    augment = Augmenter(config.aug, data.resolution, num_classes, config.mixup, config.cutmix).to(device)
+    warmup_steps = round(config.warmup * total)
+    evals = eval_steps(total, config.eval_every)
+    checkpoints = set(range(config.checkpoint_every, total, config.checkpoint_every)) if config.checkpoint_every else evals
+
+    # 2. Start or resume.
+    start, rows = 0, []
+    running = None
+    if state == "resume" and (out / "checkpoint.safetensors").is_file():
+        tensors, saved = read_checkpoint(out / "checkpoint.safetensors")
+        model.load_state_dict(prefixed(tensors, "model"))
+        load_optimiser_tensors(optimiser, tensors)
+        # The running loss too, so a resumed run's metrics.jsonl equals an uninterrupted run's.
+        start, rows, running = int(saved["step"]), saved["rows"], saved.get("running")
+        log(f"resuming {out} at step {start}/{total}")
+    else:
+        write_yaml(out / "config.yaml", config_to_dict(config))
+        write_json(out / MARKER, {"status": "running", "classes": data.classes, "resolution": data.resolution})
+    write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=f"train {config.arch}", unit="step", dynamic_ncols=True)
+    model.train()
+    for step in range(start, total):
+        # 3. The step's learning rate and randomness.
+        for group in optimiser.param_groups:
+            group["lr"] = lr_at(step, total, warmup_steps, config.lr)
+        torch.manual_seed(key_of(config.seed, f"step/{step}"))
+
+        # 4. The batch: indices of each stream, augmented on the device.
+        idx = torch.cat([s.indices(step) + offsets[name] for name, s in streams]).to(device)
+        x, y = augment(pool[idx].float().div_(255.0), pool_labels[idx])
+        x = normalise(x, mean, std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        # 5. Forward, soft-target cross-entropy (MixUp/CutMix give soft labels), SGD step.
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        value = float(loss.detach())  # one host sync per step: the NaN check needs it anyway
+        if not math.isfinite(value):
+            raise TrainingError(f"the loss became {value} at step {step}; lower --lr (now {config.lr}) "
+                                "or use --precision fp32. Finished checkpoints are kept: fix it and pass --resume")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        running = value if running is None else 0.95 * running + 0.05 * value
+
+        # 6. Evaluate and checkpoint.
+        done = step + 1
+        if done in evals:
+            result = evaluate(model, data.test, data.test_labels, mean, std, num_classes, config.eval_batch_size,
+                              autocast, channels_last)
+            rows.append({"step": done, "epoch": done / max(s.per_pass for _, s in streams), "train_loss": running,
+                         "lr": optimiser.param_groups[0]["lr"], **result})
+            write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if done in checkpoints and done < total:
+            save_checkpoint(out / "checkpoint.safetensors", {f"model.{k}": v for k, v in model.state_dict().items()}, optimiser,
+                            {"step": done, "rows": rows, "running": running})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}", acc=f"{rows[-1]['top1']:.3f}" if rows else "-")
+        if on_step is not None:
+            on_step(done)
+    if bar is not None:
+        bar.close()
+
+    # 7. Final weights (with what is needed to use them) and the summary.
+    meta = {"arch": config.arch, "stem": config.stem, "classes": json.dumps(data.classes),
+            "resolution": str(data.resolution), "mean": json.dumps(mean.tolist()), "std": json.dumps(std.tolist())}
+    write_safetensors(out / "model.safetensors", model.state_dict(), meta)
+    final = rows[-1]
+    write_json(out / "final.json", {
+        "top1": final["top1"], "per_class": final["per_class"], "loss": final["loss"], "steps": total,
+        **{k: final.get(k) for k in ("balanced_accuracy", "macro_f1", "auc", "top_prediction_share", "degenerate")},
+        "classes": data.classes, "n_real": len(data.real), "n_synthetic": len(data.syn), "n_test": len(data.test),
+        "resolution": data.resolution, "notes": data.notes,
+    })
+    write_json(out / MARKER, {"status": "complete", "classes": data.classes, "resolution": data.resolution})
+    (out / "checkpoint.safetensors").unlink(missing_ok=True)
+    return out
+
+
+def load_classifier(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The trained model of a finished run and its metadata (classes, resolution, mean, std)."""
+    path = Path(run) / "model.safetensors"
+    if not path.is_file():
+        raise RunError(f"{run} has no model.safetensors; finish the run with `diffinv train ... --resume`")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        raw = f.metadata()
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    meta = {"arch": raw["arch"], "stem": raw["stem"], "classes": json.loads(raw["classes"]),
+            "resolution": int(raw["resolution"]), "mean": torch.tensor(json.loads(raw["mean"])),
+            "std": torch.tensor(json.loads(raw["std"]))}
+    model = build_model(meta["arch"], len(meta["classes"]), meta["resolution"], meta["stem"])
+    model.load_state_dict(weights)
+    return model.to(device).eval(), meta
+
+
+def _summary(config: TrainConfig, out: Path) -> str:
+    final = read_json(out / "final.json")
+    worst = min((a, c) for a, c in zip(final["per_class"], final["classes"]) if a is not None)
+    return (f"run {out}: {config.arch} on {final['n_real']} real + {final['n_synthetic']} synthetic images, {final['steps']} "
+            f"steps; test top-1 {final['top1']:.4f} on {final['n_test']} images (worst class {worst[1]}: {worst[0]:.3f})")
+
+
+def _run(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool, progress: bool, log: Callable[[str], None],
+         **_: Any) -> Path:
+    return train_classifier(config, out, resume=resume, overwrite=overwrite, progress=progress, log=log)
+
+
+STAGE = Stage(name="train", config=TrainConfig, marker=MARKER, run=_run, summary=_summary, path_fields=("data",),
+              help="train a classifier on real, synthetic or both; evaluate on the real test split (stage 3)",
+              description=("Train a classifier with all images in memory and augmentation on the device; evaluates on the real "
+                          "test split and writes metrics, a confusion matrix and safetensors weights."),
+              outputs=("run folder to write", "continue an interrupted run from its last checkpoint", "replace an existing run"))

@@ -1,0 +1,78 @@
+"""The package's shape: no import circles, and the library never imports the orchestration above it."""
+
+import ast
+from pathlib import Path
+
+import diffinv
+
+ROOT = Path(diffinv.__file__).parent
+TOP = ("diffinv.stages", "diffinv.launch", "diffinv.cli")  # orchestration: runs the library, never imported by it
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Every diffinv module ``path`` imports, at the top or inside a function (a lazy import is still a dependency)."""
+    found = set()
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        for name in names:
+            # "from diffinv import rng" names a module; "from diffinv.config import X" names its module.
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != "diffinv":
+                found.add(name)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    return {name: _imports(path, set(files)) - {name} for name, path in files.items()}
+
+
+def test_the_graph_is_read_from_real_imports():
+    graph = _graph()
+    # A sanity check of the walker itself: edges that must exist are found.
+    assert "diffinv.diffusion.backbone" in graph["diffinv.diffusion.inversion"]
+    assert "diffinv.rng" in graph["diffinv.diffusion.sampling"]
+    assert "diffinv.stages.invert" in graph["diffinv.launch"]
+
+
+def test_no_import_circles():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_the_library_never_imports_orchestration():
+    graph = _graph()
+    offenders = [f"{mod} imports {dep}" for mod, deps in graph.items() if not mod.startswith(TOP)
+                 for dep in deps if dep.startswith(TOP)]
+    assert not offenders, offenders
