@@ -14,10 +14,10 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from diffinv import __version__
-from diffinv.config import ConfigError, TrainConfig, load_config
+from diffinv.config import ConfigError, InvertConfig, LaunchConfig, TrainConfig, load_config
 
-SHARD_FLAGS = ("shard", "backend", "workers", "ray_address", "gpus_per_shard", "attempts")
-NOT_FIELDS = {"out", "config", "resume", "overwrite", "quiet", "func", "command", "fast", *SHARD_FLAGS}
+SHARD_FLAGS = tuple(f.name for f in fields(LaunchConfig))
+NOT_FIELDS = {"out", "config", "resume", "overwrite", "quiet", "func", "command", *SHARD_FLAGS}
 
 
 # ----------------------------------------------------------------------------- flags from config fields
@@ -52,6 +52,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, dynamic: dict[s
             kwargs["type"] = base
         if meta.get("choices"):
             kwargs["choices"] = list(meta["choices"])
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
         parser.add_argument(meta.get("flag") or "--" + f.name.replace("_", "-"), help=_help(meta["help"], f), **kwargs)
 
 
@@ -77,17 +79,6 @@ def _add_output_flags(p: argparse.ArgumentParser, outputs: tuple[str, str, str])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _add_shard_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scaling out", "shards of one job write into the same --out; the last one writes the manifest")
-    g.add_argument("--shard", metavar="I/N", help="run shard I of N (0-based); default: RANK/WORLD_SIZE from torchrun or "
-                                                   "accelerate, SLURM array / srun task ids, else the whole job")
-    g.add_argument("--backend", choices=["local", "ray"], default="local", help="ray: run --workers shards as Ray tasks (pip install ray)")
-    g.add_argument("--workers", type=int, default=2, help="shards (= Ray tasks) with --backend ray (default 2)")
-    g.add_argument("--ray-address", help="join a running Ray cluster (e.g. HEAD:6379 or 'auto'); default: start a local one")
-    g.add_argument("--gpus-per-shard", type=float, help="GPUs each Ray task asks for (default: 1 when the cluster has GPUs)")
-    g.add_argument("--attempts", type=int, default=3, help="tries per Ray shard before the job gives up on it (default 3)")
-
-
 # ----------------------------------------------------------------------------- running a stage
 
 
@@ -97,14 +88,15 @@ def _run_stage(stage: str, config, args: argparse.Namespace) -> int:
     from diffinv.shards import Shard, resolve_shard
 
     spec = get_stage(stage)
-    if getattr(args, "backend", "local") == "ray":
-        if args.shard or getattr(args, "overwrite", False):
-            raise ConfigError(f"--{'shard' if args.shard else 'overwrite'} and --backend ray do not mix: Ray makes the shards "
+    launch = load_config(LaunchConfig, None, {k: getattr(args, k, None) for k in SHARD_FLAGS})
+    if launch.backend == "ray":
+        if launch.shard or getattr(args, "overwrite", False):
+            raise ConfigError(f"--{'shard' if launch.shard else 'overwrite'} and --backend ray do not mix: Ray makes the shards "
                               f"itself (set --workers), and overwriting would race them (delete {args.out} first)")
-        out = run_on_ray(stage, config, args.out, workers=args.workers, address=args.ray_address,
-                         gpus_per_shard=args.gpus_per_shard, attempts=args.attempts, progress=not args.quiet)
+        out = run_on_ray(stage, config, args.out, workers=launch.workers, address=launch.ray_address or None,
+                         gpus_per_shard=launch.gpus_per_shard, attempts=launch.attempts, progress=not args.quiet)
     else:
-        shard = resolve_shard(args.shard) if spec.shardable else Shard()
+        shard = resolve_shard(launch.shard or None) if spec.shardable else Shard()
         out = run_shard(stage, config, args.out, shard, progress=not args.quiet, resume=getattr(args, "resume", False),
                         overwrite=getattr(args, "overwrite", False))
         if out is None:
@@ -121,12 +113,7 @@ def _config_stage(stage: str):
     def run(args: argparse.Namespace) -> int:
         from diffinv.launch import get_stage
 
-        config = _stage_config(get_stage(stage).config, args)
-        if stage == "demo" and args.fast:
-            from diffinv.stages.demo import fast
-
-            config = fast(config)
-        return _run_stage(stage, config, args)
+        return _run_stage(stage, _stage_config(get_stage(stage).config, args), args)
     return run
 
 
@@ -148,6 +135,24 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_verify(args: argparse.Namespace) -> int:
+    from diffinv.stages.verify import verify
+
+    kind, problems = verify(args.folder)
+    for problem in problems:
+        print(f"{args.folder}: {problem}", file=sys.stderr)
+    print(f"{args.folder}: {kind} {'ok' if not problems else f'has {len(problems)} problem(s)'}")
+    return 2 if problems else 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from diffinv.stages.inspect import inspect_model
+
+    for name, value in inspect_model(args.folder, args.data or "", args.resolution):
+        print(f"{name:>32}: {value}")
+    return 0
+
+
 def _run_merge(args: argparse.Namespace) -> int:
     from diffinv.launch import merge
 
@@ -163,10 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     from diffinv.diffusion.methods import METHODS
     from diffinv.launch import STAGES
 
-    others = {"report": "Markdown + HTML report of a study or a run, from its saved files",
-              "merge": "final step of a sharded invert / generate / experiment (--shard I/N, torchrun, SLURM, --backend ray)"}
-    listing = "\n".join(f"  {name:<13}  {spec.help}" for name, spec in STAGES.items())
-    listing += "\n" + "\n".join(f"  {name:<13}  {text}" for name, text in others.items())
+    others = {  # name: (what it does, what its one argument is, handler)
+        "report": ("Markdown + HTML report of a study or a run, from its saved files",
+                   "a study folder (from experiment) or a run folder (from train)", _run_report),
+        "merge": ("final step of a sharded invert / generate / experiment: the manifest, or which shards to re-run",
+                  "the --out of the sharded job", _run_merge),
+        "verify": ("check a store or a synthetic set byte by byte: checksums, finite embeddings, files and manifest",
+                   "a store (from invert) or a synthetic set (from generate)", _run_verify),
+        "inspect": ("what a run would do with a model: family, prediction type, resolution, latent, precision, FLOPs",
+                    "a model (as invert's --model)", _run_inspect)}
+    listing = "\n".join(f"  {name:<13}  {text}" for name, text in [(n, s.help) for n, s in STAGES.items()]
+                        + [(n, o[0]) for n, o in others.items()])
     parser = argparse.ArgumentParser(prog="diffinv", description="Diffusion Inversion: synthetic training data from a frozen diffusion model.",
                                      epilog="stages:\n" + listing, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"diffinv {__version__}")
@@ -186,7 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "demo":
             p.add_argument("--out", default="runs/demo", help="folder to write (default runs/demo)")
             p.add_argument("--config", help="YAML file of DemoConfig fields (flags override it)")
-            p.add_argument("--fast", action="store_true", help="every count cut to the bone: checks the flow, not the method")
             p.add_argument("--quiet", action="store_true", help="no progress bars")
             add_config_flags(p, spec.config, dynamic)
             p.set_defaults(func=_config_stage(name))
@@ -195,16 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
             add_config_flags(p, spec.config, dynamic)
             p.set_defaults(func=_config_stage(name))
         if spec.shardable:
-            _add_shard_flags(p)
+            add_config_flags(p.add_argument_group("scaling out", "shards of one job write into the same --out; the last one "
+                                                  "writes the manifest"), LaunchConfig)
 
-    p = sub.add_parser("report", help=others["report"])
-    p.add_argument("folder", help="a study folder (from experiment) or a run folder (from train)")
-    p.set_defaults(func=_run_report)
-    p = sub.add_parser("merge", help="finish a sharded invert / generate / experiment: check every shard's work, write the manifest",
-                       description="The final step of a sharded job (the last shard does it automatically when the shards "
-                                   "share a folder). Lists what is missing, and which shards to re-run, when work is unfinished.")
-    p.add_argument("folder", help="the --out of the sharded job")
-    p.set_defaults(func=_run_merge)
+    for name, (text, folder, func) in others.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("folder", help=folder)
+        p.set_defaults(func=func)
+        if name == "inspect":
+            add_config_flags(p, InvertConfig, only=("data", "resolution"))
     return parser
 
 

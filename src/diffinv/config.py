@@ -65,7 +65,10 @@ class InvertConfig:
     split: str = opt("train", "data split to read")
     per_class: int | None = opt(None, "seeded subset of K images per class (default: all)")
     subset_seed: int = opt(0, "seed of the per-class subset")
-    resolution: int = opt(32, "images are resized (bicubic) to R x R")
+    val_per_class: int = opt(0, "images per class held out for validation, never drawn into a subset (as train's)")
+    resolution: int | None = opt(None, "images are resized (bicubic) to R x R (default: chosen from the model and the data: "
+                                 "a pixel model's own size; for latent models 128 px for images up to 32 px, 256 up to 96, "
+                                 "capped at the model's size)")
     tokens: int = opt(5, "conditioning tokens K per image")
     steps: int = opt(3000, "optimisation steps per image")
     lr: float = opt(3e-2, "AdamW learning rate")
@@ -94,13 +97,14 @@ class InvertConfig:
     def __post_init__(self) -> None:
         _check(self.tokens >= 1, "tokens must be >= 1")
         _check(self.steps >= 1, "steps must be >= 1")
-        _check(self.resolution >= 8, "resolution must be >= 8 pixels")
+        _check(self.resolution is None or self.resolution >= 8, "resolution must be >= 8 pixels")
         _check(self.batch_size >= 1, "batch-size must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
         _check(self.per_class is None or self.per_class >= 1, "per-class must be >= 1")
         _check(self.eval_timesteps >= 1, "eval-timesteps must be >= 1")
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
         _check(self.nan_retries >= 0, "nan-retries must be >= 0")
+        _check(self.val_per_class >= 0, "val-per-class must be >= 0")
         _check_choices(self)
         _check(self.init == "random" or self.target == "image", "--init encoder is for per-image inversion (--target image)")
 
@@ -178,6 +182,10 @@ class TrainConfig:
     eval_split: str = opt("test", "evaluation split")
     per_class: int | None = opt(None, "seeded subset of K real images per class (default: all)")
     subset_seed: int = opt(0, "seed of the subset; the same rule as invert")
+    # Settings are chosen on validation data, never on the test split: either a hold-out of the
+    # training split (the same images for every seed, never in a subset) or the data's own split.
+    val_per_class: int = opt(0, "hold out K images per class of the training split for validation (never in a subset)")
+    val_split: str = opt("", "validate on this split of --data instead (e.g. val for MedMNIST)")
     synthetic: tuple[str, ...] = opt((), "a folder from `diffinv generate`; repeat for several", action="append")
     use: str = opt("auto", "what to train on (auto: both if --synthetic)", choices=("auto", "real", "synthetic", "both"))
     real_batch: int = opt(0, "real images in every batch (with --syn-batch; the paper's fixed split)")
@@ -186,7 +194,7 @@ class TrainConfig:
     stem: str = opt("auto", "auto: small-image stem below 64 px", choices=("auto", "cifar", "imagenet"))
     resolution: int | None = opt(None, "train at R x R (default: the data's size, at least 32)")
     epochs: float = opt(30.0, "passes over the training set")
-    steps: int = opt(0, "SGD steps; > 0 overrides --epochs")
+    steps: int | None = opt(None, "SGD steps (overrides --epochs)")
     batch_size: int = opt(128, "batch size when pooling")
     lr: float = opt(0.1, "peak SGD learning rate")
     momentum: float = opt(0.9, "SGD momentum")
@@ -210,8 +218,11 @@ class TrainConfig:
         _check_choices(self)
         _check(self.per_class is None or self.per_class >= 1, "per-class must be >= 1")
         _check(self.resolution is None or self.resolution >= 8, "resolution must be >= 8 pixels")
-        _check(self.epochs > 0 or self.steps > 0, "give epochs > 0 or steps > 0")
-        _check(self.steps >= 0 and self.batch_size >= 1 and self.eval_batch_size >= 1, "steps and batch sizes must be >= 0 / >= 1")
+        _check(self.epochs > 0, "epochs must be > 0")
+        # 0 used to mean "use --epochs": refused now, since `--steps 0` then trained for 30 epochs without a word.
+        _check(self.steps is None or self.steps >= 1, f"steps must be >= 1 (leave it out to train for --epochs); got {self.steps}")
+        _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1")
+        _check(self.split != self.eval_split, f"the evaluation split cannot be the training split ({self.split!r})")
         _check(self.real_batch >= 0 and self.syn_batch >= 0, "real-batch and syn-batch must be >= 0")
         _check((self.real_batch > 0) == (self.syn_batch > 0), "give both --real-batch and --syn-batch (the split of every batch), or neither")
         _check(self.lr > 0 and 0.0 <= self.warmup < 1.0, "lr must be > 0 and warmup a fraction in [0, 1)")
@@ -219,6 +230,9 @@ class TrainConfig:
         _check(0.0 <= self.label_smoothing < 1.0, "label-smoothing must be in [0, 1)")
         _check(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval/checkpoint intervals must be >= 0")
         _check(self.use not in ("synthetic", "both") or bool(self.synthetic), f"use {self.use} needs --synthetic folders")
+        _check(self.val_per_class >= 0, "val-per-class must be >= 0")
+        _check(not (self.val_per_class and self.val_split), "give --val-per-class or --val-split, not both")
+        _check(self.val_split != self.eval_split or not self.val_split, "the validation split cannot be the test split")
 
 
 @dataclass(frozen=True)
@@ -312,12 +326,16 @@ class DemoConfig:
     # Extra real-only sizes, so the real-only curve reaches past the sizes given synthetic data
     # and "worth N real images per class" is interpolated rather than a lower bound.
     real_sizes: tuple[int, ...] = opt((), "extra real-only sizes per class for the efficiency curve, e.g. 40,80")
-    subset_seed: int = opt(0, "seed of the real subset")
-    seeds: tuple[int, ...] = opt((0, 1, 2), "classifier seeds, e.g. 0,1,2")
-    invert_steps: int = opt(200, "inversion steps")
+    subset_seed: int = opt(0, "seed of replicate 0's real subset (replicate r draws subset-seed + r)")
+    seeds: tuple[int, ...] = opt((0, 1, 2), "replicates, e.g. 0,1,2: each draws its own real subset and classifier seed")
+    val_per_class: int = opt(20, "images per class held out of the training split for validation (never in a subset)")
+    # Three replicates mean three inversions in the 5-minute CPU budget: 100 steps at twice the paper's
+    # lr reach a loss of 0.0115 on the embedded base (200 steps at 3e-2: 0.0082; 100 at 3e-2: 0.0157).
+    invert_steps: int = opt(100, "inversion steps")
+    invert_lr: float = opt(0.06, "inversion learning rate")
     invert_init: str = opt("random", "start c_i from noise or from the base's encoder tokens", choices=("random", "encoder"))
     per_image: int = opt(5, "synthetic images per real image, for each generator")
-    sample_steps: int = opt(25, "sampling steps")
+    sample_steps: int = opt(15, "sampling steps (DDIM)")
     guidance: float = opt(2.0, "classifier-free guidance scale")
     noise: float = opt(0.1, "sigma of DI's conditioning noise")
     interp: float = opt(0.1, "s, DI's step towards a same-class partner")
@@ -335,6 +353,7 @@ class DemoConfig:
     # are seen a sixth as often as in the real-only run.
     train_real_batch: int = opt(16, "real images per batch when synthetic data is added (0 pools them)")
     train_resolution: int = opt(16, "classifier input size")
+    fast: bool = opt(False, "every count cut to the bone: checks the flow, not the method")
     device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
 
     def __post_init__(self) -> None:
@@ -434,11 +453,25 @@ def result_fields(config: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """How a shardable stage runs: the whole job here, one shard of it, or every shard on Ray. Never changes a result."""
+
+    shard: str = opt("", "run shard I of N (0-based); default: RANK/WORLD_SIZE from torchrun or accelerate, SLURM array / "
+                     "srun task ids, else the whole job", metavar="I/N")
+    backend: str = opt("local", "ray: run --workers shards as Ray tasks (pip install ray)", choices=("local", "ray"))
+    workers: int = opt(2, "shards (= Ray tasks) with --backend ray")
+    ray_address: str = opt("", "join a running Ray cluster (e.g. HEAD:6379 or 'auto'); default: start a local one")
+    gpus_per_shard: float | None = opt(None, "GPUs each Ray task asks for (default: 1 when the cluster has GPUs)")
+    attempts: int = opt(3, "tries per Ray shard before the job gives up on it")
+
+
+@dataclass(frozen=True)
 class TinyModelConfig:
     """``diffinv tiny-model``: a small random model of Stable Diffusion's architecture, for trying things offline."""
 
-    kind: str = opt("latent", "latent: tiny UNet + VAE; pixel: UNet only; sd1: SD 1.x-sized random UNet + VAE",
-                    choices=("latent", "pixel", "sd1"))
+    kind: str = opt("latent", "latent: tiny UNet + VAE; pixel: UNet only; sd1: SD 1.x-sized random UNet + VAE; "
+                    "sd15-tiny / sd21-tiny / sdxl-tiny: SD's structure and scheduler configs at toy widths",
+                    choices=("latent", "pixel", "sd1", "sd15-tiny", "sd21-tiny", "sdxl-tiny"))
     prediction_type: str = opt("epsilon", "what the UNet predicts", choices=("epsilon", "v_prediction"))
     text_encoder: bool = opt(False, "also save a tiny CLIP text encoder + tokenizer")
     seed: int = opt(0, "seed of the random weights")

@@ -27,12 +27,23 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on a GPU that supports it (fp16 otherwise) and fp32 on CPU."""
+    """``auto``: bf16 on a GPU with bf16 units (compute capability 8.0 and up: A100, H100 ...), else fp32.
+
+    ``torch.cuda.is_bf16_supported()`` also says yes on T4 / V100, where bf16 is emulated and slow;
+    fp16 is never chosen by itself (it needs a gradient scaler, see :func:`check_precision`).
+    """
     if precision == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_precision(dtype: torch.dtype, optimising: bool) -> None:
+    """Refuse fp16 where gradients are taken: without a loss scaler small gradients underflow to 0 silently."""
+    if optimising and dtype == torch.float16:
+        raise DeviceError("--precision fp16 is refused for inversion: fp16 gradients underflow without a loss scaler and the "
+                          "loss stays finite, so nothing would tell you; use bf16 (GPUs from the A100 on) or fp32")
 
 
 def slow_bf16_warning(dtype: torch.dtype, device: torch.device) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from diffinv.runs import RunError
+from diffinv.runs import RunError, output_lock, refuse_inside, remove_if_unstarted
 from diffinv.shards import Shard, local_device
 from diffinv.stages import Stage, demo, experiment, generate, invert, pretrain, tiny, train
 
@@ -46,8 +46,16 @@ def run_shard(stage: str, config: Any, out: str | Path, shard: Shard, hook: Call
     """
     if is_dataclass(config) and "device" in {f.name for f in fields(config)}:
         config = replace(config, device=local_device(config.device))
-    return get_stage(stage).run(config, Path(out), shard=shard, resume=resume, overwrite=overwrite, progress=progress,
-                                log=log, hook=hook)
+    spec, out = get_stage(stage), Path(out)
+    refuse_inside(out, {name: getattr(config, name, None) for name in spec.path_fields})
+    existed = out.exists()
+    with output_lock(out, shared=not shard.whole):
+        try:
+            return spec.run(config, out, shard=shard, resume=resume, overwrite=overwrite, progress=progress, log=log, hook=hook)
+        except BaseException:
+            if not existed:  # nothing of this command's is worth keeping if no unit finished
+                remove_if_unstarted(out)
+            raise
 
 
 def merge(out: str | Path, log: Callable[[str], None] = print) -> str:

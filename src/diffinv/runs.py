@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +71,27 @@ def write_yaml(path: str | Path, obj: Any) -> None:
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(contiguous, str(p), metadata=metadata))
+
+    def write(p: Path) -> None:
+        try:
+            save_file(contiguous, str(p), metadata=metadata)
+        except Exception as exc:  # safetensors reports a full disk as its own error type, not OSError
+            if "No space left" in str(exc) or "Disk quota" in str(exc):
+                raise OSError(errno.ENOSPC, str(exc)) from exc
+            raise
+
+    atomic_write(path, write)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: str | Path) -> Any:
@@ -112,7 +134,9 @@ def prepare_output(out: str | Path, marker: str, *, resume: bool, overwrite: boo
     if marker_path.exists():
         status = read_json(marker_path).get("status")
         if overwrite:
-            shutil.rmtree(out)
+            for child in out.iterdir():  # everything but the lock this process holds
+                if child.name != LOCK:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         elif status == "complete" and not resume:
             raise RunError(f"{out} already holds a finished result; pass --overwrite to replace it or choose another --out")
         elif status == "complete":
@@ -121,7 +145,7 @@ def prepare_output(out: str | Path, marker: str, *, resume: bool, overwrite: boo
             raise RunError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to start over")
         else:
             return "resume"
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise RunError(f"--out {out} is a non-empty folder that is not a diffinv output; choose an empty or new folder")
     _check_writable(out)
     return "fresh"
@@ -298,3 +322,78 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under ``prefix.``, with the prefix removed (a module's state dict inside a checkpoint)."""
     return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+
+
+LOCK = ".diffinv.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path, shared: bool = False):
+    """Hold ``out`` for this process alone while a stage writes it; a second writer is refused, naming the first.
+
+    The lock is a file holding the owner's host and pid. One left by a killed process (same host,
+    pid gone) is taken over. Shards of one job write a folder together, so ``shared`` takes no lock.
+    """
+    if shared:
+        yield
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = path.read_text().strip() if path.is_file() else ""
+            host, _, pid = holder.partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise RunError(f"{out} is being written by another process ({holder or 'unknown'}); wait for it to finish or stop "
+                           f"it (a lock left by a crash on another machine: delete {path})") from None
+    else:
+        raise RunError(f"cannot take the lock {path}; delete it if no other process writes {out}")
+    try:
+        os.write(fd, me.encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def refuse_inside(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output folder inside one of the inputs (e.g. a synthetic set inside the real data's class folders)."""
+    target = Path(out).resolve()
+    for name, value in inputs.items():
+        if not value or not Path(value).is_dir():
+            continue
+        source = Path(value).resolve()
+        if target == source or source in target.parents:
+            raise RunError(f"--out {out} is inside {name} {value}: what is written there would be read back as input "
+                           f"(e.g. as another class of images); choose a folder outside it")
+
+
+def remove_if_unstarted(out: Path) -> None:
+    """Delete a folder a failed command made that holds no finished work (only configs, markers, locks, temporaries)."""
+    if not out.is_dir():
+        return
+    metadata = {"config.yaml", "store.json", "generate.json", "train.json", "pretrain.json", "demo.yaml", "study.yaml", LOCK}
+    for path in out.rglob("*"):
+        if path.is_file() and path.name not in metadata and not (path.name.startswith(".") and path.name.endswith(".tmp")):
+            return
+    shutil.rmtree(out, ignore_errors=True)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from diffinv.config import TrainConfig
-from diffinv.data.real import DataError, load_uint8, open_images, select
+from diffinv.data.real import DataError, load_uint8, open_images, select, validation_ids
 from diffinv.data.synthetic import open_synthetic, read_manifest
 from diffinv.errors import UserError
 from diffinv.rng import key_of
@@ -36,18 +37,31 @@ class TrainData:
     syn_labels: torch.Tensor
     test: torch.Tensor
     test_labels: torch.Tensor
+    val: torch.Tensor | None = None  # validation images, when the config asks for them
+    val_labels: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
 
 
 def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[str], None] = print) -> TrainData:
-    """Real subset, synthetic sets (mapped to the real label space) and the evaluation split."""
+    """Real subset, synthetic sets (mapped to the real label space), the validation data and the evaluation split."""
+    for root in config.synthetic:
+        if Path(config.data).is_dir() and Path(config.data).resolve() in Path(root).resolve().parents:
+            raise DataError(f"the synthetic set {root} is inside the real data {config.data}, so it would also be read as a "
+                            f"class of real images; move it out (and generate into a folder outside the data)")
     source = open_images(config.data, config.format, config.split)
     classes = source.classes
     use = _use(config)
-    real_set = select(source, config.per_class, config.subset_seed, config.bad_images, warn=log)
+    held_out = validation_ids(source, config.val_per_class)
+    real_set = select(source, config.per_class, config.subset_seed, config.bad_images, warn=log, exclude=held_out)
     test_set = select(open_images(config.data, config.format, config.eval_split), None, 0, config.bad_images, warn=log)
-    if test_set.classes != classes:
-        raise DataError(f"the {config.eval_split} split has classes {test_set.classes}, the {config.split} split {classes}")
+    val_set = None
+    if held_out:
+        val_set = source.subset([i for i, image_id in enumerate(source.ids) if image_id in held_out])
+    elif config.val_split:
+        val_set = select(open_images(config.data, config.format, config.val_split), None, 0, config.bad_images, warn=log)
+    for name, other in ((config.eval_split, test_set), (config.val_split or "validation", val_set)):
+        if other is not None and other.classes != classes:
+            raise DataError(f"the {name} split has classes {other.classes}, the {config.split} split {classes}")
     resolution = config.resolution or max(MIN_RESOLUTION, *real_set.image(0).size)
     syn_sets = [open_synthetic(root, classes) for root in (config.synthetic if use != "real" else ())]
     notes = []
@@ -70,6 +84,8 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
         real=real, real_labels=torch.from_numpy(real_set.labels) if use != "synthetic" else torch.empty(0, dtype=torch.int64),
         syn=syn, syn_labels=syn_labels,
         test=load_uint8(test_set, resolution, progress, "test images"), test_labels=torch.from_numpy(test_set.labels),
+        val=None if val_set is None else load_uint8(val_set, resolution, progress, "validation images"),
+        val_labels=None if val_set is None else torch.from_numpy(val_set.labels),
         notes=notes,
     )
 

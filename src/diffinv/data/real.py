@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +197,11 @@ def _open_folder(spec: str, split: str) -> LabelledImages:
             raise DataError(f"{spec} holds splits {[d.name for d in subdirs]} but no {split!r}; pass --split")
         root = root / split
         subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    elif split != "train":
+        # A folder of class folders is one split; calling it the test (or validation) split would evaluate on the images
+        # a classifier was trained on.
+        raise DataError(f"{spec} has no split folders (train/, test/ ...), so it has no {split!r} split; make one "
+                        f"({spec}/train/<class>/..., {spec}/{split}/<class>/...) or give the --eval-split data apart")
     if not subdirs:
         raise DataError(f"{root} has no class sub-folders; expected {root}/<class>/<image files>")
     loose = [f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
@@ -224,6 +230,7 @@ def _array_images(arr: np.ndarray, labels: np.ndarray, prefix: str, source: str,
         raise DataError(f"{source}: {len(arr)} images but {len(labels)} labels; they must match")
     if arr.ndim not in (3, 4):
         raise DataError(f"{source}: images must be (N, H, W) or (N, H, W, C); got {arr.shape}")
+    arr = _as_uint8(arr, source)
     values = np.unique(labels)
     if classes is None:
         classes = [str(v) for v in values]
@@ -235,18 +242,55 @@ def _array_images(arr: np.ndarray, labels: np.ndarray, prefix: str, source: str,
         a = arr[i]
         if a.ndim == 3 and a.shape[-1] == 1:
             a = a[..., 0]
-        if a.dtype != np.uint8:  # 16-bit or float: to_rgb rescales by the value range
-            return Image.fromarray(a.astype(np.float32))
         return Image.fromarray(a)
 
     return LabelledImages(ids, labels.astype(np.int64), classes, [f"{source}#{i}" for i in ids], read)
 
 
+def _as_uint8(arr: np.ndarray, source: str) -> np.ndarray:
+    """Image arrays as uint8, by one rule for the whole array (never image by image).
+
+    uint8 stays; other integers are scaled by their type's range when they exceed 255 (16-bit);
+    floats must be finite and in [0, 1] (scaled by 255), [-1, 1] (a common normalisation: (x + 1) / 2)
+    or [0, 255]; any other range is refused with the range seen. Constant images after the
+    conversion are refused too: they are what a wrong rule produces.
+    """
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.integer):
+        top = 255 if arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0 else np.iinfo(arr.dtype).max
+        out = np.clip(arr.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            images = np.unique(np.nonzero(bad)[0])
+            raise DataError(f"{source}: {int(bad.sum())} pixel value(s) are NaN or infinite, in image(s) {images[:5].tolist()}"
+                            f"{' ...' if len(images) > 5 else ''}; fix or drop those images")
+        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+        if lo >= 0 and hi <= 1:
+            scaled = arr * 255.0
+        elif lo >= -1 and hi <= 1:
+            scaled = (arr + 1.0) * 127.5
+        elif lo >= 0 and hi <= 255:
+            scaled = arr
+        else:
+            raise DataError(f"{source}: float pixels range over [{lo:g}, {hi:g}]; diffinv reads floats in [0, 1], [-1, 1] "
+                            f"or [0, 255]. Rescale the array (or store it as uint8)")
+        out = np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+    else:
+        raise DataError(f"{source}: images of type {arr.dtype} cannot be read; use uint8, uint16 or float arrays")
+    flat = out.reshape(len(out), -1)
+    constant = np.flatnonzero(flat.min(axis=1) == flat.max(axis=1))
+    if len(out) and len(constant) == len(out):
+        raise DataError(f"{source}: every image is one flat colour after converting {arr.dtype} pixels; check their range")
+    return out
+
+
 def _open_npz(spec: str, split: str) -> LabelledImages:
     try:
         data = np.load(spec, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {spec} as .npz: {exc}") from exc
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read {spec} as .npz ({type(exc).__name__}: {exc}); check the file is a complete numpy .npz") from exc
     key_i, key_l = f"{split}_images", f"{split}_labels"
     if key_i not in data or key_l not in data:
         raise DataError(f"{spec} has no {key_i}/{key_l}; its arrays are {sorted(data.files)} (pass --split)")
@@ -287,6 +331,11 @@ def _open_csv(spec: str, split: str) -> LabelledImages:
         rows = list(csv.DictReader(fh))
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise DataError(f"{spec} must be a CSV with a header row containing 'path' and 'label'")
+    for line, r in enumerate(rows, start=2):
+        if not (r.get("path") or "").strip() or not (r.get("label") or "").strip():
+            missing = "path" if not (r.get("path") or "").strip() else "label"
+            raise DataError(f"{spec}, line {line}: no {missing} ({','.join(v or '' for v in r.values())!r}); every row needs "
+                            f"a path and a label")
     classes = sorted({r["label"] for r in rows})
     lookup = {c: i for i, c in enumerate(classes)}
     files = [(path.parent / r["path"]).resolve() if not Path(r["path"]).is_absolute() else Path(r["path"]) for r in rows]
@@ -343,20 +392,41 @@ def _open_hf(spec: str, split: str) -> LabelledImages:
 # ----------------------------------------------------------------------------- selection
 
 
+def validation_ids(images: LabelledImages, per_class: int) -> set[str]:
+    """The ids of a validation hold-out: ``per_class`` images per class, the same for every seed and run.
+
+    Chosen by a hash of each id (not by a seed), so every real subset of every replicate can be
+    drawn from the rest and never overlaps it.
+    """
+    if per_class <= 0:
+        return set()
+    held: set[str] = set()
+    for label in range(len(images.classes)):
+        members = sorted((images.ids[i] for i in np.flatnonzero(images.labels == label)),
+                         key=lambda i: hashlib.blake2b(f"validation\x1f{i}".encode(), digest_size=8).digest())
+        if len(members) <= per_class:
+            raise DataError(f"class {images.classes[label]!r} has {len(members)} images; holding {per_class} out for "
+                            f"validation would leave none to train on (lower --val-per-class)")
+        held.update(members[:per_class])
+    return held
+
+
 def select(images: LabelledImages, per_class: int | None, seed: int, bad_images: str = "skip",
-           warn: Callable[[str], None] = print) -> LabelledImages:
-    """Readable images, optionally a seeded subset of ``per_class`` per class.
+           warn: Callable[[str], None] = print, exclude: set[str] | frozenset[str] = frozenset()) -> LabelledImages:
+    """Readable images, optionally a seeded subset of ``per_class`` per class, never one of ``exclude``.
 
     Every candidate is decoded once; unreadable ones are reported by path and skipped
     (``bad_images="skip"``) or stop the run (``"error"``). The subset is chosen from a
     permutation of the class's ids sorted by name, so it depends on the seed and the set of
-    files, not on the order the file system lists them in.
+    files, not on the order the file system lists them in. ``exclude`` (a validation
+    hold-out, :func:`validation_ids`) is removed before anything is drawn.
     """
     rng = np.random.RandomState(seed)
     chosen: list[int] = []
     skipped: list[str] = []
     for label, name in enumerate(images.classes):
-        members = sorted(np.flatnonzero(images.labels == label), key=lambda i: images.ids[i])
+        members = sorted((i for i in np.flatnonzero(images.labels == label) if images.ids[i] not in exclude),
+                         key=lambda i: images.ids[i])
         order = [members[j] for j in rng.permutation(len(members))] if per_class else members
         got = 0
         for i in order:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from diffinv.data.real import DataError, LabelledImages
-from diffinv.runs import RunError, atomic_write, read_json, write_json, write_text
+from diffinv.runs import RunError, atomic_write, file_sha256, read_json, write_json, write_text
 
 SYNTHETIC_FORMAT = "diffinv-synthetic-v1"
 MARKER = "generate.json"
@@ -67,6 +67,8 @@ class SyntheticWriter:
         missing = [r["file"] for r in rows if not self.exists(r)]
         if missing:
             raise RunError(f"{self.root}: {len(missing)} images are missing, e.g. {missing[:3]}; re-run the same command to make them")
+        # Every image's size and checksum in its row: opening the set checks sizes, `diffinv verify` the sums.
+        rows = [{**r, "bytes": (self.root / r["file"]).stat().st_size, "sha256": file_sha256(self.root / r["file"])} for r in rows]
         write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         write_json(self.root / MARKER, {**self.info(), "status": "complete", "n_samples": len(rows)})
 
@@ -91,6 +93,10 @@ def open_synthetic(root: str | Path, classes: list[str] | None = None) -> Labell
     if info.get("status") != "complete":
         raise DataError(f"{root} is unfinished; complete it with `diffinv generate ... --resume`")
     rows = read_manifest(root)
+    problems = damage(root, rows)
+    if problems:
+        raise DataError(f"{root} is damaged: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Run the "
+                        f"`diffinv generate` command that made it again: it makes what is missing")
     classes = list(classes or info["classes"])
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({r["class"] for r in rows} - set(index))
@@ -101,3 +107,13 @@ def open_synthetic(root: str | Path, classes: list[str] | None = None) -> Labell
                           [str(p) for p in paths], lambda i: Image.open(paths[i]))
 
 
+def damage(root: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """What is wrong with a finished set that can be seen cheaply: images missing or of another size than recorded."""
+    problems = []
+    for r in rows:
+        path = root / r["file"]
+        if not path.is_file():
+            problems.append(f"{r['file']} is missing")
+        elif r.get("bytes") is not None and path.stat().st_size != r["bytes"]:
+            problems.append(f"{r['file']} has {path.stat().st_size} bytes, {r['bytes']} expected")
+    return problems

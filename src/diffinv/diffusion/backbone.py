@@ -89,6 +89,54 @@ class Backbone:
             self._alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
         return self._alphas_cumprod
 
+    @property
+    def family(self) -> str:
+        """pixel, sd1, sd2, sdxl or latent (another latent model), read from the UNet's config."""
+        config = self.unet.config
+        if getattr(config, "addition_embed_type", None) == "text_time":
+            return "sdxl"
+        if self.vae is None:
+            return "pixel"
+        return {768: "sd1", 1024: "sd2"}.get(self.cond_dim, "latent")
+
+    def check_supported(self) -> None:
+        """Refuse, before any work, what the engine cannot drive (rather than failing inside diffusers)."""
+        if self.family == "sdxl":
+            raise ModelError(f"{self.source} is an SDXL model: its UNet also needs a pooled text embedding and size/crop "
+                             f"time ids per image (added_cond_kwargs), which diffinv does not learn yet; use an SD 1.x / 2.x "
+                             f"model or a pixel base")
+
+    @property
+    def native_resolution(self) -> int:
+        """The image size the model was trained at: the UNet's sample size, times the VAE's downsampling."""
+        size = self.unet.config.sample_size
+        size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        return size if self.vae is None else size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def choose_resolution(self, data_size: int) -> int:
+        """The inversion resolution for images of side ``data_size``: a pixel model's own size; for latent
+        models the paper's choice (128 px for images up to 32 px, 256 up to 96, else the data's), capped
+        at the model's native size and never below an 8 x 8 latent."""
+        native = self.native_resolution
+        if self.vae is None:
+            return native
+        wanted = 128 if data_size <= 32 else 256 if data_size <= 96 else data_size
+        factor = native // int(self.unet.config.sample_size if not isinstance(self.unet.config.sample_size, (list, tuple))
+                                else self.unet.config.sample_size[0])
+        wanted = max(min(wanted, native), 8 * factor)
+        return wanted - wanted % factor
+
+    def check_resolution(self, resolution: int, log=print) -> None:
+        """Refuse a resolution far above the model's native size (slow and meaningless); warn far below it."""
+        native = self.native_resolution
+        if resolution > 4 * native:
+            raise ModelError(f"--resolution {resolution} is {resolution / native:g}x the {native} px this model was trained at: "
+                             f"each step costs {(resolution / native) ** 2:.0f}x as much and the model has never seen such "
+                             f"images. Use --resolution {native} (or a model trained at this size)")
+        if resolution * 4 < native:
+            log(f"warning: --resolution {resolution} is a quarter of the {native} px this model was trained at or less; "
+                f"its samples may be meaningless (try --resolution {native})")
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """Shape (C, h, w) of the latent of a ``resolution`` x ``resolution`` image."""
         if self.vae is None:
@@ -212,27 +260,57 @@ def load_backbone(spec: str | Path, *, with_text_encoder: bool = False) -> Backb
             raise ModelError(f"{spec}: pickle checkpoints are not loaded (they can run code); convert it to .safetensors")
         if path.suffix != ".safetensors":
             raise ModelError(f"{spec}: a model file must be .safetensors")
-        return _load_single_file(path, with_text_encoder)
-    if path.is_dir():
+        backbone = _load_single_file(path, with_text_encoder)
+    elif path.is_dir():
         if (path / "unet").is_dir():
-            return _load_folder(path, spec, with_text_encoder)
-        if (path / "config.json").is_file():
+            backbone = _load_folder(path, spec, with_text_encoder)
+        elif (path / "config.json").is_file():
             config = json.loads((path / "config.json").read_text())
             if config.get("_class_name") != "UNet2DConditionModel":
                 raise ModelError(f"{spec}/config.json describes a {config.get('_class_name')}, not a UNet2DConditionModel")
-            unet = diffusers.UNet2DConditionModel.from_pretrained(spec)
-            return Backbone(_freeze(unet), None, dict(SCHEDULER_DEFAULTS), spec)
-        raise ModelError(f"{spec} is a folder but holds neither unet/ (a diffusers pipeline) nor a UNet config.json")
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        return _load_hub(spec, with_text_encoder)
-    raise ModelError(f"--model {spec} does not exist; give a diffusers folder, a .safetensors file or a hub id")
+            backbone = Backbone(_freeze(_from_pretrained(diffusers.UNet2DConditionModel, path)), None, dict(SCHEDULER_DEFAULTS), spec)
+        else:
+            raise ModelError(f"{spec} is a folder but holds neither unet/ (a diffusers pipeline) nor a UNet config.json")
+    elif spec.count("/") == 1 and not spec.startswith((".", "/")):
+        backbone = _load_hub(spec, with_text_encoder)
+    else:
+        raise ModelError(f"--model {spec} does not exist; give a diffusers folder, a .safetensors file or a hub id")
+    _check_finite(backbone)
+    return backbone
+
+
+def _from_pretrained(cls: Any, folder: Path) -> Any:
+    """``cls.from_pretrained(folder)``, safetensors weights only, with one clear error for whatever is wrong with the folder."""
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} has no config.json; it is not a diffusers model folder (export it with save_pretrained)")
+    if not list(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        detail = f" ({', '.join(pickles)} are pickles, which can run code, and are not loaded)" if pickles else ""
+        raise ModelError(f"{folder} has no .safetensors weights{detail}; convert them with diffusers' save_pretrained("
+                         f"safe_serialization=True)")
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True)
+    except Exception as exc:  # diffusers and safetensors raise OSError, ValueError, SafetensorError ... for a bad folder
+        raise ModelError(f"{folder} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); the weights may be truncated or "
+                         f"of another architecture than its config.json") from exc
+
+
+def _check_finite(backbone: "Backbone") -> None:
+    """Refuse weights that are not finite (a corrupt file), once at load, rather than a NaN loss much later."""
+    for name, module in (("UNet", backbone.unet), ("VAE", backbone.vae)):
+        if module is None:
+            continue
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in module.parameters())
+        if bad:
+            raise ModelError(f"the {name} of {backbone.source} has {bad} weights that are not finite: the file is corrupt; "
+                             f"download or export it again")
 
 
 def _load_folder(path: Path, spec: str, with_text_encoder: bool) -> Backbone:
     import diffusers
 
-    unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet")
-    vae = diffusers.AutoencoderKL.from_pretrained(path / "vae") if (path / "vae").is_dir() else None
+    unet = _from_pretrained(diffusers.UNet2DConditionModel, path / "unet")
+    vae = _from_pretrained(diffusers.AutoencoderKL, path / "vae") if (path / "vae").is_dir() else None
     sched_file = path / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(SCHEDULER_DEFAULTS)
     text_encoder = tokenizer = None
@@ -269,8 +347,11 @@ def _load_single_file(path: Path, with_text_encoder: bool) -> Backbone:
     import diffusers
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # SafetensorError for a truncated or foreign file
+        raise ModelError(f"{path} is not a readable .safetensors file ({exc}); it may be truncated: download or export it again") from exc
     if meta.get("format") == PACKED_FORMAT:
         return _load_packed(path, meta)
     try:

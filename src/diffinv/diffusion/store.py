@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffinv.errors import UserError
-from diffinv.runs import read_checkpoint, read_json, save_checkpoint, write_json, write_safetensors, write_text
+from diffinv.runs import file_sha256, read_checkpoint, read_json, save_checkpoint, write_json, write_safetensors, write_text
 
 STORE_FORMAT = "diffinv-store-v1"
 CLASS_PREFIX = "class:"  # the id of a per-class row (``invert --target class``): "class:<name>"
@@ -72,9 +72,40 @@ class EmbeddingStore:
         if info.get("status") != "complete" and not allow_partial:
             raise StoreError(f"{root} is unfinished; finish it with `diffinv invert ... --resume`")
         rows = read_rows(root)
-        parts = {name: load_file(str(root / "parts" / f"{name}.safetensors"))["embeddings"] for name in {r["part"] for r in rows}}
+        problems = damage(root, info, rows) if info.get("status") == "complete" else []
+        if problems:
+            raise StoreError(f"{root} is damaged: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Run the "
+                             f"`diffinv invert` command that made it again with --resume: it redoes what is missing")
+        parts = {}
+        for name in {r["part"] for r in rows}:
+            try:
+                parts[name] = load_file(str(root / "parts" / f"{name}.safetensors"))["embeddings"]
+            except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+                raise StoreError(f"{root}/parts/{name}.safetensors cannot be read ({exc}); run the `diffinv invert` command "
+                                 f"that made the store again with --resume to redo it") from exc
         embeddings = torch.stack([parts[r["part"]][r["row"]] for r in rows]) if rows else torch.empty(0, *info["cond_shape"])
+        bad = [r["id"] for r, e in zip(rows, embeddings) if not bool(torch.isfinite(e).all())]
+        if bad:
+            # One NaN row would make the mean embedding (guidance's input) NaN and every generated image black.
+            raise StoreError(f"{root}: the embeddings of {len(bad)} image(s) are not finite ({', '.join(bad[:3])}); invert them "
+                             f"again (delete their parts and run `diffinv invert ... --resume`) or drop them")
         return cls(root, info, rows, embeddings)
+
+
+def damage(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """What is wrong with a finished store that can be seen cheaply: missing rows and part files of the wrong size."""
+    problems = []
+    failed = read_rows(root, "failed")
+    expected = info.get("n_items", info.get("n_images"))
+    if expected is not None and len(rows) + len(failed) != expected:
+        problems.append(f"{expected - len(rows) - len(failed)} of {expected} images have no part (parts/*.json deleted?)")
+    for name, size in {r["part"]: r.get("part_bytes") for r in rows}.items():
+        path = root / "parts" / f"{name}.safetensors"
+        if not path.is_file():
+            problems.append(f"parts/{name}.safetensors is missing")
+        elif size is not None and path.stat().st_size != size:
+            problems.append(f"parts/{name}.safetensors has {path.stat().st_size} bytes, {size} expected")
+    return problems
 
 
 def read_rows(root: str | Path, folder: str = "parts") -> list[dict[str, Any]]:
@@ -105,8 +136,18 @@ class StoreWriter:
         return read_json(self.root / MARKER)
 
     def finished_ids(self) -> set[str]:
-        """Ids with a result: in a part, or given up on (retrying those would fail the same way)."""
-        return {r["id"] for r in read_rows(self.root)} | {r["id"] for r in read_rows(self.root, "failed")}
+        """Ids with a result: in an intact part, or given up on (retrying those would fail the same way).
+
+        A part whose tensor file is missing or of the wrong size does not count, so ``--resume`` redoes it.
+        """
+        intact = [r for r in read_rows(self.root)
+                  if (self.root / "parts" / f"{r['part']}.safetensors").is_file()
+                  and r.get("part_bytes") in (None, (self.root / "parts" / f"{r['part']}.safetensors").stat().st_size)]
+        return {r["id"] for r in intact} | {r["id"] for r in read_rows(self.root, "failed")}
+
+    def reopen(self) -> None:
+        """Mark a finished store unfinished again, so that what is missing from it can be redone."""
+        write_json(self.root / MARKER, {**self.info(), "status": "in-progress"})
 
     def write_part(self, embeddings: torch.Tensor, rows: list[dict[str, Any]], failed: list[dict[str, Any]] = ()) -> str:
         """Atomically add embeddings [n, K, D] with their manifest rows (and the batch's failed images)."""
@@ -114,8 +155,11 @@ class StoreWriter:
         if failed:
             # Written first: a kill between the two writes leaves the batch unfinished, and it is redone.
             write_json(self.root / "failed" / f"{name}.json", list(failed))
-        rows = [{**r, "part": name, "row": j} for j, r in enumerate(rows)]
-        write_safetensors(self.root / "parts" / f"{name}.safetensors", {"embeddings": embeddings.float()})
+        path = self.root / "parts" / f"{name}.safetensors"
+        write_safetensors(path, {"embeddings": embeddings.float()})
+        # The tensor file's size and checksum travel with its rows: opening checks the size, `diffinv verify` the sum.
+        stamp = {"part_bytes": path.stat().st_size, "part_sha256": file_sha256(path)}
+        rows = [{**r, "part": name, "row": j, **stamp} for j, r in enumerate(rows)]
         write_json(self.root / "parts" / f"{name}.json", rows)
         return name
 

@@ -14,7 +14,14 @@ import torch
 
 from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS
 
-KINDS = ("latent", "pixel", "sd1")
+KINDS = ("latent", "pixel", "sd1", "sd15-tiny", "sd21-tiny", "sdxl-tiny")
+# Stable Diffusion's own scheduler configs (as their model folders ship them), for the SD-structured tiny models.
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1,
+                  "prediction_type": "epsilon", "clip_sample": False, "trained_betas": None}
+SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "steps_offset": 1,
+                  "prediction_type": "v_prediction", "clip_sample": False, "trained_betas": None}
 
 
 def build_unet(kind: str = "latent", cross_attention_dim: int = 32, sample_size: int = 16):
@@ -22,6 +29,16 @@ def build_unet(kind: str = "latent", cross_attention_dim: int = 32, sample_size:
 
     if kind == "sd1":
         return UNet2DConditionModel(sample_size=sample_size, cross_attention_dim=768)
+    if kind in ("sd15-tiny", "sd21-tiny", "sdxl-tiny"):
+        # SD's structure (4 latent channels, its cross-attention width, text-time conditioning for SDXL) at toy widths.
+        width = {"sd15-tiny": 768, "sd21-tiny": 1024, "sdxl-tiny": 2048}[kind]
+        extra = {}
+        if kind == "sdxl-tiny":
+            extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=width, attention_head_dim=8, norm_num_groups=8, **extra)
     channels = 4 if kind == "latent" else 3
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
@@ -39,6 +56,12 @@ def build_vae(kind: str = "latent"):
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,
         )
+    if kind in ("sd15-tiny", "sd21-tiny", "sdxl-tiny"):
+        # SD's VAE shape: four blocks (a factor-8 latent), 4 channels, its scaling factor (SDXL's is 0.13025).
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
+            scaling_factor=0.13025 if kind == "sdxl-tiny" else 0.18215)
     return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, sample_size=32,
@@ -86,7 +109,12 @@ def save_tiny_model(out: str | Path, kind: str = "latent", seed: int = 0, predic
         build_vae(kind).save_pretrained(out / "vae")
     from diffusers import DDPMScheduler
 
-    DDPMScheduler(**{**SCHEDULER_DEFAULTS, "prediction_type": prediction_type}).save_pretrained(out / "scheduler")
+    if kind in ("sd15-tiny", "sdxl-tiny", "sd21-tiny"):
+        (out / "scheduler").mkdir(parents=True, exist_ok=True)
+        config = SD21_SCHEDULER if kind == "sd21-tiny" else SD15_SCHEDULER
+        (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+    else:
+        DDPMScheduler(**{**SCHEDULER_DEFAULTS, "prediction_type": prediction_type}).save_pretrained(out / "scheduler")
     if with_text_encoder:
         build_text_encoder(out, unet.config.cross_attention_dim)
     (out / "model_index.json").write_text(json.dumps({"_class_name": "DiffinvModel", "kind": kind}, indent=2))

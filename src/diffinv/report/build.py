@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from diffinv.report.efficiency import worth_text
+from diffinv.report.stats import METRIC_NAMES
 from diffinv.runs import RunError, atomic_write, read_json, read_yaml, write_text
 
 GRID_SOURCES = 6  # real images per grid
@@ -36,6 +37,10 @@ def build_report(root: str | Path) -> Path:
         title = f"Run {root.name}"
     elif (root / "metrics.jsonl").is_file():
         raise RunError(f"{root} is an unfinished run; finish it with `diffinv train ... --resume`, then report")
+    elif (root / "study.yaml").is_file():
+        done = len(list((root / "runs").rglob("final.json")))
+        raise RunError(f"{root} is an unfinished study ({done} cells finished); run the same `diffinv experiment` command "
+                       f"again to finish it (finished cells are skipped), then report")
     else:
         raise RunError(f"{root} is neither a study (summary.json) nor a finished run (final.json)")
     out = root / "report"
@@ -73,9 +78,10 @@ def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
     sections = []
     for (dataset, arch, aug), rows in _groups(summary).items():
         tag = f"{dataset}, {arch}, {aug}"
+        sections.append((f"Verdict ({tag})", verdict(rows), None))
         sections.append((f"Accuracy ({tag})", _accuracy_table(rows), _accuracy_plot(rows, tag)))
         sections.append((f"Sample efficiency ({tag})", _efficiency_table(rows), None))
-        sections.append((f"Per-class accuracy ({tag})", "", _per_class_plot(rows, tag)))
+        sections.append((f"Per-class recall ({tag})", _per_class_table(rows), _per_class_plot(rows, tag)))
     if quality:
         sections.append(("Synthetic data quality", _quality_table(quality), None))
     for key, q in quality.items():
@@ -96,7 +102,25 @@ def _k(value: Any) -> str:
     return "all" if value is None else str(value)
 
 
+def _metric(rows: list[dict[str, Any]]) -> str:
+    """The headline metric of a group's rows (balanced accuracy on an imbalanced test split)."""
+    return next((r["headline"] for r in rows if r.get("headline")), "top1")
+
+
+def _value(r: dict[str, Any], metric: str, what: str = "mean") -> float:
+    return r.get(f"{metric}_{what}", r[f"top1_{what}"])
+
+
+def _gain_text(r: dict[str, Any], metric: str) -> str:
+    g = (r.get("gain") or {}).get(metric)
+    if g is None:
+        return ""
+    note = " degenerate run" if g["degenerate"] else (" beyond noise" if g["beyond_noise"] else " within noise")
+    return f"{100 * g['mean']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]{note}"
+
+
 def _accuracy_table(rows: list[dict[str, Any]]) -> str:
+    metric = _metric(rows)
     ks = sorted({r["per_class"] for r in rows}, key=lambda k: math.inf if k is None else k)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["per_class"]): r for r in rows}
@@ -105,43 +129,86 @@ def _accuracy_table(rows: list[dict[str, Any]]) -> str:
         vals = []
         for k in ks:
             r = cell.get((m, k))
-            vals.append("" if r is None else f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} (n={r['n_seeds']})")
+            if r is None:
+                vals.append("")
+                continue
+            text = f"{100 * _value(r, metric):.2f} ± {100 * _value(r, metric, 'std'):.2f} (n={r['n_seeds']})"
+            if r.get("degenerate_runs"):
+                text += f" {r['degenerate_runs']} degenerate"
+            gain = _gain_text(r, metric)
+            vals.append(text + (f"<br>gain {gain}" if gain else ""))
         lines.append(f"| {m} | " + " | ".join(vals) + " |")
-    return "Test top-1 accuracy in %, mean ± std over seeds.\n\n" + "\n".join(lines)
+    return (f"Test {METRIC_NAMES[metric]} in %, mean ± std over replicates; gains over real only in points, paired by "
+            f"replicate, with their 95% t-interval (beyond noise only when it excludes 0 over >= 3 replicates and no run "
+            f"predicts one class for >= 95% of the images).\n\n" + "\n".join(lines))
 
 
-def _real_curve(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+def verdict(rows: list[dict[str, Any]]) -> str:
+    """One paragraph, from the numbers: which methods gain beyond noise, at which sizes."""
+    metric = _metric(rows)
+    name = METRIC_NAMES[metric]
+    parts = []
+    for method in dict.fromkeys(r["method"] for r in rows if r.get("gain")):
+        mine = sorted((r for r in rows if r["method"] == method and (r.get("gain") or {}).get(metric)),
+                      key=lambda r: math.inf if r["per_class"] is None else r["per_class"])
+        real = [f"{_k(r['per_class'])} ({100 * r['gain'][metric]['mean']:+.1f} points)" for r in mine
+                if r["gain"][metric]["beyond_noise"]]
+        noise = [_k(r["per_class"]) for r in mine if not r["gain"][metric]["beyond_noise"]]
+        n = min(r["gain"][metric]["n"] for r in mine)
+        if real:
+            text = f"**{method}** improves {name} beyond noise at {', '.join(real)} real images per class"
+            text += f"; at {', '.join(noise)} its gain is within noise" if noise else ""
+        else:
+            text = f"**{method}** shows no gain beyond noise in {name} at any size ({', '.join(noise)} per class)"
+        parts.append(text + f" (95% t-intervals over {n} replicates, paired by replicate).")
+    degenerate = [f"{r['method']} at {_k(r['per_class'])}" for r in rows if r.get("degenerate_runs")]
+    if degenerate:
+        parts.append(f"Degenerate runs (one class for >= 95% of predictions), never counted as gains: {', '.join(degenerate)}.")
+    if metric != "top1":
+        parts.append(f"The test split is imbalanced, so {name} is the headline (top-1 would reward predicting the majority).")
+    return " ".join(parts) or "No method with synthetic data has a real-only baseline at the same size to compare with."
+
+
+def _real_curve(rows: list[dict[str, Any]], metric: str = "top1") -> list[tuple[float, float]]:
     # Real-only rows: the methods without synthetic images.
-    return [(float(r["n_real"]) / len(r["classes"]), r["top1_mean"]) for r in rows if r["n_synthetic"] == 0]
+    return [(float(r["n_real"]) / len(r["classes"]), _value(r, metric)) for r in rows if r["n_synthetic"] == 0]
 
 
 def _efficiency_table(rows: list[dict[str, Any]]) -> str:
-    curve = _real_curve(rows)
+    metric = _metric(rows)
+    curve = _real_curve(rows, metric)
     if len(curve) < 2:
         return "Needs a real-only method at two or more real sizes to compute."
-    lines = ["| method | real / class | top-1 % | worth real / class | factor |", "|---|---|---|---|---|"]
+    lines = [f"| method | real / class | {METRIC_NAMES[metric]} % | worth real / class | factor |", "|---|---|---|---|---|"]
     for r in rows:
         if r["n_synthetic"] == 0:
             continue
         k = r["n_real"] / len(r["classes"])
-        text = worth_text(curve, k, r["top1_mean"])
+        gain = (r.get("gain") or {}).get(metric)
+        text = worth_text(curve, k, _value(r, metric))
         if text is None:
             continue
-        lines.append(f"| {r['method']} | {k:g} | {100 * r['top1_mean']:.2f} | {text[0]} | {text[1]} |")
+        if gain is not None and not gain["beyond_noise"]:
+            text = ("", "none: the gain is within noise")
+        lines.append(f"| {r['method']} | {k:g} | {100 * _value(r, metric):.2f} | {text[0]} | {text[1]} |")
     return ("How many real images per class the real-only curve needs to match each method (interpolated in log size; "
-            "'>' means better than every real-only size measured). A factor whose accuracy gap is within one std "
-            "of the real-only curve is noise, not evidence: read it beside the std in the accuracy table.\n\n"
-            + "\n".join(lines))
+            "'>' means better than every real-only size measured). Shown only where the method's gain over real only "
+            "is beyond noise: a factor read off a gain inside its interval is not evidence.\n\n" + "\n".join(lines))
 
 
 def _accuracy_plot(rows: list[dict[str, Any]], tag: str):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
+    from scipy import stats
 
+    metric = _metric(rows)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     sizes: set[float] = set()
     for m in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["n_real"] / len(r["classes"]), 100 * r["top1_mean"], 100 * r["top1_std"]) for r in rows if r["method"] == m)
+        # Bands: the 95% t-interval of each mean over its replicates.
+        pts = sorted((r["n_real"] / len(r["classes"]), 100 * _value(r, metric),
+                      100 * _value(r, metric, "std") * (stats.t.ppf(0.975, r["n_seeds"] - 1) / math.sqrt(r["n_seeds"])
+                                                        if r["n_seeds"] > 1 else 0.0)) for r in rows if r["method"] == m)
         x, y, s = (np.array(v) for v in zip(*pts))
         sizes.update(x.tolist())
         ax.plot(x, y, marker="o", label=m)
@@ -151,7 +218,7 @@ def _accuracy_plot(rows: list[dict[str, Any]], tag: str):
     ax.set_xticks(sorted(sizes), [f"{v:g}" for v in sorted(sizes)])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("real images per class")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(f"test {METRIC_NAMES[metric]} (%), 95% CI")
     ax.set_title(f"Accuracy vs real data ({tag})")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -176,6 +243,18 @@ def _per_class_plot(rows: list[dict[str, Any]], tag: str):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def _per_class_table(rows: list[dict[str, Any]]) -> str:
+    """Per-class recall (mean over replicates) of every method at the smallest real size: a class a method ignores shows."""
+    smallest = min(r["n_real"] for r in rows)
+    chosen = [r for r in rows if r["n_real"] == smallest]
+    classes = chosen[0]["classes"]
+    lines = ["| class | " + " | ".join(r["method"] for r in chosen) + " |", "|---" * (len(chosen) + 1) + "|"]
+    for i, c in enumerate(classes):
+        vals = ["" if r["per_class_acc_mean"][i] is None else f"{100 * r['per_class_acc_mean'][i]:.1f}" for r in chosen]
+        lines.append(f"| {c} | " + " | ".join(vals) + " |")
+    return f"Test recall per class in %, at {smallest / len(classes):g} real images per class, mean over replicates.\n\n" + "\n".join(lines)
 
 
 def _quality_table(quality: dict[str, Any]) -> str:
@@ -246,7 +325,13 @@ def _run_sections(root: Path) -> list[tuple[str, str, Any]]:
     import matplotlib.pyplot as plt
 
     final = read_json(root / "final.json")
-    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate((root / "metrics.jsonl").read_text().splitlines(), start=1):
+        try:
+            rows.append(json.loads(line)) if line.strip() else None
+        except json.JSONDecodeError:
+            raise RunError(f"{root}/metrics.jsonl line {number} is cut short or corrupt; delete that line (the run's result "
+                           f"in final.json is intact) and report again") from None
     config = read_yaml(root / "config.yaml")
     classes = final["classes"]
     text = (f"| field | value |\n|---|---|\n| architecture | {config['arch']} |\n| real images | {final['n_real']} |\n"

@@ -26,7 +26,7 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
     mean = statistics.fmean(values)
     if n < 2:
         return mean, -math.inf, math.inf
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
     return mean, mean - half, mean + half
 
 
@@ -42,7 +42,7 @@ def paired_gain(method: list[float], baseline: list[float], confidence: float = 
     mean, low, high = t_interval(diffs, confidence)
     return {"mean": mean, "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0, "n": len(diffs),
             "low": low, "high": high, "confidence": confidence,
-            "beyond_noise": len(diffs) >= MIN_REPLICATES and (low > 0 or high < 0)}
+            "beyond_noise": bool(len(diffs) >= MIN_REPLICATES and (low > 0 or high < 0))}
 
 
 def headline_metric(class_counts: list[int]) -> str:

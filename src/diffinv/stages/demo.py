@@ -11,8 +11,6 @@ where it stopped and a finished demo only re-prints its table.
 
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +42,9 @@ def fast(config: DemoConfig) -> DemoConfig:
 def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Run the demo into ``out``; returns the study folder (with results, summary and report).
 
-    Each real size K gets ``out/kK/{store,di,img2img}``; one study trains every size's cells.
+    Replicate r of real size K draws its own subset (``subset_seed + r``) into
+    ``out/kK/rR/{store,di,img2img}``; one study trains every size's and replicate's cells, and
+    every method of a replicate uses that replicate's images, so gains are paired by replicate.
     """
     from diffinv.data.real import open_images
     from diffinv.diffusion.backbone import load_backbone
@@ -61,35 +61,37 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
     write_yaml(out / "demo.yaml", {**config_to_dict(config), "base": base})
 
     for k in config.per_class:
-        # 1. Invert the few-shot real subset: one conditioning per image.
-        log(f"1/4 inverting {k} images per class of {config.data} into {base} at {resolution} px")
-        invert = InvertConfig(model=base, data=config.data, per_class=k, subset_seed=config.subset_seed,
-                              resolution=resolution, steps=config.invert_steps, init=config.invert_init, device=config.device,
-                              checkpoint_every=max(1, config.invert_steps // 4))
-        store = invert_dataset(invert, out / f"k{k}" / "store", resume=True, progress=progress, log=log)
+        for r in config.seeds:
+            # 1. Invert replicate r's few-shot real subset: one conditioning per image.
+            log(f"1/4 inverting {k} images per class of {config.data} (replicate {r}) into {base} at {resolution} px")
+            invert = InvertConfig(model=base, data=config.data, per_class=k, subset_seed=config.subset_seed + r,
+                                  val_per_class=config.val_per_class, resolution=resolution, steps=config.invert_steps, lr=config.invert_lr,
+                                  init=config.invert_init, device=config.device, checkpoint_every=max(1, config.invert_steps // 4))
+            store = invert_dataset(invert, out / f"k{k}" / f"r{r}" / "store", resume=True, progress=progress, log=log)
 
-        # 2. Variants: Diffusion Inversion and the rival, same sampler, guidance, count and size.
-        for method in ("di", RIVAL):
-            log(f"2/4 generating {config.per_image} {method} variants per image ({k} per class)")
-            gen = GenerateConfig(store=str(store), method=method, per_image=config.per_image, steps=config.sample_steps,
-                                 guidance=config.guidance, noise=config.noise, interp=config.interp, strength=config.strength,
-                                 clip_x0=config.clip_x0, unit_noise=config.unit_noise,
-                                 save_size=native, device=config.device)
-            generate_dataset(gen, out / f"k{k}" / method, progress=progress, log=log)
+            # 2. Variants: Diffusion Inversion and the rival, same sampler, guidance, count and size.
+            for method in ("di", RIVAL):
+                log(f"2/4 generating {config.per_image} {method} variants per image ({k} per class, replicate {r})")
+                gen = GenerateConfig(store=str(store), method=method, per_image=config.per_image, steps=config.sample_steps,
+                                     guidance=config.guidance, noise=config.noise, interp=config.interp,
+                                     strength=config.strength, clip_x0=config.clip_x0, unit_noise=config.unit_noise,
+                                     save_size=native, device=config.device)
+                generate_dataset(gen, out / f"k{k}" / f"r{r}" / method, progress=progress, log=log)
 
-    # 3. The same classifier on real, real + DI, real + rival, over seeds; real only also at real_sizes.
-    log(f"3/4 training {config.arch} on real / real + di / real + {RIVAL}, seeds {list(config.seeds)}")
+    # 3. The same classifier on real, real + DI, real + rival, per replicate; real only also at real_sizes.
+    log(f"3/4 training {config.arch} on real / real + di / real + {RIVAL}, replicates {list(config.seeds)}")
     split = {"real_batch": config.train_real_batch, "syn_batch": config.train_batch - config.train_real_batch} if config.train_real_batch else {}
     real_sizes = sorted(set(config.per_class) | set(config.real_sizes))
+    escaped = str(out).replace("{", "{{").replace("}", "}}")  # the study fills {per_class}, {seed} in with str.format
     study = Study(
         datasets={"data": {"data": config.data, "subset_seed": config.subset_seed}},
         methods={"real": {"synthetic": [], "per_class": real_sizes},
-                 # The study fills {per_class} in with str.format: braces in OUT itself must be escaped.
-                 **{m: {"synthetic": [str(out).replace("{", "{{").replace("}", "}}") + f"/k{{per_class}}/{m}"], **split}
-                    for m in ("di", RIVAL)}},
+                 **{m: {"synthetic": [f"{escaped}/k{{per_class}}/r{{seed}}/{m}"], **split} for m in ("di", RIVAL)}},
         per_class=tuple(config.per_class), seeds=tuple(config.seeds), archs=(config.arch,), augs=("crop-flip",),
         train={"steps": config.train_steps, "batch_size": config.train_batch, "lr": config.train_lr,
-               "resolution": config.train_resolution, "device": config.device},
+               "resolution": config.train_resolution, "device": config.device, "val_per_class": config.val_per_class,
+               "eval_every": config.train_steps},  # one validation pass at the end: the curve is not what the demo shows
+        replicates="data",
     )
     folder = run_study(study, out / "study", progress=progress, log=log)
 
@@ -100,48 +102,49 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
 
 
 def summary_table(study: str | Path) -> str:
-    """The demo's result as a Markdown table, one row per (method, real size).
+    """The demo's result as a Markdown table, one row per (method, real size), in the data's headline metric.
 
-    Gains are paired by seed (the same real subset, seed and step count with and without the
-    synthetic set), so their std is the seed-to-seed spread of the gain itself. "Worth" reads the
-    real-only curve: how many real images per class reach the same accuracy (log-interpolated);
-    a gain is marked "within noise" when its +-2 standard-error interval over seeds contains zero.
+    Gains are paired by replicate (the same real subset and seed with and without the synthetic
+    set) with their 95% t-interval; a gain is evidence ("beyond noise") only when that interval
+    excludes 0 over >= 3 replicates and no run of either side is degenerate (one class predicted).
+    "Worth" reads the real-only curve (how many real images per class reach the same accuracy)
+    and is shown only for gains beyond noise.
     """
     from diffinv.report.efficiency import worth_text
+    from diffinv.report.stats import METRIC_NAMES
 
     study = Path(study)
     summary: list[dict[str, Any]] = read_json(study / "summary.json")
-    results: list[dict[str, Any]] = read_json(study / "results.json")
-    real_acc = {(r["per_class"], r["seed"]): r["top1"] for r in results if r["method"] == "real"}
-    curve = [(float(r["per_class"]), r["top1_mean"]) for r in summary if r["method"] == "real" and r["per_class"]]
+    metric = next((r["headline"] for r in summary if r.get("headline")), "top1")
+    mean_key = f"{metric}_mean"
+    curve = [(float(r["per_class"]), r[mean_key]) for r in summary if r["method"] == "real" and r["per_class"]]
     rows = sorted(summary, key=lambda r: (r["per_class"] or 0, r["method"] != "real"))
-    lines = ["| training data | real / class | images | test top-1 % (mean ± std) | gain vs real (points, paired) "
-             "| worth real / class | seeds |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| training data | real / class | images | test {METRIC_NAMES[metric]} % (mean ± std) "
+             f"| gain vs real (points, 95% CI) | worth real / class | replicates |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         k = r["per_class"]
         what = "real only" if r["method"] == "real" else f"real + {r['method']}"
         n = f"{r['n_real']} + {r['n_synthetic']}" if r["n_synthetic"] else str(r["n_real"])
         gain = worth = ""
-        if r["method"] != "real":
-            diffs = [100 * (x["top1"] - real_acc[(k, x["seed"])]) for x in results
-                     if x["method"] == r["method"] and x["per_class"] == k and (k, x["seed"]) in real_acc]
-            if diffs:
-                spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-                gain = f"{statistics.fmean(diffs):+.2f} ± {spread:.2f}"
-                # A gain (and the factor read off the curve for it) is only evidence when its +-2
-                # standard-error interval over the seeds excludes zero.
-                if len(diffs) < 2 or abs(statistics.fmean(diffs)) <= 2 * spread / math.sqrt(len(diffs)):
-                    gain += " (within noise)"
-            text = worth_text(curve, k, r["top1_mean"]) if len(curve) >= 2 and k else None
+        g = (r.get("gain") or {}).get(metric)
+        if g is not None:
+            gain = f"{100 * g['mean']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]"
+            if g["degenerate"]:
+                gain += " (degenerate run)"
+            elif not g["beyond_noise"]:
+                gain += " (within noise)"
+            text = worth_text(curve, k, r[mean_key]) if len(curve) >= 2 and k and g["beyond_noise"] else None
             if text is not None:
                 worth = f"{text[0]} ({text[1]})"
-        lines.append(f"| {what} | {'all' if k is None else k} | {n} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} "
+        std_key = f"{metric}_std"
+        mark = " (degenerate)" if r.get("degenerate_runs") else ""
+        lines.append(f"| {what} | {'all' if k is None else k} | {n} | {100 * r[mean_key]:.2f} ± {100 * r[std_key]:.2f}{mark} "
                      f"| {gain} | {worth} | {r['n_seeds']} |")
     return "\n".join(lines)
 
 
 def _run(config: DemoConfig, out: Path, *, progress: bool, log: Callable[[str], None], **_: Any) -> Path:
-    study = run_demo(config, out, progress=progress, log=log)
+    study = run_demo(fast(config) if config.fast else config, out, progress=progress, log=log)
     write_text(Path(out) / "results.md", summary_table(study) + "\n")
     return Path(out)
 

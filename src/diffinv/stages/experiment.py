@@ -5,26 +5,44 @@ A study YAML (every key but ``datasets`` and ``methods`` is optional)::
     datasets:                       # name: real data (train split is subset, test split evaluates)
       digits: {data: digits}
     per_class: [5, 10, 20]          # real images per class; null = all
-    seeds: [0, 1, 2]
+    seeds: [0, 1, 2, 3, 4]          # replicates
+    replicates: auto                # data | classifier | auto (see below)
     archs: [resnet18]
     augs: [crop-flip]
-    methods:                        # name: synthetic folder(s), {dataset} and {per_class} filled in
+    methods:                        # name: synthetic folder(s), {dataset}, {per_class}, {seed} filled in
       real: null                    #   null = real images only (the baseline)
       real-more: {per_class: [40, 80]}  # a method may list its own sizes (here: a longer real-only curve)
-      di: runs/{dataset}-di-k{per_class}
-      prompt: {synthetic: [runs/{dataset}-prompt-k{per_class}], use: both}
-    train: {steps: 300}             # TrainConfig fields shared by every cell
+      di: runs/{dataset}-di-k{per_class}-r{seed}
+      prompt: {synthetic: [runs/{dataset}-prompt-k{per_class}-r{seed}], use: both}
+    train: {steps: 300, val_per_class: 20}   # TrainConfig fields shared by every cell
+    select: {lr: [0.02, 0.05], real_batch: [8, 16]}   # candidates, chosen per group on validation only
     quality: {inception_weights: null}
 
-Cells live in ``OUT/runs/<dataset>/<method>/k<K>/<arch>/<aug>/s<seed>``; results go to
-``results.{csv,json}`` (one row per cell), ``summary.{csv,json}`` (mean and std over seeds)
-and ``quality.json`` (synthetic-set metrics, judged by the real-only run with the most images).
+Replicates: with ``replicates: data`` seed r is a replicate that draws its own real subset
+(``subset_seed + r``, the same for every method of that replicate) and its own classifier seed,
+so the spread over seeds includes the choice of images, which at a few images per class is the
+largest source of variance; synthetic sets are then made per replicate (``{seed}`` in their
+paths). ``classifier`` varies only the classifier on one subset (it understates the noise);
+``auto`` is ``data`` when every synthetic path has ``{seed}``, else ``classifier``.
+
+Selection: every combination of the ``select`` candidates (TrainConfig fields) is trained, and
+for each (dataset, method, K, arch, aug) the one with the best mean validation metric over the
+replicates is kept (``selection.json`` says which, with every candidate's validation score). It
+reads only the runs' ``validation.json``; the test metrics of the kept runs are read after that,
+once, for the tables. It needs validation data: ``train: {val_per_class: K}`` or ``val_split``.
+
+Cells live in ``OUT/runs/<dataset>/<method>/k<K>/<arch>/<aug>/s<seed>`` (``.../<variant>/s<seed>``
+with ``select``); results go to
+``results.{csv,json}`` (one row per cell), ``summary.{csv,json}`` (mean and std over seeds, and
+each method's gain over real only paired by replicate with its 95% t-interval) and
+``quality.json`` (synthetic-set metrics, judged by the real-only run with the most images).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import statistics
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -32,6 +50,7 @@ from typing import Any, Callable
 
 from diffinv.classify.models import check_arch
 from diffinv.config import ConfigError, TrainConfig, load_config
+from diffinv.report.stats import headline_metric, paired_gain
 from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
 from diffinv.shards import Shard
 from diffinv.stages import Stage
@@ -51,6 +70,17 @@ class Study:
     augs: tuple[str, ...] = ("crop-flip",)
     train: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
+    replicates: str = "auto"  # data | classifier | auto: see the module docstring
+    select: dict[str, list[Any]] = field(default_factory=dict)  # TrainConfig field -> candidates, chosen on validation
+
+    def vary_data(self) -> bool:
+        """Whether each seed draws its own real subset (``replicates`` resolved)."""
+        per_replicate = all("{seed}" in f for m in self.methods.values() for f in m["synthetic"])
+        if self.replicates == "data" and not per_replicate:
+            raise ConfigError("replicates: data gives every seed its own real subset, so every synthetic set must be made "
+                              "per replicate: put {seed} in its path (e.g. runs/di-k{per_class}-r{seed}), or use "
+                              "replicates: classifier")
+        return self.replicates == "data" or (self.replicates == "auto" and per_replicate)
 
 
 @dataclass(frozen=True)
@@ -62,11 +92,17 @@ class Cell:
     aug: str
     seed: int
     config: TrainConfig
+    variant: str = ""  # the ``select`` candidate, e.g. "lr=0.05,real_batch=16"
 
     @property
     def path(self) -> str:
         k = "all" if self.per_class is None else f"k{self.per_class}"
-        return f"runs/{self.dataset}/{self.method}/{k}/{self.arch.replace(':', '-')}/{self.aug}/s{self.seed}"
+        variant = f"/{self.variant}" if self.variant else ""
+        return f"runs/{self.dataset}/{self.method}/{k}/{self.arch.replace(':', '-')}/{self.aug}{variant}/s{self.seed}"
+
+    @property
+    def group(self) -> tuple:
+        return (self.dataset, self.method, self.per_class, self.arch, self.aug)
 
 
 def load_study(path: str | Path, base: str | Path | None = None) -> Study:
@@ -113,9 +149,16 @@ def load_study(path: str | Path, base: str | Path | None = None) -> Study:
         value = raw.get(key, list(default))
         return tuple(value if isinstance(value, list) else [value])
 
+    if raw.get("replicates", "auto") not in ("auto", "data", "classifier"):
+        raise ConfigError(f"replicates must be data, classifier or auto; got {raw['replicates']!r}")
+    select = {str(k).replace("-", "_"): (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in (raw.get("select") or {}).items()}
+    train_fields = {f.name for f in fields(TrainConfig)}
+    if set(select) - train_fields:
+        raise ConfigError(f"select: {sorted(set(select) - train_fields)} are not training settings; known: {sorted(train_fields)}")
     study = Study(datasets=datasets, methods=methods, per_class=listed("per_class", (10,)), seeds=listed("seeds", (0,)),
                   archs=listed("archs", ("resnet18",)), augs=listed("augs", ("crop-flip",)),
-                  train=dict(raw.get("train") or {}), quality=dict(raw.get("quality") or {}))
+                  train=dict(raw.get("train") or {}), quality=dict(raw.get("quality") or {}),
+                  replicates=str(raw.get("replicates", "auto")), select=select)
     cells(study)  # every cell's config is validated before anything runs
     return study
 
@@ -123,24 +166,33 @@ def load_study(path: str | Path, base: str | Path | None = None) -> Study:
 def cells(study: Study) -> list[Cell]:
     """Every (dataset, method, K, arch, aug, seed) of the grid with its resolved TrainConfig."""
     out = []
+    vary_data = study.vary_data()
+    names = sorted(study.select)
+    variants = [dict(zip(names, values)) for values in itertools.product(*(study.select[n] for n in names))]
     for dname, dspec in study.datasets.items():
         for mname, mspec in study.methods.items():
             for k in mspec.get("per_class", study.per_class):
                 for arch in study.archs:
-                    for aug in study.augs:
-                        for seed in study.seeds:
-                            synthetic = tuple(s.format(dataset=dname, per_class="all" if k is None else k)
-                                              for s in mspec["synthetic"])
-                            overrides = {**study.train, **{a: b for a, b in dspec.items()},
-                                         **{a: b for a, b in mspec.items() if a not in ("synthetic", "per_class")},
-                                         "per_class": k, "arch": arch, "aug": aug, "seed": seed, "synthetic": synthetic,
-                                         "use": mspec.get("use", "both" if synthetic else "real")}
-                            try:
-                                check_arch(arch)
-                                config = load_config(TrainConfig, None, overrides)
-                            except ConfigError as exc:
-                                raise ConfigError(f"study cell {dname}/{mname}/k{k}/{arch}/{aug}/s{seed}: {exc}") from exc
-                            out.append(Cell(dname, mname, k, arch, aug, seed, config))
+                    for aug, variant, seed in itertools.product(study.augs, variants, study.seeds):
+                        synthetic = tuple(s.format(dataset=dname, per_class="all" if k is None else k, seed=seed)
+                                          for s in mspec["synthetic"])
+                        overrides = {**study.train, **{a: b for a, b in dspec.items()},
+                                     **{a: b for a, b in mspec.items() if a not in ("synthetic", "per_class")},
+                                     "per_class": k, "arch": arch, "aug": aug, "seed": seed, "synthetic": synthetic,
+                                     "use": mspec.get("use", "both" if synthetic else "real")}
+                        if vary_data:  # replicate `seed` draws its own subset, the same for every method
+                            overrides["subset_seed"] = int(overrides.get("subset_seed", 0)) + seed
+                        overrides.update(variant)
+                        name = ",".join(f"{a}={b}" for a, b in variant.items())
+                        try:
+                            check_arch(arch)
+                            config = load_config(TrainConfig, None, overrides)
+                        except ConfigError as exc:
+                            raise ConfigError(f"study cell {dname}/{mname}/k{k}/{arch}/{aug}/{name}/s{seed}: {exc}") from exc
+                        if variants != [{}] and not (config.val_per_class or config.val_split):
+                            raise ConfigError("select: chooses on validation data; give train: {val_per_class: K} (a hold-out "
+                                              "of the training split) or val_split")
+                        out.append(Cell(dname, mname, k, arch, aug, seed, config, name))
     return out
 
 
@@ -181,6 +233,8 @@ def _units(out: Path, grid: list[Cell], shards: int) -> Units:
 
 
 def _write_results(study: Study, grid: list[Cell], out: Path, log: Callable[[str], None]) -> Path:
+    # Selection first, from validation files only; the kept runs' test metrics are read after it.
+    grid = select_variants(grid, out, log)
     rows = [result_row(cell, out / cell.path) for cell in grid]
     write_table(out / "results", rows)
     write_table(out / "summary", summarise(rows))
@@ -208,15 +262,49 @@ def _study_dict(study: Study) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+METRICS = ("top1", "balanced_accuracy", "macro_f1", "auc")
+
+
+def select_variants(grid: list[Cell], out: Path, log: Callable[[str], None]) -> list[Cell]:
+    """The cells of the chosen variant of every group: the best mean validation metric over its replicates.
+
+    Reads each run's ``validation.json`` and nothing else, and writes ``selection.json``. A grid
+    without ``select`` candidates is returned as it is.
+    """
+    if all(not c.variant for c in grid):
+        return grid
+    chosen: list[Cell] = []
+    record = {}
+    for group in dict.fromkeys(c.group for c in grid):
+        members = [c for c in grid if c.group == group]
+        scores: dict[str, list[float]] = {}
+        for cell in members:
+            val = read_json(out / cell.path / "validation.json")
+            scores.setdefault(cell.variant, []).append(val[headline_metric(val["class_counts"])])
+        means = {v: statistics.fmean(x) for v, x in scores.items()}
+        best = max(means, key=means.get)  # ties: the first candidate listed
+        chosen += [c for c in members if c.variant == best]
+        key = "/".join("all" if g is None else str(g) for g in group)
+        record[key] = {"chosen": best, "validation_mean": means}
+        log(f"selected {best} for {key} on validation ({means[best]:.4f})")
+    write_json(out / "selection.json", record)
+    return chosen
+
+
 def result_row(cell: Cell, run: Path) -> dict[str, Any]:
     final = read_json(run / "final.json")
     return {"dataset": cell.dataset, "method": cell.method, "per_class": cell.per_class, "arch": cell.arch, "aug": cell.aug,
-            "seed": cell.seed, "top1": final["top1"], "n_real": final["n_real"], "n_synthetic": final["n_synthetic"],
-            "steps": final["steps"], "classes": final["classes"], "per_class_acc": final["per_class"], "run": cell.path}
+            "seed": cell.seed, "subset_seed": cell.config.subset_seed, "variant": cell.variant, **{m: final.get(m) for m in METRICS},
+            "degenerate": bool(final.get("degenerate")), "n_real": final["n_real"], "n_synthetic": final["n_synthetic"],
+            "steps": final["steps"], "classes": final["classes"], "per_class_acc": final["per_class"],
+            "class_counts": final.get("class_counts"),
+            "validation": {m: (final.get("validation") or {}).get(m) for m in METRICS} if final.get("validation") else None,
+            "run": cell.path}
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample std (0 for one seed) of top-1 and per-class accuracy over seeds, per group."""
+    """Per group (dataset, method, K, arch, aug): mean and std over seeds of each metric, degenerate runs, and
+    for methods with synthetic data the gain over real only at the same K, paired by seed (a replicate)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in GROUP_KEYS), []).append(r)
@@ -225,11 +313,48 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         accs = [m["top1"] for m in members]
         per_class = [statistics.fmean(v for v in col if v is not None) if any(v is not None for v in col) else None
                      for col in zip(*(m["per_class_acc"] for m in members))]
-        summary.append({**dict(zip(GROUP_KEYS, key)), "top1_mean": statistics.fmean(accs),
-                        "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n_seeds": len(accs),
-                        "n_real": members[0]["n_real"], "n_synthetic": members[0]["n_synthetic"],
-                        "classes": members[0]["classes"], "per_class_acc_mean": per_class})
+        entry = {**dict(zip(GROUP_KEYS, key)), "top1_mean": statistics.fmean(accs),
+                 "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n_seeds": len(accs),
+                 "n_real": members[0]["n_real"], "n_synthetic": members[0]["n_synthetic"],
+                 "classes": members[0]["classes"], "per_class_acc_mean": per_class}
+        for metric in METRICS[1:]:
+            values = [m[metric] for m in members if m.get(metric) is not None]
+            if len(values) == len(members):
+                entry[f"{metric}_mean"] = statistics.fmean(values)
+                entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        counts = members[0].get("class_counts")
+        entry["headline"] = headline_metric(counts) if counts else "top1"
+        entry["degenerate_runs"] = sum(1 for m in members if m.get("degenerate"))
+        entry["seeds"] = [m["seed"] for m in members]
+        summary.append(entry)
+    _add_gains(summary, groups)
     return summary
+
+
+def _add_gains(summary: list[dict[str, Any]], groups: dict[tuple, list[dict[str, Any]]]) -> None:
+    """Each synthetic method's gain over the real-only method of its (dataset, K, arch, aug), paired by seed."""
+    baselines = {}
+    for entry in summary:
+        if entry["n_synthetic"] == 0:
+            where = (entry["dataset"], entry["per_class"], entry["arch"], entry["aug"])
+            if where not in baselines or entry["method"] == "real":  # several real-only methods: "real" is the one
+                baselines[where] = entry
+    for entry in summary:
+        base = baselines.get((entry["dataset"], entry["per_class"], entry["arch"], entry["aug"]))
+        if entry["n_synthetic"] == 0 or base is None:
+            continue
+        mine = {r["seed"]: r for r in groups[tuple(entry[k] for k in GROUP_KEYS)]}
+        theirs = {r["seed"]: r for r in groups[tuple(base[k] for k in GROUP_KEYS)]}
+        seeds = sorted(set(mine) & set(theirs))
+        entry["baseline"] = base["method"]
+        entry["gain"] = {}
+        for metric in ("top1", "balanced_accuracy"):
+            if all(mine[s].get(metric) is not None and theirs[s].get(metric) is not None for s in seeds) and seeds:
+                gain = paired_gain([mine[s][metric] for s in seeds], [theirs[s][metric] for s in seeds])
+                # A degenerate run (one class predicted) on either side is not evidence of anything.
+                gain["degenerate"] = any(mine[s].get("degenerate") or theirs[s].get("degenerate") for s in seeds)
+                gain["beyond_noise"] = gain["beyond_noise"] and not gain["degenerate"]
+                entry["gain"][metric] = gain
 
 
 def write_table(stem: Path, rows: list[dict[str, Any]]) -> None:

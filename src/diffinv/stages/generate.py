@@ -14,14 +14,15 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from diffinv.config import GenerateConfig, config_to_dict, load_config
-from diffinv.data.synthetic import MARKER, SyntheticWriter, read_manifest
+from diffinv.data.synthetic import MARKER, SyntheticWriter, damage, read_manifest
 from diffinv.device import halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.generation import generate_batch, plan_samples, public
 from diffinv.diffusion.methods import get_method
 from diffinv.diffusion.sampling import to_uint8
 from diffinv.diffusion.store import EmbeddingStore, StoreError
-from diffinv.runs import Units, check_free_space, open_output, read_json, remove_temporaries, write_yaml
+from diffinv.runs import (Units, check_free_space, open_output, read_json, read_yaml, refuse_inside, remove_temporaries,
+                          write_yaml)
 from diffinv.shards import Shard
 from diffinv.stages import Stage
 
@@ -42,16 +43,26 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     method.check(config, store)
     extra = {name: _open_store(path, name) for name, path in method.extra_stores(config).items()}
     model = config.model or store.info.get("model_path", store.info["model"])
+    # Inside the real data's folder the synthetic images would later be read as a class of real ones.
+    refuse_inside(out, {"the real data": (read_yaml(store.root / "config.yaml") or {}).get("data")})
 
     # 2. Output folder: fresh, or the same settings continued (idempotent re-run).
     mode = open_output(out, MARKER, config, noun="folder", resume=True, overwrite=overwrite, shared=not shard.whole)
     if mode == "done":
-        log(f"{out} is already complete; nothing to do")
-        return out
+        problems = damage(out, read_manifest(out))
+        if not problems:
+            log(f"{out} is already complete; nothing to do")
+            return out
+        log(f"{out} is damaged ({'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}); making what is missing")
+        for row in read_manifest(out):  # a truncated image is made again too
+            path = out / row["file"]
+            if path.is_file() and row.get("bytes") not in (None, path.stat().st_size):
+                path.unlink()
 
     # 3. Model on the device, and the check that the stores were made with it.
     device = resolve_device(config.device)
     backbone = load_backbone(model, with_text_encoder=method.text_encoder).to(device, resolve_dtype(config.precision, device))
+    backbone.check_supported()
     fingerprint = backbone.fingerprint()
     for s in (store, *extra.values()):
         if method.uses_embeddings and s.info["model_fingerprint"] != fingerprint:

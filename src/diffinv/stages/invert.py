@@ -8,6 +8,7 @@ b % N == I into the one folder; whichever shard finishes last writes the manifes
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,11 +18,11 @@ from tqdm.auto import tqdm
 
 from diffinv import rng
 from diffinv.config import InvertConfig, config_to_dict
-from diffinv.data.real import LabelledImages, load_pixels, open_images, select
-from diffinv.device import halving_on_oom, resolve_device, resolve_dtype
+from diffinv.data.real import LabelledImages, load_pixels, open_images, select, validation_ids
+from diffinv.device import check_precision, halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import Backbone, load_backbone
 from diffinv.diffusion.inversion import InversionError, encode_images, invert_items
-from diffinv.diffusion.store import CLASS_PREFIX, MARKER, StoreWriter, part_name, read_rows
+from diffinv.diffusion.store import CLASS_PREFIX, MARKER, StoreWriter, damage, part_name, read_rows
 from diffinv.runs import RunError, Units, check_free_space, open_output, read_json, read_yaml, remove_temporaries, write_yaml
 from diffinv.shards import Shard
 from diffinv.stages import Stage
@@ -38,18 +39,33 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     """
     out = Path(out)
     shard = shard or Shard()
+    if config.resolution is None:
+        # Chosen before the folder is opened: config.yaml records the value, and a resume compares against it.
+        size = min(open_images(config.data, config.format, config.split).image(0).size)
+        config = replace(config, resolution=load_backbone(config.model).choose_resolution(size))
+        log(f"inverting at {config.resolution} px (chosen from the model and the {size} px data; --resolution overrides)")
     mode = open_output(out, MARKER, config, noun="store", resume=resume, overwrite=overwrite, shared=not shard.whole)
     if mode == "done":
-        log(f"{out} is already complete; nothing to do")
-        return out
+        problems = damage(out, read_json(out / MARKER), read_rows(out))
+        if not problems:
+            log(f"{out} is already complete; nothing to do")
+            return out
+        log(f"{out} is damaged ({'; '.join(problems[:3])}); redoing what is missing")
+        StoreWriter(out).reopen()
 
     # 1. Data: the selected, readable images.
-    images = select(open_images(config.data, config.format, config.split), config.per_class, config.subset_seed,
-                    config.bad_images, warn=log)
+    source = open_images(config.data, config.format, config.split)
+    images = select(source, config.per_class, config.subset_seed, config.bad_images, warn=log,
+                    exclude=validation_ids(source, config.val_per_class))
+    warn_base_mismatch(config.model, config.data, images, log)
 
     # 2. Model, frozen, on the device in the working precision.
     device = resolve_device(config.device)
-    backbone = load_backbone(config.model).to(device, resolve_dtype(config.precision, device))
+    dtype = resolve_dtype(config.precision, device)
+    check_precision(dtype, optimising=True)
+    backbone = load_backbone(config.model).to(device, dtype)
+    backbone.check_supported()
+    backbone.check_resolution(config.resolution, log)
     encoder = None
     if config.init == "encoder":
         from diffinv.diffusion.encoder import load_encoder
@@ -105,6 +121,32 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
     # The whole store's embeddings plus a checkpoint per batch (AdamW keeps two more copies).
     cond_bytes = 4 * config.tokens * backbone.cond_dim
     check_free_space(out, len(item_ids) * cond_bytes + 4 * config.batch_size * cond_bytes + (1 << 20), "the store")
+
+
+_WARNED: set[tuple[str, str]] = set()  # once per (base, data) in a process: a demo inverts several subsets
+
+
+def warn_base_mismatch(base: str, data: str, images: LabelledImages, log: Callable[[str], None]) -> None:
+    """Say so when a ``pretrain-base`` model was trained on other data than the images it is asked to invert."""
+    marker = Path(base) / "config.yaml"
+    if (base, data) in _WARNED or not marker.is_file() or not (Path(base) / "pretrain.json").is_file():
+        return
+    _WARNED.add((base, data))
+    trained = read_yaml(marker) or {}
+    grey_base = read_json(Path(base) / "pretrain.json").get("image_channels") == 1
+    if grey_base and not _is_grey(images.image(0)):
+        log(f"warning: the base {base} is a one-channel (grey) model and {data} is in colour: its variants will be grey")
+    sources = [trained.get("data")] + list(trained.get("extra_data") or [])
+    if data in sources or any(str(Path(data).resolve()) == str(Path(s).resolve()) for s in sources if s):
+        return
+    log(f"warning: the base {base} was pretrained on {', '.join(map(str, sources))}, not on {data}: it has not seen images "
+        f"like these, so its variants may look nothing like them and any gain says little about the method. Pretrain a "
+        f"base on your data's training images (diffinv pretrain-base --data {data} ...) and pass it as --base")
+
+
+def _is_grey(image) -> bool:
+    r, g, b = image.convert("RGB").split()
+    return r.tobytes() == g.tobytes() == b.tobytes()
 
 
 def plan_batches(n_items: int, batch_size: int) -> list[list[int]]:

@@ -128,10 +128,12 @@ def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = Fal
         # 6. Evaluate and checkpoint.
         done = step + 1
         if done in evals:
-            result = evaluate(model, data.test, data.test_labels, mean, std, num_classes, config.eval_batch_size,
-                              autocast, channels_last)
+            # With validation data the test split is not looked at before the end (settings are chosen on validation).
+            watched = (data.val, data.val_labels) if data.val is not None else (data.test, data.test_labels)
+            result = evaluate(model, *watched, mean, std, num_classes, config.eval_batch_size, autocast, channels_last)
             rows.append({"step": done, "epoch": done / max(s.per_pass for _, s in streams), "train_loss": running,
-                         "lr": optimiser.param_groups[0]["lr"], **result})
+                         "lr": optimiser.param_groups[0]["lr"], "split": "validation" if data.val is not None else config.eval_split,
+                         **result})
             write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         if done in checkpoints and done < total:
             save_checkpoint(out / "checkpoint.safetensors", {f"model.{k}": v for k, v in model.state_dict().items()}, optimiser,
@@ -149,12 +151,21 @@ def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = Fal
             "resolution": str(data.resolution), "mean": json.dumps(mean.tolist()), "std": json.dumps(std.tolist())}
     write_safetensors(out / "model.safetensors", model.state_dict(), meta)
     final = rows[-1]
+    validation = None
+    if data.val is not None:
+        validation = {k: v for k, v in final.items() if k not in ("step", "epoch", "train_loss", "lr", "confusion")}
+        final = evaluate(model, data.test, data.test_labels, mean, std, num_classes, config.eval_batch_size, autocast,
+                         channels_last)  # the only time this run reads the test split
     write_json(out / "final.json", {
         "top1": final["top1"], "per_class": final["per_class"], "loss": final["loss"], "steps": total,
         **{k: final.get(k) for k in ("balanced_accuracy", "macro_f1", "auc", "top_prediction_share", "degenerate")},
+        "class_counts": torch.bincount(data.test_labels, minlength=num_classes).tolist(), "validation": validation,
         "classes": data.classes, "n_real": len(data.real), "n_synthetic": len(data.syn), "n_test": len(data.test),
         "resolution": data.resolution, "notes": data.notes,
     })
+    if validation is not None:
+        # Apart from final.json, so that choosing settings on validation never has to open the test metrics.
+        write_json(out / "validation.json", {**validation, "class_counts": torch.bincount(data.val_labels, minlength=num_classes).tolist()})
     write_json(out / MARKER, {"status": "complete", "classes": data.classes, "resolution": data.resolution})
     (out / "checkpoint.safetensors").unlink(missing_ok=True)
     return out

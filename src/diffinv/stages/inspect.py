@@ -1,0 +1,52 @@
+"""``diffinv inspect MODEL [--data D]``: what a run would do with a model, before it does it.
+
+Family, prediction type, scheduler, the resolution and latent size chosen for the data, the
+precision on this machine, parameter counts, weight memory and counted FLOPs of one inversion
+image-step; and the checks invert and generate run at their start.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffinv.data.real import open_images
+from diffinv.device import resolve_device, resolve_dtype
+from diffinv.diffusion.backbone import load_backbone
+
+
+def inspect_model(model: str, data: str = "", resolution: int | None = None, device: str = "auto") -> list[tuple[str, str]]:
+    """(field, value) lines describing ``model`` as ``diffinv invert`` would use it on ``data``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backbone = load_backbone(model)
+    lines = [("family", backbone.family), ("prediction type", backbone.prediction_type),
+             ("training schedule", f"{backbone.scheduler_config.get('beta_schedule')} betas "
+                                   f"{backbone.scheduler_config.get('beta_start')}-{backbone.scheduler_config.get('beta_end')}, "
+                                   f"{backbone.num_train_timesteps} steps"),
+             ("conditioning", f"K tokens x {backbone.cond_dim} (the UNet's cross-attention width)"),
+             ("native resolution", f"{backbone.native_resolution} px")]
+    backbone.check_supported()
+    if resolution is None and data:
+        size = min(open_images(data).image(0).size)
+        resolution = backbone.choose_resolution(size)
+        lines.append(("data", f"{data}: {size} px images"))
+    resolution = resolution or backbone.native_resolution
+    notes: list[str] = []
+    backbone.check_resolution(resolution, notes.append)
+    shape = backbone.latent_shape(resolution)
+    lines += [("inversion resolution", f"{resolution} px -> latent {'x'.join(map(str, shape))}" + (f" ({notes[0]})" if notes else ""))]
+    target = resolve_device(device)
+    dtype = resolve_dtype("auto", target)
+    lines.append(("precision (auto here)", f"{str(dtype).replace('torch.', '')} on {target}"))
+    for name, module in (("UNet", backbone.unet), ("VAE", backbone.vae)):
+        if module is not None:
+            n = sum(p.numel() for p in module.parameters())
+            lines.append((f"{name} parameters", f"{n / 1e6:.1f}M ({n * dtype.itemsize / 2**20:.0f} MiB of weights in "
+                                                f"{str(dtype).replace('torch.', '')})"))
+    x = torch.zeros(1, *shape)
+    cond = torch.zeros(1, 5, backbone.cond_dim, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        backbone.predict_noise(x, torch.tensor([500]), cond).sum().backward()
+    lines.append(("FLOPs per inversion image-step", f"{counter.get_total_flops() / 1e9:.1f} GFLOP (UNet forward + backward "
+                                                      f"to the conditioning; the paper's loop adds a VAE encode per step)"))
+    return lines

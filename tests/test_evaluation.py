@@ -1,0 +1,129 @@
+"""Results people can trust: replicates that vary the data, paired t-intervals, balanced metrics, degenerate runs, validation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffinv.classify.metrics import confusion_matrix, summarise
+from diffinv.config import ConfigError
+from diffinv.data.real import open_images, select, validation_ids
+from diffinv.report.stats import headline_metric, paired_gain, t_interval
+from diffinv.stages.experiment import cells, load_study
+from diffinv.stages.experiment import summarise as summarise_study
+
+
+def _study(tmp_path, text):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return load_study(path)
+
+
+def test_replicates_draw_their_own_subset_shared_by_every_method(tmp_path):
+    study = _study(tmp_path, """
+datasets: {digits: {data: digits, subset_seed: 10}}
+per_class: [3]
+seeds: [0, 1, 2]
+methods:
+  real: null
+  di: runs/di-k{per_class}-r{seed}
+train: {steps: 2}
+""")
+    grid = cells(study)
+    by = {(c.method, c.seed): c.config for c in grid}
+    assert [by[("real", s)].subset_seed for s in (0, 1, 2)] == [10, 11, 12]
+    assert all(by[("di", s)].subset_seed == by[("real", s)].subset_seed for s in (0, 1, 2))  # paired by replicate
+    assert by[("di", 2)].synthetic == ("runs/di-k3-r2",)
+    images = open_images("digits")
+    subsets = [set(select(images, 3, by[("real", s)].subset_seed).ids) for s in (0, 1, 2)]
+    assert subsets[0] != subsets[1] != subsets[2]
+    # One synthetic set for every seed cannot pair with subsets that change: refused, or seeds vary the classifier only.
+    with pytest.raises(ConfigError, match=r"\{seed\}"):
+        cells(_study(tmp_path, "datasets: {d: digits}\nseeds: [0, 1]\nreplicates: data\nmethods: {real: null, di: runs/di}\n"))
+    old = cells(_study(tmp_path, "datasets: {d: digits}\nseeds: [0, 1]\nmethods: {real: null, di: runs/di}\n"))
+    assert {c.config.subset_seed for c in old} == {0}
+
+
+def test_validation_never_overlaps_a_subset_or_the_test_split():
+    images = open_images("digits")
+    held = validation_ids(images, 20)
+    assert len(held) == 200 and held == validation_ids(images, 20)  # the same hold-out for every run
+    for seed in range(5):
+        assert not held & set(select(images, 30, seed, exclude=held).ids)
+    assert not held & set(open_images("digits", split="test").ids)
+    with pytest.raises(Exception, match="val-per-class"):
+        validation_ids(images, 10_000)
+
+
+def test_the_interval_and_the_beyond_noise_rule_match_scipy():
+    from scipy import stats
+
+    diffs = [0.021, 0.034, -0.005, 0.018, 0.027]
+    mean, low, high = t_interval(diffs)
+    ref = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=stats.sem(diffs))
+    assert mean == pytest.approx(np.mean(diffs)) and (low, high) == pytest.approx(ref)
+    gain = paired_gain([0.5 + d for d in diffs], [0.5] * 5)
+    assert gain["beyond_noise"] == (ref[0] > 0) and gain["low"] == pytest.approx(ref[0])
+    # Two replicates never count, however consistent; an interval across 0 never counts.
+    assert not paired_gain([0.9, 0.91], [0.5, 0.5])["beyond_noise"]
+    assert not paired_gain([0.6, 0.4, 0.55], [0.5, 0.5, 0.5])["beyond_noise"]
+    assert math.isinf(t_interval([0.3])[1])
+
+
+def test_a_constant_predictor_is_flagged_and_never_a_gain():
+    # Two classes, 27% / 73% like the medical set of the issue: predicting the majority scores 73% top-1.
+    labels = torch.tensor([0] * 27 + [1] * 73)
+    preds = torch.ones(100, dtype=torch.long)
+    m = summarise(confusion_matrix(preds, labels, 2), 0.0, torch.stack([torch.zeros(100), torch.ones(100)], 1), labels)
+    assert m["top1"] == pytest.approx(0.73) and m["balanced_accuracy"] == pytest.approx(0.5) and m["degenerate"]
+    assert m["auc"] == pytest.approx(0.5) and m["macro_f1"] < 0.5
+    assert headline_metric([27, 73]) == "balanced_accuracy" and headline_metric([50, 55]) == "top1"
+
+    def row(method, seed, top1, degenerate):
+        return {"dataset": "d", "method": method, "per_class": 5, "arch": "a", "aug": "x", "seed": seed, "top1": top1,
+                "balanced_accuracy": 0.5 if degenerate else top1, "macro_f1": 0.4, "auc": 0.5, "degenerate": degenerate,
+                "n_real": 10, "n_synthetic": 0 if method == "real" else 50, "classes": ["n", "p"], "per_class_acc": [0.5, 0.5],
+                "class_counts": [27, 73]}
+
+    # real only is weak on every replicate; "di" predicts one class and scores the majority share every time.
+    rows = [row("real", s, 0.55 + 0.01 * s, False) for s in range(3)] + [row("di", s, 0.73, True) for s in range(3)]
+    di = next(r for r in summarise_study(rows) if r["method"] == "di")
+    assert di["headline"] == "balanced_accuracy" and di["degenerate_runs"] == 3
+    assert di["gain"]["top1"]["low"] > 0 and not di["gain"]["top1"]["beyond_noise"]  # a big top-1 "gain", not counted
+    assert di["gain"]["top1"]["degenerate"]
+
+
+def test_selection_reads_validation_only_and_the_test_metrics_after(tmp_path, monkeypatch):
+    import diffinv.stages.experiment as experiment
+
+    study = _study(tmp_path, """
+datasets: {digits: {data: digits}}
+per_class: [2]
+seeds: [0, 1]
+archs: [mobilenetv2]
+methods: {real: null}
+train: {steps: 3, batch_size: 10, eval_every: 3, resolution: 32, val_per_class: 5}
+select: {lr: [0.0001, 0.05]}
+""")
+    assert len(cells(study)) == 4
+    opened = []
+    real_read = experiment.read_json
+    monkeypatch.setattr(experiment, "read_json", lambda path: opened.append(path.name) or real_read(path))
+    experiment.run_study(study, tmp_path / "s", progress=False, log=lambda m: None)
+    selection = real_read(tmp_path / "s" / "selection.json")["digits/real/2/mobilenetv2/crop-flip"]
+    assert set(selection["validation_mean"]) == {"lr=0.0001", "lr=0.05"}
+    assert selection["chosen"] == max(selection["validation_mean"], key=selection["validation_mean"].get)
+    # Every validation file is read before the first test metrics file, and only the chosen variant's runs are reported.
+    assert opened.index("final.json") > max(i for i, n in enumerate(opened) if n == "validation.json")
+    results = real_read(tmp_path / "s" / "results.json")
+    assert {r["variant"] for r in results} == {selection["chosen"]} and len(results) == 2
+    # Without validation data there is nothing to choose on: refused before anything is trained.
+    with pytest.raises(ConfigError, match="val_per_class"):
+        cells(_study(tmp_path, "datasets: {d: digits}\nmethods: {real: null}\nselect: {lr: [0.1, 0.2]}\n"))
+
+
+def test_gains_are_plain_json():
+    import json
+
+    json.dumps(paired_gain([0.61, 0.64, 0.66], [0.5, 0.52, 0.55]))  # numpy scalars would not serialise

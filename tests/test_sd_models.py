@@ -1,0 +1,79 @@
+"""Stable Diffusion's structure, at toy sizes: factor-8 VAE with SD's scaling, SD 1.5 / 2.1 scheduler configs, SDXL refused."""
+
+import pytest
+import torch
+
+from diffinv.cli import main
+from diffinv.config import InvertConfig
+from diffinv.diffusion import inversion
+from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.tiny import save_tiny_model
+from diffinv.runs import read_json
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    return {kind: save_tiny_model(root / kind, kind) for kind in ("sd15-tiny", "sd21-tiny", "sdxl-tiny")}
+
+
+def test_sd15_structure_loads_with_its_scaling_and_scheduler(models):
+    backbone = load_backbone(models["sd15-tiny"])
+    assert backbone.family == "sd1" and backbone.cond_dim == 768 and backbone.latent_shape(64) == (4, 8, 8)
+    assert backbone.scheduler_config["steps_offset"] == 1 and backbone.prediction_type == "epsilon"
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    moments = backbone.encode(pixels)
+    raw = backbone.vae.encode(pixels).latent_dist.mean
+    torch.testing.assert_close(moments.mean, raw * 0.18215)  # SD's scaling factor applied once, on the way in
+
+
+def test_v_prediction_models_are_inverted_against_v(models, monkeypatch):
+    backbone = load_backbone(models["sd21-tiny"])
+    assert backbone.family == "sd2" and backbone.prediction_type == "v_prediction"
+    seen = []
+    real = inversion.denoising_target
+
+    def spy(x0, noise, alpha_bar, prediction_type):
+        seen.append(prediction_type)
+        return real(x0, noise, alpha_bar, prediction_type)
+
+    monkeypatch.setattr(inversion, "denoising_target", spy)
+    config = InvertConfig(model="m", data="d", resolution=64, steps=3, log_every=1, eval_timesteps=1)
+    emb, before, after = inversion.invert_batch(backbone, torch.rand(2, 3, 64, 64) * 2 - 1, torch.tensor([1, 2]), config)
+    assert seen and set(seen) == {"v_prediction"} and emb.shape == (2, 5, 1024)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "euler", "pndm"])
+def test_every_sampler_runs_on_sd15s_scheduler_config(models, tmp_path, sampler, capsys):
+    store = tmp_path / "store"
+    assert main(["invert", "--model", str(models["sd15-tiny"]), "--data", "digits", "--per-class", "1", "--steps", "8",
+                 "--out", str(store), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    # No --resolution: chosen from the model and the 8 px data (128 px wanted, capped at the model's native 64).
+    assert "inverting at 64 px" in text and read_json(store / "store.json")["latent_shape"] == [4, 8, 8]
+    rows = [r for r in (store / "parts").glob("*.json")]
+    losses = [(r["loss_init"], r["loss"]) for p in rows for r in read_json(p)]
+    assert sum(a for a, _ in losses) > sum(b for _, b in losses)  # inversion lowers the loss
+    assert main(["generate", "--store", str(store), "--out", str(tmp_path / "syn"), "--per-image", "1", "--steps", "3",
+                 "--sampler", sampler, "--quiet"]) == 0
+    assert len(list((tmp_path / "syn").rglob("*.png"))) == 10
+
+
+def test_sdxl_is_refused_up_front_with_the_reason(models, tmp_path, capsys):
+    assert main(["invert", "--model", str(models["sdxl-tiny"]), "--data", "digits", "--per-class", "1", "--out",
+                 str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "SDXL" in err and "added_cond_kwargs" in err and not (tmp_path / "s").exists()
+    assert main(["inspect", str(models["sdxl-tiny"])]) == 2
+
+
+def test_fp16_inversion_is_refused_with_the_reason(models, tmp_path, capsys):
+    assert main(["invert", "--model", str(models["sd15-tiny"]), "--data", "digits", "--per-class", "1", "--precision", "fp16",
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    assert "loss scaler" in capsys.readouterr().err
+
+
+def test_inspect_tells_what_a_run_would_do(models, capsys):
+    assert main(["inspect", str(models["sd21-tiny"]), "--data", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert "sd2" in out and "v_prediction" in out and "64 px -> latent 4x8x8" in out and "GFLOP" in out
