@@ -84,7 +84,11 @@ def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
         sections.append((f"Per-class recall ({tag})", _per_class_table(rows), _per_class_plot(rows, tag)))
     if quality:
         sections.append(("Synthetic data quality", _quality_table(quality), None))
+    shown = set()
     for key, q in quality.items():
+        if (q["dataset"], q["method"], q["per_class"]) in shown:
+            continue  # one grid per method and size (the first replicate's)
+        shown.add((q["dataset"], q["method"], q["per_class"]))
         figure = _grid_figure(q["synthetic"][0], _dataset_spec(study, q["dataset"]), key)
         if figure is not None:
             sections.append((f"Real images and their synthetic variants ({key})", "", figure))

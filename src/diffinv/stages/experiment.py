@@ -374,12 +374,13 @@ def study_quality(study: Study, grid: list[Cell], out: Path, log: Callable[[str]
     """Quality of every distinct synthetic source, judged by the dataset's real-only run with the most images."""
     import torch
 
-    from diffinv.data.real import load_uint8, open_images, select
+    from diffinv.data.real import load_uint8, open_images, select, validation_ids
     from diffinv.data.synthetic import open_synthetic
     from diffinv.quality.measures import synthetic_quality
     from diffinv.stages.train import load_classifier
 
     report: dict[str, Any] = {}
+    per_replicate = study.vary_data()
     for dname in study.datasets:
         judges = [c for c in grid if c.dataset == dname and not c.config.synthetic]
         if not judges:
@@ -395,7 +396,9 @@ def study_quality(study: Study, grid: list[Cell], out: Path, log: Callable[[str]
                 continue
             done.add(key)
             cfg = cell.config
-            real_set = select(open_images(cfg.data, cfg.format, cfg.split), cfg.per_class, cfg.subset_seed, cfg.bad_images, warn=log)
+            source = open_images(cfg.data, cfg.format, cfg.split)
+            real_set = select(source, cfg.per_class, cfg.subset_seed, cfg.bad_images, warn=log,
+                              exclude=validation_ids(source, cfg.val_per_class))
             test_set = open_images(cfg.data, cfg.format, cfg.eval_split)
             syn_sets = [open_synthetic(root, meta["classes"]) for root in cfg.synthetic]
             syn = torch.cat([load_uint8(s, res) for s in syn_sets])
@@ -403,9 +406,10 @@ def study_quality(study: Study, grid: list[Cell], out: Path, log: Callable[[str]
             q = synthetic_quality(judge, meta, syn, syn_labels, load_uint8(real_set, res), torch.from_numpy(real_set.labels),
                                   load_uint8(test_set, res), study.quality.get("inception_weights"))
             k = "all" if cell.per_class is None else f"k{cell.per_class}"
-            report[f"{dname}/{cell.method}/{k}"] = {"dataset": dname, "method": cell.method, "per_class": cell.per_class,
-                                                   "judge": judge_cell.path, "synthetic": list(cfg.synthetic), **q}
-            log(f"quality {dname}/{cell.method}/{k}: label fidelity {q['label_fidelity']:.3f}, diversity "
+            name = f"{dname}/{cell.method}/{k}" + (f"/r{cell.seed}" if per_replicate else "")  # one set per replicate
+            report[name] = {"dataset": dname, "method": cell.method, "per_class": cell.per_class, "replicate": cell.seed,
+                            "judge": judge_cell.path, "synthetic": list(cfg.synthetic), **q}
+            log(f"quality {name}: label fidelity {q['label_fidelity']:.3f}, diversity "
                 f"{q['diversity_ratio'] if q['diversity_ratio'] is None else round(q['diversity_ratio'], 3)}, "
                 f"{q['near_copies']} near copies; {q['fid_note']}")
     return report
