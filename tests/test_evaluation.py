@@ -127,3 +127,23 @@ def test_gains_are_plain_json():
     import json
 
     json.dumps(paired_gain([0.61, 0.64, 0.66], [0.5, 0.52, 0.55]))  # numpy scalars would not serialise
+
+
+def test_the_diversity_measure_ranks_copies_below_varied_variants():
+    from diffinv.classify.models import build_model
+    from diffinv.quality.measures import synthetic_quality
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    real = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    net = build_model("shufflenetv2", 2, 32).eval()
+    meta = {"classes": ["a", "b"], "mean": torch.zeros(3), "std": torch.ones(3)}
+    copies = real.repeat_interleave(5, 0)  # five "variants" of each real image, all identical to it
+    shifted = torch.cat([(real.int() + torch.randint(-60, 60, real.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+                         for _ in range(5)])  # five different variants of each
+    varied_labels = labels.repeat(5)
+    q_copies = synthetic_quality(net, meta, copies, labels.repeat_interleave(5), real, labels, real)
+    q_varied = synthetic_quality(net, meta, shifted, varied_labels, real, labels, real)
+    assert q_copies["diversity_ratio"] < q_varied["diversity_ratio"]
+    assert q_copies["near_copies"] == 40 and q_varied["near_copies"] < 40

@@ -1,11 +1,11 @@
 """diffusion-inversion: synthetic training data from a frozen diffusion model (Zhou, Sahak, Ba 2023).
 
-Stages, each a CLI sub-command and a library entry point:
+Stages, each a CLI sub-command (:mod:`diffinv.launch` runs them by name) and a library entry point:
 
-* ``diffinv invert``     -> :func:`diffinv.diffusion.inversion.invert_dataset`
-* ``diffinv generate``   -> :func:`diffinv.diffusion.generation.generate_dataset`
-* ``diffinv train``      -> :func:`diffinv.classify.train.train_classifier`
-* ``diffinv experiment`` -> :func:`diffinv.experiment.run_study`
+* ``diffinv invert``     -> :func:`diffinv.stages.invert.invert_dataset`
+* ``diffinv generate``   -> :func:`diffinv.stages.generate.generate_dataset`
+* ``diffinv train``      -> :func:`diffinv.stages.train.train_classifier`
+* ``diffinv experiment`` -> :func:`diffinv.stages.experiment.run_study`
 * ``diffinv report``     -> :func:`diffinv.report.build.build_report`
 """
 

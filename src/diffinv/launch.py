@@ -53,8 +53,8 @@ def run_shard(stage: str, config: Any, out: str | Path, shard: Shard, hook: Call
         try:
             return spec.run(config, out, shard=shard, resume=resume, overwrite=overwrite, progress=progress, log=log, hook=hook)
         except BaseException:
-            if not existed:  # nothing of this command's is worth keeping if no unit finished
-                remove_if_unstarted(out)
+            if not existed and shard.whole:  # nothing of this command's is worth keeping if no unit finished
+                remove_if_unstarted(out)  # (never under shards: another one may be writing the folder)
             raise
 
 

@@ -75,6 +75,25 @@ def _shufflenetv2(num_classes: int, image_size: int, small: bool) -> nn.Module:
     return net
 
 
+class SmallConvNet(nn.Module):
+    """Three conv-BN-ReLU blocks and a linear head (~0.1M weights): a CPU-quick classifier for tiny images.
+
+    Not one of the paper's six; the CPU demo trains many of these in its 5-minute budget.
+    """
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
 # name -> builder(num_classes, image_size, small_stem): a new architecture is one entry here (plus its test).
 ARCHITECTURES: dict[str, Callable[[int, int, bool], nn.Module]] = {
     "resnet18": _resnet("resnet18"),
@@ -83,6 +102,7 @@ ARCHITECTURES: dict[str, Callable[[int, int, bool], nn.Module]] = {
     "mobilenetv2": _first_conv_stride_one("mobilenet_v2"),
     "efficientnet-b0": _first_conv_stride_one("efficientnet_b0"),
     "shufflenetv2": _shufflenetv2,
+    "small-cnn": lambda num_classes, image_size, small: SmallConvNet(num_classes),
 }
 ARCHS = tuple(ARCHITECTURES)
 
