@@ -281,3 +281,15 @@ def test_write_safetensors_reports_a_full_disk_as_such(tmp_path, monkeypatch):
     with pytest.raises(runs.RunError, match="disk is full"):
         write_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_disk_full_refusal_leaves_no_store_behind(tiny_latent, image_tree, tmp_path, monkeypatch, capsys):
+    from collections import namedtuple
+
+    import diffinv.runs as runs
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "s"
+    code, text = _run(capsys, "invert", "--model", str(tiny_latent), "--data", str(image_tree), "--out", str(out), *INVERT)
+    assert code == 2 and "MiB are free" in text and not out.exists()  # not a store marked in-progress
