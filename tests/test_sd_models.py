@@ -77,3 +77,23 @@ def test_inspect_tells_what_a_run_would_do(models, capsys):
     assert main(["inspect", str(models["sd21-tiny"]), "--data", "digits"]) == 0
     out = capsys.readouterr().out
     assert "sd2" in out and "v_prediction" in out and "64 px -> latent 4x8x8" in out and "GFLOP" in out
+
+
+def test_the_prediction_type_can_be_overridden_and_generation_follows_the_store(models, tmp_path, monkeypatch, capsys):
+    # An SD 2.x checkpoint whose scheduler config says v_prediction for a model trained on epsilon: --prediction-type.
+    seen = []
+    real = inversion.denoising_target
+    monkeypatch.setattr(inversion, "denoising_target", lambda x0, n, a, kind: seen.append(kind) or real(x0, n, a, kind))
+    store = tmp_path / "store"
+    assert main(["invert", "--model", str(models["sd21-tiny"]), "--data", "digits", "--per-class", "1", "--steps", "2",
+                 "--prediction-type", "epsilon", "--out", str(store), "--quiet"]) == 0
+    assert set(seen) == {"epsilon"} and read_json(store / "store.json")["prediction_type"] == "epsilon"
+    import diffinv.stages.generate as generate
+
+    used = []
+    real_sample = generate.generate_batch
+    monkeypatch.setattr(generate, "generate_batch", lambda backbone, *a: used.append(backbone.prediction_type) or real_sample(backbone, *a))
+    assert main(["generate", "--store", str(store), "--out", str(tmp_path / "syn"), "--per-image", "1", "--steps", "2",
+                 "--quiet"]) == 0
+    assert used and set(used) == {"epsilon"}  # the model's own config says v_prediction
+    assert load_backbone(models["sd21-tiny"]).prediction_type == "v_prediction"

@@ -79,7 +79,11 @@ class InvertConfig:
     latent: str = opt("sample", "sample the VAE posterior each step (the paper) or use its mean", choices=("sample", "mean"))
     eval_timesteps: int = opt(8, "timesteps of the final per-image loss")
     seed: int = opt(0, "seed of all noise and initialisation")
-    precision: str = opt("auto", "auto: bf16 on GPU, fp32 on CPU", choices=PRECISIONS)
+    precision: str = opt("auto", "auto: bf16 on GPUs with bf16 units, else fp32", choices=PRECISIONS)
+    # An SD 2.x checkpoint read without its scheduler config may say v_prediction for a 512 px epsilon
+    # model (or the reverse); the store records the type used and generation follows it.
+    prediction_type: str = opt("", "what the UNet predicts, overriding the model's scheduler config (default: the model's)",
+                               choices=("", "epsilon", "v_prediction"))
     # "image": one conditioning per image (Diffusion Inversion). "class": one per class, learned
     # from all of the class's images (textual inversion / DA-Fusion), the rival it must beat.
     target: str = opt("image", "one conditioning per image (Diffusion Inversion) or per class (the class-inversion rival)",

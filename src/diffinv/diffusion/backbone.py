@@ -99,6 +99,12 @@ class Backbone:
             return "pixel"
         return {768: "sd1", 1024: "sd2"}.get(self.cond_dim, "latent")
 
+    def with_prediction_type(self, prediction_type: str) -> "Backbone":
+        """Use ``prediction_type`` (epsilon or v_prediction) instead of the scheduler config's; "" keeps it."""
+        if prediction_type:
+            self.scheduler_config = {**self.scheduler_config, "prediction_type": prediction_type}
+        return self
+
     def check_supported(self) -> None:
         """Refuse, before any work, what the engine cannot drive (rather than failing inside diffusers)."""
         if self.family == "sdxl":

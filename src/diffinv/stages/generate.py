@@ -62,6 +62,7 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     # 3. Model on the device, and the check that the stores were made with it.
     device = resolve_device(config.device)
     backbone = load_backbone(model, with_text_encoder=method.text_encoder).to(device, resolve_dtype(config.precision, device))
+    backbone.with_prediction_type(store.info.get("prediction_type", ""))  # sample with what the store was inverted against
     backbone.check_supported()
     fingerprint = backbone.fingerprint()
     for s in (store, *extra.values()):

@@ -63,7 +63,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.precision, device)
     check_precision(dtype, optimising=True)
-    backbone = load_backbone(config.model).to(device, dtype)
+    backbone = load_backbone(config.model).to(device, dtype).with_prediction_type(config.prediction_type)
     backbone.check_supported()
     backbone.check_resolution(config.resolution, log)
     encoder = None
@@ -110,7 +110,8 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
     info = {"model": config.model, "model_path": model_path, "model_fingerprint": backbone.fingerprint(),
             "cond_shape": [config.tokens, backbone.cond_dim], "classes": images.classes, "resolution": config.resolution,
             "latent_shape": list(backbone.latent_shape(config.resolution)), "n_images": len(item_ids), "n_items": len(item_ids),
-            "target": config.target, "shards": shard.count, "dtype": str(backbone.dtype).replace("torch.", "")}
+            "target": config.target, "shards": shard.count, "dtype": str(backbone.dtype).replace("torch.", ""),
+            "prediction_type": backbone.prediction_type}
     if (out / MARKER).is_file():
         old = writer.info()
         if old.get("model_fingerprint") != info["model_fingerprint"]:
