@@ -165,3 +165,51 @@ def test_pixel_and_v_prediction_models_invert(tiny_pixel, tiny_v, image_tree, tm
         store = EmbeddingStore.open(tmp_path / name)
         assert store.embeddings.shape == (6, 5, 32) and torch.isfinite(store.embeddings).all()
         assert store.mean_embedding().shape == (5, 32)
+
+
+# The official update pattern (groups of 4 in batches of 3: the 6 images are 2 groups), and the
+# cost levers: a warm-up + cosine schedule and stratified timesteps, all functions of the step.
+RECIPES = {"group": dict(update="group", group_size=4, group_batch=3, init="uniform"),
+           "schedule": dict(lr_schedule="cosine", warmup=2, timesteps="stratified")}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_kill_then_resume_equals_uninterrupted_for_every_recipe(tiny_latent, image_tree, tmp_path, recipe):
+    kw = RECIPES[recipe]
+    invert_dataset(_config(tiny_latent, image_tree, **kw), tmp_path / "ref", progress=False)
+
+    def stop(batch, step):
+        if batch == 1 and step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        invert_dataset(_config(tiny_latent, image_tree, **kw), tmp_path / "run", progress=False, on_step=stop)
+    resumed = []
+    invert_dataset(_config(tiny_latent, image_tree, **kw), tmp_path / "run", resume=True, progress=False,
+                   on_step=lambda batch, step: resumed.append((batch, step)))
+    assert resumed == [(1, 5), (1, 6)]
+    _same_store(tmp_path / "ref", tmp_path / "run")
+    other = {"group": dict(update="own"), "schedule": dict(lr_schedule="constant", warmup=0, timesteps="uniform")}[recipe]
+    invert_dataset(_config(tiny_latent, image_tree, **{**kw, **other}), tmp_path / "other", progress=False)
+    assert not torch.allclose(EmbeddingStore.open(tmp_path / "other").embeddings, EmbeddingStore.open(tmp_path / "ref").embeddings)
+
+
+def test_group_pattern_plans_whole_groups_whatever_the_batch_size(tiny_latent, image_tree, tmp_path):
+    kw = RECIPES["group"]
+    invert_dataset(_config(tiny_latent, image_tree, batch_size=2, **kw), tmp_path / "a", progress=False)
+    invert_dataset(_config(tiny_latent, image_tree, batch_size=6, **kw), tmp_path / "b", progress=False)
+    _same_store(tmp_path / "a", tmp_path / "b", exact=False)
+    assert len(list((tmp_path / "a" / "parts").glob("part-*.json"))) == 2  # two groups (4 + 2), not three batches of 2
+
+
+def test_stratified_timesteps_cover_the_schedule_evenly():
+    from diffinv.diffusion.objective import lr_factor, training_timesteps
+
+    keys = rng.keys_tensor(0, ["a", "b"])
+    strat = torch.stack([training_timesteps(keys, s, 1000, "stratified") for s in range(20)])  # [steps, images]
+    iid = torch.stack([training_timesteps(keys, s, 1000, "uniform") for s in range(20)])
+    # Every tenth of the schedule is hit 2 +- 1 times in 20 steps; i.i.d. draws leave tenths empty.
+    assert all(set(torch.bincount(strat[:, b] // 100, minlength=10).tolist()) <= {1, 2, 3} for b in range(2))
+    assert any(torch.bincount(iid[:, b] // 100, minlength=10).min() == 0 for b in range(2))
+    assert torch.equal(training_timesteps(keys[1:], 7, 1000, "stratified"), strat[7, 1:])  # a function of (key, step)
+    assert [round(lr_factor(s, 10, "cosine", 2), 3) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 0.038]  # 0.5 (1 + cos(pi 7/8))

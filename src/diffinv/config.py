@@ -66,6 +66,8 @@ class InvertConfig:
     per_class: int | None = opt(None, "seeded subset of K images per class (default: all)")
     subset_seed: int = opt(0, "seed of the per-class subset")
     val_per_class: int = opt(0, "images per class held out for validation, never drawn into a subset (as train's)")
+    preset: str = opt("", "paper: the official code's recipe (its init, group update pattern, fp32); flags and --config "
+                      "still override single settings", choices=("", "paper"))
     resolution: int | None = opt(None, "images are resized (bicubic) to R x R (default: chosen from the model and the data: "
                                  "a pixel model's own size; for latent models 128 px for images up to 32 px, 256 up to 96, "
                                  "capped at the model's size)")
@@ -73,9 +75,25 @@ class InvertConfig:
     steps: int = opt(3000, "optimisation steps per image")
     lr: float = opt(3e-2, "AdamW learning rate")
     weight_decay: float = opt(1e-2, "AdamW weight decay")
-    init_std: float = opt(1.0, "std of the random initial conditioning")
-    init: str = opt("random", "start c_i from keyed noise (the paper) or from the base's encoder tokens (pretrain-base models)",
-                    choices=("random", "encoder"))
+    init_std: float = opt(1.0, "std of the random initial conditioning (--init random)")
+    # The official code's embeddings are the columns of an nn.Linear(n, K*D) with PyTorch's default
+    # init, U(-1/sqrt(n), 1/sqrt(n)) for groups of n images: about +-0.1, ten times smaller than N(0, 1).
+    init: str = opt("random", "start c_i from keyed N(0, init-std^2), from U(+-1/sqrt(group-size)) (the official code's), "
+                    "or from the base's encoder tokens (pretrain-base models)", choices=("random", "uniform", "encoder"))
+    # "own": every image gets a gradient and an AdamW update at every step (batch-invariant).
+    # "group": the official loop: groups of group_size images share one AdamW, and each optimiser
+    # step trains one batch of group_batch of them in order; AdamW (momentum, weight decay) moves
+    # every embedding of the group every step, so 3000 gradients per image are 6000 updates.
+    update: str = opt("own", "own: each image a gradient and an update per step; group: the official loop's pattern "
+                      "(groups of --group-size share one AdamW, each step trains --group-batch of them in order)",
+                      choices=("own", "group"))
+    group_size: int = opt(100, "--update group: images per group (results depend on it)")
+    group_batch: int = opt(50, "--update group: images per optimiser step (results depend on it)")
+    lr_schedule: str = opt("constant", "learning rate over an image's steps: constant (the paper) or cosine to 0",
+                           choices=("constant", "cosine"))
+    warmup: int = opt(0, "steps of linear learning-rate warm-up")
+    timesteps: str = opt("uniform", "an image's training timesteps: i.i.d. uniform (the paper) or stratified along its steps",
+                         choices=("uniform", "stratified"))
     latent: str = opt("sample", "sample the VAE posterior each step (the paper) or use its mean", choices=("sample", "mean"))
     eval_timesteps: int = opt(8, "timesteps of the final per-image loss")
     seed: int = opt(0, "seed of all noise and initialisation")
@@ -110,7 +128,11 @@ class InvertConfig:
         _check(self.nan_retries >= 0, "nan-retries must be >= 0")
         _check(self.val_per_class >= 0, "val-per-class must be >= 0")
         _check_choices(self)
-        _check(self.init == "random" or self.target == "image", "--init encoder is for per-image inversion (--target image)")
+        _check(self.init != "encoder" or self.target == "image", "--init encoder is for per-image inversion (--target image)")
+        _check(self.update == "own" or self.target == "image", "--update group is for per-image inversion (--target image)")
+        _check(self.update == "own" or (self.group_size >= 1 and 1 <= self.group_batch <= self.group_size),
+               f"group-batch must be in [1, group-size]; got {self.group_batch} of {self.group_size}")
+        _check(0 <= self.warmup < self.steps or self.warmup == 0, f"warmup must be in [0, steps); got {self.warmup}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,14 @@ class GenerateConfig:
     store: str = opt("", "embedding store from `diffinv invert` (per class for --method class-inversion)")
     model: str = opt("", "model (default: the one the store was made with)")
     method: str = opt("di", "di (Diffusion Inversion) or a rival: the registered generation methods")
+    preset: str = opt("", "paper: the official code's sampling (PNDM 100 steps, guidance 2 on the mean embedding, s = sigma "
+                      "= 0.1, its partner rule); flags and --config still override single settings", choices=("", "paper"))
+    # "one": each sample its own keyed partner, another image of its class. "paper": the official
+    # rule: an image's per_image partners are drawn from its class without replacement, itself
+    # included; a class with fewer than per_image other images gives all of them, the rest drawn
+    # from other classes.
+    partners: str = opt("one", "partner rule: one keyed same-class partner per sample, or the official code's (per image, "
+                        "without replacement, itself included)", choices=("one", "paper"))
     per_image: int = opt(5, "samples per real image; per-class methods make as many per class")
     interp: float = opt(0.1, "s, the step towards a same-class partner: c_i + s (c_j - c_i)")
     interp_mode: str = opt("linear", "interpolation of the partner step", choices=("linear", "spherical"))
@@ -385,8 +415,24 @@ def _check_choices(config: Any) -> None:
     for f in fields(config):
         if f.metadata.get("choices"):
             _one_of(f.name.replace("_", "-"), getattr(config, f.name), f.metadata["choices"])
+# --preset NAME: field values applied over the defaults and under --config and flags. "paper" is the
+# official code (yongchaoz/diffusion_inversion): nn.Linear init, groups of 100 in batches of 50,
+# fp32, lr 3e-2, wd 1e-2, 3000 gradients per image; PNDM 100 steps, guidance 2 on the mean
+# embedding, s = sigma = 0.1, 5 samples per image with its partner rule.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {
+        "InvertConfig": {"tokens": 5, "steps": 3000, "lr": 3e-2, "weight_decay": 1e-2, "init": "uniform", "update": "group",
+                         "group_size": 100, "group_batch": 50, "lr_schedule": "constant", "warmup": 0, "timesteps": "uniform",
+                         "latent": "sample", "precision": "fp32"},
+        "GenerateConfig": {"method": "di", "sampler": "pndm", "steps": 100, "guidance": 2.0, "uncond": "mean", "interp": 0.1,
+                           "interp_mode": "linear", "noise": 0.1, "per_image": 5, "partners": "paper", "unit_noise": False,
+                           "clip_x0": False},
+    },
+}
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:
-    """Build ``cls`` from its defaults, an optional YAML file, then non-None ``overrides``.
+    """Build ``cls`` from its defaults, its ``preset``'s values, an optional YAML file, then non-None ``overrides``.
 
     Unknown YAML keys are an error (a typo must not be silently ignored).
     """
@@ -403,6 +449,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
             raise ConfigError(f"config file {path} must hold a mapping of option: value")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    preset = values.get("preset")
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        values = {**PRESETS[preset].get(cls.__name__, {}), **values}
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

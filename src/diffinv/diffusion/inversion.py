@@ -21,8 +21,8 @@ from diffinv import rng
 from diffinv.config import InvertConfig
 from diffinv.data.real import LabelledImages, load_pixels
 from diffinv.diffusion.backbone import Backbone, LatentMoments
-from diffinv.diffusion.objective import (denoising_target, evaluation_loss, init_embeddings, per_image_loss, q_sample,
-                                         training_draws)
+from diffinv.diffusion.objective import (denoising_target, evaluation_loss, init_embeddings, lr_factor, per_image_loss,
+                                         q_sample, training_draws)
 from diffinv.errors import UserError
 from diffinv.runs import load_optimiser_tensors
 
@@ -46,8 +46,9 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
     each step trains it on one of them, drawn by its key (textual inversion's class token).
     ``state`` (embeddings and the optimiser's tensors, as :func:`runs.save_checkpoint` stored them) and
     ``start_step`` continue from a checkpoint; ``init`` [B, K, D] replaces the
-    keyed random start (e.g. the base's encoder tokens). Returns (embeddings [B, K, D]
-    float32 on CPU, initial and final evaluation losses [B]).
+    keyed random start (e.g. the base's encoder tokens). With ``config.update == "group"`` the
+    batch is one group of the official loop's pattern (see :func:`update_slices`). Returns
+    (embeddings [B, K, D] float32 on CPU, initial and final evaluation losses [B]).
     """
     device = backbone.device
     keys = keys.to(device)
@@ -57,26 +58,44 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
     groups = _Groups(owners.to(device), len(keys)) if owners is not None else None
 
     # 2. Starting point: fresh keyed initialisation, or the checkpointed embeddings and AdamW moments.
-    init = init_embeddings(keys, config.tokens, backbone.cond_dim, config.init_std) if init is None else init.to(device, torch.float32)
+    if init is None:
+        uniform = config.init == "uniform"
+        init = init_embeddings(keys, config.tokens, backbone.cond_dim, config.group_size ** -0.5 if uniform else config.init_std,
+                               "uniform" if uniform else "normal")
+    init = init.to(device, torch.float32)
     emb = torch.nn.Parameter((state["embeddings"] if state else init).to(device, torch.float32).clone())
     opt = torch.optim.AdamW([emb], lr=config.lr, weight_decay=config.weight_decay)
     if state:
         load_optimiser_tensors(opt, state)
     loss_init = _evaluate(backbone, moments.mean, init, keys, groups, config.eval_timesteps)
+    slices = update_slices(len(keys), config)
 
-    # 3. Denoising steps. Loss = sum of per-image means, so each image's gradient is its own
-    #    (a NaN in one image stays in that image: the caller retries it at a lower lr).
+    # 3. Denoising steps. Each image's timestep, noise and latent draw are keyed by (image, step).
+    #    "own": one optimiser step per step, loss = sum of per-image means, so each image's gradient
+    #    is its own (a NaN stays in its image: the caller retries it at a lower lr). "group": the
+    #    official loop, one optimiser step per slice, loss = the slice's mean.
     running, counted = torch.zeros(len(keys), device=device), 0
     for step in range(start_step, config.steps):
-        step_moments = moments if groups is None else groups.draw(moments, keys, step)
-        x0, noise, t = training_draws(keys, step, step_moments, backbone.num_train_timesteps, config.latent == "sample")
-        a = backbone.alphas_cumprod[t]
-        pred = backbone.predict_noise(q_sample(x0, noise, a), t, emb)
-        losses = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type))
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        opt.step()
-        running += losses.detach()
+        for param_group in opt.param_groups:
+            param_group["lr"] = config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup)
+        for rows in slices:
+            own = rows is None
+            step_keys = keys if own else keys[rows]
+            step_moments = moments if own else LatentMoments(moments.mean[rows], moments.std[rows])
+            if groups is not None:
+                step_moments = groups.draw(moments, keys, step)
+            x0, noise, t = training_draws(step_keys, step, step_moments, backbone.num_train_timesteps,
+                                          config.latent == "sample", config.timesteps)
+            a = backbone.alphas_cumprod[t]
+            pred = backbone.predict_noise(q_sample(x0, noise, a), t, emb if own else emb[rows])
+            losses = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type))
+            opt.zero_grad(set_to_none=True)
+            (losses.sum() if own else losses.mean()).backward()
+            opt.step()
+            if own:
+                running += losses.detach()
+            else:
+                running[rows] += losses.detach()
         counted += 1
 
         # 4. Host syncs only here, every log_every steps: finiteness check and the progress bar.
@@ -98,6 +117,13 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
     # 5. Final deterministic evaluation, same draws as the initial one.
     loss_final = _evaluate(backbone, moments.mean, emb.detach(), keys, groups, config.eval_timesteps)
     return emb.detach().float().cpu(), loss_init.cpu(), loss_final.cpu()
+
+
+def update_slices(n: int, config: InvertConfig) -> list[torch.Tensor | None]:
+    """The optimiser steps of one step of n images: [None] (all at once), or the group pattern's batches in order."""
+    if config.update == "own":
+        return [None]
+    return [torch.arange(i, min(i + config.group_batch, n)) for i in range(0, n, config.group_batch)]
 
 
 class _Groups:
@@ -173,7 +199,8 @@ def invert_items(backbone: Backbone, inputs: torch.Tensor | LatentMoments, keys:
         log(f"{len(bad)} item(s) of {what} had a non-finite loss at lr {result.lrs[bad[0]]:g}; retrying at lr {lr:g}")
         # One image's trajectory does not depend on its batch-mates, so the retry takes only the failed ones
         # (a class batch is retried whole: its images are laid out by owner).
-        sel = bad if owners is None else list(range(len(keys)))
+        # So is a group of the official update pattern: its images share one optimiser.
+        sel = bad if owners is None and config.update == "own" else list(range(len(keys)))
         retry = invert_batch(backbone, inputs[sel] if owners is None else inputs, keys[sel], replace(config, lr=lr), owners=owners,
                              init=None if init is None else init[sel])
         for r, j in enumerate(sel):

@@ -6,6 +6,8 @@ UNet); nothing here knows about files, configs or stages.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffinv import rng
@@ -38,21 +40,56 @@ def per_image_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
-def init_embeddings(keys: torch.Tensor, tokens: int, dim: int, std: float) -> torch.Tensor:
-    """Keyed N(0, std^2) starting point [B, K, D] for each image's conditioning."""
+def init_embeddings(keys: torch.Tensor, tokens: int, dim: int, std: float, dist: str = "normal") -> torch.Tensor:
+    """Keyed starting point [B, K, D] for each image's conditioning.
+
+    ``normal``: N(0, std^2). ``uniform``: U(-std, std), which with std = 1/sqrt(n) is the
+    official code's start (its embeddings are the columns of an ``nn.Linear(n, K*D)`` with
+    PyTorch's default init, n images per group).
+    """
+    if dist == "uniform":
+        return (rng.keyed_uniform(keys, 0, rng.STREAM_INIT, (tokens, dim)) * 2 - 1) * std
     return rng.keyed_normal(keys, 0, rng.STREAM_INIT, (tokens, dim)) * std
 
 
+# The golden ratio's fractional part: t_s = frac(u + s * PHI) covers [0, 1) evenly for every run
+# of consecutive steps s (a Kronecker sequence), so an image's timesteps are stratified without
+# knowing the total step count, and each step's draw is still a function of (key, step) alone.
+_PHI = 0.6180339887498949
+
+
+def training_timesteps(keys: torch.Tensor, step: int, num_timesteps: int, mode: str = "uniform") -> torch.Tensor:
+    """Timestep [B] of each image at ``step``: i.i.d. uniform (the paper), or ``stratified`` along the image's steps."""
+    if mode == "uniform":
+        return rng.keyed_randint(keys, step, rng.STREAM_TIMESTEP, num_timesteps)
+    offset = rng.keyed_uniform(keys, 0, rng.STREAM_TIMESTEP, (1,))[:, 0].double()
+    u = torch.frac(offset + step * _PHI)
+    return (u * num_timesteps).long().clamp_(max=num_timesteps - 1)
+
+
 def training_draws(keys: torch.Tensor, step: int, moments: LatentMoments, num_timesteps: int,
-                   sample_latent: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   sample_latent: bool, timesteps: str = "uniform") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The step's random draws for each image: clean latent x0, noise [B, C, h, w], timestep t [B]."""
     shape = tuple(moments.mean.shape[1:])
     x0 = moments.mean
     if sample_latent:
         x0 = x0 + moments.std * rng.keyed_normal(keys, step, rng.STREAM_LATENT, shape)
     noise = rng.keyed_normal(keys, step, rng.STREAM_NOISE, shape)
-    t = rng.keyed_randint(keys, step, rng.STREAM_TIMESTEP, num_timesteps)
+    t = training_timesteps(keys, step, num_timesteps, timesteps)
     return x0, noise, t
+
+
+def lr_factor(step: int, steps: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based) of ``steps``: linear warm-up, then constant or cosine to 0.
+
+    A pure function of the step, so a resumed run sets exactly the rate the uninterrupted one had.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(steps - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
 
 
 @torch.no_grad()

@@ -44,6 +44,38 @@ def pick_partners(keys: torch.Tensor, sources: torch.Tensor, labels: torch.Tenso
     return partners, fallback
 
 
+def paper_partners(keys: torch.Tensor, labels: torch.Tensor, per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official code's partners: ``per_image`` rows per image of the store, keyed by the image.
+
+    keys [N] one per image (row), labels [N]. Drawn from the image's class without replacement,
+    the image itself included; when the class has fewer than ``per_image`` other images, all of
+    them, the rest drawn without replacement from the other classes. Returns (partner rows
+    [N, per_image], fallback [N, per_image] bool: drawn from another class).
+    """
+    keys, labels = keys.cpu(), labels.cpu()
+    n = len(labels)
+    partners = torch.empty(n, per_image, dtype=torch.long)
+    fallback = torch.zeros(n, per_image, dtype=torch.bool)
+    for c in labels.unique().tolist():
+        members = torch.nonzero(labels == c).flatten()
+        others = torch.nonzero(labels != c).flatten()
+        for chunk in members.split(256):  # [chunk, class size] draws at a time, whatever the store's size
+            if len(members) - 1 >= per_image:
+                # A keyed random order of the class (itself included); the first per_image are the partners.
+                u = rng.keyed_uniform(keys[chunk], 0, rng.STREAM_PARTNER, (len(members),))
+                partners[chunk] = members[u.argsort(dim=1)[:, :per_image]]
+                continue
+            fill = per_image - (len(members) - 1)
+            if len(others) < fill:
+                raise ValueError(f"{per_image} partners per image need at least {per_image + 1} images in the store; it has {n}")
+            u = rng.keyed_uniform(keys[chunk], 1, rng.STREAM_PARTNER, (len(others),))
+            drawn = others[u.argsort(dim=1)[:, :fill]]
+            for r, i in enumerate(chunk.tolist()):
+                partners[i] = torch.cat([members[members != i], drawn[r]])
+                fallback[i, len(members) - 1:] = True
+    return partners, fallback
+
+
 def lerp(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """a + s (b - a); a, b [B, K, D]."""
     return a + s * (b - a)

@@ -80,7 +80,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
 
     # 4. This shard's batches that are not finished yet.
     finished = writer.finished_ids()
-    batches = plan_batches(len(item_ids), config.batch_size)
+    batches = plan_batches(len(item_ids), planned_batch(config_to_dict(config)))
     units = Units(out, "batch", len(batches), lambda b: all(item_ids[i] in finished for i in batches[b]), shard.count)
     work = [(b, [i for i in batches[b] if item_ids[i] not in finished]) for b in units.todo(shard)]
     unit = "image" if config.target == "image" else "class"
@@ -89,11 +89,14 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
                desc=f"invert {n_todo} {unit}{'es' if unit == 'class' else 's'}" + ("" if shard.whole else f" (shard {shard})"))
     failed = 0
     for b, todo in work:
-        # Out of GPU memory, a batch is split in two and each half written as its own part.
-        parts = halving_on_oom(lambda part: _invert_and_write(backbone, images, list(part), config, writer, bar, b, on_step,
-                                                              log, encoder),
-                               todo, what="inverting", log=log, device=backbone.device)
-        failed += sum(n for _, n in parts)
+        # Out of GPU memory, a batch is split in two and each half written as its own part; a group of
+        # the official update pattern cannot be (its images share an optimiser), so lower --group-batch.
+        def run(part, b=b):
+            return _invert_and_write(backbone, images, list(part), config, writer, bar, b, on_step, log, encoder)
+        if config.update == "group":
+            failed += run(todo)
+        else:
+            failed += sum(n for _, n in halving_on_oom(run, todo, what="inverting", log=log, device=backbone.device))
     bar.close()
     if work and failed == n_todo:
         raise InversionError(f"the inversion loss was not finite for every image, even after {config.nan_retries} retries at "
@@ -150,6 +153,11 @@ def _is_grey(image) -> bool:
     return r.tobytes() == g.tobytes() == b.tobytes()
 
 
+def planned_batch(config: dict[str, Any]) -> int:
+    """Items per planned batch of a store's config: --batch-size, or a whole group under --update group."""
+    return int(config["group_size"] if config.get("update", "own") == "group" else config["batch_size"])
+
+
 def plan_batches(n_items: int, batch_size: int) -> list[list[int]]:
     """The fixed batches of item indices [0, n_items): batch b is what shard b % N inverts."""
     return [list(range(i, min(i + batch_size, n_items))) for i in range(0, n_items, batch_size)]
@@ -162,8 +170,7 @@ def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bo
     info = writer.info()
     total = info.get("n_items", info["n_images"])
     done = {r["index"] for r in read_rows(out)} | {r["index"] for r in read_rows(out, "failed")}
-    batch_size = int(read_yaml(out / "config.yaml")["batch_size"])
-    batches = plan_batches(total, batch_size)
+    batches = plan_batches(total, planned_batch(read_yaml(out / "config.yaml")))
     units = Units(out, "batch", len(batches), lambda b: all(i in done for i in batches[b]), int(info.get("shards", 1)))
     missing = len(set(range(total)) - done)
     if not units.complete(strict=strict, log=log, what=f"{missing} images in "):

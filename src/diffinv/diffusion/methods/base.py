@@ -17,7 +17,7 @@ from diffinv import rng
 from diffinv.config import GenerateConfig
 from diffinv.data.synthetic import slug
 from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.perturb import perturb, pick_partners
+from diffinv.diffusion.perturb import paper_partners, perturb, pick_partners
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 
 Row = dict[str, Any]
@@ -139,9 +139,16 @@ def per_class_rows(config: GenerateConfig, store: EmbeddingStore, common: Row, e
 
 def add_partners(rows: list[Row], store: EmbeddingStore, config: GenerateConfig) -> None:
     """Partner j of each sample (same class, keyed by the sample), and the s / sigma it used."""
-    keys = torch.tensor([r["_key"] for r in rows], dtype=torch.int64)
     sources = torch.tensor([r["_src"] for r in rows], dtype=torch.int64)
-    partners, fallback = pick_partners(keys, sources, store.labels)
+    if config.partners == "paper":
+        # Per image (keyed by its id), per_image partners without replacement; sample k takes the k-th.
+        image_keys = rng.keys_tensor(config.seed, [f"{i}|partners" for i in store.ids])
+        table, table_fallback = paper_partners(image_keys, store.labels, config.per_image)
+        k = torch.tensor([r["index"] for r in rows], dtype=torch.int64)
+        partners, fallback = table[sources, k], table_fallback[sources, k]
+    else:
+        keys = torch.tensor([r["_key"] for r in rows], dtype=torch.int64)
+        partners, fallback = pick_partners(keys, sources, store.labels)
     ids = store.ids
     for r, j, fb in zip(rows, partners.tolist(), fallback.tolist()):
         r.update(partner=ids[j], partner_fallback=bool(fb), interp=config.interp, interp_mode=config.interp_mode,
