@@ -213,3 +213,28 @@ def test_stratified_timesteps_cover_the_schedule_evenly():
     assert any(torch.bincount(iid[:, b] // 100, minlength=10).min() == 0 for b in range(2))
     assert torch.equal(training_timesteps(keys[1:], 7, 1000, "stratified"), strat[7, 1:])  # a function of (key, step)
     assert [round(lr_factor(s, 10, "cosine", 2), 3) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 0.038]  # 0.5 (1 + cos(pi 7/8))
+
+
+def test_text_start_is_the_class_prompts_last_k_tokens_through_the_models_encoder(tmp_path, image_tree):
+    model = save_tiny_model(tmp_path / "t2i", "latent", with_text_encoder=True)
+    backbone = load_backbone(model, with_text_encoder=True)
+    starts = backbone.encode_prompt_tokens(["a photo of a cat", "a photo of a dog"], 5)
+    assert starts.shape == (2, 5, backbone.cond_dim)
+    tokens = backbone.tokenizer(["a photo of a cat"], padding="max_length", max_length=backbone.tokenizer.model_max_length,
+                                return_tensors="pt")
+    full = backbone.text_encoder(tokens.input_ids)[0]
+    end = int(tokens.attention_mask.sum())  # the prompt's tokens, its end token included
+    torch.testing.assert_close(starts[0], full[0, end - 5:end].float())
+    assert not torch.allclose(starts[0], starts[1])  # the class name changes the start
+
+    # From the CLI: every image starts from its class's prompt tokens (0 steps' worth: the store's initial loss is theirs).
+    config = _config(model, image_tree, init="text", steps=1, eval_timesteps=2)
+    invert_dataset(config, tmp_path / "store", progress=False)
+    rows = EmbeddingStore.open(tmp_path / "store").rows
+    cats = [r["loss_init"] for r in rows if r["class"] == "cat"]
+    assert len(set(round(x, 6) for x in cats)) == len(cats)  # own images, own losses ...
+    keys = rng.keys_tensor(0, [r["id"] for r in rows])
+    pixels = load_pixels(select(open_images(str(image_tree)), None, 0), 16)
+    clean = load_backbone(model).encode(pixels).mean
+    expected = evaluation_loss(load_backbone(model), clean, starts[torch.tensor([r["label"] for r in rows])], keys, 2)
+    assert [r["loss_init"] for r in rows] == pytest.approx(expected.tolist(), rel=1e-4)  # ... from the class's tokens

@@ -59,12 +59,39 @@ def test_every_sampler_runs_on_sd15s_scheduler_config(models, tmp_path, sampler,
     assert len(list((tmp_path / "syn").rglob("*.png"))) == 10
 
 
-def test_sdxl_is_refused_up_front_with_the_reason(models, tmp_path, capsys):
-    assert main(["invert", "--model", str(models["sdxl-tiny"]), "--data", "digits", "--per-class", "1", "--out",
-                 str(tmp_path / "s"), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "SDXL" in err and "added_cond_kwargs" in err and not (tmp_path / "s").exists()
-    assert main(["inspect", str(models["sdxl-tiny"])]) == 2
+def test_sdxl_inverts_and_generates_with_a_learned_pooled_vector_and_time_ids(models, tmp_path, capsys, monkeypatch):
+    backbone = load_backbone(models["sdxl-tiny"])
+    assert backbone.family == "sdxl" and backbone.extra_tokens == 1 and backbone.pooled_dim == 32
+    seen = {}
+    forward = backbone.unet.forward
+
+    def spy(sample, timestep, encoder_hidden_states, **kw):
+        seen.update(tokens=encoder_hidden_states.shape, **kw.get("added_cond_kwargs", {}))
+        return forward(sample, timestep, encoder_hidden_states, **kw)
+
+    monkeypatch.setattr(backbone.unet, "forward", spy)
+    cond = torch.randn(2, 6, 2048)  # K = 5 tokens + the pooled row
+    backbone.predict_noise(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), cond)
+    assert seen["tokens"] == (2, 5, 2048)  # the tokens go to cross-attention ...
+    torch.testing.assert_close(seen["text_embeds"], cond[:, 5, :32])  # ... the last row's first P values are the pooled vector
+    assert seen["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2  # a full uncropped 64 px image
+    monkeypatch.undo()
+
+    store = tmp_path / "s"
+    assert main(["invert", "--model", str(models["sdxl-tiny"]), "--data", "digits", "--per-class", "1", "--steps", "8",
+                 "--out", str(store), "--quiet"]) == 0
+    assert read_json(store / "store.json")["cond_shape"] == [6, 2048]
+    rows = [r for p in (store / "parts").glob("*.json") for r in read_json(p)]
+    assert sum(r["loss"] for r in rows) < sum(r["loss_init"] for r in rows)  # the tokens and the pooled vector are learned
+    assert main(["generate", "--store", str(store), "--out", str(tmp_path / "syn"), "--per-image", "1", "--steps", "3",
+                 "--quiet"]) == 0
+    assert len(list((tmp_path / "syn").rglob("*.png"))) == 10
+    # The prompt rival would need SDXL's two text encoders: refused up front, saying what to use instead.
+    capsys.readouterr()
+    assert main(["generate", "--store", str(store), "--method", "prompt", "--out", str(tmp_path / "p"), "--quiet"]) == 2
+    assert "both of its text encoders" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    assert main(["inspect", str(models["sdxl-tiny"])]) == 0
+    assert "pooled vector of 32" in capsys.readouterr().out
 
 
 def test_fp16_inversion_is_refused_with_the_reason(models, tmp_path, capsys):

@@ -72,14 +72,16 @@ class InvertConfig:
                                  "a pixel model's own size; for latent models 128 px for images up to 32 px, 256 up to 96, "
                                  "capped at the model's size)")
     tokens: int = opt(5, "conditioning tokens K per image")
-    steps: int = opt(3000, "optimisation steps per image")
+    steps: int = opt(3000, "gradients per image (--update group: each is group-size/group-batch optimiser updates)")
     lr: float = opt(3e-2, "AdamW learning rate")
     weight_decay: float = opt(1e-2, "AdamW weight decay")
     init_std: float = opt(1.0, "std of the random initial conditioning (--init random)")
     # The official code's embeddings are the columns of an nn.Linear(n, K*D) with PyTorch's default
     # init, U(-1/sqrt(n), 1/sqrt(n)) for groups of n images: about +-0.1, ten times smaller than N(0, 1).
     init: str = opt("random", "start c_i from keyed N(0, init-std^2), from U(+-1/sqrt(group-size)) (the official code's), "
-                    "or from the base's encoder tokens (pretrain-base models)", choices=("random", "uniform", "encoder"))
+                    "from the base's encoder tokens (pretrain-base models) or from the text encoder's tokens of "
+                    "--init-template (text-to-image models)", choices=("random", "uniform", "encoder", "text"))
+    init_template: str = opt("a photo of a {}", "--init text: the prompt, {} is the class name; its last K tokens are the start")
     # "own": every image gets a gradient and an AdamW update at every step (batch-invariant).
     # "group": the official loop: groups of group_size images share one AdamW, and each optimiser
     # step trains one batch of group_batch of them in order; AdamW (momentum, weight decay) moves
@@ -129,6 +131,7 @@ class InvertConfig:
         _check(self.val_per_class >= 0, "val-per-class must be >= 0")
         _check_choices(self)
         _check(self.init != "encoder" or self.target == "image", "--init encoder is for per-image inversion (--target image)")
+        _check(self.init != "text" or "{}" in self.init_template, "--init-template must contain {} where the class name goes")
         _check(self.update == "own" or self.target == "image", "--update group is for per-image inversion (--target image)")
         _check(self.update == "own" or (self.group_size >= 1 and 1 <= self.group_batch <= self.group_size),
                f"group-batch must be in [1, group-size]; got {self.group_batch} of {self.group_size}")

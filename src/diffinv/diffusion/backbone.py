@@ -105,12 +105,26 @@ class Backbone:
             self.scheduler_config = {**self.scheduler_config, "prediction_type": prediction_type}
         return self
 
+    # SDXL's UNet takes, besides the K x D token sequence, a pooled text vector [P] and six size/crop
+    # "time ids". A conditioning here is then K + 1 rows of width D: the last row's first P values
+    # are the pooled vector (P = 1280 <= D = 2048 for SDXL), learned per image like the tokens, so
+    # stores, perturbation, mean-embedding guidance and every method work on it unchanged.
+    @property
+    def extra_tokens(self) -> int:
+        """Rows of a conditioning beyond its K tokens: 1 (the pooled vector) for SDXL, else 0."""
+        return 1 if self.family == "sdxl" else 0
+
+    @property
+    def pooled_dim(self) -> int:
+        """SDXL: width P of the pooled text vector (the added embedding's input minus its six time ids)."""
+        config = self.unet.config
+        return int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
+
     def check_supported(self) -> None:
         """Refuse, before any work, what the engine cannot drive (rather than failing inside diffusers)."""
-        if self.family == "sdxl":
-            raise ModelError(f"{self.source} is an SDXL model: its UNet also needs a pooled text embedding and size/crop "
-                             f"time ids per image (added_cond_kwargs), which diffinv does not learn yet; use an SD 1.x / 2.x "
-                             f"model or a pixel base")
+        if self.family == "sdxl" and not 0 < self.pooled_dim <= self.cond_dim:
+            raise ModelError(f"{self.source}: an SDXL-style UNet whose pooled embedding ({self.pooled_dim}) is wider than its "
+                             f"token width ({self.cond_dim}) cannot be learned as an extra token; not supported")
 
     @property
     def native_resolution(self) -> int:
@@ -142,6 +156,11 @@ class Backbone:
         if resolution * 4 < native:
             log(f"warning: --resolution {resolution} is a quarter of the {native} px this model was trained at or less; "
                 f"its samples may be meaningless (try --resolution {native})")
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell along a side: 1 in pixel space, 8 for SD's VAE."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """Shape (C, h, w) of the latent of a ``resolution`` x ``resolution`` image."""
@@ -208,7 +227,15 @@ class Backbone:
         x_t [B, C, h, w], t [B] integer timesteps, cond [B, K, D] used as the cross-attention
         context in place of the text encoder output. Differentiable w.r.t. ``cond``.
         """
-        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype), return_dict=False)[0]
+        cond = cond.to(self.dtype)
+        extra = {}
+        if self.family == "sdxl":
+            # The last row carries the pooled vector; time ids say "a full, uncropped image at this size".
+            side = x_t.shape[-1] * self.vae_factor
+            time_ids = torch.tensor([side, side, 0, 0, side, side], device=x_t.device, dtype=self.dtype).expand(len(x_t), 6)
+            extra = {"added_cond_kwargs": {"text_embeds": cond[:, -1, : self.pooled_dim], "time_ids": time_ids}}
+            cond = cond[:, :-1]
+        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
         return out.float()
 
     @torch.no_grad()
@@ -233,6 +260,23 @@ class Backbone:
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         return self.text_encoder(tokens.input_ids.to(self.device))[0].float()
+
+    @torch.no_grad()
+    def encode_prompt_tokens(self, prompts: list[str], k: int) -> torch.Tensor:
+        """Each prompt's last ``k`` token outputs up to and including its end token: [B, k, D].
+
+        The text encoder is causal, so the end of the prompt is where the class name and what
+        comes after it have seen the whole prompt; a prompt shorter than ``k`` tokens is
+        padded with the positions that follow it (the encoder's padding outputs).
+        """
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ModelError(f"{self.source} has no text encoder/tokenizer; --init text needs both (use --init random)")
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        out = self.text_encoder(tokens.input_ids.to(self.device))[0].float()
+        length = tokens.attention_mask.sum(dim=1)  # real tokens, the end token included
+        first = (length - k).clamp(min=0)
+        return torch.stack([out[b, int(first[b]): int(first[b]) + k] for b in range(len(prompts))])
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Backbone":
         """Move every part to ``device``; the UNet (and VAE) run in ``dtype``."""
@@ -320,6 +364,10 @@ def _load_folder(path: Path, spec: str, with_text_encoder: bool) -> Backbone:
     sched_file = path / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(SCHEDULER_DEFAULTS)
     text_encoder = tokenizer = None
+    if with_text_encoder and getattr(unet.config, "addition_embed_type", None) == "text_time":
+        raise ModelError(f"{spec} is an SDXL model: prompts would need both of its text encoders and the pooled prompt "
+                         f"embedding, which diffinv does not drive yet (--method prompt, --init text); compare with di, "
+                         f"img2img or class-inversion and start from --init random or uniform")
     if with_text_encoder:
         if not (path / "text_encoder").is_dir() or not (path / "tokenizer").is_dir():
             raise ModelError(f"{spec} has no text_encoder/ and tokenizer/; prompt-based methods need them")

@@ -60,7 +60,7 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
     # 2. Starting point: fresh keyed initialisation, or the checkpointed embeddings and AdamW moments.
     if init is None:
         uniform = config.init == "uniform"
-        init = init_embeddings(keys, config.tokens, backbone.cond_dim, config.group_size ** -0.5 if uniform else config.init_std,
+        init = init_embeddings(keys, config.tokens + backbone.extra_tokens, backbone.cond_dim, config.group_size ** -0.5 if uniform else config.init_std,
                                "uniform" if uniform else "normal")
     init = init.to(device, torch.float32)
     emb = torch.nn.Parameter((state["embeddings"] if state else init).to(device, torch.float32).clone())

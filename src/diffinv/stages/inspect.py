@@ -23,7 +23,9 @@ def inspect_model(model: str, data: str = "", resolution: int | None = None, dev
              ("training schedule", f"{backbone.scheduler_config.get('beta_schedule')} betas "
                                    f"{backbone.scheduler_config.get('beta_start')}-{backbone.scheduler_config.get('beta_end')}, "
                                    f"{backbone.num_train_timesteps} steps"),
-             ("conditioning", f"K tokens x {backbone.cond_dim} (the UNet's cross-attention width)"),
+             ("conditioning", f"K tokens x {backbone.cond_dim} (the UNet's cross-attention width)"
+                              + (f" + a pooled vector of {backbone.pooled_dim} and size time ids (SDXL; learned per image as "
+                                 f"one more row)" if backbone.extra_tokens else "")),
              ("native resolution", f"{backbone.native_resolution} px")]
     backbone.check_supported()
     if resolution is None and data:
@@ -44,7 +46,7 @@ def inspect_model(model: str, data: str = "", resolution: int | None = None, dev
             lines.append((f"{name} parameters", f"{n / 1e6:.1f}M ({n * dtype.itemsize / 2**20:.0f} MiB of weights in "
                                                 f"{str(dtype).replace('torch.', '')})"))
     x = torch.zeros(1, *shape)
-    cond = torch.zeros(1, 5, backbone.cond_dim, requires_grad=True)
+    cond = torch.zeros(1, 5 + backbone.extra_tokens, backbone.cond_dim, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
         backbone.predict_noise(x, torch.tensor([500]), cond).sum().backward()
     lines.append(("FLOPs per inversion image-step", f"{counter.get_total_flops() / 1e9:.1f} GFLOP (UNet forward + backward "

@@ -20,7 +20,7 @@ from diffinv import rng
 from diffinv.config import InvertConfig, config_to_dict
 from diffinv.data.real import LabelledImages, load_pixels, open_images, select, validation_ids
 from diffinv.device import check_precision, halving_on_oom, resolve_device, resolve_dtype
-from diffinv.diffusion.backbone import Backbone, load_backbone
+from diffinv.diffusion.backbone import Backbone, ModelError, load_backbone
 from diffinv.diffusion.inversion import InversionError, encode_images, invert_items
 from diffinv.diffusion.store import CLASS_PREFIX, MARKER, StoreWriter, damage, part_name, read_rows
 from diffinv.runs import RunError, Units, check_free_space, open_output, read_json, read_yaml, remove_temporaries, write_yaml
@@ -63,14 +63,21 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.precision, device)
     check_precision(dtype, optimising=True)
-    backbone = load_backbone(config.model).to(device, dtype).with_prediction_type(config.prediction_type)
+    backbone = load_backbone(config.model, with_text_encoder=config.init == "text").to(device, dtype)
+    backbone = backbone.with_prediction_type(config.prediction_type)
     backbone.check_supported()
     backbone.check_resolution(config.resolution, log)
+    if backbone.extra_tokens and config.init == "encoder":
+        raise ModelError("--init encoder is for pretrain-base models, not SDXL; use --init random or uniform")
     encoder = None
     if config.init == "encoder":
         from diffinv.diffusion.encoder import load_encoder
 
         encoder = load_encoder(config.model).to(device)
+    elif config.init == "text":
+        # One start per class, the same for each of its images: [C, K, D], indexed by label.
+        starts = backbone.encode_prompt_tokens([config.init_template.format(c) for c in images.classes], config.tokens)
+        encoder = _ByLabel(starts)
 
     # 3. Store: header and resolved config, or a check that the resumed store fits this model.
     #    A store holds one row per image, or one per class with --target class.
@@ -111,7 +118,7 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
     # The absolute path lets `generate` find the model from any working directory.
     model_path = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
     info = {"model": config.model, "model_path": model_path, "model_fingerprint": backbone.fingerprint(),
-            "cond_shape": [config.tokens, backbone.cond_dim], "classes": images.classes, "resolution": config.resolution,
+            "cond_shape": [config.tokens + backbone.extra_tokens, backbone.cond_dim], "classes": images.classes, "resolution": config.resolution,
             "latent_shape": list(backbone.latent_shape(config.resolution)), "n_images": len(item_ids), "n_items": len(item_ids),
             "target": config.target, "shards": shard.count, "dtype": str(backbone.dtype).replace("torch.", ""),
             "prediction_type": backbone.prediction_type}
@@ -123,7 +130,7 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
         write_yaml(out / "config.yaml", config_to_dict(config))
         writer.start(info)
     # The whole store's embeddings plus a checkpoint per batch (AdamW keeps two more copies).
-    cond_bytes = 4 * config.tokens * backbone.cond_dim
+    cond_bytes = 4 * (config.tokens + backbone.extra_tokens) * backbone.cond_dim
     check_free_space(out, len(item_ids) * cond_bytes + 4 * config.batch_size * cond_bytes + (1 << 20), "the store")
 
 
@@ -186,7 +193,7 @@ def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bo
 
 def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[int], config: InvertConfig,
                       writer: StoreWriter, bar, batch_index: int, on_step: StepHook | None,
-                      log: Callable[[str], None], encoder: torch.nn.Module | None) -> int:
+                      log: Callable[[str], None], encoder: "torch.nn.Module | _ByLabel | None") -> int:
     """Invert one batch of items (images, or classes with ``target == "class"``) and write its part.
 
     Returns how many items were given up on (non-finite loss after every retry).
@@ -202,7 +209,9 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
         owners = torch.cat([torch.full((len(m),), b, dtype=torch.long) for b, m in enumerate(members)])
     keys = rng.keys_tensor(config.seed, ids)
     start_from = None
-    if encoder is not None:
+    if isinstance(encoder, _ByLabel):
+        start_from = encoder.starts[torch.as_tensor(subset.labels if config.target == "image" else indices)]
+    elif encoder is not None:
         with torch.no_grad():
             start_from = encoder(inputs.to(backbone.device, torch.float32)).float()
 
@@ -248,6 +257,13 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
     writer.write_part(result.embeddings[good], [rows[j] for j in good], failed)
     writer.clear_checkpoint(batch)
     return len(failed)
+
+
+class _ByLabel:
+    """Per-class starting conditionings [C, K, D] (``--init text``), looked up by each item's label."""
+
+    def __init__(self, starts: torch.Tensor):
+        self.starts = starts.float()
 
 
 def _count_done(out: Path, seen: dict[str, int]) -> tuple[int, int | None]:
