@@ -118,6 +118,10 @@ select: {lr: [0.0001, 0.05]}
     assert opened.index("final.json") > max(i for i, n in enumerate(opened) if n == "validation.json")
     results = real_read(tmp_path / "s" / "results.json")
     assert {r["variant"] for r in results} == {selection["chosen"]} and len(results) == 2
+    # The summary carries the validation means too (settings compared as methods are chosen on them).
+    summary = real_read(tmp_path / "s" / "summary.json")[0]
+    assert summary["val_balanced_accuracy_mean"] == pytest.approx(
+        sum(r["validation"]["balanced_accuracy"] for r in results) / 2)
     # Without validation data there is nothing to choose on: refused before anything is trained.
     with pytest.raises(ConfigError, match="val_per_class"):
         cells(_study(tmp_path, "datasets: {d: digits}\nmethods: {real: null}\nselect: {lr: [0.1, 0.2]}\n"))

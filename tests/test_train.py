@@ -371,8 +371,9 @@ methods:
 train: {batch_size: 10}
 """)
     grid = cells(load_study(study_file))
-    sizes = {m: sorted(c.per_class for c in grid if c.method == m) for m in ("real", "di")}
+    sizes = {m: sorted({c.per_class for c in grid if c.method == m}) for m in ("real", "di")}
     assert sizes == {"real": [1, 2, 4, 8], "di": [1, 2]}
+    assert sorted({c.seed for c in grid}) == [0, 1, 2, 3, 4]  # five replicates unless the study says otherwise
     di2 = next(c for c in grid if c.method == "di" and c.per_class == 2)
     assert di2.config.synthetic == ("runs/di-k2",) and di2.config.real_batch == 4
     assert all(c.config.per_class == c.per_class for c in grid)

@@ -59,16 +59,16 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
 
     # 2. Starting point: fresh keyed initialisation, or the checkpointed embeddings and AdamW moments.
     if init is None:
-        uniform = config.init == "uniform"
-        init = init_embeddings(keys, config.tokens + backbone.extra_tokens, backbone.cond_dim, config.group_size ** -0.5 if uniform else config.init_std,
-                               "uniform" if uniform else "normal")
+        uniform = config.init == "uniform"  # the official nn.Linear start: U(+-1/sqrt(group size))
+        init = init_embeddings(keys, config.tokens + backbone.extra_tokens, backbone.cond_dim,
+                               config.group_size ** -0.5 if uniform else config.init_std, "uniform" if uniform else "normal")
     init = init.to(device, torch.float32)
     emb = torch.nn.Parameter((state["embeddings"] if state else init).to(device, torch.float32).clone())
     opt = torch.optim.AdamW([emb], lr=config.lr, weight_decay=config.weight_decay)
     if state:
         load_optimiser_tensors(opt, state)
     loss_init = _evaluate(backbone, moments.mean, init, keys, groups, config.eval_timesteps)
-    slices = update_slices(len(keys), config)
+    slices = [rows if rows is None else rows.to(device) for rows in update_slices(len(keys), config)]
 
     # 3. Denoising steps. Each image's timestep, noise and latent draw are keyed by (image, step).
     #    "own": one optimiser step per step, loss = sum of per-image means, so each image's gradient

@@ -5,7 +5,7 @@ A study YAML (every key but ``datasets`` and ``methods`` is optional)::
     datasets:                       # name: real data (train split is subset, test split evaluates)
       digits: {data: digits}
     per_class: [5, 10, 20]          # real images per class; null = all
-    seeds: [0, 1, 2, 3, 4]          # replicates
+    seeds: [0, 1, 2, 3, 4]          # replicates (the default: five)
     replicates: auto                # data | classifier | auto (see below)
     archs: [resnet18]
     augs: [crop-flip]
@@ -65,7 +65,7 @@ class Study:
     datasets: dict[str, dict[str, Any]]
     methods: dict[str, dict[str, Any]]  # name -> {"synthetic": [templates], **TrainConfig overrides}
     per_class: tuple[int | None, ...] = (10,)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # five replicates: enough for a t-interval that can exclude 0
     archs: tuple[str, ...] = ("resnet18",)
     augs: tuple[str, ...] = ("crop-flip",)
     train: dict[str, Any] = field(default_factory=dict)
@@ -155,7 +155,7 @@ def load_study(path: str | Path, base: str | Path | None = None) -> Study:
     train_fields = {f.name for f in fields(TrainConfig)}
     if set(select) - train_fields:
         raise ConfigError(f"select: {sorted(set(select) - train_fields)} are not training settings; known: {sorted(train_fields)}")
-    study = Study(datasets=datasets, methods=methods, per_class=listed("per_class", (10,)), seeds=listed("seeds", (0,)),
+    study = Study(datasets=datasets, methods=methods, per_class=listed("per_class", (10,)), seeds=listed("seeds", (0, 1, 2, 3, 4)),
                   archs=listed("archs", ("resnet18",)), augs=listed("augs", ("crop-flip",)),
                   train=dict(raw.get("train") or {}), quality=dict(raw.get("quality") or {}),
                   replicates=str(raw.get("replicates", "auto")), select=select)
@@ -322,6 +322,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if len(values) == len(members):
                 entry[f"{metric}_mean"] = statistics.fmean(values)
                 entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        # Validation means, so settings compared as methods (samplers, guidance ...) are chosen on them, not on test.
+        for metric in METRICS:
+            values = [(m.get("validation") or {}).get(metric) for m in members]
+            if values and all(v is not None for v in values):
+                entry[f"val_{metric}_mean"] = statistics.fmean(values)
         counts = members[0].get("class_counts")
         entry["headline"] = headline_metric(counts) if counts else "top1"
         entry["degenerate_runs"] = sum(1 for m in members if m.get("degenerate"))
