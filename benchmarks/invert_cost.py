@@ -32,17 +32,20 @@ from diffinv.diffusion.inversion import invert_batch
 from diffinv.diffusion.objective import evaluation_loss
 from diffinv.stages.demo import EMBEDDED_BASE
 
-# Recipe name -> InvertConfig overrides. "ours" is the library's default.
+# Recipe name -> InvertConfig overrides, spelled out in full so that a recipe keeps its meaning when
+# the library's defaults change. "ours" is whatever the library's defaults are.
+_PAPER_OPT = {"init": "random", "update": "own", "lr_schedule": "constant", "warmup": 0, "timesteps": "uniform"}
+_COSINE = {"init": "random", "update": "own", "lr_schedule": "cosine", "warmup": 10}
 RECIPES: dict[str, dict] = {
     "paper": {"preset": "paper"},
     "ours": {},
-    "default-2025": {"lr": 3e-2, "init": "random", "lr_schedule": "constant", "warmup": 0, "timesteps": "uniform"},
-    "uniform-init": {"lr": 3e-2, "init": "uniform", "group_size": 100},
-    "lr0.1": {"lr": 0.1},
-    "lr0.1-cosine": {"lr": 0.1, "lr_schedule": "cosine", "warmup": 10},
-    "lr0.1-cosine-strat": {"lr": 0.1, "lr_schedule": "cosine", "warmup": 10, "timesteps": "stratified"},
-    "lr0.3-cosine-strat": {"lr": 0.3, "lr_schedule": "cosine", "warmup": 10, "timesteps": "stratified"},
-    "encoder-lr0.1-cosine-strat": {"lr": 0.1, "lr_schedule": "cosine", "warmup": 10, "timesteps": "stratified", "init": "encoder"},
+    "former-default": {**_PAPER_OPT, "lr": 3e-2},
+    "uniform-init": {**_PAPER_OPT, "lr": 3e-2, "init": "uniform", "group_size": 100},
+    "lr0.1": {**_PAPER_OPT, "lr": 0.1},
+    "lr0.1-cosine": {**_COSINE, "lr": 0.1, "timesteps": "uniform"},
+    "lr0.1-cosine-strat": {**_COSINE, "lr": 0.1, "timesteps": "stratified"},
+    "lr0.3-cosine-strat": {**_COSINE, "lr": 0.3, "timesteps": "stratified"},
+    "encoder-lr0.1-cosine-strat": {**_COSINE, "lr": 0.1, "timesteps": "stratified", "init": "encoder"},
 }
 GRID = (0, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000)
 
@@ -91,7 +94,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=None, help="default: the base's own size")
     parser.add_argument("--paper-steps", type=int, default=3000, help="gradients per image of the paper recipe")
     parser.add_argument("--steps", type=int, default=300, help="steps of the other recipes")
-    parser.add_argument("--recipes", default="ours,default-2025", help=f"comma list of {', '.join(r for r in RECIPES if r != 'paper')}")
+    parser.add_argument("--recipes", default="ours,former-default", help=f"comma list of {', '.join(r for r in RECIPES if r != 'paper')}")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     parser.add_argument("--out", default="", help="JSON file to write")
     args = parser.parse_args()

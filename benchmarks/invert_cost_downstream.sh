@@ -3,7 +3,7 @@
 #   bash benchmarks/invert_cost_downstream.sh NAME "INVERT FLAGS" SEED...
 # Replicate r inverts its own 5-per-class subset of digits (subset seed r, 20 per class held out
 # for validation, as the demo does) into the embedded base, then generates 5 DI variants per image
-# with the library's generation defaults, so recipes differ only in the inversion. Then:
+# with the same generation settings (DDIM 25), so recipes differ only in the inversion. Then:
 #   diffinv experiment configs/invert-cost-digits.yaml --out runs/invert-cost/study --report
 set -euo pipefail
 name=$1; flags=$2; shift 2
@@ -15,7 +15,7 @@ for r in "$@"; do
   diffinv invert --model "$base" --data digits --per-class 5 --subset-seed "$r" --val-per-class 20 $flags \
     --out "$out/store" --resume --quiet
   mid=$(date +%s.%N)
-  diffinv generate --store "$out/store" --per-image 5 --save-size 8 --out "$out/di" --resume --quiet
+  diffinv generate --store "$out/store" --per-image 5 --save-size 8 --sampler ddim --steps 25 --out "$out/di" --resume --quiet
   end=$(date +%s.%N)
   python -c "import json,sys; json.dump({'invert_s': round($mid-$start, 1), 'generate_s': round($end-$mid, 1)}, open('$out/seconds.json','w'))"
   echo "$name r$r: invert $(python -c "print(round($mid-$start))") s, generate $(python -c "print(round($end-$mid))") s"

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--data", default="digits")
     parser.add_argument("--per-class", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="")
     args = parser.parse_args()

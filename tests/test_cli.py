@@ -20,7 +20,7 @@ def test_invert_end_to_end_with_yaml_and_flag_override(tiny_latent, image_tree, 
     assert code == 0
     assert "6 images, 2 classes, conditioning (3, 32)" in capsys.readouterr().out
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["steps"] == 5 and resolved["tokens"] == 3 and resolved["lr"] == 3e-2
+    assert resolved["steps"] == 5 and resolved["tokens"] == 3 and resolved["lr"] == 0.3  # the default, untouched by YAML or flags
     assert EmbeddingStore.open(out).embeddings.shape == (6, 3, 32)
     # A second run on a finished store refuses, with advice, and exit code 2.
     assert main(["invert", "--config", str(cfg), "--data", str(image_tree), "--out", str(out), "--quiet"]) == 2

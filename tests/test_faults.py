@@ -293,3 +293,13 @@ def test_a_disk_full_refusal_leaves_no_store_behind(tiny_latent, image_tree, tmp
     out = tmp_path / "s"
     code, text = _run(capsys, "invert", "--model", str(tiny_latent), "--data", str(image_tree), "--out", str(out), *INVERT)
     assert code == 2 and "MiB are free" in text and not out.exists()  # not a store marked in-progress
+
+
+def test_a_study_yaml_with_unquoted_braces_is_a_clear_error(tmp_path, capsys):
+    from diffinv.cli import main
+
+    study = tmp_path / "study.yaml"
+    study.write_text("datasets: {d: digits}\nmethods:\n  real: null\n  di: {synthetic: [runs/di-r{seed}], real_batch: 4}\n")
+    assert main(["experiment", str(study), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and "quote paths" in err and "Traceback" not in err

@@ -202,7 +202,7 @@ def test_manifest_complete_and_consistent_with_files(stores, tmp_path):
         src, partner = by_id[r["source"]], by_id[r["partner"]]
         assert r["class"] == src["class"] == partner["class"] and r["file"].startswith(r["class"] + "/")
         assert r["partner"] != r["source"] and r["partner_fallback"] is False
-        assert (r["interp"], r["noise"], r["guidance"], r["sampler"], r["steps"], r["seed"]) == (0.1, 0.1, 2.0, "ddim", 3, 0)
+        assert (r["interp"], r["noise"], r["guidance"], r["sampler"], r["steps"], r["seed"]) == (0.1, 0.1, 2.0, "dpm++2m", 3, 0)
         assert Image.open(out / r["file"]).size == (12, 12)
     synthetic = open_synthetic(out, classes=["cat", "dog"])
     assert len(synthetic) == 12 and sorted(set(synthetic.labels.tolist())) == [0, 1]

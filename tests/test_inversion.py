@@ -212,7 +212,8 @@ def test_stratified_timesteps_cover_the_schedule_evenly():
     assert all(set(torch.bincount(strat[:, b] // 100, minlength=10).tolist()) <= {1, 2, 3} for b in range(2))
     assert any(torch.bincount(iid[:, b] // 100, minlength=10).min() == 0 for b in range(2))
     assert torch.equal(training_timesteps(keys[1:], 7, 1000, "stratified"), strat[7, 1:])  # a function of (key, step)
-    assert [round(lr_factor(s, 10, "cosine", 2), 3) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 0.038]  # 0.5 (1 + cos(pi 7/8))
+    assert [round(lr_factor(s, 20, "cosine", 2), 4) for s in (0, 1, 2, 19)] == [0.5, 1.0, 1.0, 0.0076]  # 0.5 (1 + cos(pi 17/18))
+    assert lr_factor(0, 5, "cosine", 10) == 1.0  # warm-up is at most a tenth of the steps: none in 5
 
 
 def test_text_start_is_the_class_prompts_last_k_tokens_through_the_models_encoder(tmp_path, image_tree):

@@ -82,8 +82,10 @@ def training_draws(keys: torch.Tensor, step: int, moments: LatentMoments, num_ti
 def lr_factor(step: int, steps: int, schedule: str = "constant", warmup: int = 0) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based) of ``steps``: linear warm-up, then constant or cosine to 0.
 
-    A pure function of the step, so a resumed run sets exactly the rate the uninterrupted one had.
+    The warm-up is at most a tenth of the steps (a short run is not all warm-up). A pure function
+    of the step, so a resumed run sets exactly the rate the uninterrupted one had.
     """
+    warmup = min(warmup, steps // 10)
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "cosine":

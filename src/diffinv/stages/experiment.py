@@ -48,6 +48,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from diffinv.classify.models import check_arch
 from diffinv.config import ConfigError, TrainConfig, load_config
 from diffinv.report.stats import headline_metric, paired_gain
@@ -111,7 +113,12 @@ def load_study(path: str | Path, base: str | Path | None = None) -> Study:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
-    raw = read_yaml(path) or {}
+    try:
+        raw = read_yaml(path) or {}
+    except yaml.YAMLError as exc:
+        # The usual cause: a path with {seed} inside [...] or {...}, where YAML reads the braces as a mapping.
+        raise ConfigError(f"study file {path} is not valid YAML ({' '.join(str(exc).split())}); quote paths that contain "
+                          f"{{per_class}} or {{seed}}, e.g. synthetic: [\"runs/di-k{{per_class}}-r{{seed}}\"]") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"study file {path} must hold a mapping")
     known = {f.name for f in fields(Study)}
