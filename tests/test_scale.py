@@ -209,7 +209,7 @@ def test_non_finite_images_are_retried_at_lower_lr_then_reported(tiny_latent, da
 
     monkeypatch.setattr(inversion, "invert_batch", poisoned)
     messages = []
-    invert_dataset(_invert_config(tiny_latent, data, nan_retries=2), tmp_path / "s", progress=False, log=messages.append)
+    invert_dataset(_invert_config(tiny_latent, data, nan_retries=2, lr=3e-2), tmp_path / "s", progress=False, log=messages.append)
     store = EmbeddingStore.open(tmp_path / "s")
     assert len(store.ids) == 9 and "cat/001.png" not in store.ids and torch.isfinite(store.embeddings).all()
     lrs = {r["id"]: r["lr"] for r in store.rows}

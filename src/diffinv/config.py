@@ -373,8 +373,9 @@ class DemoConfig:
     seeds: tuple[int, ...] = opt((0, 1, 2), "replicates, e.g. 0,1,2: each draws its own real subset and classifier seed")
     val_per_class: int = opt(20, "images per class held out of the training split for validation (never in a subset)")
     # Three replicates mean three inversions in the 5-minute CPU budget: 60 steps with the library's
-    # schedule (warm-up, cosine, stratified timesteps) at a peak of 0.3 reach a loss of 0.0120 on the
-    # embedded base's 50 demo digits (peak 0.1: 0.0194; the paper's recipe, 60 steps: 0.0349).
+    # schedule (warm-up, cosine, stratified timesteps) at a peak of 0.3 reach a loss of 0.0120 on 50
+    # digits (peak 0.1: 0.0194; the paper's recipe, 60 steps: 0.0349), measured by
+    # `python benchmarks/invert_cost.py --per-class 5 --steps 60 --paper-steps 60 --recipes ...`.
     invert_steps: int = opt(60, "inversion steps")
     invert_lr: float = opt(0.3, "inversion peak learning rate")
     invert_init: str = opt("random", "start c_i from noise or from the base's encoder tokens", choices=("random", "encoder"))
