@@ -152,23 +152,28 @@ def test_a_zero_byte_npz_is_one_clear_line(tiny_latent, tmp_path, capsys):
     assert code == 2 and "cannot read" in text
 
 
-def test_a_model_folder_without_its_unet_config_is_one_clear_line(tiny_latent, image_tree, tmp_path, capsys):
+def _model_copy(source, tmp_path):
+    """A fresh copy of a model folder to damage, and its UNet weights file."""
     model = tmp_path / "m"
-    shutil.copytree(tiny_latent, model)
+    if model.exists():
+        shutil.rmtree(model)
+    shutil.copytree(source, model)
+    return model, model / "unet" / "diffusion_pytorch_model.safetensors"
+
+
+def test_a_model_folder_without_its_unet_config_is_one_clear_line(tiny_latent, image_tree, tmp_path, capsys):
+    model, _ = _model_copy(tiny_latent, tmp_path)
     (model / "unet" / "config.json").unlink()
     code, text = _run(capsys, "invert", "--model", str(model), "--data", str(image_tree), "--out", str(tmp_path / "s"), *INVERT)
     assert code == 2 and "has no config.json" in text
 
 
 def test_truncated_and_corrupt_weights_are_named(tiny_latent, image_tree, tmp_path, capsys):
-    model = tmp_path / "m"
-    shutil.copytree(tiny_latent, model)
-    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    model, weights = _model_copy(tiny_latent, tmp_path)
     weights.write_bytes(weights.read_bytes()[:1000])
     code, text = _run(capsys, "invert", "--model", str(model), "--data", str(image_tree), "--out", str(tmp_path / "s"), *INVERT)
     assert code == 2 and "cannot be loaded" in text
-    shutil.rmtree(model)
-    shutil.copytree(tiny_latent, model)
+    model, weights = _model_copy(tiny_latent, tmp_path)
     tensors = load_file(str(weights))
     tensors = {k: torch.full_like(v, float("nan")) if i == 0 else v for i, (k, v) in enumerate(tensors.items())}
     save_file(tensors, str(weights))  # what a file of 0xFF bytes decodes to
@@ -177,9 +182,7 @@ def test_truncated_and_corrupt_weights_are_named(tiny_latent, image_tree, tmp_pa
 
 
 def test_pickle_only_model_folders_are_refused(tiny_latent, image_tree, tmp_path, capsys):
-    model = tmp_path / "m"
-    shutil.copytree(tiny_latent, model)
-    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    model, weights = _model_copy(tiny_latent, tmp_path)
     torch.save(load_file(str(weights)), model / "unet" / "diffusion_pytorch_model.bin")
     weights.unlink()
     code, text = _run(capsys, "invert", "--model", str(model), "--data", str(image_tree), "--out", str(tmp_path / "s"), *INVERT)

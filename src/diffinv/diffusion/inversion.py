@@ -81,9 +81,10 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
         for rows in slices:
             own = rows is None
             step_keys = keys if own else keys[rows]
-            step_moments = moments if own else LatentMoments(moments.mean[rows], moments.std[rows])
-            if groups is not None:
+            if groups is not None:  # a class token trains on one of its images, drawn by its key
                 step_moments = groups.draw(moments, keys, step)
+            else:
+                step_moments = moments if own else LatentMoments(moments.mean[rows], moments.std[rows])
             x0, noise, t = training_draws(step_keys, step, step_moments, backbone.num_train_timesteps,
                                           config.latent == "sample", config.timesteps)
             a = backbone.alphas_cumprod[t]
