@@ -28,7 +28,7 @@ from diffinv import rng
 from diffinv.config import InvertConfig, load_config
 from diffinv.data.real import load_pixels, open_images, select
 from diffinv.diffusion.backbone import load_backbone
-from diffinv.diffusion.inversion import invert_batch
+from diffinv.diffusion.inversion import invert_batch, invert_stream
 from diffinv.diffusion.objective import evaluation_loss
 from diffinv.stages.demo import EMBEDDED_BASE
 
@@ -45,7 +45,13 @@ RECIPES: dict[str, dict] = {
     "lr0.1-cosine": {**_COSINE, "lr": 0.1, "timesteps": "uniform"},
     "lr0.1-cosine-strat": {**_COSINE, "lr": 0.1, "timesteps": "stratified"},
     "lr0.3-cosine-strat": {**_COSINE, "lr": 0.3, "timesteps": "stratified"},
+    "lr1-cosine-strat": {**_COSINE, "lr": 1.0, "timesteps": "stratified"},
+    "encoder-lr0.3-cosine-strat": {**_COSINE, "lr": 0.3, "timesteps": "stratified", "init": "encoder"},
     "encoder-lr0.1-cosine-strat": {**_COSINE, "lr": 0.1, "timesteps": "stratified", "init": "encoder"},
+    # Per-image early stopping (--early-stop): an image stops when its loss fell by less than 1% over
+    # its last check; image-steps are then the sum of each image's own steps.
+    "ours-early": {"early_stop": 0.01, "check_every": 25},
+    "former-default-early": {**_PAPER_OPT, "lr": 3e-2, "early_stop": 0.01, "check_every": 100},
 }
 GRID = (0, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000)
 
@@ -74,6 +80,14 @@ def run_recipe(name: str, backbone, pixels: torch.Tensor, keys: torch.Tensor, ba
         with torch.no_grad():
             init = encoder(pixels).float()
     start = time.perf_counter()
+    if config.early_stop:  # one end point: each image stopped at its own step
+        result = invert_stream(backbone, pixels, keys, config, slots=len(keys), init=init)
+        seconds = round(time.perf_counter() - start, 2)
+        curve = [{"step": 0, "image_steps": 0, "seconds": 0.0, "loss": result.loss_init.mean().item()},
+                 {"step": round(sum(result.steps) / len(keys), 1), "image_steps": sum(result.steps), "seconds": seconds,
+                  "loss": result.loss_final.mean().item(), "steps_min_max": [min(result.steps), max(result.steps)]}]
+        return {"recipe": name, "settings": {k: v for k, v in vars(config).items() if k in InvertConfig.__dataclass_fields__},
+                "curve": curve, "final_loss": curve[-1]["loss"], "seconds": seconds}
     embeddings, loss_init, loss_final = invert_batch(backbone, pixels, keys, config, checkpoint=checkpoint, init=init)
     curve.insert(0, {"step": 0, "image_steps": 0, "seconds": 0.0, "loss": loss_init.mean().item()})
     measure(steps, embeddings)
@@ -95,6 +109,8 @@ def main() -> None:
     parser.add_argument("--paper-steps", type=int, default=3000, help="gradients per image of the paper recipe")
     parser.add_argument("--steps", type=int, default=300, help="steps of the other recipes")
     parser.add_argument("--recipes", default="ours,former-default", help=f"comma list of {', '.join(r for r in RECIPES if r != 'paper')}")
+    parser.add_argument("--paper-from", default="", help="reuse the paper recipe's run from an earlier JSON of this script "
+                        "(same base, data and images; it is the slow part)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     parser.add_argument("--out", default="", help="JSON file to write")
     args = parser.parse_args()
@@ -114,7 +130,14 @@ def main() -> None:
 
         encoder = load_encoder(base)
 
-    paper = run_recipe("paper", backbone, pixels, keys, base, args.paper_steps)
+    if args.paper_from:
+        earlier = json.loads(Path(args.paper_from).read_text())
+        if (earlier["base"], earlier["data"], earlier["images"], earlier["resolution"]) != (base, args.data, len(images), resolution):
+            raise SystemExit(f"{args.paper_from} measured another base, data, image count or resolution")
+        paper = next(r for r in earlier["recipes"] if r["recipe"] == "paper")
+        args.paper_steps = paper["settings"]["steps"]
+    else:
+        paper = run_recipe("paper", backbone, pixels, keys, base, args.paper_steps)
     target = paper["final_loss"]
     results = [paper]
     for name in names:

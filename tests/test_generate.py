@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -335,3 +336,32 @@ def test_single_image_class_falls_back_to_another_class_and_says_so(tmp_path, ti
     rows = [r for r in read_manifest(tmp_path / "g") if r["class"] == "b"]
     assert all(r["partner_fallback"] and r["partner"].startswith("a/") for r in rows)
     assert len(rows) == 2
+
+
+def test_variants_of_grey_data_are_saved_grey(tmp_path, tiny_latent):
+    import numpy as np
+
+    from conftest import write_image_tree
+
+    data = write_image_tree(tmp_path / "d", per_class=2, classes=("a", "b"))
+    for png in data.rglob("*.png"):  # R = G = B, as MedMNIST's grey images load
+        Image.open(png).convert("L").convert("RGB").save(png)
+    _invert(tiny_latent, data, tmp_path / "s")
+    assert EmbeddingStore.open(tmp_path / "s").info["grey"] is True
+    assert main(["generate", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "g"), "--per-image", "2",
+                 "--steps", "2", "--quiet"]) == 0
+    images = [np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (tmp_path / "g").rglob("*.png")]
+    assert len(images) == 8 and all((im[..., 0] == im[..., 1]).all() and (im[..., 1] == im[..., 2]).all() for im in images)
+    assert max(im.std() for im in images) > 0  # not blank: grey images with content
+    from diffinv.data.synthetic import MARKER as SET_MARKER
+
+    assert read_json(tmp_path / "g" / SET_MARKER)["grey"] is True  # recorded with the set
+    # A store made before invert recorded it: generate reads its real images to tell.
+    info = read_json(tmp_path / "s" / "store.json")
+    del info["grey"]
+    (tmp_path / "s" / "store.json").write_text(json.dumps(info))
+    assert main(["generate", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "g2"), "--per-image", "1",
+                 "--steps", "2", "--quiet"]) == 0
+    assert read_json(tmp_path / "g2" / SET_MARKER)["grey"] is True
+    _invert(tiny_latent, write_image_tree(tmp_path / "colour"), tmp_path / "sc")  # colour data keeps its colour
+    assert EmbeddingStore.open(tmp_path / "sc").info["grey"] is False

@@ -3,19 +3,20 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from diffinv import rng
-from diffinv.config import InvertConfig
+from diffinv.config import ConfigError, InvertConfig
 from diffinv.data.real import load_pixels, open_images, select
 from diffinv.diffusion.backbone import load_backbone
-from diffinv.diffusion.inversion import InversionError, invert_batch
-from diffinv.diffusion.objective import denoising_target, evaluation_loss, q_sample
+from diffinv.diffusion.inversion import InversionError, invert_batch, invert_stream
+from diffinv.diffusion.objective import adamw_rows, denoising_target, evaluation_loss, q_sample
 from diffinv.diffusion.pretrain import pretrain_autoencoder
-from diffinv.diffusion.store import EmbeddingStore
+from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.diffusion.tiny import save_tiny_model
 from diffinv.runs import RunError, read_json
 from diffinv.stages.invert import invert_dataset
@@ -239,3 +240,106 @@ def test_text_start_is_the_class_prompts_last_k_tokens_through_the_models_encode
     clean = load_backbone(model).encode(pixels).mean
     expected = evaluation_loss(load_backbone(model), clean, starts[torch.tensor([r["label"] for r in rows])], keys, 2)
     assert [r["loss_init"] for r in rows] == pytest.approx(expected.tolist(), rel=1e-4)  # ... from the class's tokens
+
+
+def test_adamw_rows_is_torch_adamw_for_each_row_at_its_own_step():
+    torch.manual_seed(0)
+    start, grads, lrs = torch.randn(2, 3, 4), torch.randn(6, 2, 3, 4), torch.rand(6) * 0.1
+    # Row 0 is updated at iterations 0-5, row 1 joins at iteration 2 (a refilled slot): its own steps 1-4.
+    param, m, v = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
+    for it in range(6):
+        rows = torch.tensor([0, 1]) if it >= 2 else torch.tensor([0])
+        step = torch.tensor([it + 1, it - 1])[rows]
+        param[rows], m[rows], v[rows] = adamw_rows(param[rows], grads[it][rows], m[rows], v[rows], step, lrs[rows], 1e-2)
+    for row, first in ((0, 0), (1, 2)):
+        p = torch.nn.Parameter(start[row].clone())
+        opt = torch.optim.AdamW([p], lr=0.1, weight_decay=1e-2)
+        for k, it in enumerate(range(first, 6)):
+            p.grad = grads[it][row].clone()
+            opt.param_groups[0]["lr"] = float(lrs[row])
+            opt.step()
+        torch.testing.assert_close(param[row], p.detach())
+
+
+def _refill_schedule(steps: list[int], slots: int) -> list[int]:
+    """Rows per training call when images needing ``steps`` each move through ``slots`` in order."""
+    waiting, active, sizes = list(range(len(steps))), {}, []
+    while waiting or active:
+        while waiting and len(active) < slots:
+            i = waiting.pop(0)
+            active[i] = steps[i]
+        sizes.append(len(active))
+        active = {i: left - 1 for i, left in active.items() if left > 1}
+    return sizes
+
+
+def test_early_stopped_images_leave_the_batch_and_equal_running_alone(trained_pixel):
+    backbone, images, pixels = trained_pixel
+    keys = rng.keys_tensor(0, images.ids)
+    config = InvertConfig(model="m", data="digits", resolution=8, steps=60, lr=0.1, warmup=0, early_stop=0.02, check_every=5,
+                          log_every=5)
+    sizes, predict = [], backbone.predict_noise
+
+    def spy(x, t, cond, **kw):
+        if torch.is_grad_enabled():  # a training step (the checks run without gradients)
+            sizes.append(len(x))
+        return predict(x, t, cond, **kw)
+
+    backbone.predict_noise = spy
+    try:
+        pooled = invert_stream(backbone, pixels, keys, config, slots=4)
+    finally:
+        backbone.predict_noise = predict
+    assert min(pooled.steps) < config.steps and len(set(pooled.steps)) > 2  # images stopped at different steps
+    assert all(s % config.check_every == 0 for s in pooled.steps)
+    # A finished image leaves at once and the next takes its slot: the calls' sizes are exactly the refill schedule.
+    assert sizes == _refill_schedule(pooled.steps, 4) and sizes[0] == 4
+    plain = invert_stream(backbone, pixels, keys, replace(config, early_stop=0.0), slots=4)
+    assert pooled.loss_final.mean() > plain.loss_final.mean()  # stopping early does cost loss: the rule is not a no-op
+    for i in range(len(keys)):
+        alone = invert_stream(backbone, pixels[i : i + 1], keys[i : i + 1], config, slots=1)
+        assert alone.steps == [pooled.steps[i]]
+        torch.testing.assert_close(alone.embeddings[0], pooled.embeddings[i], rtol=1e-4, atol=1e-5)
+        assert float(alone.loss_final[0]) == pytest.approx(float(pooled.loss_final[i]), rel=1e-4)
+
+
+def test_early_stop_pool_resumes_exactly_and_records_steps(trained_pixel, tmp_path):
+    backbone, images, pixels = trained_pixel
+    model = save_tiny_model(tmp_path / "model", "pixel", sample_size=8)
+    backbone.unet.save_pretrained(Path(model) / "unet")  # the memorising weights, loadable by the stage
+    kw = dict(resolution=8, steps=40, lr=0.1, warmup=0, early_stop=0.02, check_every=5, batch_size=3, checkpoint_every=4,
+              per_class=1, latent="mean")
+    ref = invert_dataset(_config(model, "digits", **kw), tmp_path / "ref", progress=False)
+
+    def stop(batch, iteration):
+        if iteration == 10:  # after the checkpoint at iteration 8, with images finished, running and waiting
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        invert_dataset(_config(model, "digits", **kw), tmp_path / "run", progress=False, on_step=stop)
+    resumed = []
+    invert_dataset(_config(model, "digits", **kw), tmp_path / "run", resume=True, progress=False,
+                   on_step=lambda batch, iteration: resumed.append(iteration))
+    assert resumed[0] == 9
+    _same_store(ref, tmp_path / "run")
+    steps = [r["steps"] for r in EmbeddingStore.open(ref).rows]
+    assert min(steps) < 40 and len(set(steps)) > 1
+
+
+def test_class_start_begins_each_image_at_its_class_conditioning(tiny_latent, tiny_pixel, image_tree, tmp_path):
+    invert_dataset(_config(tiny_latent, image_tree, target="class"), tmp_path / "classes", progress=False)
+    classes = EmbeddingStore.open(tmp_path / "classes")
+    # One step at a vanishing lr: each image's conditioning is still its start.
+    start = dict(init="class", init_store=str(tmp_path / "classes"), steps=1, lr=1e-12, warmup=0)
+    invert_dataset(_config(tiny_latent, image_tree, **start), tmp_path / "per-image", progress=False)
+    images = EmbeddingStore.open(tmp_path / "per-image")
+    expected = classes.embeddings[[classes.ids.index("class:" + images.classes[int(label)]) for label in images.labels]]
+    torch.testing.assert_close(images.embeddings, expected, atol=1e-6, rtol=0)
+    assert len(set(images.labels.tolist())) == 2 and not torch.allclose(expected[0], expected[-1])
+    with pytest.raises(StoreError, match="--target class"):  # a per-image store is not a class start
+        invert_dataset(_config(tiny_latent, image_tree, **{**start, "init_store": str(tmp_path / "per-image")}), tmp_path / "x",
+                       progress=False)
+    with pytest.raises(StoreError, match="another model"):
+        invert_dataset(_config(tiny_pixel, image_tree, **start, latent="mean"), tmp_path / "y", progress=False)
+    with pytest.raises(ConfigError, match="--init-store"):
+        _config(tiny_latent, image_tree, init="class")

@@ -148,7 +148,8 @@ def _run_verify(args: argparse.Namespace) -> int:
 def _run_inspect(args: argparse.Namespace) -> int:
     from diffinv.stages.inspect import inspect_model
 
-    for name, value in inspect_model(args.folder, args.data or "", args.resolution):
+    for name, value in inspect_model(args.folder, args.data or "", args.resolution, original_config=args.original_config or "",
+                                     prediction_type=args.prediction_type or ""):
         print(f"{name:>32}: {value}")
     return 0
 
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("folder", help=folder)
         p.set_defaults(func=func)
         if name == "inspect":
-            add_config_flags(p, InvertConfig, only=("data", "resolution"))
+            add_config_flags(p, InvertConfig, only=("data", "resolution", "original_config", "prediction_type"))
     return parser
 
 

@@ -83,8 +83,12 @@ class InvertConfig:
     # init, U(-1/sqrt(n), 1/sqrt(n)) for groups of n images: about +-0.1, ten times smaller than N(0, 1).
     init: str = opt("random", "start c_i from keyed N(0, init-std^2), from U(+-1/sqrt(group-size)) (the official code's), "
                     "from the base's encoder tokens (pretrain-base models) or from the text encoder's tokens of "
-                    "--init-template (text-to-image models)", choices=("random", "uniform", "encoder", "text"))
+                    "--init-template (text-to-image models), or from its class's row of --init-store",
+                    choices=("random", "uniform", "encoder", "text", "class"))
     init_template: str = opt("a photo of a {}", "--init text: the prompt, {} is the class name; its last K tokens are the start")
+    # A short class-level inversion shared by the class (issue 19): `invert --target class` first, then
+    # every image of a class starts from that class's conditioning.
+    init_store: str = opt("", "--init class: a store made by `diffinv invert --target class` on the same model and classes")
     # "own": every image gets a gradient and an AdamW update at every step (batch-invariant).
     # "group": the official loop: groups of group_size images share one AdamW, and each optimiser
     # step trains one batch of group_batch of them in order; AdamW (momentum, weight decay) moves
@@ -99,6 +103,12 @@ class InvertConfig:
     warmup: int = opt(10, "steps of linear learning-rate warm-up (at most a tenth of the steps)")
     timesteps: str = opt("stratified", "an image's training timesteps: stratified along its steps, or i.i.d. uniform (the paper)",
                          choices=("uniform", "stratified"))
+    # Per-image early stopping: an image whose evaluation loss (fixed draws) has not fallen by this fraction
+    # below its best for `patience` checks in a row is finished, and the next image takes its slot.
+    early_stop: float = opt(0.0, "finish an image when --patience checks in a row did not lower its evaluation loss by this "
+                            "fraction (e.g. 0.01; 0: every image runs --steps); the next image takes its slot")
+    check_every: int = opt(25, "--early-stop: steps between an image's loss checks (each costs eval-timesteps forward passes)")
+    patience: int = opt(2, "--early-stop: checks without improvement before an image is finished")
     latent: str = opt("sample", "sample the VAE posterior each step (the paper) or use its mean", choices=("sample", "mean"))
     eval_timesteps: int = opt(8, "timesteps of the final per-image loss")
     seed: int = opt(0, "seed of all noise and initialisation")
@@ -107,6 +117,10 @@ class InvertConfig:
     # model (or the reverse); the store records the type used and generation follows it.
     prediction_type: str = opt("", "what the UNet predicts, overriding the model's scheduler config (default: the model's)",
                                choices=("", "epsilon", "v_prediction"))
+    # Original-format (CompVis) single files carry no diffusers configs; offline, their inference YAML
+    # is what says the architecture, the noise schedule and (SD 2.x) epsilon vs v-prediction.
+    original_config: str = opt("", "a single-file checkpoint's original inference YAML (e.g. v1-inference.yaml, "
+                               "v2-inference-v.yaml): its architecture, schedule and prediction type")
     # "image": one conditioning per image (Diffusion Inversion). "class": one per class, learned
     # from all of the class's images (textual inversion / DA-Fusion), the rival it must beat.
     target: str = opt("image", "one conditioning per image (Diffusion Inversion) or per class (the class-inversion rival)",
@@ -135,7 +149,13 @@ class InvertConfig:
         _check_choices(self)
         _check(self.init != "encoder" or self.target == "image", "--init encoder is for per-image inversion (--target image)")
         _check(self.init != "text" or "{}" in self.init_template, "--init-template must contain {} where the class name goes")
+        _check(self.init != "class" or (bool(self.init_store) and self.target == "image"),
+               "--init class needs --init-store (a store from `diffinv invert --target class`) and per-image inversion")
         _check(self.update == "own" or self.target == "image", "--update group is for per-image inversion (--target image)")
+        _check(0 <= self.early_stop < 1 and self.check_every >= 1 and self.patience >= 1,
+               "early-stop must be in [0, 1), check-every and patience >= 1")
+        _check(not self.early_stop or (self.update == "own" and self.target == "image"),
+               "--early-stop is for per-image inversion with --update own (a group or class shares one optimiser)")
         _check(self.update == "own" or (self.group_size >= 1 and 1 <= self.group_batch <= self.group_size),
                f"group-batch must be in [1, group-size]; got {self.group_batch} of {self.group_size}")
         _check(self.warmup >= 0, f"warmup must be >= 0; got {self.warmup}")

@@ -57,13 +57,17 @@ def keys_tensor(seed: int, identities: list[str], device: torch.device | str = "
     return torch.tensor([key_of(seed, i) for i in identities], dtype=torch.int64, device=device)
 
 
-def _base(keys: torch.Tensor, step: int, stream: int) -> torch.Tensor:
+def _base(keys: torch.Tensor, step: int | torch.Tensor, stream: int) -> torch.Tensor:
     salt = mix32(mix32(step * _GOLDEN + 0x9E37) ^ (stream * 0x85EB))
     return mix32(mix32(keys) ^ salt)
 
 
-def keyed_uniform(keys: torch.Tensor, step: int, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Uniform (0, 1) floats [B, *shape], element e of row b a function of (keys[b], step, stream, e)."""
+def keyed_uniform(keys: torch.Tensor, step: int | torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniform (0, 1) floats [B, *shape], element e of row b a function of (keys[b], step, stream, e).
+
+    ``step`` is one int for the whole batch, or an int64 tensor [B] when each row is at its own
+    step (row b then draws exactly what it would alone at step[b]).
+    """
     numel = math.prod(shape)
     counter = torch.arange(numel, device=keys.device, dtype=torch.int64)
     bits = mix32(_base(keys, step, stream)[:, None] ^ mix32(counter * _GOLDEN + 1)[None, :])
@@ -72,7 +76,7 @@ def keyed_uniform(keys: torch.Tensor, step: int, stream: int, shape: tuple[int, 
     return u.view(keys.shape[0], *shape)
 
 
-def keyed_normal(keys: torch.Tensor, step: int, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
+def keyed_normal(keys: torch.Tensor, step: int | torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Standard normal floats [B, *shape] (Box-Muller on two keyed uniforms)."""
     numel = math.prod(shape)
     u = keyed_uniform(keys, step, stream, (2, numel))
@@ -80,7 +84,7 @@ def keyed_normal(keys: torch.Tensor, step: int, stream: int, shape: tuple[int, .
     return z.view(keys.shape[0], *shape)
 
 
-def keyed_randint(keys: torch.Tensor, step: int, stream: int, high: int) -> torch.Tensor:
+def keyed_randint(keys: torch.Tensor, step: int | torch.Tensor, stream: int, high: int) -> torch.Tensor:
     """One integer in [0, high) per key: [B] int64."""
     u = keyed_uniform(keys, step, stream, (1,))[:, 0]
     return (u * high).long().clamp_(max=high - 1)

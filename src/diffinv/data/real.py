@@ -86,6 +86,21 @@ class LabelledImages:
 # ----------------------------------------------------------------------------- pixels
 
 
+GREY_SAMPLE = 64  # images looked at to call a set grey (a colour set has colour in nearly every image)
+
+
+def all_grey(images: LabelledImages, indices: list[int] | None = None) -> bool:
+    """Whether the images (the first GREY_SAMPLE of ``indices``, default all) have R = G = B."""
+    indices = list(range(len(images))) if indices is None else indices
+    sample = indices[:GREY_SAMPLE]
+    return bool(sample) and all(_grey(images.image(i)) for i in sample)
+
+
+def _grey(image: Image.Image) -> bool:
+    r, g, b = image.convert("RGB").split()
+    return r.tobytes() == g.tobytes() == b.tobytes()
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB from grey, palette, RGBA (composited on white), 16-bit and float images."""
     if img.mode == "P":

@@ -295,10 +295,15 @@ def _freeze(module: Any) -> Any:
     return module
 
 
-def load_backbone(spec: str | Path, *, with_text_encoder: bool = False) -> Backbone:
+def load_backbone(spec: str | Path, *, with_text_encoder: bool = False, original_config: str = "",
+                  prediction_type: str = "") -> Backbone:
     """Load a frozen generator from a folder, a ``.safetensors`` file or a cached hub id.
 
     The text encoder is only loaded with ``with_text_encoder=True``: inversion never needs it.
+    ``original_config`` (an original-format checkpoint's inference YAML) says a single file's
+    architecture and prediction type; ``prediction_type`` is the caller's override, which also
+    settles an SD 2.x file that has no YAML (SD 2.x ships as 512 px epsilon and 768 px v-prediction
+    models with the same weights layout).
     """
     import diffusers
 
@@ -310,7 +315,9 @@ def load_backbone(spec: str | Path, *, with_text_encoder: bool = False) -> Backb
             raise ModelError(f"{spec}: pickle checkpoints are not loaded (they can run code); convert it to .safetensors")
         if path.suffix != ".safetensors":
             raise ModelError(f"{spec}: a model file must be .safetensors")
-        backbone = _load_single_file(path, with_text_encoder)
+        backbone = _load_single_file(path, with_text_encoder, original_config, prediction_type)
+    elif original_config:
+        raise ModelError(f"--original-config is for single-file checkpoints (.safetensors); {spec} carries its own configs")
     elif path.is_dir():
         if (path / "unet").is_dir():
             backbone = _load_folder(path, spec, with_text_encoder)
@@ -397,25 +404,88 @@ def _load_hub(repo_id: str, with_text_encoder: bool) -> Backbone:
     return backbone
 
 
-def _load_single_file(path: Path, with_text_encoder: bool) -> Backbone:
+def _load_single_file(path: Path, with_text_encoder: bool, original_config: str = "", prediction_type: str = "") -> Backbone:
     import diffusers
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
+            family = ldm_family({k: fh.get_slice(k).get_shape() for k in fh.keys()})
     except Exception as exc:  # SafetensorError for a truncated or foreign file
         raise ModelError(f"{path} is not a readable .safetensors file ({exc}); it may be truncated: download or export it again") from exc
     if meta.get("format") == PACKED_FORMAT:
+        if original_config:
+            raise ModelError(f"{path} is a diffinv packed model, which carries its own configs; drop --original-config")
         return _load_packed(path, meta)
+    if family is None:
+        raise ModelError(f"{path} is neither a diffinv packed model nor an original-format Stable Diffusion checkpoint (no "
+                         f"model.diffusion_model.* weights); give a diffusers folder")
+    if original_config:
+        return _load_with_original_config(path, Path(original_config), with_text_encoder)
+    if family == "sd2" and not prediction_type:
+        raise ModelError(
+            f"{path} is an SD 2.x checkpoint, which exists as 512 px epsilon models (2.0/2.1-base) and 768 px v-prediction "
+            f"models (2.0-v/2.1) with the same weights; say which: --original-config v2-inference.yaml (epsilon) or "
+            f"v2-inference-v.yaml (v-prediction), the YAML published with the model, or --prediction-type epsilon|v_prediction")
     try:
         pipe = diffusers.StableDiffusionPipeline.from_single_file(str(path), local_files_only=True)
     except Exception as exc:
         raise ModelError(
-            f"{path} is not a diffinv packed model and diffusers could not read it as a Stable Diffusion checkpoint "
-            f"offline ({type(exc).__name__}: {exc}); convert it to a diffusers folder where the configs are available") from exc
+            f"diffusers could not read {path} as a {family} checkpoint offline ({type(exc).__name__}: {str(exc)[:200]}); pass "
+            f"--original-config with the model's inference YAML (e.g. v1-inference.yaml), or convert it to a diffusers "
+            f"folder where the configs are available") from exc
     te, tok = (pipe.text_encoder, pipe.tokenizer) if with_text_encoder else (None, None)
     return Backbone(_freeze(pipe.unet), _freeze(pipe.vae), dict(pipe.scheduler.config), str(path), _freeze(te), tok)
+
+
+def ldm_family(shapes: dict[str, list[int]]) -> str | None:
+    """sd1, sd2 or sdxl for an original-format (CompVis / SGM) checkpoint's tensor shapes by name; None if it is not one.
+
+    SDXL has the size/pooled-text embedding (``label_emb``); SD 2.x projects into its transformers
+    with linear layers (SD 1.x with 1x1 convolutions) and cross-attends to 1,024-wide text.
+    """
+    unet = {k[len("model.diffusion_model."):]: v for k, v in shapes.items() if k.startswith("model.diffusion_model.")}
+    if not unet:
+        return None
+    if any(k.startswith("label_emb.") for k in unet) or any(k.startswith("conditioner.") for k in shapes):
+        return "sdxl"
+    proj = [v for k, v in unet.items() if k.endswith(".proj_in.weight")]
+    context = [v[-1] for k, v in unet.items() if k.endswith("attn2.to_k.weight")]
+    return "sd2" if (proj and len(proj[0]) == 2) or (context and context[0] == 1024) else "sd1"
+
+
+def scheduler_from_original(config: dict[str, Any]) -> dict[str, Any]:
+    """The training noise schedule and prediction type an original inference YAML states (SD's defaults where it is silent)."""
+    params = config.get("model", {}).get("params", {})
+    v = params.get("parameterization") == "v" or "VScaling" in str(params.get("denoiser_config", ""))
+    return {**SCHEDULER_DEFAULTS, "num_train_timesteps": int(params.get("timesteps", 1000)),
+            "beta_start": float(params.get("linear_start", SCHEDULER_DEFAULTS["beta_start"])),
+            "beta_end": float(params.get("linear_end", SCHEDULER_DEFAULTS["beta_end"])),
+            "prediction_type": "v_prediction" if v else "epsilon"}
+
+
+def _load_with_original_config(path: Path, yaml_path: Path, with_text_encoder: bool) -> Backbone:
+    """UNet and VAE of an original-format checkpoint, their architecture and schedule read from its inference YAML (offline)."""
+    import diffusers
+    import yaml
+
+    if with_text_encoder:
+        raise ModelError(f"prompts (--method prompt, --init text) need the text encoder, which diffinv does not read from "
+                         f"single-file checkpoints; convert {path} to a diffusers folder, or use di, img2img or class-inversion")
+    try:
+        config = yaml.safe_load(yaml_path.read_text())
+        config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ModelError(f"--original-config {yaml_path} is not a Stable Diffusion inference YAML ({type(exc).__name__}: {exc}); "
+                         f"give the one published with the checkpoint (e.g. v1-inference.yaml)") from exc
+    try:
+        unet = diffusers.UNet2DConditionModel.from_single_file(str(path), original_config=config, local_files_only=True)
+        vae = diffusers.AutoencoderKL.from_single_file(str(path), original_config=config, local_files_only=True)
+    except Exception as exc:  # diffusers raises many types for weights that do not fit the YAML's architecture
+        raise ModelError(f"{path} does not fit --original-config {yaml_path} ({type(exc).__name__}: {str(exc)[:200]}); is it "
+                         f"the YAML of this model (v1 / v2 / v2-v / SDXL)?") from exc
+    return Backbone(_freeze(unet), _freeze(vae), scheduler_from_original(config), str(path))
 
 
 def _load_packed(path: Path, meta: dict[str, str]) -> Backbone:

@@ -12,6 +12,7 @@ in bf16/fp16 on GPU; the host is only synchronised every ``log_every`` steps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -21,8 +22,16 @@ from diffinv import rng
 from diffinv.config import InvertConfig
 from diffinv.data.real import LabelledImages, load_pixels
 from diffinv.diffusion.backbone import Backbone, LatentMoments
-from diffinv.diffusion.objective import (denoising_target, evaluation_loss, init_embeddings, lr_factor, per_image_loss,
-                                         q_sample, training_draws)
+from diffinv.diffusion.objective import (
+    adamw_rows,
+    denoising_target,
+    evaluation_loss,
+    init_embeddings,
+    lr_factor,
+    per_image_loss,
+    q_sample,
+    training_draws,
+)
 from diffinv.errors import UserError
 from diffinv.runs import load_optimiser_tensors
 
@@ -58,11 +67,7 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
     groups = _Groups(owners.to(device), len(keys)) if owners is not None else None
 
     # 2. Starting point: fresh keyed initialisation, or the checkpointed embeddings and AdamW moments.
-    if init is None:
-        uniform = config.init == "uniform"  # the official nn.Linear start: U(+-1/sqrt(group size))
-        init = init_embeddings(keys, config.tokens + backbone.extra_tokens, backbone.cond_dim,
-                               config.group_size ** -0.5 if uniform else config.init_std, "uniform" if uniform else "normal")
-    init = init.to(device, torch.float32)
+    init = (_keyed_start(backbone, keys, config) if init is None else init).to(device, torch.float32)
     emb = torch.nn.Parameter((state["embeddings"] if state else init).to(device, torch.float32).clone())
     opt = torch.optim.AdamW([emb], lr=config.lr, weight_decay=config.weight_decay)
     if state:
@@ -120,6 +125,128 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
     return emb.detach().float().cpu(), loss_init.cpu(), loss_final.cpu()
 
 
+StreamCheckpoint = Callable[[int, dict[str, torch.Tensor], dict], None]  # (iteration, tensors, meta)
+
+
+@dataclass
+class Streamed:
+    """What :func:`invert_stream` returns: per image [N] its best checked embedding, losses and steps taken."""
+
+    embeddings: torch.Tensor  # [N, K, D] float32, CPU
+    loss_init: torch.Tensor
+    loss_final: torch.Tensor
+    steps: list[int]
+
+
+def invert_stream(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys: torch.Tensor, config: InvertConfig, *,
+                  slots: int, resume_from: tuple[dict[str, torch.Tensor], dict] | None = None,
+                  checkpoint: StreamCheckpoint | None = None,
+                  on_step: Callable[[int, float | None, int], None] | None = None,
+                  init: torch.Tensor | None = None) -> Streamed:
+    """Per-image early stopping with refill: at most ``slots`` of the N images are optimised at once.
+
+    pixels [N, 3, R, R] (or their latent moments) and keys [N] as for :func:`invert_batch`. Every
+    ``config.check_every`` of its own steps an image's evaluation loss is measured; after
+    ``config.patience`` checks in a row (past its warm-up) that did not lower its best by the
+    fraction ``config.early_stop``, or at ``config.steps``, the image is finished (its best checked
+    embedding is kept) and the next waiting image takes its slot, so the batch stays full. Each image has its own step count, learning-rate schedule, AdamW moments
+    and bias correction, and its draws are keyed by (image, its step): its trajectory, stopping
+    step and result are those it would have alone. An image whose checked loss is not finite is
+    returned as NaN (the caller retries it). ``on_step(iteration, mean loss or None, image-steps
+    done or skipped)``; ``checkpoint`` every ``config.checkpoint_every`` iterations, and
+    ``resume_from`` the (tensors, meta) it saved.
+    """
+    device = backbone.device
+    keys = keys.to(device)
+    n = len(keys)
+    tol, every = config.early_stop, config.check_every
+    warm = min(config.warmup, config.steps // 10)  # no image stops while its learning rate is still rising
+
+    # 1. Encode every image once.
+    moments = pixels if isinstance(pixels, LatentMoments) else _encode_in_slices(backbone, pixels)
+
+    # 2. Per-image state: embedding, AdamW moments, best checked embedding and loss, own step, status.
+    init = (_keyed_start(backbone, keys, config) if init is None else init).to(device, torch.float32)
+    loss_init = evaluation_loss(backbone, moments.mean, init, keys, config.eval_timesteps)
+    WAITING, ACTIVE, DONE = 0, 1, 2
+    if resume_from is None:
+        emb, m, v, best_emb = init.clone(), torch.zeros_like(init), torch.zeros_like(init), init.clone()
+        steps, best, stale, status, iteration = [0] * n, loss_init.tolist(), [0] * n, [WAITING] * n, 0
+    else:
+        tensors, meta = resume_from
+        emb, m, v, best_emb = (tensors[k].to(device, torch.float32).clone() for k in ("embeddings", "exp_avg", "exp_avg_sq", "best"))
+        steps, best, stale, status = list(meta["steps"]), list(meta["best_loss"]), list(meta["stale"]), list(meta["status"])
+        iteration = int(meta["iteration"])
+    running, counted = 0.0, 0
+
+    while True:
+        # 3. Refill: the waiting images, in order, take the free slots.
+        active = [i for i in range(n) if status[i] == ACTIVE]
+        for i in range(n):
+            if len(active) >= slots:
+                break
+            if status[i] == WAITING:
+                status[i] = ACTIVE
+                active.append(i)
+        if not active:
+            break
+        rows = torch.tensor(sorted(active), device=device)
+        own_steps = torch.tensor([steps[i] for i in rows.tolist()], device=device)
+
+        # 4. One gradient per active image at its own step, one AdamW update with its own bias correction.
+        lr = torch.tensor([config.lr * lr_factor(steps[i], config.steps, config.lr_schedule, config.warmup) for i in rows.tolist()],
+                          device=device)
+        x0, noise, t = training_draws(keys[rows], own_steps, LatentMoments(moments.mean[rows], moments.std[rows]),
+                                      backbone.num_train_timesteps, config.latent == "sample", config.timesteps)
+        a = backbone.alphas_cumprod[t]
+        cond = emb[rows].requires_grad_()
+        losses = per_image_loss(backbone.predict_noise(q_sample(x0, noise, a), t, cond),
+                                denoising_target(x0, noise, a, backbone.prediction_type))
+        (grad,) = torch.autograd.grad(losses.sum(), cond)
+        emb[rows], m[rows], v[rows] = adamw_rows(cond.detach(), grad, m[rows], v[rows], own_steps + 1, lr, config.weight_decay)
+        for i in rows.tolist():
+            steps[i] += 1
+        iteration += 1
+        advanced = len(rows)
+
+        # 5. Checks: an image at a multiple of check_every (or its last step) is evaluated on the fixed draws.
+        due = [i for i in rows.tolist() if steps[i] % every == 0 or steps[i] >= config.steps]
+        if due:
+            d = torch.tensor(due, device=device)
+            checked = evaluation_loss(backbone, moments.mean[d], emb[d], keys[d], config.eval_timesteps).tolist()
+            for j, i in enumerate(due):
+                loss = checked[j]
+                if not math.isfinite(loss):  # failed: NaN out, so the caller retries it at a lower lr
+                    best[i], best_emb[i] = float("nan"), float("nan")
+                    status[i] = DONE
+                    continue
+                stale[i] = 0 if loss < best[i] * (1 - tol) or steps[i] <= warm else stale[i] + 1
+                if loss < best[i]:
+                    best[i], best_emb[i] = loss, emb[i]
+                if stale[i] >= config.patience or steps[i] >= config.steps:
+                    status[i] = DONE
+                    advanced += config.steps - steps[i]  # the steps it did not need
+        running, counted = running + losses.detach().mean(), counted + 1
+
+        if checkpoint is not None and iteration % config.checkpoint_every == 0 and any(s != DONE for s in status):
+            checkpoint(iteration, {"embeddings": emb, "exp_avg": m, "exp_avg_sq": v, "best": best_emb},
+                       {"steps": steps, "best_loss": best, "stale": stale, "status": status, "iteration": iteration})
+        if on_step is not None:
+            report = None
+            if iteration % config.log_every == 0:  # the only host sync besides the checks
+                report, running, counted = float(running) / counted, 0.0, 0
+            on_step(iteration, report, advanced)
+
+    return Streamed(best_emb.float().cpu(), loss_init.cpu(), torch.tensor(best, dtype=torch.float32), steps)
+
+
+def _keyed_start(backbone: Backbone, keys: torch.Tensor, config: InvertConfig) -> torch.Tensor:
+    """Each image's keyed random start [B, K, D]: N(0, init_std^2), or the official nn.Linear start U(+-1/sqrt(group size))."""
+    uniform = config.init == "uniform"
+    return init_embeddings(keys, config.tokens + backbone.extra_tokens, backbone.cond_dim,
+                           config.group_size ** -0.5 if uniform else config.init_std, "uniform" if uniform else "normal")
+
+
 def update_slices(n: int, config: InvertConfig) -> list[torch.Tensor | None]:
     """The optimiser steps of one step of n images: [None] (all at once), or the group pattern's batches in order."""
     if config.update == "own":
@@ -172,12 +299,13 @@ def _encode_in_slices(backbone: Backbone, pixels: torch.Tensor, slice_size: int 
 
 @dataclass
 class Inverted:
-    """A batch's result: embeddings [B, K, D] (CPU, float32), initial and final evaluation losses [B], each item's lr."""
+    """A batch's result: embeddings [B, K, D] (CPU, float32), initial and final evaluation losses [B], each item's lr and steps."""
 
     embeddings: torch.Tensor
     loss_init: torch.Tensor
     loss_final: torch.Tensor
     lrs: list[float]
+    steps: list[int]
 
     def finite(self, j: int) -> bool:
         return bool(torch.isfinite(self.embeddings[j]).all()) and bool(torch.isfinite(self.loss_final[j]))
@@ -188,10 +316,16 @@ def invert_items(backbone: Backbone, inputs: torch.Tensor | LatentMoments, keys:
                  log: Callable[[str], None] = print, what: str = "batch", **resume) -> Inverted:
     """:func:`invert_batch`, then the items whose loss is not finite again at lr/10, lr/100 ... (``nan_retries`` times).
 
-    ``resume`` passes ``state``, ``start_step``, ``checkpoint`` and ``on_step`` to the first run only.
+    ``resume`` passes ``state``, ``start_step``, ``checkpoint`` and ``on_step`` to the first run only
+    (with ``config.early_stop``: ``slots``, ``resume_from``, ``checkpoint`` and ``on_step`` of :func:`invert_stream`).
     """
-    emb, loss_init, loss_final = invert_batch(backbone, inputs, keys, config, owners=owners, init=init, **resume)
-    result = Inverted(emb, loss_init, loss_final, [config.lr] * len(keys))
+    if config.early_stop:
+        slots = resume.pop("slots", len(keys))
+        first = invert_stream(backbone, inputs, keys, config, slots=slots, init=init, **resume)
+        result = Inverted(first.embeddings, first.loss_init, first.loss_final, [config.lr] * len(keys), first.steps)
+    else:
+        emb, loss_init, loss_final = invert_batch(backbone, inputs, keys, config, owners=owners, init=init, **resume)
+        result = Inverted(emb, loss_init, loss_final, [config.lr] * len(keys), [config.steps] * len(keys))
     for attempt in range(1, config.nan_retries + 1):
         bad = [j for j in range(len(keys)) if not result.finite(j)]
         if not bad:
@@ -202,10 +336,16 @@ def invert_items(backbone: Backbone, inputs: torch.Tensor | LatentMoments, keys:
         # (a class batch is retried whole: its images are laid out by owner).
         # So is a group of the official update pattern: its images share one optimiser.
         sel = bad if owners is None and config.update == "own" else list(range(len(keys)))
-        retry = invert_batch(backbone, inputs[sel] if owners is None else inputs, keys[sel], replace(config, lr=lr), owners=owners,
-                             init=None if init is None else init[sel])
+        again = dict(pixels=inputs[sel] if owners is None else inputs, keys=keys[sel], config=replace(config, lr=lr),
+                     init=None if init is None else init[sel])
+        if config.early_stop:
+            retry = invert_stream(backbone, slots=slots, **again)
+            retry = (retry.embeddings, retry.loss_init, retry.loss_final, retry.steps)
+        else:
+            retry = (*invert_batch(backbone, owners=owners, **again), [config.steps] * len(sel))
         for r, j in enumerate(sel):
-            result.embeddings[j], result.loss_init[j], result.loss_final[j], result.lrs[j] = retry[0][r], retry[1][r], retry[2][r], lr
+            result.embeddings[j], result.loss_init[j], result.loss_final[j] = retry[0][r], retry[1][r], retry[2][r]
+            result.lrs[j], result.steps[j] = lr, retry[3][r]
     return result
 
 

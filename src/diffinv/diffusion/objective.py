@@ -58,18 +58,21 @@ def init_embeddings(keys: torch.Tensor, tokens: int, dim: int, std: float, dist:
 _PHI = 0.6180339887498949
 
 
-def training_timesteps(keys: torch.Tensor, step: int, num_timesteps: int, mode: str = "uniform") -> torch.Tensor:
+def training_timesteps(keys: torch.Tensor, step: int | torch.Tensor, num_timesteps: int, mode: str = "uniform") -> torch.Tensor:
     """Timestep [B] of each image at ``step``: i.i.d. uniform (the paper), or ``stratified`` along the image's steps."""
     if mode == "uniform":
         return rng.keyed_randint(keys, step, rng.STREAM_TIMESTEP, num_timesteps)
     offset = rng.keyed_uniform(keys, 0, rng.STREAM_TIMESTEP, (1,))[:, 0].double()
-    u = torch.frac(offset + step * _PHI)
+    u = torch.frac(offset + (step.double() if torch.is_tensor(step) else step) * _PHI)
     return (u * num_timesteps).long().clamp_(max=num_timesteps - 1)
 
 
-def training_draws(keys: torch.Tensor, step: int, moments: LatentMoments, num_timesteps: int,
+def training_draws(keys: torch.Tensor, step: int | torch.Tensor, moments: LatentMoments, num_timesteps: int,
                    sample_latent: bool, timesteps: str = "uniform") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The step's random draws for each image: clean latent x0, noise [B, C, h, w], timestep t [B]."""
+    """The step's random draws for each image: clean latent x0, noise [B, C, h, w], timestep t [B].
+
+    ``step``: one int, or an int64 tensor [B] of each image's own step (per-image early stopping).
+    """
     shape = tuple(moments.mean.shape[1:])
     x0 = moments.mean
     if sample_latent:
@@ -92,6 +95,26 @@ def lr_factor(step: int, steps: int, schedule: str = "constant", warmup: int = 0
         progress = (step - warmup) / max(steps - warmup, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return 1.0
+
+
+def adamw_rows(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               step: torch.Tensor, lr: torch.Tensor, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+               eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW update of rows that are each at their own step, as ``torch.optim.AdamW`` would make it for each alone.
+
+    param, grad, exp_avg, exp_avg_sq [B, ...]; step [B] counts this update (1 at the first); lr [B].
+    torch's optimiser keeps one step count per tensor, so images that started at different times
+    (early stopping refills the batch) need their own bias corrections. Returns the new
+    (param, exp_avg, exp_avg_sq).
+    """
+    view = (-1,) + (1,) * (param.dim() - 1)
+    lr, step = lr.to(param).view(view), step.to(param).view(view)
+    beta1, beta2 = betas
+    param = param * (1 - lr * weight_decay)
+    exp_avg = exp_avg.lerp(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    denom = exp_avg_sq.sqrt() / (1 - beta2**step).sqrt() + eps
+    return param - (lr / (1 - beta1**step)) * exp_avg / denom, exp_avg, exp_avg_sq
 
 
 @torch.no_grad()

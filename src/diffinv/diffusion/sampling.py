@@ -83,6 +83,11 @@ def unit_rms(noise: torch.Tensor) -> torch.Tensor:
     return noise / rms.view(-1, *([1] * (noise.dim() - 1)))
 
 
+def grey_of(pixels: torch.Tensor) -> torch.Tensor:
+    """pixels [B, 3, H, W] -> the same with R = G = B = their mean (variants of grey data carry no colour)."""
+    return pixels.float().mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+
+
 def to_uint8(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
     """pixels [B, 3, H, W] in [-1, 1] -> uint8 [B, H', W', 3] on the CPU, resized to ``size`` (bicubic, antialiased)."""
     if size is not None and size != pixels.shape[-1]:

@@ -14,15 +14,15 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from diffinv.config import GenerateConfig, config_to_dict, load_config
+from diffinv.data.real import DataError, all_grey, open_images
 from diffinv.data.synthetic import MARKER, SyntheticWriter, damage, read_manifest
 from diffinv.device import halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.generation import generate_batch, plan_samples, public
 from diffinv.diffusion.methods import get_method
-from diffinv.diffusion.sampling import to_uint8
+from diffinv.diffusion.sampling import grey_of, to_uint8
 from diffinv.diffusion.store import EmbeddingStore, StoreError
-from diffinv.runs import (Units, check_free_space, open_output, read_json, read_yaml, refuse_inside, remove_temporaries,
-                          write_yaml)
+from diffinv.runs import Units, check_free_space, open_output, read_json, read_yaml, refuse_inside, remove_temporaries, write_yaml
 from diffinv.shards import Shard
 from diffinv.stages import Stage
 
@@ -61,7 +61,8 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
 
     # 3. Model on the device, and the check that the stores were made with it.
     device = resolve_device(config.device)
-    backbone = load_backbone(model, with_text_encoder=method.text_encoder).to(device, resolve_dtype(config.precision, device))
+    backbone = load_backbone(model, with_text_encoder=method.text_encoder, original_config=store.info.get("original_config", ""),
+                             prediction_type=store.info.get("prediction_type", "")).to(device, resolve_dtype(config.precision, device))
     backbone.with_prediction_type(store.info.get("prediction_type", ""))  # sample with what the store was inverted against
     backbone.check_supported()
     fingerprint = backbone.fingerprint()
@@ -74,16 +75,19 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     rows = plan_samples(config, store, model)
     source = method.load(config, store, backbone, rows, extra)
     writer = SyntheticWriter(out)
+    grey = store_is_grey(store)  # the store's real images are grey: so are the saved variants
     if not (out / MARKER).is_file():
         write_yaml(out / "config.yaml", config_to_dict(config))
         writer.start({"method": config.method, "classes": store.classes, "n_samples": len(rows), "store": str(store.root),
-                      "model": model, "model_fingerprint": fingerprint, "shards": shard.count})
+                      "model": model, "model_fingerprint": fingerprint, "shards": shard.count, "grey": grey})
 
     # 5. This shard's chunks with missing images, generated and written.
     chunks = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
     units = Units(out, "chunk", len(chunks), lambda b: all(writer.exists(r) for r in chunks[b]), shard.count)
     todo = [chunks[b] for b in units.todo(shard)]
     save_size = config.save_size or store.info["resolution"]
+    if grey and todo:
+        log("the store's images are grey (R = G = B): the variants are saved grey too (the base's colour tints dropped)")
     # Worst case: incompressible PNGs of the missing images.
     check_free_space(out, sum(len(c) for c in todo) * (3 * save_size**2 + 1024), "the generated images")
     mine = sum(len(c) for b, c in enumerate(chunks) if shard.owns(b))
@@ -93,7 +97,7 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
         # Out of GPU memory, in halves: each sample is keyed, so the images are the same.
         for part, pixels in halving_on_oom(lambda part: generate_batch(backbone, list(part), source, config), chunk,
                                            what="generating", log=log, device=backbone.device):
-            for row, image in zip(part, to_uint8(pixels, save_size)):
+            for row, image in zip(part, to_uint8(grey_of(pixels) if grey else pixels, save_size)):
                 if not writer.exists(row):
                     writer.write_image(row, image)
         bar.update(len(chunk))
@@ -125,6 +129,19 @@ def finish_dataset(out: str | Path, log: Callable[[str], None] = print) -> Path:
     store = _open_store(config.store, "store")
     rows = plan_samples(config, store, writer.info()["model"])
     return _finish(out, writer, rows, log, strict=True, chunk_size=config.batch_size)
+
+
+def store_is_grey(store: EmbeddingStore) -> bool:
+    """Whether a store's real images are grey: recorded by ``invert``; for a store made before it did, read from its data."""
+    if "grey" in store.info:
+        return bool(store.info["grey"])
+    data = read_yaml(store.root / "config.yaml") or {}
+    try:
+        real = open_images(data["data"], data.get("format", "auto"), data.get("split", "train"))
+    except (DataError, KeyError):
+        return False  # the data is gone: keep the base's colours rather than guess
+    index = {image_id: i for i, image_id in enumerate(real.ids)}
+    return all_grey(real, [index[i] for i in store.ids if i in index])
 
 
 def _open_store(path: str, what: str) -> EmbeddingStore:

@@ -14,11 +14,13 @@ from diffinv.device import resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import load_backbone
 
 
-def inspect_model(model: str, data: str = "", resolution: int | None = None, device: str = "auto") -> list[tuple[str, str]]:
+def inspect_model(model: str, data: str = "", resolution: int | None = None, device: str = "auto", *,
+                  original_config: str = "", prediction_type: str = "") -> list[tuple[str, str]]:
     """(field, value) lines describing ``model`` as ``diffinv invert`` would use it on ``data``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    backbone = load_backbone(model)
+    backbone = load_backbone(model, original_config=original_config, prediction_type=prediction_type)
+    backbone = backbone.with_prediction_type(prediction_type)
     lines = [("family", backbone.family), ("prediction type", backbone.prediction_type),
              ("training schedule", f"{backbone.scheduler_config.get('beta_schedule')} betas "
                                    f"{backbone.scheduler_config.get('beta_start')}-{backbone.scheduler_config.get('beta_end')}, "

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from diffinv import rng
 from diffinv.config import InvertConfig, config_to_dict
-from diffinv.data.real import LabelledImages, load_pixels, open_images, select, validation_ids
+from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images, select, validation_ids
 from diffinv.device import check_precision, halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import Backbone, ModelError, load_backbone
 from diffinv.diffusion.inversion import InversionError, encode_images, invert_items
@@ -42,7 +42,8 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     if config.resolution is None:
         # Chosen before the folder is opened: config.yaml records the value, and a resume compares against it.
         size = min(open_images(config.data, config.format, config.split).image(0).size)
-        config = replace(config, resolution=load_backbone(config.model).choose_resolution(size))
+        backbone = load_backbone(config.model, original_config=config.original_config, prediction_type=config.prediction_type)
+        config = replace(config, resolution=backbone.choose_resolution(size))
         log(f"inverting at {config.resolution} px (chosen from the model and the {size} px data; --resolution overrides)")
     mode = open_output(out, MARKER, config, noun="store", resume=resume, overwrite=overwrite, shared=not shard.whole)
     if mode == "done":
@@ -63,7 +64,8 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.precision, device)
     check_precision(dtype, optimising=True)
-    backbone = load_backbone(config.model, with_text_encoder=config.init == "text").to(device, dtype)
+    backbone = load_backbone(config.model, with_text_encoder=config.init == "text", original_config=config.original_config,
+                             prediction_type=config.prediction_type).to(device, dtype)
     backbone = backbone.with_prediction_type(config.prediction_type)
     backbone.check_supported()
     backbone.check_resolution(config.resolution, log)
@@ -78,6 +80,8 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
         # One start per class, the same for each of its images: [C, K, D], indexed by label.
         starts = backbone.encode_prompt_tokens([config.init_template.format(c) for c in images.classes], config.tokens)
         encoder = _ByLabel(starts)
+    elif config.init == "class":
+        encoder = _ByLabel(class_starts(config.init_store, backbone, images.classes, config.tokens))
 
     # 3. Store: header and resolved config, or a check that the resumed store fits this model.
     #    A store holds one row per image, or one per class with --target class.
@@ -97,10 +101,11 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     failed = 0
     for b, todo in work:
         # Out of GPU memory, a batch is split in two and each half written as its own part; a group of
-        # the official update pattern cannot be (its images share an optimiser), so lower --group-batch.
+        # the official update pattern cannot be (its images share an optimiser), so lower --group-batch;
+        # nor is an early-stopping pool (its images move through --batch-size slots), so lower --batch-size.
         def run(part, b=b):
             return _invert_and_write(backbone, images, list(part), config, writer, bar, b, on_step, log, encoder)
-        if config.update == "group":
+        if config.update == "group" or config.early_stop:
             failed += run(todo)
         else:
             failed += sum(n for _, n in halving_on_oom(run, todo, what="inverting", log=log, device=backbone.device))
@@ -121,7 +126,10 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
             "cond_shape": [config.tokens + backbone.extra_tokens, backbone.cond_dim], "classes": images.classes, "resolution": config.resolution,
             "latent_shape": list(backbone.latent_shape(config.resolution)), "n_images": len(item_ids), "n_items": len(item_ids),
             "target": config.target, "shards": shard.count, "dtype": str(backbone.dtype).replace("torch.", ""),
-            "prediction_type": backbone.prediction_type}
+            "prediction_type": backbone.prediction_type,
+            # Grey data (R = G = B) stays grey: generate saves equal-RGB variants, whatever tint an RGB base adds.
+            "grey": all_grey(images),
+            "original_config": str(Path(config.original_config).resolve()) if config.original_config else ""}
     if (out / MARKER).is_file():
         old = writer.info()
         if old.get("model_fingerprint") != info["model_fingerprint"]:
@@ -145,7 +153,7 @@ def warn_base_mismatch(base: str, data: str, images: LabelledImages, log: Callab
     _WARNED.add((base, data))
     trained = read_yaml(marker) or {}
     grey_base = read_json(Path(base) / "pretrain.json").get("image_channels") == 1
-    if grey_base and not _is_grey(images.image(0)):
+    if grey_base and not all_grey(images, [0]):
         log(f"warning: the base {base} is a one-channel (grey) model and {data} is in colour: its variants will be grey")
     sources = [trained.get("data")] + list(trained.get("extra_data") or [])
     if data in sources or any(str(Path(data).resolve()) == str(Path(s).resolve()) for s in sources if s):
@@ -155,14 +163,16 @@ def warn_base_mismatch(base: str, data: str, images: LabelledImages, log: Callab
         f"base on your data's training images (diffinv pretrain-base --data {data} ...) and pass it as --base")
 
 
-def _is_grey(image) -> bool:
-    r, g, b = image.convert("RGB").split()
-    return r.tobytes() == g.tobytes() == b.tobytes()
+# With --early-stop a planned batch is a pool of this many times --batch-size images: --batch-size of
+# them are optimised at once, and an image that finishes early hands its slot to the next.
+REFILL_POOL = 8
 
 
 def planned_batch(config: dict[str, Any]) -> int:
-    """Items per planned batch of a store's config: --batch-size, or a whole group under --update group."""
-    return int(config["group_size"] if config.get("update", "own") == "group" else config["batch_size"])
+    """Items per planned batch of a store's config: --batch-size, a whole group under --update group, a pool with --early-stop."""
+    if config.get("update", "own") == "group":
+        return int(config["group_size"])
+    return int(config["batch_size"]) * (REFILL_POOL if config.get("early_stop") else 1)
 
 
 def plan_batches(n_items: int, batch_size: int) -> list[list[int]]:
@@ -220,22 +230,33 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
     resumed = writer.load_checkpoint(batch)
     if resumed is not None and resumed[1]["ids"] != ids:
         resumed = None
-    state, start = (resumed[0], int(resumed[1]["step"])) if resumed else (None, 0)
-    bar.update(start * len(indices))
 
-    def checkpoint(step: int, embeddings: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
-        writer.save_checkpoint(batch, {"embeddings": embeddings}, optimiser, {"ids": ids, "step": step})
-
-    def step_done(step: int, loss: float | None) -> None:
-        bar.update(len(indices))
+    def step_done(step: int, loss: float | None, advanced: int | None = None) -> None:
+        bar.update(len(indices) if advanced is None else advanced)
         if loss is not None:
             bar.set_postfix(loss=f"{loss:.4f}")
         if on_step is not None:
             on_step(batch_index, step)
 
+    if config.early_stop:  # a pool moving through --batch-size slots; per-image state in the checkpoint
+        def stream_checkpoint(iteration: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+            writer.save_checkpoint(batch, tensors, None, {"ids": ids, "step": iteration, **meta})
+
+        if resumed:
+            bar.update(sum(resumed[1]["steps"]) + sum(config.steps - s for s, st in zip(resumed[1]["steps"], resumed[1]["status"])
+                                                      if st == 2))
+        resume = dict(slots=config.batch_size, resume_from=resumed, checkpoint=stream_checkpoint, on_step=step_done)
+    else:
+        def checkpoint(step: int, embeddings: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
+            writer.save_checkpoint(batch, {"embeddings": embeddings}, optimiser, {"ids": ids, "step": step})
+
+        state, start = (resumed[0], int(resumed[1]["step"])) if resumed else (None, 0)
+        bar.update(start * len(indices))
+        resume = dict(state=state, start_step=start, checkpoint=checkpoint, on_step=step_done)
+
     # 3. Optimise; items whose loss is not finite are retried at lower learning rates.
     result = invert_items(backbone, inputs, keys, config, owners=owners, init=start_from, log=log, what=f"batch {batch_index}",
-                          state=state, start_step=start, checkpoint=checkpoint, on_step=step_done)
+                          **resume)
 
     # 4. Rows of the manifest; the failures apart.
     if config.target == "image":
@@ -244,7 +265,7 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
     else:
         rows = [{"id": ids[j], "index": c, "label": c, "class": images.classes[c], "source": f"{len(members[j])} images",
                  "n_images": len(members[j])} for j, c in enumerate(indices)]
-    rows = [{**r, "loss_init": float(result.loss_init[j]), "loss": float(result.loss_final[j]), "steps": config.steps,
+    rows = [{**r, "loss_init": float(result.loss_init[j]), "loss": float(result.loss_final[j]), "steps": result.steps[j],
              "lr": result.lrs[j]} for j, r in enumerate(rows)]
     good = [j for j in range(len(ids)) if result.finite(j)]
     if not good and len(ids) > 1:
@@ -259,8 +280,30 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
     return len(failed)
 
 
+def class_starts(path: str, backbone: Backbone, classes: list[str], tokens: int) -> torch.Tensor:
+    """Each class's conditioning [C, K, D] from a ``--target class`` store made on this model, in ``classes`` order."""
+    from diffinv.diffusion.store import EmbeddingStore, StoreError
+
+    store = EmbeddingStore.open(path)
+    if store.info.get("target") != "class":
+        raise StoreError(f"--init-store {path} holds one conditioning per image; make a per-class one with "
+                         f"`diffinv invert --target class` on the same model and data")
+    if store.info.get("model_fingerprint") != backbone.fingerprint():
+        raise StoreError(f"--init-store {path} was made with another model ({store.info.get('model')}); invert the classes "
+                         f"with this --model")
+    if list(store.embeddings.shape[1:]) != [tokens + backbone.extra_tokens, backbone.cond_dim]:
+        raise StoreError(f"--init-store {path} holds conditionings of shape {list(store.embeddings.shape[1:])}, this "
+                         f"inversion needs {[tokens + backbone.extra_tokens, backbone.cond_dim]} (--tokens)")
+    row = {i: j for j, i in enumerate(store.ids)}
+    missing = [c for c in classes if CLASS_PREFIX + c not in row]
+    if missing:
+        raise StoreError(f"--init-store {path} has no conditioning for class(es) {', '.join(missing[:5])}; invert every "
+                         f"class of the data with --target class")
+    return store.embeddings[[row[CLASS_PREFIX + c] for c in classes]]
+
+
 class _ByLabel:
-    """Per-class starting conditionings [C, K, D] (``--init text``), looked up by each item's label."""
+    """Per-class starting conditionings [C, K, D] (``--init text`` or ``class``), looked up by each item's label."""
 
     def __init__(self, starts: torch.Tensor):
         self.starts = starts.float()
@@ -283,8 +326,11 @@ def _summary(config: InvertConfig, out: Path) -> str:
     inits = [r["loss_init"] for r in rows]
     what = (f"{len(rows)} images" if config.target == "image"
             else f"one conditioning per class from {sum(r['n_images'] for r in rows)} images")
+    steps = [r["steps"] for r in rows]
+    after = (f"{config.steps} steps" if min(steps) == config.steps else
+             f"{sum(steps) / len(steps):.0f} steps on average (early stop; {min(steps)}-{max(steps)}, at most {config.steps})")
     return (f"store {out}: {what}, {len(info['classes'])} classes, conditioning {tuple(info['cond_shape'])}; "
-            f"mean loss {sum(inits) / len(inits):.4f} at init -> {sum(losses) / len(losses):.4f} after {config.steps} steps")
+            f"mean loss {sum(inits) / len(inits):.4f} at init -> {sum(losses) / len(losses):.4f} after {after}")
 
 
 def _run(config: InvertConfig, out: Path, *, shard: Shard, resume: bool, overwrite: bool, progress: bool,
@@ -298,7 +344,7 @@ def _run(config: InvertConfig, out: Path, *, shard: Shard, resume: bool, overwri
 
 
 STAGE = Stage(name="invert", config=InvertConfig, marker=MARKER, run=_run, finish=finish_store, count_done=_count_done,
-              summary=_summary, unit="img", path_fields=("model", "data"), shardable=True,
+              summary=_summary, unit="img", path_fields=("model", "data", "init_store", "original_config"), shardable=True,
               help="learn one conditioning per real image (stage 1) -> embedding store",
               description="Diffusion Inversion stage 1: a learned K x D conditioning per image, UNet and VAE frozen.",
               outputs=("store folder to write", "continue an unfinished store, skipping finished images", "replace an existing store"))
