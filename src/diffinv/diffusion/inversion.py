@@ -190,11 +190,12 @@ def invert_stream(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys
                 active.append(i)
         if not active:
             break
-        rows = torch.tensor(sorted(active), device=device)
-        own_steps = torch.tensor([steps[i] for i in rows.tolist()], device=device)
+        order = sorted(active)  # host-side lists: indexing them costs no device sync
+        rows = torch.tensor(order, device=device)
+        own_steps = torch.tensor([steps[i] for i in order], device=device)
 
         # 4. One gradient per active image at its own step, one AdamW update with its own bias correction.
-        lr = torch.tensor([config.lr * lr_factor(steps[i], config.steps, config.lr_schedule, config.warmup) for i in rows.tolist()],
+        lr = torch.tensor([config.lr * lr_factor(steps[i], config.steps, config.lr_schedule, config.warmup) for i in order],
                           device=device)
         x0, noise, t = training_draws(keys[rows], own_steps, LatentMoments(moments.mean[rows], moments.std[rows]),
                                       backbone.num_train_timesteps, config.latent == "sample", config.timesteps)
@@ -204,13 +205,13 @@ def invert_stream(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys
                                 denoising_target(x0, noise, a, backbone.prediction_type))
         (grad,) = torch.autograd.grad(losses.sum(), cond)
         emb[rows], m[rows], v[rows] = adamw_rows(cond.detach(), grad, m[rows], v[rows], own_steps + 1, lr, config.weight_decay)
-        for i in rows.tolist():
+        for i in order:
             steps[i] += 1
         iteration += 1
-        advanced = len(rows)
+        advanced = len(order)
 
         # 5. Checks: an image at a multiple of check_every (or its last step) is evaluated on the fixed draws.
-        due = [i for i in rows.tolist() if steps[i] % every == 0 or steps[i] >= config.steps]
+        due = [i for i in order if steps[i] % every == 0 or steps[i] >= config.steps]
         if due:
             d = torch.tensor(due, device=device)
             checked = evaluation_loss(backbone, moments.mean[d], emb[d], keys[d], config.eval_timesteps).tolist()
