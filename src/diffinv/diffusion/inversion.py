@@ -126,6 +126,7 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
 
 
 StreamCheckpoint = Callable[[int, dict[str, torch.Tensor], dict], None]  # (iteration, tensors, meta)
+STREAM_WAITING, STREAM_ACTIVE, STREAM_DONE = 0, 1, 2  # an image's status in invert_stream (and its checkpoint meta)
 
 
 @dataclass
@@ -168,7 +169,7 @@ def invert_stream(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys
     # 2. Per-image state: embedding, AdamW moments, best checked embedding and loss, own step, status.
     init = (_keyed_start(backbone, keys, config) if init is None else init).to(device, torch.float32)
     loss_init = evaluation_loss(backbone, moments.mean, init, keys, config.eval_timesteps)
-    WAITING, ACTIVE, DONE = 0, 1, 2
+    WAITING, ACTIVE, DONE = STREAM_WAITING, STREAM_ACTIVE, STREAM_DONE
     if resume_from is None:
         emb, m, v, best_emb = init.clone(), torch.zeros_like(init), torch.zeros_like(init), init.clone()
         steps, best, stale, status, iteration = [0] * n, loss_init.tolist(), [0] * n, [WAITING] * n, 0

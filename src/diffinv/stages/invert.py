@@ -21,8 +21,8 @@ from diffinv.config import InvertConfig, config_to_dict
 from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images, select, validation_ids
 from diffinv.device import check_precision, halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import Backbone, ModelError, load_backbone
-from diffinv.diffusion.inversion import InversionError, encode_images, invert_items
-from diffinv.diffusion.store import CLASS_PREFIX, MARKER, StoreWriter, damage, part_name, read_rows
+from diffinv.diffusion.inversion import STREAM_DONE, InversionError, encode_images, invert_items
+from diffinv.diffusion.store import CLASS_PREFIX, MARKER, EmbeddingStore, StoreError, StoreWriter, damage, part_name, read_rows
 from diffinv.runs import RunError, Units, check_free_space, open_output, read_json, read_yaml, remove_temporaries, write_yaml
 from diffinv.shards import Shard
 from diffinv.stages import Stage
@@ -243,8 +243,8 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
             writer.save_checkpoint(batch, tensors, None, {"ids": ids, "step": iteration, **meta})
 
         if resumed:
-            bar.update(sum(resumed[1]["steps"]) + sum(config.steps - s for s, st in zip(resumed[1]["steps"], resumed[1]["status"])
-                                                      if st == 2))
+            done_or_skipped = [config.steps if st == STREAM_DONE else s for s, st in zip(resumed[1]["steps"], resumed[1]["status"])]
+            bar.update(sum(done_or_skipped))
         resume = dict(slots=config.batch_size, resume_from=resumed, checkpoint=stream_checkpoint, on_step=step_done)
     else:
         def checkpoint(step: int, embeddings: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
@@ -282,8 +282,6 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
 
 def class_starts(path: str, backbone: Backbone, classes: list[str], tokens: int) -> torch.Tensor:
     """Each class's conditioning [C, K, D] from a ``--target class`` store made on this model, in ``classes`` order."""
-    from diffinv.diffusion.store import EmbeddingStore, StoreError
-
     store = EmbeddingStore.open(path)
     if store.info.get("target") != "class":
         raise StoreError(f"--init-store {path} holds one conditioning per image; make a per-class one with "
