@@ -75,11 +75,13 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     rows = plan_samples(config, store, model)
     source = method.load(config, store, backbone, rows, extra)
     writer = SyntheticWriter(out)
-    grey = store_is_grey(store)  # the store's real images are grey: so are the saved variants
     if not (out / MARKER).is_file():
         write_yaml(out / "config.yaml", config_to_dict(config))
+        grey = store_is_grey(store)  # the store's real images are grey: so are the saved variants
         writer.start({"method": config.method, "classes": store.classes, "n_samples": len(rows), "store": str(store.root),
                       "model": model, "model_fingerprint": fingerprint, "shards": shard.count, "grey": grey})
+    else:  # a continued set keeps the choice it was started with, so its images never mix
+        grey = bool(writer.info().get("grey", False))
 
     # 5. This shard's chunks with missing images, generated and written.
     chunks = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]

@@ -127,8 +127,6 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
             "latent_shape": list(backbone.latent_shape(config.resolution)), "n_images": len(item_ids), "n_items": len(item_ids),
             "target": config.target, "shards": shard.count, "dtype": str(backbone.dtype).replace("torch.", ""),
             "prediction_type": backbone.prediction_type,
-            # Grey data (R = G = B) stays grey: generate saves equal-RGB variants, whatever tint an RGB base adds.
-            "grey": all_grey(images),
             "original_config": str(Path(config.original_config).resolve()) if config.original_config else ""}
     if (out / MARKER).is_file():
         old = writer.info()
@@ -136,7 +134,9 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
             raise RunError(f"{out} was made with another model ({old.get('model')}); use --overwrite or a new --out")
     else:
         write_yaml(out / "config.yaml", config_to_dict(config))
-        writer.start(info)
+        # Grey data (R = G = B) stays grey: generate saves equal-RGB variants, whatever tint an RGB base adds.
+        # Looked at once, when the store is started (it reads up to 64 images).
+        writer.start({**info, "grey": all_grey(images)})
     # The whole store's embeddings plus a checkpoint per batch (AdamW keeps two more copies).
     cond_bytes = 4 * (config.tokens + backbone.extra_tokens) * backbone.cond_dim
     check_free_space(out, len(item_ids) * cond_bytes + 4 * config.batch_size * cond_bytes + (1 << 20), "the store")
