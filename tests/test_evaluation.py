@@ -45,6 +45,69 @@ train: {steps: 2}
     assert {c.config.subset_seed for c in old} == {0}
 
 
+def test_repeats_share_the_replicates_subset_and_are_averaged_before_the_interval(tmp_path):
+    study = _study(tmp_path, """
+datasets: {digits: {data: digits}}
+per_class: [3]
+seeds: [0, 1, 2]
+repeats: 2
+methods:
+  real: null
+  di: runs/di-k{per_class}-r{seed}
+train: {steps: 2}
+""")
+    grid = cells(study)
+    assert len(grid) == 12
+    by = {(c.method, c.seed, c.repeat): c for c in grid}
+    for s in (0, 1, 2):  # both classifiers of a replicate see its subset; they differ in their own seed
+        assert by[("real", s, 0)].config.subset_seed == by[("real", s, 1)].config.subset_seed == by[("di", s, 1)].config.subset_seed
+        assert by[("real", s, 0)].config.seed != by[("real", s, 1)].config.seed == by[("di", s, 1)].config.seed
+    assert by[("real", 1, 0)].path.endswith("/s1") and by[("real", 1, 1)].path.endswith("/s1-c1")
+
+    def row(method, seed, repeat, acc):
+        return {"dataset": "d", "method": method, "per_class": 3, "arch": "a", "aug": "x", "seed": seed, "repeat": repeat,
+                "top1": acc, "balanced_accuracy": acc, "macro_f1": acc, "auc": None, "degenerate": False, "n_real": 30,
+                "n_synthetic": 0 if method == "real" else 150, "classes": ["a", "b"], "per_class_acc": [acc, acc],
+                "class_counts": [15, 15], "validation": None}
+
+    # The classifier noise (+-0.04 between a replicate's two runs) cancels in each replicate's mean.
+    real = [row("real", s, c, 0.70 + 0.01 * s + (0.04 if c else -0.04)) for s in range(3) for c in range(2)]
+    di = [row("di", s, c, 0.72 + 0.01 * s + (-0.04 if c else 0.04)) for s in range(3) for c in range(2)]
+    summary = {r["method"]: r for r in summarise_study(real + di)}
+    assert summary["real"]["n_seeds"] == 3 and summary["real"]["top1_mean"] == pytest.approx(0.71)
+    gain = summary["di"]["gain"]["top1"]
+    assert gain["n"] == 3 and gain["mean"] == pytest.approx(0.02) and gain["std"] == pytest.approx(0.0, abs=1e-9)
+    # Unpaired by repeat it would have been noise: per run the gains are +0.10 and -0.06.
+    with pytest.raises(ConfigError, match="repeats"):
+        _study(tmp_path, "datasets: {d: digits}\nmethods: {real: null}\nrepeats: 0\n")
+
+
+def test_head_to_head_is_paired_by_replicate_and_reported(tmp_path):
+    from diffinv.report.build import verdict
+
+    def row(method, seed, acc):
+        return {"dataset": "d", "method": method, "per_class": 5, "arch": "a", "aug": "x", "seed": seed, "top1": acc,
+                "balanced_accuracy": acc, "macro_f1": acc, "auc": None, "degenerate": False, "n_real": 50,
+                "n_synthetic": 0 if method == "real" else 250, "classes": ["a", "b"], "per_class_acc": [acc, acc],
+                "class_counts": [25, 25], "validation": None}
+
+    # Replicates differ a lot (0.60 ... 0.80), di leads img2img by 0.02 on every one: beyond noise only when paired.
+    level = [0.60, 0.80, 0.70, 0.65]
+    rows = ([row("real", s, v) for s, v in enumerate(level)] + [row("img2img", s, v + 0.01) for s, v in enumerate(level)]
+            + [row("di", s, v + 0.03 + 0.001 * s) for s, v in enumerate(level)])
+    summary = {r["method"]: r for r in summarise_study(rows, {"di": "img2img"})}
+    versus = summary["di"]["versus"]["img2img"]["top1"]
+    assert versus["mean"] == pytest.approx(0.0215) and versus["n"] == 4 and versus["beyond_noise"]
+    assert "versus" not in summary["img2img"]
+    assert "**di** beats **img2img**" in verdict(list(summary.values()))
+    level_rows = rows[:8] + [row("di", s, v + 0.01 + (0.02 if s % 2 else -0.02)) for s, v in enumerate(level)]
+    tied = {r["method"]: r for r in summarise_study(level_rows, {"di": "img2img"})}
+    assert not tied["di"]["versus"]["img2img"]["top1"]["beyond_noise"]
+    assert "is level with" in verdict(list(tied.values()))
+    with pytest.raises(ConfigError, match="compare"):
+        _study(tmp_path, "datasets: {d: digits}\nmethods: {real: null}\ncompare: {di: real}\n")
+
+
 def test_validation_never_overlaps_a_subset_or_the_test_split():
     images = open_images("digits")
     held = validation_ids(images, 20)

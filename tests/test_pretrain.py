@@ -135,7 +135,7 @@ def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert table.strip() in printed
     body = table.strip().splitlines()[2:]
-    assert [line.split("|")[1].strip() for line in body] == ["real only", "real + di", "real + img2img"]
+    assert [line.split("|")[1].strip() for line in body] == ["real only", "real + di", "real + img2img", "di minus img2img"]
     assert "20 + 40" in table  # 2 per class x 10 classes real; 2 variants each per generator
     summary = read_json(out / "study" / "summary.json")
     assert {r["n_seeds"] for r in summary} == {2}
@@ -207,6 +207,29 @@ def test_encoder_tokens_start_inversion_closer_than_noise(tmp_path, tiny_latent)
         InvertConfig(init="encoder", target="class")
 
 
+def test_zero_steps_from_the_encoder_keep_its_tokens(tmp_path):
+    """`--init encoder --steps 0` is the no-inversion ablation: c_i = encoder(x_i), exactly."""
+    from diffinv.config import InvertConfig
+    from diffinv.data.real import load_pixels, open_images
+    from diffinv.diffusion.encoder import load_encoder
+    from diffinv.diffusion.store import EmbeddingStore
+    from diffinv.stages.demo import embedded_base
+    from diffinv.stages.invert import invert_dataset
+
+    config = InvertConfig(model=str(embedded_base()), data="digits", per_class=1, resolution=8, steps=0, init="encoder",
+                          device="cpu")
+    store = EmbeddingStore.open(invert_dataset(config, tmp_path / "enc", progress=False, log=lambda m: None))
+    source = open_images("digits")
+    position = {image_id: i for i, image_id in enumerate(source.ids)}
+    images = source.subset([position[r["id"]] for r in store.rows])
+    with torch.no_grad():
+        tokens = load_encoder(embedded_base()).eval()(load_pixels(images, 8))
+    torch.testing.assert_close(store.embeddings, tokens)
+    assert all(r["steps"] == 0 and r["loss"] == r["loss_init"] for r in store.rows)
+    with pytest.raises(ConfigError, match="0 only with --init encoder"):
+        InvertConfig(steps=0)
+
+
 def test_demo_with_several_sizes_is_a_sample_efficiency_study(tiny_base, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--base", str(tiny_base), "--per-class", "1,2", "--real-sizes", "4", "--out", str(out), "--fast",
@@ -220,7 +243,7 @@ def test_demo_with_several_sizes_is_a_sample_efficiency_study(tiny_base, tmp_pat
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table]
     assert [(r[0], r[1]) for r in rows] == [("real only", "1"), ("real + di", "1"), ("real + img2img", "1"),
                                            ("real only", "2"), ("real + di", "2"), ("real + img2img", "2"),
-                                           ("real only", "4")]
+                                           ("real only", "4"), ("di minus img2img", "1"), ("di minus img2img", "2")]
     # Each size and replicate has its own inversion of its own subset (nested across sizes within a replicate).
     stores = {(k, r): read_json(out / f"k{k}" / f"r{r}" / "store" / "store.json")["n_items"] for k in (1, 2) for r in (0, 1)}
     assert stores == {(1, 0): 10, (1, 1): 10, (2, 0): 20, (2, 1): 20} and not (out / "k4").exists()
@@ -239,6 +262,9 @@ def test_demo_with_several_sizes_is_a_sample_efficiency_study(tiny_base, tmp_pat
     assert rows[4][4] == f"{np.mean(diffs):+.2f} [{low:+.2f}, {high:+.2f}] " + ("(degenerate run)" if degenerate else "(within noise)")
     # "Worth N real images" is read off the real-only curve only for a gain beyond noise: none here.
     assert not any(r[5] for r in rows)
+    # Head to head, paired by replicate too.
+    di_img = [acc[("di", 2, s)] - acc[("img2img", 2, s)] for s in (0, 1)]
+    assert rows[8][4].startswith(f"{np.mean(di_img):+.2f} [")
     report = (out / "study" / "report" / "report.md").read_text()
     assert "Sample efficiency" in report and "no gain beyond noise" in report
 

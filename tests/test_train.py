@@ -19,6 +19,7 @@ from diffinv.classify.train import Stream, eval_steps, lr_at
 from diffinv.cli import main
 from diffinv.config import AUGS, ConfigError, GenerateConfig, InvertConfig, TrainConfig, load_config
 from diffinv.quality.measures import frechet_distance, kernel_distance, nearest_distances, synthetic_quality
+from diffinv.report.build import frontier_points
 from diffinv.report.efficiency import efficiency_factor, equivalent_real
 from diffinv.runs import RunError, read_json
 from diffinv.stages.experiment import load_study, run_study
@@ -309,6 +310,12 @@ train: {{steps: 2, eval_every: 2, resolution: 32, batch_size: 10}}
     page = (tmp_path / "s" / "report" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 and "<table>" in page
     assert (tmp_path / "s" / "report" / "real-images-and-their-synthetic-variants-digits-di-k1.png").is_file()
+    # The frontier: one point per method and size, means of its replicates' sets, read against validation.
+    # (At 1 real image per class there is no real within-class spread, so no diversity and no point.)
+    points = {(p["method"], p["per_class"]): p for p in frontier_points(quality, summary)}
+    assert q["diversity_ratio"] is None and set(points) == {("di", 2)}
+    assert points[("di", 2)]["label_fidelity"] == pytest.approx(quality["digits/di/k2"]["label_fidelity"])
+    assert points[("di", 2)]["val_gain"] is None  # no validation split in this study
 
 
 def test_report_of_a_single_run_and_of_a_folder_that_is_neither(tmp_path, capsys):
@@ -377,3 +384,30 @@ train: {batch_size: 10}
     di2 = next(c for c in grid if c.method == "di" and c.per_class == 2)
     assert di2.config.synthetic == ("runs/di-k2",) and di2.config.real_batch == 4
     assert all(c.config.per_class == c.per_class for c in grid)
+
+
+def test_a_study_process_reads_the_evaluation_split_once(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import diffinv.classify.train as parts
+
+    monkeypatch.setattr(parts, "_SPLITS", {})
+    decoded = []
+    real_load = parts.load_uint8
+    monkeypatch.setattr(parts, "load_uint8", lambda images, *a, **k: decoded.append(len(images)) or real_load(images, *a, **k))
+    config = TrainConfig(**FAST, steps=1)
+    first = parts.load_train_data(config, log=lambda m: None)
+    second = parts.load_train_data(replace(config, seed=1, subset_seed=1), log=lambda m: None)
+    n_test = len(first.test)
+    assert decoded.count(n_test) == 1  # the test split decoded once, the real subsets each time
+    assert torch.equal(first.test, second.test) and first.test.data_ptr() != second.test.data_ptr()
+    # Another resolution or a rewritten source is read again.
+    parts.load_train_data(replace(config, resolution=16), log=lambda m: None)
+    assert decoded.count(n_test) == 2
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((20, 8, 8), np.uint8), train_labels=np.arange(20) % 2,
+             test_images=np.zeros((6, 8, 8), np.uint8), test_labels=np.arange(6) % 2)
+    npz = TrainConfig(data=str(tmp_path / "d.npz"), per_class=2, arch="shufflenetv2", resolution=32, steps=1)
+    assert len(parts.load_train_data(npz, log=lambda m: None).test) == 6
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((20, 8, 8), np.uint8), train_labels=np.arange(20) % 2,
+             test_images=np.zeros((9, 8, 8), np.uint8), test_labels=np.arange(9) % 2)
+    assert len(parts.load_train_data(npz, log=lambda m: None).test) == 9

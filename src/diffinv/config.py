@@ -75,7 +75,8 @@ class InvertConfig:
     # 300 steps at a peak lr of 0.3 with warm-up, cosine decay and stratified timesteps: on the embedded
     # digits base below the paper recipe's loss after 3,000 (lr 3e-2 constant); on the invariant-views
     # base at its 1,250-step loss (benchmarks/invert_cost.py; README, "Inversion cost").
-    steps: int = opt(300, "gradients per image (--update group: each is group-size/group-batch optimiser updates)")
+    steps: int = opt(300, "gradients per image (--update group: each is group-size/group-batch optimiser updates; "
+                          "0 with --init encoder|text|class keeps the start: the no-inversion ablation)")
     lr: float = opt(0.3, "AdamW peak learning rate")
     weight_decay: float = opt(1e-2, "AdamW weight decay")
     init_std: float = opt(1.0, "std of the random initial conditioning (--init random)")
@@ -137,7 +138,10 @@ class InvertConfig:
 
     def __post_init__(self) -> None:
         _check(self.tokens >= 1, "tokens must be >= 1")
-        _check(self.steps >= 1, "steps must be >= 1")
+        # 0 steps keeps a computed start as it is: with --init encoder that is "DI with the encoder's own
+        # tokens", the ablation that says whether inversion itself is needed.
+        _check(self.steps >= 1 or (self.steps == 0 and self.init in ("encoder", "text", "class") and not self.early_stop),
+               f"steps must be >= 1 (0 only with --init encoder, text or class: the start kept as it is); got {self.steps}")
         _check(self.resolution is None or self.resolution >= 8, "resolution must be >= 8 pixels")
         _check(self.batch_size >= 1, "batch-size must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
@@ -420,6 +424,10 @@ class DemoConfig:
     # are seen a sixth as often as in the real-only run.
     train_real_batch: int = opt(16, "real images per batch when synthetic data is added (0 pools them)")
     train_resolution: int = opt(16, "classifier input size")
+    # Two classifiers per replicate, averaged: at 5 digits per class one run's gain moves by ~2 points
+    # with its seed alone (even with the thread count), about the size of the effect; a third repeat
+    # or a fourth replicate would take the demo past ~180 s here, ~260 s on the slower machines.
+    train_repeats: int = opt(2, "classifiers per replicate and method (own seeds), averaged before the intervals")
     fast: bool = opt(False, "every count cut to the bone: checks the flow, not the method")
     device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
 
@@ -428,8 +436,8 @@ class DemoConfig:
         _check(0 <= self.train_real_batch < self.train_batch, "train-real-batch must be >= 0 and below train-batch")
         _check(len(self.per_class) >= 1 and min(self.per_class + self.real_sizes) >= 1 and len(self.seeds) >= 1,
                "per-class and real-sizes must be >= 1, and at least one size and one seed given")
-        _check(self.invert_steps >= 1 and self.per_image >= 1 and self.sample_steps >= 1 and self.train_steps >= 1,
-               "step counts and per-image must be >= 1")
+        _check(self.invert_steps >= 1 and self.per_image >= 1 and self.sample_steps >= 1 and self.train_steps >= 1
+               and self.train_repeats >= 1, "step counts, per-image and train-repeats must be >= 1")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -6,6 +6,7 @@ The run itself (folder, loop, checkpoints) is :mod:`diffinv.stages.train`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,10 @@ from diffinv.errors import UserError
 from diffinv.rng import key_of
 
 MIN_RESOLUTION = 32  # the smallest side on which every listed architecture keeps a spatial map
+# A study trains many runs in one process on the same evaluation split (CIFAR-10's test split: 10,000
+# JPEGs opened to check them, then decoded, ~10 s a run on this CPU); it is read once per process.
+_SPLITS: dict[tuple, tuple] = {}
+_SPLITS_KEPT = 2
 
 
 class TrainingError(UserError, RuntimeError):
@@ -53,7 +58,7 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
     use = _use(config)
     held_out = validation_ids(source, config.val_per_class)
     real_set = select(source, config.per_class, config.subset_seed, config.bad_images, warn=log, exclude=held_out)
-    test_set = select(open_images(config.data, config.format, config.eval_split), None, 0, config.bad_images, warn=log)
+    test_set = _whole_split(config, config.eval_split, log)
     val_set = None
     if held_out:
         val_set = source.subset([i for i, image_id in enumerate(source.ids) if image_id in held_out])
@@ -83,11 +88,39 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
         classes=classes, resolution=resolution,
         real=real, real_labels=torch.from_numpy(real_set.labels) if use != "synthetic" else torch.empty(0, dtype=torch.int64),
         syn=syn, syn_labels=syn_labels,
-        test=load_uint8(test_set, resolution, progress, "test images"), test_labels=torch.from_numpy(test_set.labels),
+        test=_split_pixels(config, config.eval_split, test_set, resolution, progress),
+        test_labels=torch.from_numpy(test_set.labels),
         val=None if val_set is None else load_uint8(val_set, resolution, progress, "validation images"),
         val_labels=None if val_set is None else torch.from_numpy(val_set.labels),
         notes=notes,
     )
+
+
+def _split_key(config: TrainConfig, split: str) -> tuple:
+    # The file's or folder's modification time and size: a source replaced on disk is read again.
+    path = Path(config.data)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
+    return (os.path.abspath(config.data) if path.exists() else config.data, stamp, config.format, split, config.bad_images)
+
+
+def _whole_split(config: TrainConfig, split: str, log: Callable[[str], None]):
+    """Every readable image of ``split`` (what a run evaluates on), opened and checked once per process."""
+    key = _split_key(config, split)
+    if key not in _SPLITS:
+        while len(_SPLITS) >= _SPLITS_KEPT:
+            _SPLITS.pop(next(iter(_SPLITS)))
+        _SPLITS[key] = (select(open_images(config.data, config.format, split), None, 0, config.bad_images, warn=log), {})
+    return _SPLITS[key][0]
+
+
+def _split_pixels(config: TrainConfig, split: str, images, resolution: int, progress: bool) -> torch.Tensor:
+    """:func:`load_uint8` of a whole split, decoded once per process and resolution (a copy, so no run alters it)."""
+    entry = _SPLITS.get(_split_key(config, split))
+    if entry is None or entry[0] is not images:
+        return load_uint8(images, resolution, progress, f"{split} images")
+    if resolution not in entry[1]:
+        entry[1][resolution] = load_uint8(images, resolution, progress, f"{split} images")
+    return entry[1][resolution].clone()
 
 
 def _use(config: TrainConfig) -> str:

@@ -84,6 +84,9 @@ def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
         sections.append((f"Per-class recall ({tag})", _per_class_table(rows), _per_class_plot(rows, tag)))
     if quality:
         sections.append(("Synthetic data quality", _quality_table(quality), None))
+        points = frontier_points(quality, summary)
+        if len(points) >= 2:
+            sections.append(("Fidelity / diversity frontier", _frontier_text(points), _frontier_plot(points)))
     shown = set()
     for key, q in quality.items():
         if (q["dataset"], q["method"], q["per_class"]) in shown:
@@ -165,6 +168,15 @@ def verdict(rows: list[dict[str, Any]]) -> str:
         else:
             text = f"**{method}** shows no gain beyond noise in {name} at any size ({', '.join(noise)} per class)"
         parts.append(text + f" (95% t-intervals over {n} replicates, paired by replicate).")
+    for r in rows:
+        for rival, versus in (r.get("versus") or {}).items():
+            g = versus.get(metric)
+            if g is None:
+                continue
+            verb = "beats" if g["beyond_noise"] and g["mean"] > 0 else ("trails" if g["beyond_noise"] else "is level with")
+            parts.append(f"Head to head at {_k(r['per_class'])} per class, **{r['method']}** {verb} **{rival}** "
+                         f"({100 * g['mean']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}] points, paired; "
+                         f"{'beyond' if g['beyond_noise'] else 'within'} noise).")
     degenerate = [f"{r['method']} at {_k(r['per_class'])}" for r in rows if r.get("degenerate_runs")]
     if degenerate:
         parts.append(f"Degenerate runs (one class for >= 95% of predictions), never counted as gains: {', '.join(degenerate)}.")
@@ -273,6 +285,65 @@ def _quality_table(quality: dict[str, Any]) -> str:
     return ("Label fidelity: accuracy of the real-only judge on the synthetic images. Distances are RMS on [0, 1] pixels. "
             "FD (judge): Fréchet distance to the real test set in the judge's feature space.\n\n" + "\n".join(lines)
             + "\n\n" + "\n".join(f"- {n}" for n in notes))
+
+
+def frontier_points(quality: dict[str, Any], summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per (dataset, method, K): label fidelity and diversity, means over the replicates' sets.
+
+    Each point carries the method's validation gain over real only (its headline metric, the first
+    arch/aug of the summary), so settings compared on this plot are read against validation, not test.
+    """
+    sets: dict[tuple, list[dict[str, Any]]] = {}
+    for q in quality.values():
+        if q.get("diversity_ratio") is not None:
+            sets.setdefault((q["dataset"], q["method"], q["per_class"]), []).append(q)
+    rows = {(r["dataset"], r["method"], r["per_class"]): r for r in reversed(summary)}  # the first arch/aug wins
+    points = []
+    for (dataset, method, k), qs in sets.items():
+        row, real = rows.get((dataset, method, k)), rows.get((dataset, "real", k))
+        metric = _metric([row]) if row else "top1"
+        val_gain = None
+        if row and real and row.get(f"val_{metric}_mean") is not None and real.get(f"val_{metric}_mean") is not None:
+            val_gain = row[f"val_{metric}_mean"] - real[f"val_{metric}_mean"]
+        points.append({"dataset": dataset, "method": method, "per_class": k, "sets": len(qs),
+                       "label_fidelity": float(np.mean([q["label_fidelity"] for q in qs])),
+                       "diversity_ratio": float(np.mean([q["diversity_ratio"] for q in qs])),
+                       "val_gain": val_gain, "metric": metric})
+    return points
+
+
+def _frontier_text(points: list[dict[str, Any]]) -> str:
+    lines = ["| dataset | method | real / class | label fidelity | diversity (syn/real) | validation gain (points) |",
+             "|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p["dataset"], _k(p["per_class"]), -p["label_fidelity"])):
+        gain = "" if p["val_gain"] is None else f"{100 * p['val_gain']:+.2f} ({METRIC_NAMES[p['metric']]})"
+        lines.append(f"| {p['dataset']} | {p['method']} | {_k(p['per_class'])} | {100 * p['label_fidelity']:.1f}% | "
+                     f"{p['diversity_ratio']:.3f} | {gain} |")
+    return ("Each synthetic set's label fidelity (the real-only judge's accuracy on it) against its diversity (the "
+            "within-class spread of the judge's features, synthetic over real), means over replicates, with the "
+            "method's gain over real only on the validation split: settings are chosen on that column, never on "
+            "test.\n\n" + "\n".join(lines))
+
+
+def _frontier_plot(points: list[dict[str, Any]]):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    gains = [p["val_gain"] for p in points if p["val_gain"] is not None]
+    scale = max((abs(g) for g in gains), default=0.0) or 1.0
+    for p in points:
+        colour = "grey" if p["val_gain"] is None else plt.cm.RdYlGn(0.5 + 0.5 * p["val_gain"] / scale)
+        ax.scatter(100 * p["label_fidelity"], p["diversity_ratio"], color=colour, edgecolor="black", s=60, zorder=3)
+        gain = "" if p["val_gain"] is None else f" ({100 * p['val_gain']:+.1f})"
+        ax.annotate(f"{p['method']} k{_k(p['per_class'])}{gain}", (100 * p["label_fidelity"], p["diversity_ratio"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(1.0, color="black", lw=0.8, ls=":")
+    ax.set_xlabel("label fidelity (%): the real-only judge's accuracy on the set")
+    ax.set_ylabel("diversity: within-class spread, synthetic / real")
+    ax.set_title("Fidelity vs diversity\n(colour and label: validation gain over real only, points)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def _dataset_spec(study: dict[str, Any], dataset: str) -> dict[str, Any]:

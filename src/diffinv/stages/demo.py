@@ -36,7 +36,7 @@ def embedded_base() -> Path:
 def fast(config: DemoConfig) -> DemoConfig:
     """The same flow with every count cut to the bone: for tests and a first look, not for conclusions."""
     return replace(config, seeds=config.seeds[:2], invert_steps=20, per_image=2, sample_steps=4, train_steps=4,
-                   train_batch=16, train_real_batch=min(config.train_real_batch, 8))
+                   train_batch=16, train_real_batch=min(config.train_real_batch, 8), train_repeats=1)
 
 
 def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
@@ -91,7 +91,7 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
         train={"steps": config.train_steps, "batch_size": config.train_batch, "lr": config.train_lr,
                "resolution": config.train_resolution, "device": config.device, "val_per_class": config.val_per_class,
                "eval_every": config.train_steps},  # one validation pass at the end: the curve is not what the demo shows
-        replicates="data",
+        replicates="data", repeats=config.train_repeats, compare={"di": RIVAL},
     )
     folder = run_study(study, out / "study", progress=progress, log=log)
 
@@ -140,6 +140,15 @@ def summary_table(study: str | Path) -> str:
         mark = " (degenerate)" if r.get("degenerate_runs") else ""
         lines.append(f"| {what} | {'all' if k is None else k} | {n} | {100 * r[mean_key]:.2f} ± {100 * r[std_key]:.2f}{mark} "
                      f"| {gain} | {worth} | {r['n_seeds']} |")
+    # Head to head: does DI beat the cheaper rival, paired by replicate?
+    for r in rows:
+        for rival, versus in (r.get("versus") or {}).items():
+            g = versus.get(metric)
+            if g is not None:
+                note = " (degenerate run)" if g["degenerate"] else ("" if g["beyond_noise"] else " (within noise)")
+                k = "all" if r["per_class"] is None else r["per_class"]
+                lines.append(f"| {r['method']} minus {rival} | {k} | | | {100 * g['mean']:+.2f} "
+                             f"[{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]{note} | | {g['n']} |")
     return "\n".join(lines)
 
 

@@ -16,6 +16,8 @@ A study YAML (every key but ``datasets`` and ``methods`` is optional)::
       prompt: {synthetic: [runs/{dataset}-prompt-k{per_class}-r{seed}], use: both}
     train: {steps: 300, val_per_class: 20}   # TrainConfig fields shared by every cell
     select: {lr: [0.02, 0.05], real_batch: [8, 16]}   # candidates, chosen per group on validation only
+    repeats: 1                      # classifiers per replicate (own seeds), averaged before the statistics
+    compare: {di: prompt}           # head to head: di minus prompt, paired by replicate, in summary.json
     quality: {inception_weights: null}
 
 Replicates: with ``replicates: data`` seed r is a replicate that draws its own real subset
@@ -24,6 +26,10 @@ so the spread over seeds includes the choice of images, which at a few images pe
 largest source of variance; synthetic sets are then made per replicate (``{seed}`` in their
 paths). ``classifier`` varies only the classifier on one subset (it understates the noise);
 ``auto`` is ``data`` when every synthetic path has ``{seed}``, else ``classifier``.
+
+Repeats: with ``repeats: N`` every replicate trains N classifiers (classifier seeds ``seed + 1000 j``,
+the same N for every method, so the pairing holds) and its metrics are their mean; the intervals stay
+over replicates (the independent units), but each replicate's gain carries less classifier noise.
 
 Selection: every combination of the ``select`` candidates (TrainConfig fields) is trained, and
 for each (dataset, method, K, arch, aug) the one with the best mean validation metric over the
@@ -74,6 +80,8 @@ class Study:
     quality: dict[str, Any] = field(default_factory=dict)
     replicates: str = "auto"  # data | classifier | auto: see the module docstring
     select: dict[str, list[Any]] = field(default_factory=dict)  # TrainConfig field -> candidates, chosen on validation
+    repeats: int = 1  # classifiers per replicate, averaged: less classifier noise in each replicate's gain
+    compare: dict[str, str] = field(default_factory=dict)  # method -> rival: their paired difference ("versus")
 
     def vary_data(self) -> bool:
         """Whether each seed draws its own real subset (``replicates`` resolved)."""
@@ -95,12 +103,14 @@ class Cell:
     seed: int
     config: TrainConfig
     variant: str = ""  # the ``select`` candidate, e.g. "lr=0.05,real_batch=16"
+    repeat: int = 0  # which of the replicate's ``repeats`` classifiers
 
     @property
     def path(self) -> str:
         k = "all" if self.per_class is None else f"k{self.per_class}"
         variant = f"/{self.variant}" if self.variant else ""
-        return f"runs/{self.dataset}/{self.method}/{k}/{self.arch.replace(':', '-')}/{self.aug}{variant}/s{self.seed}"
+        repeat = f"-c{self.repeat}" if self.repeat else ""  # repeat 0 keeps the path studies without repeats use
+        return f"runs/{self.dataset}/{self.method}/{k}/{self.arch.replace(':', '-')}/{self.aug}{variant}/s{self.seed}{repeat}"
 
     @property
     def group(self) -> tuple:
@@ -158,6 +168,13 @@ def load_study(path: str | Path, base: str | Path | None = None) -> Study:
 
     if raw.get("replicates", "auto") not in ("auto", "data", "classifier"):
         raise ConfigError(f"replicates must be data, classifier or auto; got {raw['replicates']!r}")
+    compare = {str(k): str(v) for k, v in (raw.get("compare") or {}).items()}
+    for method, rival in compare.items():
+        if method not in methods or rival not in methods:
+            raise ConfigError(f"compare: {method}: {rival} names a method the study does not have; methods: {sorted(methods)}")
+    repeats = raw.get("repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ConfigError(f"repeats (classifiers per replicate) must be a whole number >= 1; got {repeats!r}")
     select = {str(k).replace("-", "_"): (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in (raw.get("select") or {}).items()}
     train_fields = {f.name for f in fields(TrainConfig)}
     if set(select) - train_fields:
@@ -165,7 +182,7 @@ def load_study(path: str | Path, base: str | Path | None = None) -> Study:
     study = Study(datasets=datasets, methods=methods, per_class=listed("per_class", (10,)), seeds=listed("seeds", (0, 1, 2, 3, 4)),
                   archs=listed("archs", ("resnet18",)), augs=listed("augs", ("crop-flip",)),
                   train=dict(raw.get("train") or {}), quality=dict(raw.get("quality") or {}),
-                  replicates=str(raw.get("replicates", "auto")), select=select)
+                  replicates=str(raw.get("replicates", "auto")), select=select, repeats=repeats, compare=compare)
     cells(study)  # every cell's config is validated before anything runs
     return study
 
@@ -180,12 +197,14 @@ def cells(study: Study) -> list[Cell]:
         for mname, mspec in study.methods.items():
             for k in mspec.get("per_class", study.per_class):
                 for arch in study.archs:
-                    for aug, variant, seed in itertools.product(study.augs, variants, study.seeds):
+                    for aug, variant, seed, repeat in itertools.product(study.augs, variants, study.seeds,
+                                                                         range(study.repeats)):
                         synthetic = tuple(s.format(dataset=dname, per_class="all" if k is None else k, seed=seed)
                                           for s in mspec["synthetic"])
                         overrides = {**study.train, **{a: b for a, b in dspec.items()},
                                      **{a: b for a, b in mspec.items() if a not in ("synthetic", "per_class")},
-                                     "per_class": k, "arch": arch, "aug": aug, "seed": seed, "synthetic": synthetic,
+                                     "per_class": k, "arch": arch, "aug": aug, "seed": seed + 1000 * repeat,
+                                     "synthetic": synthetic,
                                      "use": mspec.get("use", "both" if synthetic else "real")}
                         if vary_data:  # replicate `seed` draws its own subset, the same for every method
                             overrides["subset_seed"] = int(overrides.get("subset_seed", 0)) + seed
@@ -199,7 +218,7 @@ def cells(study: Study) -> list[Cell]:
                         if variants != [{}] and not (config.val_per_class or config.val_split):
                             raise ConfigError("select: chooses on validation data; give train: {val_per_class: K} (a hold-out "
                                               "of the training split) or val_split")
-                        out.append(Cell(dname, mname, k, arch, aug, seed, config, name))
+                        out.append(Cell(dname, mname, k, arch, aug, seed, config, name, repeat))
     return out
 
 
@@ -244,7 +263,7 @@ def _write_results(study: Study, grid: list[Cell], out: Path, log: Callable[[str
     grid = select_variants(grid, out, log)
     rows = [result_row(cell, out / cell.path) for cell in grid]
     write_table(out / "results", rows)
-    write_table(out / "summary", summarise(rows))
+    write_table(out / "summary", summarise(rows, study.compare))
     write_json(out / "quality.json", study_quality(study, grid, out, log))
     return out
 
@@ -301,7 +320,8 @@ def select_variants(grid: list[Cell], out: Path, log: Callable[[str], None]) -> 
 def result_row(cell: Cell, run: Path) -> dict[str, Any]:
     final = read_json(run / "final.json")
     return {"dataset": cell.dataset, "method": cell.method, "per_class": cell.per_class, "arch": cell.arch, "aug": cell.aug,
-            "seed": cell.seed, "subset_seed": cell.config.subset_seed, "variant": cell.variant, **{m: final.get(m) for m in METRICS},
+            "seed": cell.seed, "repeat": cell.repeat, "subset_seed": cell.config.subset_seed, "variant": cell.variant,
+            **{m: final.get(m) for m in METRICS},
             "degenerate": bool(final.get("degenerate")), "n_real": final["n_real"], "n_synthetic": final["n_synthetic"],
             "steps": final["steps"], "classes": final["classes"], "per_class_acc": final["per_class"],
             "class_counts": final.get("class_counts"),
@@ -309,12 +329,38 @@ def result_row(cell: Cell, run: Path) -> dict[str, Any]:
             "run": cell.path}
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def per_replicate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per seed (replicate): the mean of its repeats' metrics; rows without repeats pass unchanged.
+
+    A replicate is degenerate when any of its classifiers is, so a one-class predictor is never averaged away.
+    """
+    by_seed: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], []).append(r)
+    def mean(values: list[Any]) -> float | None:
+        return None if any(v is None for v in values) else statistics.fmean(values)
+
+    out = []
+    for members in by_seed.values():
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        row = {**members[0], **{m: mean([x.get(m) for x in members]) for m in METRICS},
+               "degenerate": any(x["degenerate"] for x in members), "repeats": len(members),
+               "per_class_acc": [mean(list(col)) for col in zip(*(x["per_class_acc"] for x in members))]}
+        if all(x.get("validation") for x in members):
+            row["validation"] = {m: mean([x["validation"].get(m) for x in members]) for m in METRICS}
+        out.append(row)
+    return out
+
+
+def summarise(rows: list[dict[str, Any]], compare: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Per group (dataset, method, K, arch, aug): mean and std over seeds of each metric, degenerate runs, and
     for methods with synthetic data the gain over real only at the same K, paired by seed (a replicate)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in GROUP_KEYS), []).append(r)
+    groups = {key: per_replicate(members) for key, members in groups.items()}
     summary = []
     for key, members in groups.items():
         accs = [m["top1"] for m in members]
@@ -340,7 +386,34 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["seeds"] = [m["seed"] for m in members]
         summary.append(entry)
     _add_gains(summary, groups)
+    for method, rival in (compare or {}).items():
+        _add_versus(summary, groups, method, rival)
     return summary
+
+
+def _paired(mine: dict[int, dict[str, Any]], theirs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Paired gains (per metric) of one group's replicates over another's, on the seeds both have."""
+    seeds = sorted(set(mine) & set(theirs))
+    out = {}
+    for metric in ("top1", "balanced_accuracy"):
+        if all(mine[s].get(metric) is not None and theirs[s].get(metric) is not None for s in seeds) and seeds:
+            gain = paired_gain([mine[s][metric] for s in seeds], [theirs[s][metric] for s in seeds])
+            # A degenerate run (one class predicted) on either side is not evidence of anything.
+            gain["degenerate"] = any(mine[s].get("degenerate") or theirs[s].get("degenerate") for s in seeds)
+            gain["beyond_noise"] = gain["beyond_noise"] and not gain["degenerate"]
+            out[metric] = gain
+    return out
+
+
+def _add_versus(summary: list[dict[str, Any]], groups: dict[tuple, list[dict[str, Any]]], method: str, rival: str) -> None:
+    """``entry["versus"][rival]``: ``method`` minus ``rival`` at the same (dataset, K, arch, aug), paired by replicate."""
+    for entry in summary:
+        if entry["method"] != method:
+            continue
+        other = (entry["dataset"], rival, entry["per_class"], entry["arch"], entry["aug"])
+        if other in groups:
+            mine = {r["seed"]: r for r in groups[tuple(entry[k] for k in GROUP_KEYS)]}
+            entry.setdefault("versus", {})[rival] = _paired(mine, {r["seed"]: r for r in groups[other]})
 
 
 def _add_gains(summary: list[dict[str, Any]], groups: dict[tuple, list[dict[str, Any]]]) -> None:
@@ -357,16 +430,8 @@ def _add_gains(summary: list[dict[str, Any]], groups: dict[tuple, list[dict[str,
             continue
         mine = {r["seed"]: r for r in groups[tuple(entry[k] for k in GROUP_KEYS)]}
         theirs = {r["seed"]: r for r in groups[tuple(base[k] for k in GROUP_KEYS)]}
-        seeds = sorted(set(mine) & set(theirs))
         entry["baseline"] = base["method"]
-        entry["gain"] = {}
-        for metric in ("top1", "balanced_accuracy"):
-            if all(mine[s].get(metric) is not None and theirs[s].get(metric) is not None for s in seeds) and seeds:
-                gain = paired_gain([mine[s][metric] for s in seeds], [theirs[s][metric] for s in seeds])
-                # A degenerate run (one class predicted) on either side is not evidence of anything.
-                gain["degenerate"] = any(mine[s].get("degenerate") or theirs[s].get("degenerate") for s in seeds)
-                gain["beyond_noise"] = gain["beyond_noise"] and not gain["degenerate"]
-                entry["gain"][metric] = gain
+        entry["gain"] = _paired(mine, theirs)
 
 
 def write_table(stem: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# DI generation settings (and the img2img rival's strength) on the stores of a multi-replicate demo, for a
+# study that picks each method's setting on validation (issue 18: the fidelity / diversity frontier).
+#   bash benchmarks/di_settings_sweep.sh DEMO_OUT SEED...
+# DEMO_OUT is `diffinv demo --seeds ... --out DEMO_OUT`; every set goes to DEMO_OUT/sweep/<setting>/r<seed>.
+# Each candidate differs from the demo's DI set in one or two settings only (same keyed noise otherwise).
+# "enc" is DI with the base encoder's own tokens (`invert --init encoder --steps 0`): no inversion at all.
+# SETTINGS="enc g4" (in the environment) makes only those.
+set -euo pipefail
+demo=$1; shift
+save=${SAVE_SIZE:-8}
+settings=${SETTINGS:-"s0.5 n0.3 s0.5-n0.3 g4 x20 s0.5-n0.3-x20 img2img-0.3 img2img-0.7 enc"}
+declare -A flags=(
+  [s0.5]="--interp 0.5" [n0.3]="--noise 0.3" [s0.5-n0.3]="--interp 0.5 --noise 0.3" [g4]="--guidance 4"
+  [x20]="--per-image 20" [s0.5-n0.3-x20]="--interp 0.5 --noise 0.3 --per-image 20"
+  [img2img-0.3]="--method img2img --strength 0.3" [img2img-0.7]="--method img2img --strength 0.7"
+)
+for r in "$@"; do
+  store=$demo/k5/r$r/store
+  for name in $settings; do
+    if [ "$name" = enc ]; then
+      # the same images, model and settings as the demo's store, but the encoder's tokens kept as they are
+      diffinv invert --config "$store/config.yaml" --init encoder --steps 0 --out "$demo/sweep/enc-store/r$r" --resume --quiet
+      diffinv generate --store "$demo/sweep/enc-store/r$r" --save-size "$save" --out "$demo/sweep/enc/r$r" --resume --quiet
+    else
+      # shellcheck disable=SC2086  # the flags are words on purpose
+      diffinv generate --store "$store" --save-size "$save" --out "$demo/sweep/$name/r$r" --resume --quiet ${flags[$name]}
+    fi
+  done
+  echo "r$r done"
+done
