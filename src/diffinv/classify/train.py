@@ -98,9 +98,11 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
 
 def _split_key(config: TrainConfig, split: str) -> tuple:
     # The file's or folder's modification time and size: a source replaced on disk is read again.
-    path = Path(config.data)
-    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
-    return (os.path.abspath(config.data) if path.exists() else config.data, stamp, config.format, split, config.bad_images)
+    try:
+        stat = os.stat(config.data)
+    except OSError:  # "digits", a hub id ...: not a path
+        return (config.data, None, config.format, split, config.bad_images)
+    return (os.path.abspath(config.data), (stat.st_mtime_ns, stat.st_size), config.format, split, config.bad_images)
 
 
 def _whole_split(config: TrainConfig, split: str, log: Callable[[str], None]):
