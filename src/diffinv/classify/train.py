@@ -58,7 +58,7 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
     use = _use(config)
     held_out = validation_ids(source, config.val_per_class)
     real_set = select(source, config.per_class, config.subset_seed, config.bad_images, warn=log, exclude=held_out)
-    test_set = _whole_split(config, config.eval_split, log)
+    test_set, decoded = _whole_split(config, config.eval_split, log)
     val_set = None
     if held_out:
         val_set = source.subset([i for i, image_id in enumerate(source.ids) if image_id in held_out])
@@ -88,7 +88,7 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
         classes=classes, resolution=resolution,
         real=real, real_labels=torch.from_numpy(real_set.labels) if use != "synthetic" else torch.empty(0, dtype=torch.int64),
         syn=syn, syn_labels=syn_labels,
-        test=_split_pixels(config, config.eval_split, test_set, resolution, progress),
+        test=_decoded_once(decoded, test_set, resolution, progress, f"{config.eval_split} images"),
         test_labels=torch.from_numpy(test_set.labels),
         val=None if val_set is None else load_uint8(val_set, resolution, progress, "validation images"),
         val_labels=None if val_set is None else torch.from_numpy(val_set.labels),
@@ -105,24 +105,22 @@ def _split_key(config: TrainConfig, split: str) -> tuple:
     return (os.path.abspath(config.data), (stat.st_mtime_ns, stat.st_size), config.format, split, config.bad_images)
 
 
-def _whole_split(config: TrainConfig, split: str, log: Callable[[str], None]):
-    """Every readable image of ``split`` (what a run evaluates on), opened and checked once per process."""
+def _whole_split(config: TrainConfig, split: str, log: Callable[[str], None]) -> tuple:
+    """Every readable image of ``split`` (what a run evaluates on), opened and checked once per process,
+    with its pixels decoded so far ({resolution: uint8 tensor}, filled by :func:`_decoded_once`)."""
     key = _split_key(config, split)
     if key not in _SPLITS:
         while len(_SPLITS) >= _SPLITS_KEPT:
             _SPLITS.pop(next(iter(_SPLITS)))
         _SPLITS[key] = (select(open_images(config.data, config.format, split), None, 0, config.bad_images, warn=log), {})
-    return _SPLITS[key][0]
+    return _SPLITS[key]
 
 
-def _split_pixels(config: TrainConfig, split: str, images, resolution: int, progress: bool) -> torch.Tensor:
-    """:func:`load_uint8` of a whole split, decoded once per process and resolution (a copy, so no run alters it)."""
-    entry = _SPLITS.get(_split_key(config, split))
-    if entry is None or entry[0] is not images:
-        return load_uint8(images, resolution, progress, f"{split} images")
-    if resolution not in entry[1]:
-        entry[1][resolution] = load_uint8(images, resolution, progress, f"{split} images")
-    return entry[1][resolution].clone()
+def _decoded_once(decoded: dict[int, torch.Tensor], images, resolution: int, progress: bool, desc: str) -> torch.Tensor:
+    """:func:`load_uint8` of ``images`` at ``resolution``, decoded once (a copy, so no run alters the kept one)."""
+    if resolution not in decoded:
+        decoded[resolution] = load_uint8(images, resolution, progress, desc)
+    return decoded[resolution].clone()
 
 
 def _use(config: TrainConfig) -> str:
