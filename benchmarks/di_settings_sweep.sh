@@ -11,7 +11,7 @@ demo=$1; shift
 save=${SAVE_SIZE:-8}
 settings=${SETTINGS:-"s0.5 n0.3 s0.5-n0.3 g4 x20 s0.5-n0.3-x20 img2img-0.3 img2img-0.7 enc"}
 declare -A flags=(
-  [s0.5]="--interp 0.5" [n0.3]="--noise 0.3" [s0.5-n0.3]="--interp 0.5 --noise 0.3" [g4]="--guidance 4"
+  [g3]="--guidance 3" [s0.5]="--interp 0.5" [n0.3]="--noise 0.3" [s0.5-n0.3]="--interp 0.5 --noise 0.3" [g4]="--guidance 4"
   [x20]="--per-image 20" [s0.5-n0.3-x20]="--interp 0.5 --noise 0.3 --per-image 20"
   [img2img-0.3]="--method img2img --strength 0.3" [img2img-0.7]="--method img2img --strength 0.7"
 )

@@ -2,12 +2,13 @@
 # Downstream half of the inversion-cost benchmark: DI data from one inversion recipe, per replicate.
 #   bash benchmarks/invert_cost_downstream.sh NAME "INVERT FLAGS" SEED...
 # Replicate r inverts its own 5-per-class subset of digits (subset seed r, 20 per class held out
-# for validation, as the demo does) into the embedded base, then generates 5 DI variants per image
+# for validation, as the demo does) into BASE (default bases/digits-8-ae, the digits base embedded
+# until 2026-11-26, on which the README's figures were measured), then generates 5 DI variants per image
 # with the same generation settings (DDIM 25), so recipes differ only in the inversion. Then:
 #   diffinv experiment configs/invert-cost-digits.yaml --out runs/invert-cost/study --report
 set -euo pipefail
 name=$1; flags=$2; shift 2
-base=$(python -c "from diffinv.stages.demo import EMBEDDED_BASE; print(EMBEDDED_BASE)")
+base=${BASE:-bases/digits-8-ae}
 for r in "$@"; do
   out=runs/invert-cost/$name/r$r
   start=$(date +%s.%N)

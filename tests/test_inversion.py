@@ -217,6 +217,29 @@ def test_stratified_timesteps_cover_the_schedule_evenly():
     assert lr_factor(0, 5, "cosine", 10) == 1.0  # warm-up is at most a tenth of the steps: none in 5
 
 
+def test_antithetic_draws_pair_steps_with_negated_noise_and_per_image_steps_agree():
+    from diffinv.diffusion.backbone import LatentMoments
+    from diffinv.diffusion.objective import training_draws
+
+    keys = rng.keys_tensor(0, ["a", "b", "c"])
+    moments = LatentMoments(torch.randn(3, 2, 4, 4), torch.full((3, 2, 4, 4), 0.1))
+    draws = [training_draws(keys, s, moments, 1000, True, "stratified", "antithetic") for s in range(6)]
+    for k in range(3):  # steps 2k and 2k+1: one timestep and latent draw, opposite noise
+        (x_even, n_even, t_even), (x_odd, n_odd, t_odd) = draws[2 * k], draws[2 * k + 1]
+        assert torch.equal(t_even, t_odd) and torch.equal(x_even, x_odd)
+        torch.testing.assert_close(n_odd, -n_even)
+        assert n_even.abs().mean() > 0.5  # real noise, not zeros
+    assert not torch.allclose(draws[0][1], draws[2][1]) and not torch.allclose(draws[0][1], -draws[2][1])  # the next pair draws anew
+    # Each image at its own step (early stopping) gets what it gets in a batch at that step.
+    own = training_draws(keys, torch.tensor([3, 4, 5]), moments, 1000, True, "stratified", "antithetic")
+    for b, s in enumerate((3, 4, 5)):
+        for got, want in zip(own, draws[s]):
+            torch.testing.assert_close(got[b], want[b])
+    # Independent draws (the paper's) do not pair steps.
+    _, n1, _ = training_draws(keys, 1, moments, 1000, True, "stratified", "independent")
+    assert not torch.allclose(n1, -draws[0][1])
+
+
 def test_text_start_is_the_class_prompts_last_k_tokens_through_the_models_encoder(tmp_path, image_tree):
     model = save_tiny_model(tmp_path / "t2i", "latent", with_text_encoder=True)
     backbone = load_backbone(model, with_text_encoder=True)

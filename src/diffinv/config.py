@@ -72,9 +72,10 @@ class InvertConfig:
                                  "a pixel model's own size; for latent models 128 px for images up to 32 px, 256 up to 96, "
                                  "capped at the model's size)")
     tokens: int = opt(5, "conditioning tokens K per image")
-    # 300 steps at a peak lr of 0.3 with warm-up, cosine decay and stratified timesteps: on the embedded
-    # digits base below the paper recipe's loss after 3,000 (lr 3e-2 constant); on the invariant-views
-    # base at its 1,250-step loss (benchmarks/invert_cost.py; README, "Inversion cost").
+    # 300 steps at a peak lr of 0.3 with warm-up, cosine decay, stratified timesteps and antithetic
+    # pairs: on the autoencoder digits base (bases/digits-8-ae) below the paper recipe's loss after
+    # 3,000 (lr 3e-2 constant); on the invariant-views (embedded) and PneumoniaMNIST bases at its
+    # ~1,150- and ~1,300-step losses (benchmarks/invert_cost.py; README, "Inversion cost").
     steps: int = opt(300, "gradients per image (--update group: each is group-size/group-batch optimiser updates; "
                           "0 with --init encoder|text|class keeps the start: the no-inversion ablation)")
     lr: float = opt(0.3, "AdamW peak learning rate")
@@ -104,6 +105,10 @@ class InvertConfig:
     warmup: int = opt(10, "steps of linear learning-rate warm-up (at most a tenth of the steps)")
     timesteps: str = opt("stratified", "an image's training timesteps: stratified along its steps, or i.i.d. uniform (the paper)",
                          choices=("uniform", "stratified"))
+    # Antithetic pairs lowered the loss at 300 steps on all three bases (autoencoder digits 0.00450 -> 0.00398,
+    # invariant (embedded) digits 0.0563 -> 0.0540, PneumoniaMNIST 0.01181 -> 0.01149; README, "Inversion cost").
+    draws: str = opt("antithetic", "an image's training noise: antithetic pairs (step 2k+1 reuses step 2k's timestep and "
+                     "latent draw, noise negated) or independent draws (the paper)", choices=("independent", "antithetic"))
     # Per-image early stopping: an image whose evaluation loss (fixed draws) has not fallen by this fraction
     # below its best for `patience` checks in a row is finished, and the next image takes its slot.
     early_stop: float = opt(0.0, "finish an image when --patience checks in a row did not lower its evaluation loss by this "
@@ -386,6 +391,9 @@ class DemoConfig:
     """
 
     data: str = opt("digits", "labelled real data (as for invert)")
+    # The embedded base is the invariant-views one (its encoder saw another view of each digit than
+    # the UNet denoised), so DI's variants are new strokes and poses rather than near-copies; chosen
+    # over the autoencoder base (bases/digits-8-ae) on validation (DI +0.67 against +0.14 points).
     base: str = opt("", "base model (default: the digits base embedded in the package)")
     # Real images per class; several sizes make a sample-efficiency study (each size is inverted
     # and generated on its own; the seeded subsets are nested, 5 of 10 of 20).
@@ -396,13 +404,15 @@ class DemoConfig:
     subset_seed: int = opt(0, "seed of replicate 0's real subset (replicate r draws subset-seed + r)")
     seeds: tuple[int, ...] = opt((0, 1, 2), "replicates, e.g. 0,1,2: each draws its own real subset and classifier seed")
     val_per_class: int = opt(20, "images per class held out of the training split for validation (never in a subset)")
-    # Three replicates mean three inversions in the 5-minute CPU budget: 60 steps with the library's
-    # schedule (warm-up, cosine, stratified timesteps) at a peak of 0.3 reach a loss of 0.0120 on 50
-    # digits (peak 0.1: 0.0194; the paper's recipe, 60 steps: 0.0349), measured by
-    # `python benchmarks/invert_cost.py --per-class 5 --steps 60 --paper-steps 60 --recipes ...`.
-    invert_steps: int = opt(60, "inversion steps")
+    # Three replicates mean three inversions in the 5-minute CPU budget. On the embedded base and the
+    # demo's 50 digits, 40 steps from the base encoder's tokens (library schedule, peak lr 0.3) reach a
+    # denoising loss of 0.0820, below 60 steps from noise (0.0876, the demo's former setting) and the
+    # paper's recipe stopped at 60 (0.1129), in two thirds of the time (11 s against 18 s, 2 threads):
+    # `python benchmarks/invert_cost.py --base src/diffinv/assets/digits-base --per-class 5 --steps 40
+    # --paper-steps 60 --recipes ours,encoder-lr0.3-cosine-strat-anti`.
+    invert_steps: int = opt(40, "inversion steps")
     invert_lr: float = opt(0.3, "inversion peak learning rate")
-    invert_init: str = opt("random", "start c_i from noise or from the base's encoder tokens", choices=("random", "encoder"))
+    invert_init: str = opt("encoder", "start c_i from noise or from the base's encoder tokens", choices=("random", "encoder"))
     per_image: int = opt(5, "synthetic images per real image, for each generator")
     sample_steps: int = opt(10, "sampling steps (the library default sampler, DPM-Solver++ 2M)")
     guidance: float = opt(2.0, "classifier-free guidance scale")
@@ -411,10 +421,11 @@ class DemoConfig:
     strength: float = opt(0.5, "the rival's img2img strength")
     clip_x0: bool = opt(False, "both generators clip every step's predicted clean image to [-1, 1] (pixel bases)")
     unit_noise: bool = opt(False, "both generators rescale each sample's starting noise to RMS 1 (small pixel bases)")
-    # Chosen on validation only (configs/select-demo-classifier.yaml: 12 candidates, 3 replicates, real
-    # images): ShuffleNetV2 at lr 0.02 for 300 steps scored best (0.820 balanced accuracy) but takes
-    # ~24 s a run on 2 CPU cores, 9 runs over the budget; of those that fit, the small CNN at lr 0.1
-    # for 300 steps scored best (0.780; the former ShuffleNetV2 / 0.05 / 100 steps: 0.760), ~3.5 s a run.
+    # Chosen on validation only (real images, 3 replicates): at 16 px (configs/select-demo-classifier.yaml,
+    # 12 candidates) ShuffleNetV2 at lr 0.02 for 300 steps scored 0.820 balanced accuracy but takes ~24 s
+    # a run on 2 CPU cores; the small CNN at lr 0.1 for 300 steps 0.780 (~3.8 s). At the digits' own 8 px
+    # (configs/select-demo-classifier-8px.yaml) the small CNN scores 0.827 at lr 0.1 / 300 steps in 2.0 s
+    # a run (lr 0.2 / 600 steps: 0.833, twice the time): 8 px, lr 0.1, 300 steps.
     arch: str = opt("small-cnn", "classifier")
     train_lr: float = opt(0.1, "classifier peak SGD learning rate")
     train_steps: int = opt(300, "classifier SGD steps")
@@ -423,11 +434,11 @@ class DemoConfig:
     # paper's fixed split); 0 pools real and synthetic. Pooled, 50 real images among 250 variants
     # are seen a sixth as often as in the real-only run.
     train_real_batch: int = opt(16, "real images per batch when synthetic data is added (0 pools them)")
-    train_resolution: int = opt(16, "classifier input size")
-    # Two classifiers per replicate, averaged: at 5 digits per class one run's gain moves by ~2 points
-    # with its seed alone (even with the thread count), about the size of the effect; a third repeat
-    # or a fourth replicate would take the demo past ~180 s here, ~260 s on the slower machines.
-    train_repeats: int = opt(2, "classifiers per replicate and method (own seeds), averaged before the intervals")
+    train_resolution: int = opt(8, "classifier input size")
+    # One classifier per replicate: the demo must stay under 5 minutes on machines up to 2.1x slower
+    # than the 2-core one it was timed on (148 s there was 311 s on the slowest); a second classifier
+    # per replicate adds ~18 s here, a fourth replicate ~46 s. Studies set more (`repeats`).
+    train_repeats: int = opt(1, "classifiers per replicate and method (own seeds), averaged before the intervals")
     fast: bool = opt(False, "every count cut to the bone: checks the flow, not the method")
     device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
 
@@ -462,7 +473,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "InvertConfig": {"tokens": 5, "steps": 3000, "lr": 3e-2, "weight_decay": 1e-2, "init": "uniform", "update": "group",
                          "group_size": 100, "group_batch": 50, "lr_schedule": "constant", "warmup": 0, "timesteps": "uniform",
-                         "latent": "sample", "precision": "fp32"},
+                         "draws": "independent", "latent": "sample", "precision": "fp32"},
         "GenerateConfig": {"method": "di", "sampler": "pndm", "steps": 100, "guidance": 2.0, "uncond": "mean", "interp": 0.1,
                            "interp_mode": "linear", "noise": 0.1, "per_image": 5, "partners": "paper", "unit_noise": False,
                            "clip_x0": False},

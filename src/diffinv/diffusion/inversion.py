@@ -91,7 +91,7 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
             else:
                 step_moments = moments if own else LatentMoments(moments.mean[rows], moments.std[rows])
             x0, noise, t = training_draws(step_keys, step, step_moments, backbone.num_train_timesteps,
-                                          config.latent == "sample", config.timesteps)
+                                          config.latent == "sample", config.timesteps, config.draws)
             a = backbone.alphas_cumprod[t]
             pred = backbone.predict_noise(q_sample(x0, noise, a), t, emb if own else emb[rows])
             losses = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type))
@@ -199,7 +199,7 @@ def invert_stream(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys
         lr = torch.tensor([config.lr * lr_factor(steps[i], config.steps, config.lr_schedule, config.warmup) for i in order],
                           device=device)
         x0, noise, t = training_draws(keys[rows], own_steps, LatentMoments(moments.mean[rows], moments.std[rows]),
-                                      backbone.num_train_timesteps, config.latent == "sample", config.timesteps)
+                                      backbone.num_train_timesteps, config.latent == "sample", config.timesteps, config.draws)
         a = backbone.alphas_cumprod[t]
         cond = emb[rows].requires_grad_()
         losses = per_image_loss(backbone.predict_noise(q_sample(x0, noise, a), t, cond),

@@ -68,11 +68,21 @@ def training_timesteps(keys: torch.Tensor, step: int | torch.Tensor, num_timeste
 
 
 def training_draws(keys: torch.Tensor, step: int | torch.Tensor, moments: LatentMoments, num_timesteps: int,
-                   sample_latent: bool, timesteps: str = "uniform") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   sample_latent: bool, timesteps: str = "uniform",
+                   draws: str = "independent") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The step's random draws for each image: clean latent x0, noise [B, C, h, w], timestep t [B].
 
     ``step``: one int, or an int64 tensor [B] of each image's own step (per-image early stopping).
+    ``draws="antithetic"``: steps 2k and 2k+1 share pair k's timestep and latent draw, and the odd
+    step's noise is the even step's negated. The part of the gradient that is linear in the noise,
+    which dominates when the conditioning cannot explain the noise, then cancels within a pair
+    (and Adam's momentum spans many pairs); each step's loss keeps its expectation.
     """
+    if draws == "antithetic":
+        pair = step // 2
+        x0, noise, t = training_draws(keys, pair, moments, num_timesteps, sample_latent, timesteps)
+        odd = (step % 2).to(noise) if torch.is_tensor(step) else torch.full((len(keys),), float(step % 2), device=noise.device)
+        return x0, noise * (1 - 2 * odd).view(-1, *([1] * (noise.dim() - 1))), t
     shape = tuple(moments.mean.shape[1:])
     x0 = moments.mean
     if sample_latent:

@@ -56,6 +56,11 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
     out = Path(out)
     check_arch(config.arch)
     base = config.base or str(embedded_base())
+    if config.invert_init == "encoder" and not (Path(base) / "encoder.safetensors").is_file():
+        # Checked before any work: the demo starts each c_i from the base's encoder tokens by default.
+        raise RunError(f"{base} has no base encoder (encoder.safetensors, saved by `diffinv pretrain-base`), which the "
+                       f"demo starts inversion from by default; pass --invert-init random (and more --invert-steps, "
+                       f"e.g. 60) for other models")
     resolution = int(load_backbone(base).unet.config.sample_size)
     native = min(open_images(config.data).image(0).size)  # synthetic images are saved at the data's own size
     write_yaml(out / "demo.yaml", {**config_to_dict(config), "base": base})
@@ -167,4 +172,4 @@ STAGE = Stage(name="demo", config=DemoConfig, marker="demo.yaml", run=_run, summ
               help="the whole method on a few-shot split of digits, offline on CPU: table + report",
               description=("Runs invert, generate (Diffusion Inversion and the img2img rival) and a seeded classifier study, prints "
                           "mean ± std test accuracy and writes a report. Default: 5 digits per class into the base model "
-                          "shipped with the package, 3 seeds, a few minutes on a CPU. Re-running continues an interrupted demo."))
+                          "shipped with the package, 3 replicates, a few minutes on a CPU. Re-running continues an interrupted demo."))
