@@ -75,7 +75,7 @@ class InvertConfig:
     # 300 steps at a peak lr of 0.3 with warm-up, cosine decay, stratified timesteps and antithetic
     # pairs: on the autoencoder digits base (bases/digits-8-ae) below the paper recipe's loss after
     # 3,000 (lr 3e-2 constant); on the invariant-views (embedded) and PneumoniaMNIST bases at its
-    # ~1,150- and ~1,300-step losses (benchmarks/invert_cost.py; README, "Inversion cost").
+    # ~1,180- and ~1,230-step losses (benchmarks/invert_cost.py; README, "Inversion cost").
     steps: int = opt(300, "gradients per image (--update group: each is group-size/group-batch optimiser updates; "
                           "0 with --init encoder|text|class keeps the start: the no-inversion ablation)")
     lr: float = opt(0.3, "AdamW peak learning rate")

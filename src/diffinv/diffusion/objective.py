@@ -81,8 +81,10 @@ def training_draws(keys: torch.Tensor, step: int | torch.Tensor, moments: Latent
     if draws == "antithetic":
         pair = step // 2
         x0, noise, t = training_draws(keys, pair, moments, num_timesteps, sample_latent, timesteps)
-        odd = (step % 2).to(noise) if torch.is_tensor(step) else torch.full((len(keys),), float(step % 2), device=noise.device)
-        return x0, noise * (1 - 2 * odd).view(-1, *([1] * (noise.dim() - 1))), t
+        if not torch.is_tensor(step):
+            return x0, -noise if step % 2 else noise, t
+        sign = 1 - 2 * (step % 2).to(noise)  # [B]: each image at its own step
+        return x0, noise * sign.view(-1, *([1] * (noise.dim() - 1))), t
     shape = tuple(moments.mean.shape[1:])
     x0 = moments.mean
     if sample_latent:
