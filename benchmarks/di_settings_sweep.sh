@@ -5,18 +5,22 @@
 # DEMO_OUT is `diffinv demo --seeds ... --out DEMO_OUT`; every set goes to DEMO_OUT/sweep/<setting>/r<seed>.
 # Each candidate differs from the demo's DI set in one or two settings only (same keyed noise otherwise).
 # "enc" is DI with the base encoder's own tokens (`invert --init encoder --steps 0`): no inversion at all.
-# SETTINGS="enc g4" (in the environment) makes only those.
+# SETTINGS="enc g4" (in the environment) makes only those; K=2 sweeps a demo run with --per-class 2 (default 5).
 set -euo pipefail
 demo=$1; shift
 save=${SAVE_SIZE:-8}
+k=${K:-5}
 settings=${SETTINGS:-"s0.5 n0.3 s0.5-n0.3 g4 x20 s0.5-n0.3-x20 img2img-0.3 img2img-0.7 enc"}
 declare -A flags=(
   [g3]="--guidance 3" [s0.5]="--interp 0.5" [n0.3]="--noise 0.3" [s0.5-n0.3]="--interp 0.5 --noise 0.3" [g4]="--guidance 4"
-  [x20]="--per-image 20" [s0.5-n0.3-x20]="--interp 0.5 --noise 0.3 --per-image 20"
+  [x10]="--per-image 10" [x20]="--per-image 20" [s0.5-n0.3-x20]="--interp 0.5 --noise 0.3 --per-image 20"
   [img2img-0.3]="--method img2img --strength 0.3" [img2img-0.7]="--method img2img --strength 0.7"
+  [x10-st6]="--per-image 10 --steps 6" [img2img-x10]="--method img2img --per-image 10"
+  [img2img-x10-st6]="--method img2img --per-image 10 --steps 6"
+  [x10-st4]="--per-image 10 --steps 4" [img2img-x10-st4]="--method img2img --per-image 10 --steps 4"
 )
 for r in "$@"; do
-  store=$demo/k5/r$r/store
+  store=$demo/k$k/r$r/store
   for name in $settings; do
     if [ "$name" = enc ]; then
       # the same images, model and settings as the demo's store, but the encoder's tokens kept as they are

@@ -51,6 +51,8 @@ RECIPES: dict[str, dict] = {
     # Antithetic pairs (the default since 2026-11-26): step 2k+1 reuses step 2k's timestep with the noise negated.
     "lr0.3-cosine-strat-anti": {**_COSINE, "lr": 0.3, "timesteps": "stratified", "draws": "antithetic"},
     "encoder-lr0.3-cosine-strat-anti": {**_COSINE, "lr": 0.3, "timesteps": "stratified", "draws": "antithetic", "init": "encoder"},
+    "encoder-lr0.1-cosine-strat-anti": {**_COSINE, "lr": 0.1, "timesteps": "stratified", "draws": "antithetic", "init": "encoder"},
+    "encoder-lr1-cosine-strat-anti": {**_COSINE, "lr": 1.0, "timesteps": "stratified", "draws": "antithetic", "init": "encoder"},
     # Per-image early stopping (--early-stop): an image stops when its loss fell by less than 1% over
     # its last check; image-steps are then the sum of each image's own steps.
     "ours-early": {"early_stop": 0.01, "check_every": 25},

@@ -1,6 +1,7 @@
 """The project's own base model (`pretrain-base`) and the one-command demo (`demo`)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,35 @@ def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
     # A second run finds everything done and prints the same table.
     assert main(argv) == 0
     assert table.strip() in capsys.readouterr().out
+
+
+def test_demo_in_two_processes_makes_the_files_one_process_makes_at_the_same_threads(tiny_base, tmp_path, monkeypatch):
+    # --processes 2 spawns two processes (cores // 2 torch threads each) for the replicates, then for the study's
+    # cells, and writes the tables once at the end; at that thread count one process must give the same numbers.
+    import diffinv.stages.demo as demo_stage
+
+    spawned = []
+    original = demo_stage.run_all
+    monkeypatch.setattr(demo_stage, "run_all", lambda pool, fn, jobs: (spawned.append((fn.__name__, len(jobs))),
+                                                                       original(pool, fn, jobs)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        for workers in (1, 2):
+            argv = ["demo", "--base", str(tiny_base), "--per-class", "2", "--out", str(tmp_path / f"w{workers}"), "--fast",
+                    "--device", "cpu", "--quiet", "--processes", str(workers)]
+            assert main(argv) == 0
+    finally:
+        torch.set_num_threads(previous)
+    assert spawned == [("_replicate", 2), ("_train_shard", 2)]  # only --processes 2 went to other processes
+    one, two = (read_json(tmp_path / f"w{w}" / "study" / "results.json") for w in (1, 2))
+    assert len(one) == 6 and [(r["method"], r["seed"], r["balanced_accuracy"]) for r in one] == \
+        [(r["method"], r["seed"], r["balanced_accuracy"]) for r in two]
+    assert (tmp_path / "w1" / "results.md").read_text() == (tmp_path / "w2" / "results.md").read_text()
+    for r in (0, 1):
+        a, b = ({k: v for p in sorted((tmp_path / f"w{w}" / "k2" / f"r{r}" / "store" / "parts").glob("*.safetensors"))
+                 for k, v in load_file(p).items()} for w in (1, 2))
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 AE_BASE = Path(__file__).resolve().parents[1] / "bases" / "digits-8-ae"  # the digits base embedded until 2026-11-26

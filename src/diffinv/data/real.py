@@ -16,12 +16,13 @@ arrays), so stores, manifests and resumes can refer to it.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -363,9 +364,7 @@ def _open_csv(spec: str, split: str) -> LabelledImages:
 
 
 def _open_digits(spec: str, split: str) -> LabelledImages:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = _load_digits()
     # A fixed permutation (not the caller's seed) so train and test never overlap across runs.
     order = np.random.RandomState(0).permutation(len(digits.images))
     cut = int(0.8 * len(order))
@@ -375,6 +374,14 @@ def _open_digits(spec: str, split: str) -> LabelledImages:
     pixels = (digits.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)
     return _array_images(pixels, digits.target[keep], split, "digits", classes=[str(c) for c in range(10)],
                          ids=[f"digits/{i:04d}" for i in keep])
+
+
+@functools.cache
+def _load_digits() -> Any:
+    """sklearn's digits, parsed once per process (a study opens them for every run; read-only from here)."""
+    from sklearn.datasets import load_digits
+
+    return load_digits()
 
 
 def _open_hf(spec: str, split: str) -> LabelledImages:

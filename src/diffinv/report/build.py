@@ -215,7 +215,7 @@ def _efficiency_table(rows: list[dict[str, Any]]) -> str:
 def _accuracy_plot(rows: list[dict[str, Any]], tag: str):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
-    from scipy import stats
+    from scipy.special import stdtrit
 
     metric = _metric(rows)
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -223,7 +223,7 @@ def _accuracy_plot(rows: list[dict[str, Any]], tag: str):
     for m in dict.fromkeys(r["method"] for r in rows):
         # Bands: the 95% t-interval of each mean over its replicates.
         pts = sorted((r["n_real"] / len(r["classes"]), 100 * _value(r, metric),
-                      100 * _value(r, metric, "std") * (stats.t.ppf(0.975, r["n_seeds"] - 1) / math.sqrt(r["n_seeds"])
+                      100 * _value(r, metric, "std") * (stdtrit(r["n_seeds"] - 1, 0.975) / math.sqrt(r["n_seeds"])
                                                         if r["n_seeds"] > 1 else 0.0)) for r in rows if r["method"] == m)
         x, y, s = (np.array(v) for v in zip(*pts))
         sizes.update(x.tolist())

@@ -20,13 +20,13 @@ def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, fl
 
     One value gives an infinite interval: one replicate says nothing about its noise.
     """
-    from scipy import stats
+    from scipy.special import stdtrit  # the t quantile, as stats.t.ppf; scipy.stats takes 1.2 s longer to import
 
     n = len(values)
     mean = statistics.fmean(values)
     if n < 2:
         return mean, -math.inf, math.inf
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    half = float(stdtrit(n - 1, 0.5 + confidence / 2)) * statistics.stdev(values) / math.sqrt(n)
     return mean, mean - half, mean + half
 
 

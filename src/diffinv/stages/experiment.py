@@ -223,12 +223,13 @@ def cells(study: Study) -> list[Cell]:
 
 
 def run_study(study: Study, out: str | Path, progress: bool = True, log: Callable[[str], None] = print,
-              on_cell: Callable[[Cell], None] | None = None, shard: Shard | None = None) -> Path | None:
+              on_cell: Callable[[Cell], None] | None = None, shard: Shard | None = None, tables: bool = True) -> Path | None:
     """Run every unfinished cell, then write the results, the summary and the quality metrics.
 
     With ``shard`` (I of N) only cells c with c % N == I are trained; the shard that finds
     every cell finished writes the tables. Returns ``out``, or None while other shards' cells
-    are still missing.
+    are still missing. ``tables=False`` only trains (a caller that runs the shards itself
+    writes the tables once with :func:`finish_study`).
     """
     from diffinv.stages.train import train_classifier
 
@@ -249,7 +250,7 @@ def run_study(study: Study, out: str | Path, progress: bool = True, log: Callabl
         train_classifier(cell.config, run, resume=True, progress=progress, log=log)
         if on_cell is not None:
             on_cell(cell)
-    if not units.complete(strict=shard.whole, log=log):
+    if not tables or not units.complete(strict=shard.whole, log=log):
         return None
     return _write_results(study, grid, out, log)
 
