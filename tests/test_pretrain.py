@@ -162,6 +162,7 @@ def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
 def test_demo_in_two_processes_makes_the_files_one_process_makes_at_the_same_threads(tiny_base, tmp_path, monkeypatch):
     # --processes 2 spawns two processes (cores // 2 torch threads each) for the replicates, then for the study's
     # cells, and writes the tables once at the end; at that thread count one process must give the same numbers.
+    # The 2-process demo is first run with one replicate and then continued with two (a changed study).
     import diffinv.stages.demo as demo_stage
 
     spawned = []
@@ -171,13 +172,14 @@ def test_demo_in_two_processes_makes_the_files_one_process_makes_at_the_same_thr
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     try:
-        for workers in (1, 2):
+        for workers, seeds in ((1, "0,1"), (2, "0"), (2, "0,1")):
             argv = ["demo", "--base", str(tiny_base), "--per-class", "2", "--out", str(tmp_path / f"w{workers}"), "--fast",
-                    "--device", "cpu", "--quiet", "--processes", str(workers)]
+                    "--device", "cpu", "--quiet", "--processes", str(workers), "--seeds", seeds]
             assert main(argv) == 0
     finally:
         torch.set_num_threads(previous)
-    assert spawned == [("_replicate", 2), ("_train_shard", 2)]  # only --processes 2 went to other processes
+    # Only --processes 2 went to other processes (in the continued run replicate 0's job finds its work done).
+    assert spawned == [("_replicate", 1), ("_train_shard", 2), ("_replicate", 2), ("_train_shard", 2)]
     one, two = (read_json(tmp_path / f"w{w}" / "study" / "results.json") for w in (1, 2))
     assert len(one) == 6 and [(r["method"], r["seed"], r["balanced_accuracy"]) for r in one] == \
         [(r["method"], r["seed"], r["balanced_accuracy"]) for r in two]

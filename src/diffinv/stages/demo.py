@@ -78,7 +78,7 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log:
 def _make_and_train(config: DemoConfig, out: Path, base: str, resolution: int, native: int, pool: Any, workers: int, *,
                     progress: bool, log: Callable[[str], None]) -> Path:
     """Steps 1-3 of the demo, in this process or spread over ``pool`` (``workers`` spawned processes); returns the study."""
-    from diffinv.stages.experiment import Study, finish_study, run_study
+    from diffinv.stages.experiment import Study, finish_study, run_study, write_study
 
     # 1-2. Every (size, replicate): invert its real subset, generate DI's and the rival's variants.
     jobs = [(config, base, k, r, out, resolution, native) for k in config.per_class for r in config.seeds]
@@ -106,6 +106,7 @@ def _make_and_train(config: DemoConfig, out: Path, base: str, resolution: int, n
     )
     if pool is None:
         return run_study(study, out / "study", progress=progress, log=log)
+    write_study(study, out / "study")  # a re-run with more seeds changes the study; its shards must agree on it
     run_all(pool, _train_shard, [(study, out / "study", Shard(i, workers)) for i in range(workers)])
     return finish_study(out / "study", log=log)
 

@@ -239,7 +239,7 @@ def run_study(study: Study, out: str | Path, progress: bool = True, log: Callabl
     # One process may change a study (add seeds ...) and continue it; shards must all run the same one.
     if not shard.whole and (out / "study.yaml").is_file() and read_yaml(out / "study.yaml") != _study_dict(study):
         raise RunError(f"{out} holds a study with other settings; every shard must run the same study YAML and overrides")
-    write_yaml(out / "study.yaml", _study_dict(study))
+    write_study(study, out)
     grid = cells(study)
     units = _units(out, grid, shard.count)
     for i in (i for i in range(len(grid)) if shard.owns(i)):  # finished cells too: each says it is skipped
@@ -253,6 +253,12 @@ def run_study(study: Study, out: str | Path, progress: bool = True, log: Callabl
     if not tables or not units.complete(strict=shard.whole, log=log):
         return None
     return _write_results(study, grid, out, log)
+
+
+def write_study(study: Study, out: str | Path) -> None:
+    """Record ``study`` as the one ``out`` runs: a launcher that changed it (more seeds ...) does so before its shards start."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_yaml(Path(out) / "study.yaml", _study_dict(study))
 
 
 def _units(out: Path, grid: list[Cell], shards: int) -> Units:
