@@ -451,12 +451,12 @@ class DemoConfig:
     train_repeats: int = opt(1, "classifiers per replicate and method (own seeds), averaged before the intervals")
     fast: bool = opt(False, "every count cut to the bone: checks the flow, not the method")
     device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
-    processes: int = opt(0, "processes for the replicates and the classifiers (0: one per CPU core up to 4, 1 on a GPU)",
+    processes: int = opt(0, "processes for the replicates and the classifiers (0: one per torch thread up to 4, 1 on a GPU)",
                        execution_only=True)
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        _check(self.processes >= 0, "processes must be >= 0 (0: one per CPU core up to 4)")
+        _check(self.processes >= 0, "processes must be >= 0 (0: one per torch thread up to 4)")
         _check(0 <= self.train_real_batch < self.train_batch, "train-real-batch must be >= 0 and below train-batch")
         _check(len(self.per_class) >= 1 and min(self.per_class + self.real_sizes) >= 1 and len(self.seeds) >= 1,
                "per-class and real-sizes must be >= 1, and at least one size and one seed given")

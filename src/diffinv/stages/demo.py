@@ -11,7 +11,6 @@ where it stopped and a finished demo only re-prints its table.
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -112,7 +111,7 @@ def _make_and_train(config: DemoConfig, out: Path, base: str, resolution: int, n
 
 
 def demo_workers(config: DemoConfig) -> int:
-    """Processes for the replicates and the classifiers: ``--processes``, else one per CPU core up to 4 (1 on a GPU).
+    """Processes for the replicates and the classifiers: ``--processes``, else one per core torch uses, up to 4 (1 on a GPU).
 
     The demo's models are so small that a second torch thread gains little: on 2 cores a
     replicate's inversion and sampling took 13.7 s with 2 threads against 19.5 s with 1 (two
@@ -126,20 +125,28 @@ def demo_workers(config: DemoConfig) -> int:
 
     if resolve_device(config.device).type != "cpu":
         return 1
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, _cores()))
 
 
 def process_pool(workers: int) -> Any:
-    """``workers`` fresh (spawned) processes with cores / workers torch threads each."""
+    """``workers`` fresh (spawned) processes sharing this process's torch threads (at least one each)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, _cores() // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                initargs=(threads,))
     for _ in range(workers):  # start them all now (the pool starts one per waiting job): their imports take seconds
         pool.submit(int)
     return pool
+
+
+def _cores() -> int:
+    # torch's own thread count (cores it may use; OMP_NUM_THREADS), not os.cpu_count(): in a container that is the
+    # host's, and 4 workers x 16 threads on a 2-core quota would thrash.
+    import torch
+
+    return torch.get_num_threads()
 
 
 def run_all(pool: Any, fn: Callable[..., Any], jobs: list[tuple]) -> None:
