@@ -114,10 +114,10 @@ def demo_workers(config: DemoConfig) -> int:
     """Processes for the replicates and the classifiers: ``--processes``, else one per core torch uses, up to 4 (1 on a GPU).
 
     The demo's models are so small that a second torch thread gains little: on 2 cores a
-    replicate's inversion and sampling took 13.7 s with 2 threads against 19.5 s with 1 (two
-    processes: two replicates in that time), a classifier 1.85 s against 1.9 s. Results depend on
-    the torch threads of the process that makes them, as any CPU run's do (each worker has
-    cores / workers of them: 1 on a 2-core machine).
+    replicate's inversion and sampling took 13.7 s with 2 threads against 19.5 s with 1 alone
+    (~22 s each when two processes share the cores), a classifier 1.85 s against 1.9 s. Results
+    depend on the torch threads of the process that makes them, as any CPU run's do (each worker
+    has this process's threads / workers of them: 1 on a 2-core machine).
     """
     if config.processes:
         return config.processes
