@@ -4,7 +4,8 @@
 #   bash benchmarks/di_settings_sweep.sh DEMO_OUT SEED...
 # DEMO_OUT is `diffinv demo --seeds ... --out DEMO_OUT`; every set goes to DEMO_OUT/sweep/<setting>/r<seed>.
 # Each candidate differs from the demo's DI set in one or two settings only (same keyed noise otherwise).
-# "enc" is DI with the base encoder's own tokens (`invert --init encoder --steps 0`): no inversion at all.
+# "enc" is DI with the base encoder's own tokens (`invert --init encoder --steps 0`): no inversion at all;
+# "enc-x10-st4" / "inv8-x10-st4": the encoder's tokens / 8 inversion steps from them, then x10-st4's generation.
 # SETTINGS="enc g4" (in the environment) makes only those; K=2 sweeps a demo run with --per-class 2 (default 5).
 set -euo pipefail
 demo=$1; shift
@@ -18,6 +19,11 @@ declare -A flags=(
   [x10-st6]="--per-image 10 --steps 6" [img2img-x10]="--method img2img --per-image 10"
   [img2img-x10-st6]="--method img2img --per-image 10 --steps 6"
   [x10-st4]="--per-image 10 --steps 4" [img2img-x10-st4]="--method img2img --per-image 10 --steps 4"
+  [x10-st4-n0.3]="--per-image 10 --steps 4 --noise 0.3" [x10-st4-s0.5-n0.3]="--per-image 10 --steps 4 --interp 0.5 --noise 0.3"
+  [x10-st4-g1]="--per-image 10 --steps 4 --guidance 1" [x10-st4-n0.5]="--per-image 10 --steps 4 --noise 0.5"
+  [x10-st4-g1-n0.5]="--per-image 10 --steps 4 --guidance 1 --noise 0.5"
+  [img2img-x10-st4-g1]="--method img2img --per-image 10 --steps 4 --guidance 1"
+  [img2img-x10-st4-0.75]="--method img2img --per-image 10 --steps 4 --strength 0.75"
 )
 for r in "$@"; do
   store=$demo/k$k/r$r/store
@@ -26,6 +32,13 @@ for r in "$@"; do
       # the same images, model and settings as the demo's store, but the encoder's tokens kept as they are
       diffinv invert --config "$store/config.yaml" --init encoder --steps 0 --out "$demo/sweep/enc-store/r$r" --resume --quiet
       diffinv generate --store "$demo/sweep/enc-store/r$r" --save-size "$save" --out "$demo/sweep/enc/r$r" --resume --quiet
+    elif [[ $name =~ ^(enc|inv([0-9]+))-(.+)$ ]]; then
+      # enc-SETTING / invN-SETTING: the encoder's tokens, or N inversion steps from them, then SETTING's generation
+      isteps=${BASH_REMATCH[2]:-0}; prefix=${BASH_REMATCH[1]}
+      diffinv invert --config "$store/config.yaml" --init encoder --steps "$isteps" --out "$demo/sweep/$prefix-store/r$r" --resume --quiet
+      # shellcheck disable=SC2086
+      diffinv generate --store "$demo/sweep/$prefix-store/r$r" --save-size "$save" --out "$demo/sweep/$name/r$r" --resume --quiet \
+        ${flags[${BASH_REMATCH[3]}]}
     else
       # shellcheck disable=SC2086  # the flags are words on purpose
       diffinv generate --store "$store" --save-size "$save" --out "$demo/sweep/$name/r$r" --resume --quiet ${flags[$name]}

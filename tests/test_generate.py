@@ -280,6 +280,18 @@ def test_every_method_runs_end_to_end_from_the_cli(stores, tmp_path, capsys):
     assert files["cat/cat-00000.png"] != files["dog/dog-00000.png"]
 
 
+def test_img2img_strength_between_whole_steps_is_named_and_acts_as_the_lower_one(stores, tmp_path, capsys):
+    _, _, store_dir, _ = stores
+    argv = ["generate", "--store", str(store_dir), "--method", "img2img", "--per-image", "1", "--steps", "4", "--quiet"]
+    for strength in ("0.5", "0.7"):
+        assert main([*argv, "--strength", strength, "--out", str(tmp_path / strength)]) == 0
+    assert "--strength 0.7 acts as 0.5" in capsys.readouterr().out
+    assert _files(tmp_path / "0.7") == _files(tmp_path / "0.5")  # what the note says: the same 2 of 4 steps
+    assert main([*argv, "--strength", "0.75", "--out", str(tmp_path / "0.75")]) == 0
+    assert "acts as" not in capsys.readouterr().out
+    assert _files(tmp_path / "0.75") != _files(tmp_path / "0.5")
+
+
 def test_class_store_has_one_row_per_class(stores):
     _, _, _, class_dir = stores
     store = EmbeddingStore.open(class_dir)
@@ -293,6 +305,7 @@ def test_class_store_has_one_row_per_class(stores):
     (["--template", "a photo"], "must contain {}"),
     (["--method", "img2img", "--img2img-embedding", "class"], "needs --class-store"),
     (["--method", "prompt", "--model", "NOMODEL"], "does not exist"),
+    (["--method", "img2img", "--steps", "4", "--strength", "0.2"], "runs no denoising step"),
 ])
 def test_bad_generate_options_are_clear_errors(stores, tmp_path, capsys, argv, message):
     _, _, store_dir, _ = stores

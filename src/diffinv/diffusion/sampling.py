@@ -30,6 +30,14 @@ def guided_prediction(backbone: Backbone, x: torch.Tensor, t: torch.Tensor, cond
     return cfg_combine(uncond_out, cond_out, guidance)
 
 
+def img2img_steps(steps: int, strength: float) -> int:
+    """Denoising steps img2img runs at ``strength`` of a ``steps``-step schedule (diffusers' rule: rounded down).
+
+    So the strength acts in multiples of 1 / steps: at 4 steps, 0.5 and 0.7 both run 2.
+    """
+    return min(int(steps * strength), steps)
+
+
 @torch.no_grad()
 def sample_latents(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor, *,
                    sampler: str, steps: int, guidance: float, keys: torch.Tensor | None = None, eta: float = 0.0,
@@ -56,7 +64,7 @@ def sample_latents(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor 
     if start is None:
         x = noise * scheduler.init_noise_sigma
     else:
-        t_start = max(steps - min(int(steps * strength), steps), 0)
+        t_start = steps - img2img_steps(steps, strength)
         timesteps = timesteps[t_start * scheduler.order:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)

@@ -41,6 +41,8 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     # 1. Stores, checked before anything slow happens.
     store = _open_store(config.store, "store")
     method.check(config, store)
+    for note in method.notes(config):
+        log(note)
     extra = {name: _open_store(path, name) for name, path in method.extra_stores(config).items()}
     model = config.model or store.info.get("model_path", store.info["model"])
     # Inside the real data's folder the synthetic images would later be read as a class of real ones.

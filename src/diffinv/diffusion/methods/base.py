@@ -51,6 +51,10 @@ class Method:
         if store.info.get("target", "image") != self.store_target:
             raise StoreError(self.wrong_store_message(store))
 
+    def notes(self, config: GenerateConfig) -> list[str]:
+        """What the user should know about how these settings act (logged before generating); none by default."""
+        return []
+
     def wrong_store_message(self, store: EmbeddingStore) -> str:
         return (f"{store.root} holds one embedding per class; --method {self.name} needs a per-image store "
                 f"(`diffinv invert` without --target class)")

@@ -6,6 +6,7 @@ With ``--img2img-embedding class`` it is denoised with its class's embedding ins
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -14,7 +15,9 @@ from diffinv.config import GenerateConfig
 from diffinv.data.real import DataError, LabelledImages, load_pixels, open_images
 from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.methods.base import Conditioning, Method, Row, add_partners, per_image_rows, perturbed, uncond_for
+from diffinv.diffusion.sampling import img2img_steps
 from diffinv.diffusion.store import EmbeddingStore, StoreError
+from diffinv.errors import UserError
 from diffinv.runs import read_yaml
 
 
@@ -25,6 +28,18 @@ class Img2Img(Method):
         super().check(config, store)
         if config.img2img_embedding == "class" and not config.class_store:
             raise StoreError("--img2img-embedding class needs --class-store DIR (from `diffinv invert --target class`)")
+        if img2img_steps(config.steps, config.strength) == 0:
+            raise UserError(f"--strength {config.strength} at --steps {config.steps} runs no denoising step (the real image "
+                            f"would come back noised); raise --steps to at least {math.ceil(1 / config.strength)} or --strength")
+
+    def notes(self, config: GenerateConfig) -> list[str]:
+        # The schedule is cut at whole steps, so a strength between two of them silently acts as the lower one.
+        n = img2img_steps(config.steps, config.strength)
+        if abs(n / config.steps - config.strength) < 1e-9:
+            return []
+        note = (f"img2img runs {n} of {config.steps} steps: --strength {config.strength} acts as {n / config.steps:g} "
+                f"(strengths act in multiples of 1 / --steps; more --steps give finer ones)")
+        return [note]
 
     def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
         rows = per_image_rows(config, store, common)
