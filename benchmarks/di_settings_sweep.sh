@@ -28,17 +28,14 @@ declare -A flags=(
 for r in "$@"; do
   store=$demo/k$k/r$r/store
   for name in $settings; do
-    if [ "$name" = enc ]; then
-      # the same images, model and settings as the demo's store, but the encoder's tokens kept as they are
-      diffinv invert --config "$store/config.yaml" --init encoder --steps 0 --out "$demo/sweep/enc-store/r$r" --resume --quiet
-      diffinv generate --store "$demo/sweep/enc-store/r$r" --save-size "$save" --out "$demo/sweep/enc/r$r" --resume --quiet
-    elif [[ $name =~ ^(enc|inv([0-9]+))-(.+)$ ]]; then
-      # enc-SETTING / invN-SETTING: the encoder's tokens, or N inversion steps from them, then SETTING's generation
-      isteps=${BASH_REMATCH[2]:-0}; prefix=${BASH_REMATCH[1]}
+    if [[ $name =~ ^(enc|inv([0-9]+))(-(.+))?$ ]]; then
+      # enc[-SETTING] / invN-SETTING: the demo store's images, model and settings, but the encoder's tokens kept as
+      # they are (no inversion at all) or N inversion steps from them; then SETTING's generation (default: generate's)
+      prefix=${BASH_REMATCH[1]}; isteps=${BASH_REMATCH[2]:-0}; setting=${BASH_REMATCH[4]}
       diffinv invert --config "$store/config.yaml" --init encoder --steps "$isteps" --out "$demo/sweep/$prefix-store/r$r" --resume --quiet
       # shellcheck disable=SC2086
       diffinv generate --store "$demo/sweep/$prefix-store/r$r" --save-size "$save" --out "$demo/sweep/$name/r$r" --resume --quiet \
-        ${flags[${BASH_REMATCH[3]}]}
+        ${setting:+${flags[$setting]}}
     else
       # shellcheck disable=SC2086  # the flags are words on purpose
       diffinv generate --store "$store" --save-size "$save" --out "$demo/sweep/$name/r$r" --resume --quiet ${flags[$name]}
