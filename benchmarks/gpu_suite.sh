@@ -8,4 +8,4 @@ source benchmarks/gpu_env.sh
 out=${RESULTS:-runs/gpu}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv > "$out/gpu_info.csv" 2>&1
-timeout "${SUITE_TIMEOUT:-420}" python3 benchmarks/gpu_suite.py --out "$out/gpu_suite.json" 2>&1 | grep -v "should be kept in float32" | tee "$out/gpu_suite.log"
+timeout "${SUITE_TIMEOUT:-420}" python3 benchmarks/gpu_suite.py --steps "${SUITE_STEPS:-5}" --out "$out/gpu_suite.json" 2>&1 | grep -v "should be kept in float32" | tee "$out/gpu_suite.log"
