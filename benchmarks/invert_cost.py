@@ -67,8 +67,11 @@ GRID = (0, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3
 def run_recipe(name: str, backbone, pixels: torch.Tensor, keys: torch.Tensor, base: str, steps: int,
                encoder=None) -> dict:
     """Invert ``pixels`` [N, 3, R, R] with one recipe; its loss curve and timings."""
+    from diffinv.diffusion.encoder import encoder_tokens
+
     config = load_config(InvertConfig, None, {"model": base, "data": "-", "resolution": pixels.shape[-1], "steps": steps,
-                                              "checkpoint_every": 1, "log_every": steps, **RECIPES[name]})
+                                              "checkpoint_every": 1, "log_every": steps,
+                                              "tokens": encoder_tokens(base) or InvertConfig.tokens, **RECIPES[name]})
     clean = backbone.encode(pixels).mean
     curve, spent = [], {"eval": 0.0}
 

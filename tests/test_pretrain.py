@@ -12,6 +12,7 @@ import diffinv.stages.pretrain as pretrain
 from diffinv.cli import main
 from diffinv.config import ConfigError, DemoConfig, PretrainConfig, load_config
 from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.store import EmbeddingStore
 from diffinv.runs import read_json, read_yaml
 
 TINY = dict(resolution=8, channels=(16, 32), layers_per_block=1, cross_attention_dim=16, tokens=2, batch_size=16,
@@ -151,6 +152,9 @@ def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
         for method in ("di", "img2img"):
             rows = [json.loads(line) for line in (out / "k2" / f"r{r}" / method / "manifest.jsonl").read_text().splitlines()]
             assert len(rows) == 40 and {row["save_size"] for row in rows} == {8}
+    # The base has 2 tokens: the demo inverts 2 (its encoder's start), and the store's header says so.
+    store = EmbeddingStore.open(out / "k2" / "r0" / "store")
+    assert list(store.embeddings.shape[1:]) == read_json(out / "k2" / "r0" / "store" / "store.json")["cond_shape"] == [2, 16]
     subsets = [{row["id"] for row in read_json(p)} for r in (0, 1) for p in (out / "k2" / f"r{r}" / "store" / "parts").glob("*.json")]
     assert len(subsets) == 2 and subsets[0] != subsets[1]
     # A second run finds everything done and prints the same table.
@@ -244,6 +248,24 @@ def test_encoder_tokens_start_inversion_closer_than_noise(tmp_path, tiny_latent)
         store("encoder", tiny_latent, 16)
     with pytest.raises(ConfigError, match="per-image"):
         InvertConfig(init="encoder", target="class")
+
+
+def test_inverting_from_the_encoder_takes_its_token_count_or_says_which(tiny_base, tmp_path, capsys):
+    """A base pretrained with K = 2: --init encoder with --tokens 5 once stored 2-token embeddings under a
+    5-token header; now it is a clear error naming --tokens 2, and --tokens 2 stores what its header says."""
+    common = ["invert", "--model", str(tiny_base), "--data", "digits", "--per-class", "1", "--steps", "1", "--device", "cpu",
+              "--quiet"]
+    argv = [*common, "--init", "encoder"]
+    assert main([*argv, "--tokens", "5", "--out", str(tmp_path / "five")]) == 2
+    err = capsys.readouterr().err
+    assert "makes 2 tokens" in err and "--tokens 2" in err and "Traceback" not in err
+    assert main([*argv, "--tokens", "2", "--out", str(tmp_path / "two")]) == 0
+    store = EmbeddingStore.open(tmp_path / "two")
+    assert list(store.embeddings.shape[1:]) == read_json(tmp_path / "two" / "store.json")["cond_shape"] == [2, 16]
+    # From noise the token count is the user's choice; the log says the base was pretrained with another.
+    assert main([*common, "--init", "random", "--tokens", "5", "--out", str(tmp_path / "random")]) == 0
+    printed = capsys.readouterr()
+    assert "pretrained with 2 conditioning tokens" in printed.err + printed.out
 
 
 def test_zero_steps_from_the_encoder_keep_its_tokens(tmp_path):

@@ -43,6 +43,17 @@ class TokenEncoder(nn.Module):
         return self.norm(self.net(x).view(-1, self.tokens, self.dim))
 
 
+def encoder_tokens(model: str | Path) -> int | None:
+    """K of the token encoder a ``pretrain-base`` folder saved (read from its header only); None without one."""
+    from safetensors import safe_open
+
+    path = Path(model) / "encoder.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return int((f.metadata() or {})["tokens"])
+
+
 def load_encoder(model: str | Path) -> TokenEncoder:
     """The token encoder a ``pretrain-base`` folder saved beside its UNet (for ``invert --init encoder``)."""
     from safetensors import safe_open

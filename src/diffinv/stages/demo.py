@@ -178,12 +178,15 @@ def _start_worker(threads: int) -> None:
 def _replicate(config: DemoConfig, base: str, k: int, r: int, out: Path, resolution: int, native: int, *,
                progress: bool = False, log: Callable[[str], None] = print) -> None:
     """Replicate r of size k: its subset inverted into ``out/kK/rR/store``, then DI's and the rival's variants."""
+    from diffinv.diffusion.encoder import encoder_tokens
     from diffinv.stages.generate import generate_dataset
     from diffinv.stages.invert import invert_dataset
 
     # 1. Invert replicate r's few-shot real subset: one conditioning per image.
-    log(f"1/4 inverting {k} images per class of {config.data} (replicate {r}) into {base} at {resolution} px")
-    invert = InvertConfig(model=base, data=config.data, per_class=k, subset_seed=config.subset_seed + r,
+    log(f"1/4 inverting {k} images per class of {config.data} (replicate {r}) with {base} at {resolution} px")
+    # As many tokens as the base was pretrained with (its encoder's K); SD-style models: the paper's 5.
+    tokens = encoder_tokens(base) or InvertConfig.tokens
+    invert = InvertConfig(model=base, data=config.data, per_class=k, subset_seed=config.subset_seed + r, tokens=tokens,
                           val_per_class=config.val_per_class, resolution=resolution, steps=config.invert_steps, lr=config.invert_lr,
                           init=config.invert_init, device=config.device, checkpoint_every=max(1, config.invert_steps // 4))
     store = invert_dataset(invert, out / f"k{k}" / f"r{r}" / "store", resume=True, progress=progress, log=log)

@@ -21,6 +21,7 @@ from diffinv.config import InvertConfig, config_to_dict
 from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images, select, validation_ids
 from diffinv.device import check_precision, halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import Backbone, ModelError, load_backbone
+from diffinv.diffusion.encoder import EncoderError, encoder_tokens, load_encoder
 from diffinv.diffusion.inversion import STREAM_DONE, InversionError, encode_images, invert_items
 from diffinv.diffusion.store import CLASS_PREFIX, MARKER, EmbeddingStore, StoreError, StoreWriter, damage, part_name, read_rows
 from diffinv.runs import RunError, Units, check_free_space, open_output, read_json, read_yaml, remove_temporaries, write_yaml
@@ -72,10 +73,17 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     if backbone.extra_tokens and config.init == "encoder":
         raise ModelError("--init encoder is for pretrain-base models, not SDXL; use --init random or uniform")
     encoder = None
+    trained_tokens = encoder_tokens(config.model) if Path(config.model).is_dir() else None
     if config.init == "encoder":
-        from diffinv.diffusion.encoder import load_encoder
-
         encoder = load_encoder(config.model).to(device)
+        if encoder.tokens != config.tokens:
+            # The start's shape would win over --tokens silently, and the store's header would say otherwise.
+            raise EncoderError(f"{config.model}'s encoder makes {encoder.tokens} tokens, and --init encoder starts "
+                               f"from them: pass --tokens {encoder.tokens} (or --init random to learn {config.tokens} "
+                               f"tokens from noise)")
+    elif trained_tokens is not None and trained_tokens != config.tokens:
+        log(f"note: {config.model} was pretrained with {trained_tokens} conditioning tokens; inverting {config.tokens} "
+            f"(--tokens {trained_tokens} matches it)")
     elif config.init == "text":
         # One start per class, the same for each of its images: [C, K, D], indexed by label.
         starts = backbone.encode_prompt_tokens([config.init_template.format(c) for c in images.classes], config.tokens)
