@@ -6,11 +6,14 @@
 # Each candidate differs from the demo's DI set in one or two settings only (same keyed noise otherwise).
 # "enc" is DI with the base encoder's own tokens (`invert --init encoder --steps 0`): no inversion at all;
 # "enc-x10-st4" / "inv8-x10-st4": the encoder's tokens / 8 inversion steps from them, then x10-st4's generation.
-# SETTINGS="enc g4" (in the environment) makes only those; K=2 sweeps a demo run with --per-class 2 (default 5).
+# SETTINGS="enc g4" (in the environment) makes only those; K=2 sweeps a demo run with --per-class 2 (default 5);
+# SWEEP=sweep-k10 writes under DEMO_OUT/sweep-k10 instead (a demo with several sizes: one folder per size).
+# The st4c-* settings are the PneumoniaMNIST studies' generation (4 steps, --clip-x0 --unit-noise, 5 per image).
 set -euo pipefail
 demo=$1; shift
 save=${SAVE_SIZE:-8}
 k=${K:-5}
+sweep=${SWEEP:-sweep}
 settings=${SETTINGS:-"s0.5 n0.3 s0.5-n0.3 g4 x20 s0.5-n0.3-x20 img2img-0.3 img2img-0.7 enc"}
 declare -A flags=(
   [g3]="--guidance 3" [s0.5]="--interp 0.5" [n0.3]="--noise 0.3" [s0.5-n0.3]="--interp 0.5 --noise 0.3" [g4]="--guidance 4"
@@ -24,6 +27,8 @@ declare -A flags=(
   [x10-st4-g1-n0.5]="--per-image 10 --steps 4 --guidance 1 --noise 0.5"
   [img2img-x10-st4-g1]="--method img2img --per-image 10 --steps 4 --guidance 1"
   [img2img-x10-st4-0.75]="--method img2img --per-image 10 --steps 4 --strength 0.75"
+  [st4c-g1-n0.5]="--steps 4 --clip-x0 --unit-noise --guidance 1 --noise 0.5"
+  [img2img-st4c-g1]="--method img2img --steps 4 --clip-x0 --unit-noise --guidance 1"
 )
 for r in "$@"; do
   store=$demo/k$k/r$r/store
@@ -32,13 +37,13 @@ for r in "$@"; do
       # enc[-SETTING] / invN-SETTING: the demo store's images, model and settings, but the encoder's tokens kept as
       # they are (no inversion at all) or N inversion steps from them; then SETTING's generation (default: generate's)
       prefix=${BASH_REMATCH[1]}; isteps=${BASH_REMATCH[2]:-0}; setting=${BASH_REMATCH[4]}
-      diffinv invert --config "$store/config.yaml" --init encoder --steps "$isteps" --out "$demo/sweep/$prefix-store/r$r" --resume --quiet
+      diffinv invert --config "$store/config.yaml" --init encoder --steps "$isteps" --out "$demo/$sweep/$prefix-store/r$r" --resume --quiet
       # shellcheck disable=SC2086
-      diffinv generate --store "$demo/sweep/$prefix-store/r$r" --save-size "$save" --out "$demo/sweep/$name/r$r" --resume --quiet \
+      diffinv generate --store "$demo/$sweep/$prefix-store/r$r" --save-size "$save" --out "$demo/$sweep/$name/r$r" --resume --quiet \
         ${setting:+${flags[$setting]}}
     else
       # shellcheck disable=SC2086  # the flags are words on purpose
-      diffinv generate --store "$store" --save-size "$save" --out "$demo/sweep/$name/r$r" --resume --quiet ${flags[$name]}
+      diffinv generate --store "$store" --save-size "$save" --out "$demo/$sweep/$name/r$r" --resume --quiet ${flags[$name]}
     fi
   done
   echo "r$r done"
