@@ -266,6 +266,15 @@ def test_inverting_from_the_encoder_takes_its_token_count_or_says_which(tiny_bas
     assert main([*common, "--init", "random", "--tokens", "5", "--out", str(tmp_path / "random")]) == 0
     printed = capsys.readouterr()
     assert "pretrained with 2 conditioning tokens" in printed.err + printed.out
+    assert list(EmbeddingStore.open(tmp_path / "random").embeddings.shape[1:]) == [5, 16]
+    # ... and a computed start other than the encoder's is still taken (here the class-level store's).
+    assert main([*common, "--target", "class", "--tokens", "5", "--out", str(tmp_path / "classes")]) == 0
+    assert main([*common, "--init", "class", "--init-store", str(tmp_path / "classes"), "--tokens", "5", "--lr", "1e-12",
+                 "--warmup", "0", "--out", str(tmp_path / "from-class")]) == 0
+    classes, images = EmbeddingStore.open(tmp_path / "classes"), EmbeddingStore.open(tmp_path / "from-class")
+    by_label = {row["label"]: classes.embeddings[i] for i, row in enumerate(classes.rows)}
+    for i, row in enumerate(images.rows):
+        torch.testing.assert_close(images.embeddings[i], by_label[row["label"]], atol=1e-4, rtol=0)
 
 
 def test_zero_steps_from_the_encoder_keep_its_tokens(tmp_path):

@@ -73,7 +73,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     if backbone.extra_tokens and config.init == "encoder":
         raise ModelError("--init encoder is for pretrain-base models, not SDXL; use --init random or uniform")
     encoder = None
-    trained_tokens = encoder_tokens(config.model) if Path(config.model).is_dir() else None
+    trained_tokens = encoder_tokens(config.model)  # pretrain-base models only; None for SD
     if config.init == "encoder":
         encoder = load_encoder(config.model).to(device)
         if encoder.tokens != config.tokens:
@@ -84,7 +84,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     elif trained_tokens is not None and trained_tokens != config.tokens:
         log(f"note: {config.model} was pretrained with {trained_tokens} conditioning tokens; inverting {config.tokens} "
             f"(--tokens {trained_tokens} matches it)")
-    elif config.init == "text":
+    if config.init == "text":
         # One start per class, the same for each of its images: [C, K, D], indexed by label.
         starts = backbone.encode_prompt_tokens([config.init_template.format(c) for c in images.classes], config.tokens)
         encoder = _ByLabel(starts)
