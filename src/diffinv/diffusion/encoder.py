@@ -43,27 +43,29 @@ class TokenEncoder(nn.Module):
         return self.norm(self.net(x).view(-1, self.tokens, self.dim))
 
 
-def encoder_tokens(model: str | Path) -> int | None:
-    """K of the token encoder a ``pretrain-base`` folder saved (read from its header only); None without one."""
+def _header(model: str | Path) -> dict[str, str] | None:
+    """The metadata of a ``pretrain-base`` folder's ``encoder.safetensors`` (no weights read); None without one."""
     from safetensors import safe_open
 
     path = Path(model) / "encoder.safetensors"
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
-        return int((f.metadata() or {})["tokens"])
+        return f.metadata() or {}
+
+
+def encoder_tokens(model: str | Path) -> int | None:
+    """K of the token encoder a ``pretrain-base`` folder saved; None without one."""
+    meta = _header(model)
+    return None if meta is None else int(meta["tokens"])
 
 
 def load_encoder(model: str | Path) -> TokenEncoder:
     """The token encoder a ``pretrain-base`` folder saved beside its UNet (for ``invert --init encoder``)."""
-    from safetensors import safe_open
-
-    path = Path(model) / "encoder.safetensors"
-    if not path.is_file():
-        raise EncoderError(f"--init encoder needs the encoder that `diffinv pretrain-base` saves ({path} does not exist); "
-                       f"use --init random with other models")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = _header(model)
+    if meta is None:
+        raise EncoderError(f"--init encoder needs the encoder that `diffinv pretrain-base` saves "
+                           f"({Path(model) / 'encoder.safetensors'} does not exist); use --init random with other models")
     encoder = TokenEncoder(int(meta.get("in_channels", 3)), int(meta["tokens"]), int(meta["dim"]))
-    encoder.load_state_dict(load_file(str(path)))
+    encoder.load_state_dict(load_file(str(Path(model) / "encoder.safetensors")))
     return encoder.eval().requires_grad_(False)
