@@ -4,11 +4,11 @@
 # in the thousands (small bases are launch-bound, so three processes lose little). Each stops after
 # $SECONDS_PER_BASE s (or its --steps) and saves its bias-corrected weight average; each comes back
 # as a tar.gz in $RESULTS. BASE_SET picks the three:
-#   long   (2026-11-27): digits 8 px (the demo's, ~5x the embedded base's 384 steps), CIFAR-10 16 px
-#          and PneumoniaMNIST 16 px;
-#   narrow (2026-11-27, second lease): digits 8 px with conditioning too narrow to hold the image
+#   long   (2026-11-27, the second lease): digits 8 px (the demo's, ~5x the embedded base's 384 steps),
+#          CIFAR-10 16 px and PneumoniaMNIST 16 px;
+#   narrow (2026-11-27, the third lease): digits 8 px with conditioning too narrow to hold the image
 #          (5 x 16 and 2 x 16 numbers instead of 5 x 64; and 5 x 64 with token noise 1.0), each
-#          1,327 steps like the shared-card digits base of the first lease, so width is what differs.
+#          1,327 steps like the `long` set's shared-card digits base, so width is what differs.
 # Data: .gpu3/ holds cifar10-train.tar.gz, mnist8-train.npz, pneumoniamnist-train.npz
 # (benchmarks/README.md says how they were packed; `narrow` needs only mnist8-train.npz).
 set -uo pipefail
