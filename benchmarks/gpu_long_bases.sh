@@ -8,7 +8,9 @@
 #          CIFAR-10 16 px and PneumoniaMNIST 16 px;
 #   narrow (2026-11-27, the third lease): digits 8 px with conditioning too narrow to hold the image
 #          (5 x 16 and 2 x 16 numbers instead of 5 x 64; and 5 x 64 with token noise 1.0), each
-#          1,327 steps like the `long` set's shared-card digits base, so width is what differs.
+#          1,327 steps like the `long` set's shared-card digits base, so width is what differs;
+#   cifar  (2026-11-27, the fourth lease): one CIFAR-10 16 px base alone on the card (the `long` set's
+#          shared-card one reached only 600 steps: still noise).
 # Data: .gpu3/ holds cifar10-train.tar.gz, mnist8-train.npz, pneumoniamnist-train.npz
 # (benchmarks/README.md says how they were packed; `narrow` needs only mnist8-train.npz).
 set -uo pipefail
@@ -16,7 +18,7 @@ cd "$(dirname "$0")/.."
 out=${RESULTS:-runs/gpu}; data=${GPU_DATA:-.gpu3}; secs=${SECONDS_PER_BASE:-270}; work=${WORK:-/tmp/diffinv-gpu}
 mkdir -p "$out" "$work/data" "$work/bases" && out=$(cd "$out" && pwd)
 set_=${BASE_SET:-long}
-[[ $set_ == long || $set_ == narrow ]] || { echo "BASE_SET must be long or narrow; got $set_" >&2; exit 2; }
+[[ $set_ == long || $set_ == narrow || $set_ == cifar ]] || { echo "BASE_SET must be long, narrow or cifar; got $set_" >&2; exit 2; }
 [[ -n ${SKIP_SUITE:-} ]] || SUITE_TIMEOUT=${SUITE_TIMEOUT:-150} RESULTS="$out" bash benchmarks/gpu_suite.sh
 source benchmarks/gpu_env.sh
 [[ $set_ == narrow ]] || tar xzf "$data/cifar10-train.tar.gz" -C "$work/data" || exit 1
@@ -38,6 +40,9 @@ if [[ $set_ == long ]]; then
   base cifar16-inv-2k --data "$work/data/cifar10" --resolution 16 --channels 32,64 --hflip --batch-size 2048 & pids+=($!)
   base pneumonia16-inv-2k --data "$data/pneumoniamnist-train.npz" --resolution 16 --channels 32,64 \
     --view-min-area 0.5 --batch-size 1024 & pids+=($!)
+elif [[ $set_ == cifar ]]; then
+  names=(cifar16-inv-alone)
+  base cifar16-inv-alone --data "$work/data/cifar10" --resolution 16 --channels 32,64 --hflip --batch-size 2048 & pids=($!)
 else
   names=(digits8-k5d16 digits8-k2d16 digits8-k5d64-tn1)
   steps=${NARROW_STEPS:-1327}
