@@ -8,7 +8,8 @@
 # "enc-x10-st4" / "inv8-x10-st4": the encoder's tokens / 8 inversion steps from them, then x10-st4's generation.
 # SETTINGS="enc g4" (in the environment) makes only those; K=2 sweeps a demo run with --per-class 2 (default 5);
 # SWEEP=sweep-k10 writes under DEMO_OUT/sweep-k10 instead (a demo with several sizes: one folder per size).
-# The st4c-* settings are the PneumoniaMNIST studies' generation (4 steps, --clip-x0 --unit-noise, 5 per image).
+# The st4c-* settings are the PneumoniaMNIST studies' generation (4 steps, --clip-x0 --unit-noise, 5 per image);
+# x10-st4c-* the CIFAR-10 study's on its GPU base (the same with 10 per image).
 set -euo pipefail
 demo=$1; shift
 save=${SAVE_SIZE:-8}
@@ -29,6 +30,8 @@ declare -A flags=(
   [img2img-x10-st4-0.75]="--method img2img --per-image 10 --steps 4 --strength 0.75"
   [st4c-g1-n0.5]="--steps 4 --clip-x0 --unit-noise --guidance 1 --noise 0.5"
   [img2img-st4c-g1]="--method img2img --steps 4 --clip-x0 --unit-noise --guidance 1"
+  [x10-st4c-g1-n0.5]="--per-image 10 --steps 4 --clip-x0 --unit-noise --guidance 1 --noise 0.5"
+  [img2img-x10-st4c-g1]="--method img2img --per-image 10 --steps 4 --clip-x0 --unit-noise --guidance 1"
 )
 for r in "$@"; do
   store=$demo/k$k/r$r/store
