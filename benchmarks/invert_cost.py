@@ -53,6 +53,10 @@ RECIPES: dict[str, dict] = {
     "encoder-lr0.3-cosine-strat-anti": {**_COSINE, "lr": 0.3, "timesteps": "stratified", "draws": "antithetic", "init": "encoder"},
     "encoder-lr0.1-cosine-strat-anti": {**_COSINE, "lr": 0.1, "timesteps": "stratified", "draws": "antithetic", "init": "encoder"},
     "encoder-lr1-cosine-strat-anti": {**_COSINE, "lr": 1.0, "timesteps": "stratified", "draws": "antithetic", "init": "encoder"},
+    # Importance-sampled timesteps (--timesteps importance): a pilot draw per tenth of the schedule, then
+    # t drawn in proportion to the root of the image's gradient second moment there, loss reweighted.
+    "lr0.3-cosine-imp-anti": {**_COSINE, "lr": 0.3, "timesteps": "importance", "draws": "antithetic"},
+    "encoder-lr0.3-cosine-imp-anti": {**_COSINE, "lr": 0.3, "timesteps": "importance", "draws": "antithetic", "init": "encoder"},
     # Per-image early stopping (--early-stop): an image stops when its loss fell by less than 1% over
     # its last check; image-steps are then the sum of each image's own steps.
     "ours-early": {"early_stop": 0.01, "check_every": 25},
@@ -82,9 +86,9 @@ def run_recipe(name: str, backbone, pixels: torch.Tensor, keys: torch.Tensor, ba
         curve.append({"step": step, "image_steps": step * len(keys), "seconds": round(time.perf_counter() - start - spent["eval"], 2),
                       "loss": loss})
 
-    def checkpoint(step: int, embeddings: torch.Tensor, optimiser) -> None:
+    def checkpoint(step: int, tensors: dict[str, torch.Tensor], optimiser) -> None:
         if step in GRID:
-            measure(step, embeddings)
+            measure(step, tensors["embeddings"])
 
     init = None
     if config.init == "encoder":

@@ -89,7 +89,9 @@ def test_two_runs_on_halves_equal_one_run(tiny_latent, image_tree, tmp_path):
         half.symlink_to(image_tree / c)
         invert_dataset(_config(tiny_latent, half.parent), tmp_path / f"store-{c}", progress=False)
     halves = [EmbeddingStore.open(tmp_path / f"store-{c}") for c in ("cat", "dog")]
-    torch.testing.assert_close(torch.cat([h.embeddings for h in halves]), full.embeddings, rtol=1e-4, atol=1e-5)
+    # Equal up to float noise: another batch size runs other kernels (~1e-7 relative), and Adam turns a
+    # coordinate whose gradient is near its eps (1e-8) into an update of lr x that relative noise.
+    torch.testing.assert_close(torch.cat([h.embeddings for h in halves]), full.embeddings, rtol=1e-4, atol=3e-4)
 
 
 def test_interrupt_then_resume_equals_uninterrupted(tiny_latent, image_tree, tmp_path):
@@ -240,6 +242,54 @@ def test_antithetic_draws_pair_steps_with_negated_noise_and_per_image_steps_agre
     assert not torch.allclose(n1, -draws[0][1])
 
 
+def test_importance_timesteps_pilot_every_bin_then_follow_the_proposal_with_unbiased_weights():
+    from diffinv.diffusion.objective import importance_weights, pilot_steps, timestep_bins, timestep_proposal, training_timesteps
+
+    keys, T = rng.keys_tensor(0, ["a", "b", "c"]), 1000
+    # Image a's gradients were 4x larger in the lowest bin than in the top seven; b has no pilot yet.
+    stats = torch.tensor([[16.0, 9, 4, 1, 1, 1, 1, 1, 1, 1], [0.0] * 10, [1.0] * 10])
+    proposal = timestep_proposal(stats)
+    assert proposal[0, 0] / proposal[0, 9] == pytest.approx((0.9 * 4 / 16 + 0.01) / (0.9 / 16 + 0.01))  # sqrt, a tenth uniform
+    torch.testing.assert_close(proposal[1], torch.full((10,), 0.1))  # no pilot: uniform
+    # The pilot: each image's first 10 draws visit every bin once, in a keyed order.
+    pilot = torch.stack([training_timesteps(keys, s, T, "importance", proposal) for s in range(10)])
+    assert all(sorted(timestep_bins(pilot[:, b], T).tolist()) == list(range(10)) for b in range(3))
+    assert timestep_bins(pilot[:, 0], T).tolist() != timestep_bins(pilot[:, 1], T).tolist()
+    # Later draws follow the proposal, stratified: 200 draws put within 2 of 200 x p in every bin.
+    later = torch.stack([training_timesteps(keys, s, T, "importance", proposal) for s in range(10, 210)])
+    counts = torch.stack([torch.bincount(timestep_bins(later[:, b], T), minlength=10) for b in range(3)])
+    assert (counts - 200 * proposal).abs().max() <= 2.01 and counts[0, 0] > 2 * counts[0, 9]
+    # Weight x proposal density is the uniform density at every timestep: the weighted loss keeps its expectation.
+    t = torch.arange(T)
+    for b in range(3):
+        density = proposal[b][timestep_bins(t, T)] / (T // 10)
+        torch.testing.assert_close(density * importance_weights(t, proposal[b].expand(T, -1), T), torch.full((T,), 1 / T))
+    # A function of (key, draw): images at their own draws (early stopping) get what they get in a batch.
+    own = training_timesteps(keys, torch.tensor([3, 12, 40]), T, "importance", proposal)
+    assert own.tolist() == [pilot[3, 0], later[2, 1], later[30, 2]]
+    assert (pilot_steps("importance", "antithetic"), pilot_steps("importance", "independent"), pilot_steps("stratified", "antithetic")) \
+        == (20, 10, 0)
+
+
+def test_importance_sampled_inversion_resumes_exactly_inside_and_after_the_pilot(tiny_latent, image_tree, tmp_path):
+    kw = {"timesteps": "importance", "steps": 26, "checkpoint_every": 3, "log_every": 1}  # pilot: 20 steps (antithetic pairs)
+    invert_dataset(_config(tiny_latent, image_tree, **kw), tmp_path / "ref", progress=False)
+    for kill in (8, 23):  # the checkpoint before it is at step 6 (in the pilot) or 21 (the proposals fixed)
+        def stop(batch, step, kill=kill):
+            if batch == 1 and step == kill:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            invert_dataset(_config(tiny_latent, image_tree, **kw), tmp_path / f"run{kill}", progress=False, on_step=stop)
+        resumed = []
+        invert_dataset(_config(tiny_latent, image_tree, **kw), tmp_path / f"run{kill}", resume=True, progress=False,
+                       on_step=lambda batch, step, log=resumed: log.append((batch, step)))
+        assert resumed[0] == (1, kill - 1)
+        _same_store(tmp_path / "ref", tmp_path / f"run{kill}")
+    invert_dataset(_config(tiny_latent, image_tree, **{**kw, "timesteps": "stratified"}), tmp_path / "other", progress=False)
+    assert not torch.allclose(EmbeddingStore.open(tmp_path / "other").embeddings, EmbeddingStore.open(tmp_path / "ref").embeddings)
+
+
 def test_text_start_is_the_class_prompts_last_k_tokens_through_the_models_encoder(tmp_path, image_tree):
     model = save_tiny_model(tmp_path / "t2i", "latent", with_text_encoder=True)
     backbone = load_backbone(model, with_text_encoder=True)
@@ -296,11 +346,12 @@ def _refill_schedule(steps: list[int], slots: int) -> list[int]:
     return sizes
 
 
-def test_early_stopped_images_leave_the_batch_and_equal_running_alone(trained_pixel):
+@pytest.mark.parametrize("timesteps", ["stratified", "importance"])
+def test_early_stopped_images_leave_the_batch_and_equal_running_alone(trained_pixel, timesteps):
     backbone, images, pixels = trained_pixel
     keys = rng.keys_tensor(0, images.ids)
     config = InvertConfig(model="m", data="digits", resolution=8, steps=60, lr=0.1, warmup=0, early_stop=0.02, check_every=5,
-                          log_every=5)
+                          log_every=5, timesteps=timesteps)
     sizes, predict = [], backbone.predict_noise
 
     def spy(x, t, cond, **kw):
@@ -326,12 +377,13 @@ def test_early_stopped_images_leave_the_batch_and_equal_running_alone(trained_pi
         assert float(alone.loss_final[0]) == pytest.approx(float(pooled.loss_final[i]), rel=1e-4)
 
 
-def test_early_stop_pool_resumes_exactly_and_records_steps(trained_pixel, tmp_path):
+@pytest.mark.parametrize("timesteps", ["stratified", "importance"])
+def test_early_stop_pool_resumes_exactly_and_records_steps(trained_pixel, tmp_path, timesteps):
     backbone, images, pixels = trained_pixel
     model = save_tiny_model(tmp_path / "model", "pixel", sample_size=8)
     backbone.unet.save_pretrained(Path(model) / "unet")  # the memorising weights, loadable by the stage
     kw = dict(resolution=8, steps=40, lr=0.1, warmup=0, early_stop=0.02, check_every=5, batch_size=3, checkpoint_every=4,
-              per_class=1, latent="mean")
+              per_class=1, latent="mean", timesteps=timesteps)
     ref = invert_dataset(_config(model, "digits", **kw), tmp_path / "ref", progress=False)
 
     def stop(batch, iteration):

@@ -34,6 +34,7 @@ STREAM_PERTURB = 9  # generation: the Gaussian added to the conditioning
 STREAM_SAMPLER = 10  # generation: the sampler's own noise (DDIM eta > 0), offset by step
 STREAM_VIEW = 11  # pretraining: the encoder's augmented view
 STREAM_TOKEN_NOISE = 12  # pretraining: noise on the encoder's tokens
+STREAM_TIMESTEP_PILOT = 13  # inversion: the order and place of an image's pilot timesteps (importance sampling)
 
 
 def mix32(x):

@@ -23,19 +23,25 @@ from diffinv.config import InvertConfig
 from diffinv.data.real import LabelledImages, load_pixels
 from diffinv.diffusion.backbone import Backbone, LatentMoments
 from diffinv.diffusion.objective import (
+    IMPORTANCE_BINS,
     adamw_rows,
     denoising_target,
     evaluation_loss,
+    importance_weights,
     init_embeddings,
     lr_factor,
     per_image_loss,
+    pilot_steps,
     q_sample,
+    timestep_bins,
+    timestep_proposal,
     training_draws,
 )
 from diffinv.errors import UserError
 from diffinv.runs import load_optimiser_tensors
 
-Checkpoint = Callable[[int, torch.Tensor, torch.optim.Optimizer], None]  # (finished step, embeddings, optimiser)
+# (finished step, {"embeddings": [B, K, D], "timestep_stats": [B, bins] with importance sampling}, optimiser)
+Checkpoint = Callable[[int, dict[str, torch.Tensor], torch.optim.Optimizer], None]
 
 
 class InversionError(UserError, RuntimeError):
@@ -53,8 +59,8 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
     one per conditioning. Without ``owners``, N = B and conditioning b belongs to image b. With
     ``owners`` [N] (sorted, values 0..B-1), conditioning b is shared by the images it owns and
     each step trains it on one of them, drawn by its key (textual inversion's class token).
-    ``state`` (embeddings and the optimiser's tensors, as :func:`runs.save_checkpoint` stored them) and
-    ``start_step`` continue from a checkpoint; ``init`` [B, K, D] replaces the
+    ``state`` (the tensors ``checkpoint`` was given and the optimiser's, as :func:`runs.save_checkpoint`
+    stored them) and ``start_step`` continue from a checkpoint; ``init`` [B, K, D] replaces the
     keyed random start (e.g. the base's encoder tokens). With ``config.update == "group"`` the
     batch is one group of the official loop's pattern (see :func:`update_slices`). Returns
     (embeddings [B, K, D] float32 on CPU, initial and final evaluation losses [B]).
@@ -74,6 +80,13 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
         load_optimiser_tensors(opt, state)
     loss_init = _evaluate(backbone, moments.mean, init, keys, groups, config.eval_timesteps)
     slices = [rows if rows is None else rows.to(device) for rows in update_slices(len(keys), config)]
+    # With importance-sampled timesteps each image first measures its gradient's second moment per
+    # timestep bin (its pilot steps); its proposal is fixed from then on (objective.timestep_proposal).
+    pilot = pilot_steps(config.timesteps, config.draws)
+    stats = None
+    if pilot:
+        stats = torch.zeros(len(keys), IMPORTANCE_BINS) if not state or "timestep_stats" not in state else state["timestep_stats"]
+        stats = stats.to(device, torch.float32).clone()
 
     # 3. Denoising steps. Each image's timestep, noise and latent draw are keyed by (image, step).
     #    "own": one optimiser step per step, loss = sum of per-image means, so each image's gradient
@@ -83,6 +96,7 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
     for step in range(start_step, config.steps):
         for param_group in opt.param_groups:
             param_group["lr"] = config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup)
+        proposal = timestep_proposal(stats) if pilot and step >= pilot else None  # None: uniform (no weights)
         for rows in slices:
             own = rows is None
             step_keys = keys if own else keys[rows]
@@ -90,13 +104,20 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
                 step_moments = groups.draw(moments, keys, step)
             else:
                 step_moments = moments if own else LatentMoments(moments.mean[rows], moments.std[rows])
+            step_proposal = proposal if own or proposal is None else proposal[rows]
             x0, noise, t = training_draws(step_keys, step, step_moments, backbone.num_train_timesteps,
-                                          config.latent == "sample", config.timesteps, config.draws)
+                                          config.latent == "sample", config.timesteps, config.draws, step_proposal)
             a = backbone.alphas_cumprod[t]
             pred = backbone.predict_noise(q_sample(x0, noise, a), t, emb if own else emb[rows])
             losses = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type))
+            weighted = losses if step_proposal is None else losses * importance_weights(t, step_proposal, backbone.num_train_timesteps)
             opt.zero_grad(set_to_none=True)
-            (losses.sum() if own else losses.mean()).backward()
+            (weighted.sum() if own else weighted.mean()).backward()
+            if pilot and step < pilot:  # the pilot: this step's gradient norm^2 in its timestep's bin
+                grad = emb.grad if own else emb.grad[rows]
+                where = torch.arange(len(keys), device=device) if own else rows
+                stats.index_put_((where, timestep_bins(t, backbone.num_train_timesteps)), grad.pow(2).flatten(1).sum(1),
+                                 accumulate=True)
             opt.step()
             if own:
                 running += losses.detach()
@@ -116,7 +137,7 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
             running.zero_()
             counted = 0
         if checkpoint is not None and done % config.checkpoint_every == 0 and done < config.steps:
-            checkpoint(done, emb.detach(), opt)
+            checkpoint(done, {"embeddings": emb.detach(), **({"timestep_stats": stats} if pilot else {})}, opt)
         if on_step is not None:
             on_step(done, mean_loss)
 
@@ -170,12 +191,16 @@ def invert_stream(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys
     init = (_keyed_start(backbone, keys, config) if init is None else init).to(device, torch.float32)
     loss_init = evaluation_loss(backbone, moments.mean, init, keys, config.eval_timesteps)
     WAITING, ACTIVE, DONE = STREAM_WAITING, STREAM_ACTIVE, STREAM_DONE
+    pilot = pilot_steps(config.timesteps, config.draws)  # importance-sampled timesteps: see invert_batch
+    stats = torch.zeros(n, IMPORTANCE_BINS, device=device)
     if resume_from is None:
         emb, m, v, best_emb = init.clone(), torch.zeros_like(init), torch.zeros_like(init), init.clone()
         steps, best, stale, status, iteration = [0] * n, loss_init.tolist(), [0] * n, [WAITING] * n, 0
     else:
         tensors, meta = resume_from
         emb, m, v, best_emb = (tensors[k].to(device, torch.float32).clone() for k in ("embeddings", "exp_avg", "exp_avg_sq", "best"))
+        if "timestep_stats" in tensors:
+            stats = tensors["timestep_stats"].to(device, torch.float32).clone()
         steps, best, stale, status = list(meta["steps"]), list(meta["best_loss"]), list(meta["stale"]), list(meta["status"])
         iteration = int(meta["iteration"])
     running, counted = 0.0, 0
@@ -198,13 +223,22 @@ def invert_stream(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys
         # 4. One gradient per active image at its own step, one AdamW update with its own bias correction.
         lr = torch.tensor([config.lr * lr_factor(steps[i], config.steps, config.lr_schedule, config.warmup) for i in order],
                           device=device)
+        proposal = None
+        if pilot:  # uniform (weights 1) for an image still in its pilot steps
+            proposal = torch.where((own_steps >= pilot)[:, None], timestep_proposal(stats[rows]), 1.0 / IMPORTANCE_BINS)
         x0, noise, t = training_draws(keys[rows], own_steps, LatentMoments(moments.mean[rows], moments.std[rows]),
-                                      backbone.num_train_timesteps, config.latent == "sample", config.timesteps, config.draws)
+                                      backbone.num_train_timesteps, config.latent == "sample", config.timesteps, config.draws,
+                                      proposal)
         a = backbone.alphas_cumprod[t]
         cond = emb[rows].requires_grad_()
         losses = per_image_loss(backbone.predict_noise(q_sample(x0, noise, a), t, cond),
                                 denoising_target(x0, noise, a, backbone.prediction_type))
-        (grad,) = torch.autograd.grad(losses.sum(), cond)
+        weighted = losses if proposal is None else losses * importance_weights(t, proposal, backbone.num_train_timesteps)
+        (grad,) = torch.autograd.grad(weighted.sum(), cond)
+        if pilot:  # images past their pilot add 0 (a mask, not a selection: no device sync)
+            in_pilot = (own_steps < pilot).to(grad)
+            stats.index_put_((rows, timestep_bins(t, backbone.num_train_timesteps)), grad.pow(2).flatten(1).sum(1) * in_pilot,
+                             accumulate=True)
         emb[rows], m[rows], v[rows] = adamw_rows(cond.detach(), grad, m[rows], v[rows], own_steps + 1, lr, config.weight_decay)
         for i in order:
             steps[i] += 1
@@ -231,7 +265,7 @@ def invert_stream(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys
         running, counted = running + losses.detach().mean(), counted + 1
 
         if checkpoint is not None and iteration % config.checkpoint_every == 0 and any(s != DONE for s in status):
-            checkpoint(iteration, {"embeddings": emb, "exp_avg": m, "exp_avg_sq": v, "best": best_emb},
+            checkpoint(iteration, {"embeddings": emb, "exp_avg": m, "exp_avg_sq": v, "best": best_emb, "timestep_stats": stats},
                        {"steps": steps, "best_loss": best, "stale": stale, "status": status, "iteration": iteration})
         if on_step is not None:
             report = None

@@ -188,7 +188,8 @@ def _replicate(config: DemoConfig, base: str, k: int, r: int, out: Path, resolut
     tokens = encoder_tokens(base) or InvertConfig.tokens
     invert = InvertConfig(model=base, data=config.data, per_class=k, subset_seed=config.subset_seed + r, tokens=tokens,
                           val_per_class=config.val_per_class, resolution=resolution, steps=config.invert_steps, lr=config.invert_lr,
-                          init=config.invert_init, device=config.device, checkpoint_every=max(1, config.invert_steps // 4))
+                          init=config.invert_init, timesteps=config.invert_timesteps, device=config.device,
+                          checkpoint_every=max(1, config.invert_steps // 4))
     store = invert_dataset(invert, out / f"k{k}" / f"r{r}" / "store", resume=True, progress=progress, log=log)
 
     # 2. Variants: Diffusion Inversion and the rival, same sampler, guidance, count and size.

@@ -255,8 +255,8 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
             bar.update(sum(done_or_skipped))
         resume = dict(slots=config.batch_size, resume_from=resumed, checkpoint=stream_checkpoint, on_step=step_done)
     else:
-        def checkpoint(step: int, embeddings: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
-            writer.save_checkpoint(batch, {"embeddings": embeddings}, optimiser, {"ids": ids, "step": step})
+        def checkpoint(step: int, tensors: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer) -> None:
+            writer.save_checkpoint(batch, tensors, optimiser, {"ids": ids, "step": step})
 
         state, start = (resumed[0], int(resumed[1]["step"])) if resumed else (None, 0)
         bar.update(start * len(indices))
