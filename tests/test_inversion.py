@@ -89,8 +89,9 @@ def test_two_runs_on_halves_equal_one_run(tiny_latent, image_tree, tmp_path):
         half.symlink_to(image_tree / c)
         invert_dataset(_config(tiny_latent, half.parent), tmp_path / f"store-{c}", progress=False)
     halves = [EmbeddingStore.open(tmp_path / f"store-{c}") for c in ("cat", "dog")]
-    # Equal up to float noise: another batch size runs other kernels (~1e-7 relative), and Adam turns a
-    # coordinate whose gradient is near its eps (1e-8) into an update of lr x that relative noise.
+    # Equal up to float noise: another batch size runs other kernels (~1e-7 relative), and where an
+    # image's first gradients nearly cancel in Adam's moments (1.155e-5 then -1.062e-5 on one
+    # coordinate here), that noise becomes a 1e-4 difference in the update.
     torch.testing.assert_close(torch.cat([h.embeddings for h in halves]), full.embeddings, rtol=1e-4, atol=3e-4)
 
 
