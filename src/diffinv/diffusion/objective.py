@@ -102,7 +102,7 @@ def importance_weights(t: torch.Tensor, proposal: torch.Tensor, num_timesteps: i
     """
     bins = proposal.shape[1]
     edges = timestep_bin_edges(num_timesteps, bins).to(t.device)
-    b = timestep_bins(t, num_timesteps, bins)
+    b = torch.searchsorted(edges, t.contiguous(), right=True) - 1  # timestep_bins, without rebuilding the edges
     width = (edges[1:] - edges[:-1]).to(proposal)[b]
     return width / (num_timesteps * proposal.gather(1, b[:, None])[:, 0])
 
