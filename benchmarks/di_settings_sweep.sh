@@ -33,6 +33,16 @@ declare -A flags=(
   [x10-st4c-g1-n0.5]="--per-image 10 --steps 4 --clip-x0 --unit-noise --guidance 1 --noise 0.5"
   [img2img-x10-st4c-g1]="--method img2img --per-image 10 --steps 4 --clip-x0 --unit-noise --guidance 1"
 )
+# The frontier studies (configs/frontier-*.yaml): the st4c / x10-st4c generation with one knob moved.
+for x in "" "x10-"; do
+  base="--steps 4 --clip-x0 --unit-noise${x:+ --per-image 10}"
+  flags[${x}st4c]="$base"
+  flags[${x}st4c-g1]="$base --guidance 1"
+  flags[${x}st4c-g3]="$base --guidance 3"
+  flags[${x}st4c-n0.5]="$base --noise 0.5"
+  flags[img2img-${x}st4c-0.75]="--method img2img $base --strength 0.75"
+  flags[img2img-${x}st4c-0.25]="--method img2img $base --strength 0.25"
+done
 for r in "$@"; do
   store=$demo/k$k/r$r/store
   for name in $settings; do
