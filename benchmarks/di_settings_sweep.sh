@@ -28,18 +28,16 @@ declare -A flags=(
   [x10-st4-g1-n0.5]="--per-image 10 --steps 4 --guidance 1 --noise 0.5"
   [img2img-x10-st4-g1]="--method img2img --per-image 10 --steps 4 --guidance 1"
   [img2img-x10-st4-0.75]="--method img2img --per-image 10 --steps 4 --strength 0.75"
-  [st4c-g1-n0.5]="--steps 4 --clip-x0 --unit-noise --guidance 1 --noise 0.5"
-  [img2img-st4c-g1]="--method img2img --steps 4 --clip-x0 --unit-noise --guidance 1"
-  [x10-st4c-g1-n0.5]="--per-image 10 --steps 4 --clip-x0 --unit-noise --guidance 1 --noise 0.5"
-  [img2img-x10-st4c-g1]="--method img2img --per-image 10 --steps 4 --clip-x0 --unit-noise --guidance 1"
 )
-# The frontier studies (configs/frontier-*.yaml): the st4c / x10-st4c generation with one knob moved.
+# The st4c / x10-st4c generation (header) with one or two knobs moved (the frontier studies, configs/frontier-*.yaml).
 for x in "" "x10-"; do
   base="--steps 4 --clip-x0 --unit-noise${x:+ --per-image 10}"
   flags[${x}st4c]="$base"
   flags[${x}st4c-g1]="$base --guidance 1"
   flags[${x}st4c-g3]="$base --guidance 3"
   flags[${x}st4c-n0.5]="$base --noise 0.5"
+  flags[${x}st4c-g1-n0.5]="$base --guidance 1 --noise 0.5"
+  flags[img2img-${x}st4c-g1]="--method img2img $base --guidance 1"
   flags[img2img-${x}st4c-0.75]="--method img2img $base --strength 0.75"
   flags[img2img-${x}st4c-0.25]="--method img2img $base --strength 0.25"
 done

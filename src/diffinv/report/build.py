@@ -11,7 +11,7 @@ import base64
 import html
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -329,21 +329,34 @@ def _frontier_plot(points: list[dict[str, Any]]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    draw_frontier(ax, points, lambda p: f"{p['method']} k{_k(p['per_class'])}")
+    ax.set_xlabel("label fidelity (%): the real-only judge's accuracy on the set")
+    ax.set_ylabel("diversity: within-class spread, synthetic / real")
+    ax.set_title("Fidelity vs diversity\n(colour and label: validation gain over real only, points)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def draw_frontier(ax: Any, points: list[dict[str, Any]], label: Callable[[dict[str, Any]], str],
+                  fontsize: float = 7) -> float:
+    """Scatter :func:`frontier_points` on ``ax``: colour and label the validation gain, squares the img2img sets.
+
+    Returns the largest |validation gain| (the colour scale's end), for a caption.
+    """
+    import matplotlib.pyplot as plt
+
     gains = [p["val_gain"] for p in points if p["val_gain"] is not None]
     scale = max((abs(g) for g in gains), default=0.0) or 1.0
     for p in points:
         colour = "grey" if p["val_gain"] is None else plt.cm.RdYlGn(0.5 + 0.5 * p["val_gain"] / scale)
-        ax.scatter(100 * p["label_fidelity"], p["diversity_ratio"], color=colour, edgecolor="black", s=60, zorder=3)
+        ax.scatter(100 * p["label_fidelity"], p["diversity_ratio"], color=colour, edgecolor="black", s=60, zorder=3,
+                   marker="s" if "img2img" in p["method"] else "o")
         gain = "" if p["val_gain"] is None else f" ({100 * p['val_gain']:+.1f})"
-        ax.annotate(f"{p['method']} k{_k(p['per_class'])}{gain}", (100 * p["label_fidelity"], p["diversity_ratio"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(label(p) + gain, (100 * p["label_fidelity"], p["diversity_ratio"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=fontsize)
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
-    ax.set_xlabel("label fidelity (%): the real-only judge's accuracy on the set")
-    ax.set_ylabel("diversity: within-class spread, synthetic / real")
-    ax.set_title("Fidelity vs diversity\n(colour and label: validation gain over real only, points)", fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return scale
 
 
 def _dataset_spec(study: dict[str, Any], dataset: str) -> dict[str, Any]:
