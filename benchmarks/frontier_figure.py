@@ -1,11 +1,11 @@
-"""One figure of the fidelity / diversity frontier across finished studies (issue 18), a panel per study and size.
+"""One figure of the fidelity / diversity frontier across finished studies, a panel per study and size.
 
     python benchmarks/frontier_figure.py --out docs/figures/frontier.png \
-        "digits, 5 per class=runs/sweep-digits-pc5-10:5" "PneumoniaMNIST=runs/frontier-pneumoniamnist/sweep-study:5"
+        "digits, 5 per class=runs/digits-k5-10-frontier:5" "PneumoniaMNIST=runs/pneumoniamnist-k5-frontier:5"
 
-Each point is one generation setting: its synthetic sets' label fidelity and diversity (means over the
+Each point is one candidate setting: its synthetic sets' label fidelity and diversity (means over the
 replicates, from the study's quality.json) and, as colour, its gain over real only on the validation
-split (the study's summary.json). Circles are Diffusion Inversion, squares img2img. The points and
+split (the study's selection.json). Circles are Diffusion Inversion, squares img2img. The points and
 drawing are the report's own (`diffinv report` draws the same frontier per study); this puts several
 side by side with short labels.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 from diffinv.report.build import draw_frontier, frontier_points
 
 
-def short(method: str) -> str:
-    return method.replace("img2img", "i2i").replace("-n0.5", " s.5").replace("-g1", " g1").replace("-g3", " g3")
+def short(label: str) -> str:
+    return label.replace("img2img", "i2i").replace("guidance=", "g").replace("noise=", "σ").replace("strength=", "st")
 
 
 def main() -> None:
@@ -37,9 +37,9 @@ def main() -> None:
         title, spec = panel.rsplit("=", 1)
         folder, k = spec.rsplit(":", 1)
         quality = json.loads((Path(folder) / "quality.json").read_text())
-        summary = json.loads((Path(folder) / "summary.json").read_text())
-        points = [q for q in frontier_points(quality, summary) if str(q["per_class"]) == k]
-        scale = draw_frontier(ax, points, lambda q: short(q["method"]), fontsize=6.5)
+        selection = json.loads((Path(folder) / "selection.json").read_text())
+        points = [q for q in frontier_points(quality, selection) if str(q["per_class"]) == k]
+        scale = draw_frontier(ax, points, lambda q: short(q["label"]), fontsize=6.5)
         ax.set_title(f"{title}\nlabels: validation gain, points (max |gain| {100 * scale:.1f})", fontsize=9)
         ax.set_xlabel("label fidelity (%), real-only judge")
     axes[0][0].set_ylabel("diversity: within-class spread, synthetic / real")

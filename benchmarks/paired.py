@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from diffinv.report.stats import paired_gain
-from diffinv.stages.experiment import per_replicate
+from diffinv.report.summary import per_replicate
 
 
 def replicates(rows: list[dict], method: str, k: int) -> dict[int, dict]:

@@ -10,8 +10,9 @@ from diffinv.classify.metrics import confusion_matrix, summarise
 from diffinv.config import ConfigError
 from diffinv.data.real import open_images, select, validation_ids
 from diffinv.report.stats import headline_metric, paired_gain, t_interval
-from diffinv.stages.experiment import cells, load_study
-from diffinv.stages.experiment import summarise as summarise_study
+from diffinv.report.summary import summarise as summarise_study
+from diffinv.study.plan import build_plan
+from diffinv.study.spec import load_study
 
 
 def _study(tmp_path, text):
@@ -20,50 +21,20 @@ def _study(tmp_path, text):
     return load_study(path)
 
 
-def test_replicates_draw_their_own_subset_shared_by_every_method(tmp_path):
-    study = _study(tmp_path, """
-datasets: {digits: {data: digits, subset_seed: 10}}
-per_class: [3]
-seeds: [0, 1, 2]
-methods:
-  real: null
-  di: runs/di-k{per_class}-r{seed}
-train: {steps: 2}
-""")
-    grid = cells(study)
-    by = {(c.method, c.seed): c.config for c in grid}
-    assert [by[("real", s)].subset_seed for s in (0, 1, 2)] == [10, 11, 12]
-    assert all(by[("di", s)].subset_seed == by[("real", s)].subset_seed for s in (0, 1, 2))  # paired by replicate
-    assert by[("di", 2)].synthetic == ("runs/di-k3-r2",)
-    images = open_images("digits")
-    subsets = [set(select(images, 3, by[("real", s)].subset_seed).ids) for s in (0, 1, 2)]
-    assert subsets[0] != subsets[1] != subsets[2]
-    # One synthetic set for every seed cannot pair with subsets that change: refused, or seeds vary the classifier only.
-    with pytest.raises(ConfigError, match=r"\{seed\}"):
-        cells(_study(tmp_path, "datasets: {d: digits}\nseeds: [0, 1]\nreplicates: data\nmethods: {real: null, di: runs/di}\n"))
-    old = cells(_study(tmp_path, "datasets: {d: digits}\nseeds: [0, 1]\nmethods: {real: null, di: runs/di}\n"))
-    assert {c.config.subset_seed for c in old} == {0}
-
-
-def test_repeats_share_the_replicates_subset_and_are_averaged_before_the_interval(tmp_path):
-    study = _study(tmp_path, """
-datasets: {digits: {data: digits}}
-per_class: [3]
-seeds: [0, 1, 2]
-repeats: 2
-methods:
-  real: null
-  di: runs/di-k{per_class}-r{seed}
-train: {steps: 2}
-""")
-    grid = cells(study)
-    assert len(grid) == 12
-    by = {(c.method, c.seed, c.repeat): c for c in grid}
+def test_replicates_draw_their_own_subset_and_repeats_their_own_seed(tmp_path):
+    study = _study(tmp_path, "data: digits\nper_class: [3]\nseeds: [0, 1, 2]\nsubset_seed: 10\nrepeats: 2\nmethods: {}\n"
+                             "train: {steps: 2}\n")
+    plan = build_plan(study, tmp_path / "s")
+    by = {(t.replicate, t.repeat): plan.units[t.run].config for t in plan.trials}
+    assert len(by) == 6 and [by[(s, 0)].subset_seed for s in (0, 1, 2)] == [10, 11, 12]
     for s in (0, 1, 2):  # both classifiers of a replicate see its subset; they differ in their own seed
-        assert by[("real", s, 0)].config.subset_seed == by[("real", s, 1)].config.subset_seed == by[("di", s, 1)].config.subset_seed
-        assert by[("real", s, 0)].config.seed != by[("real", s, 1)].config.seed == by[("di", s, 1)].config.seed
-    assert by[("real", 1, 0)].path.endswith("/s1") and by[("real", 1, 1)].path.endswith("/s1-c1")
+        assert by[(s, 0)].subset_seed == by[(s, 1)].subset_seed and by[(s, 0)].seed != by[(s, 1)].seed
+    images = open_images("digits")
+    subsets = [set(select(images, 3, by[(s, 0)].subset_seed).ids) for s in (0, 1, 2)]
+    assert subsets[0] != subsets[1] != subsets[2]
 
+
+def test_repeats_are_averaged_before_the_interval(tmp_path):
     def row(method, seed, repeat, acc):
         return {"dataset": "d", "method": method, "per_class": 3, "arch": "a", "aug": "x", "seed": seed, "repeat": repeat,
                 "top1": acc, "balanced_accuracy": acc, "macro_f1": acc, "auc": None, "degenerate": False, "n_real": 30,
@@ -79,7 +50,7 @@ train: {steps: 2}
     assert gain["n"] == 3 and gain["mean"] == pytest.approx(0.02) and gain["std"] == pytest.approx(0.0, abs=1e-9)
     # Unpaired by repeat it would have been noise: per run the gains are +0.10 and -0.06.
     with pytest.raises(ConfigError, match="repeats"):
-        _study(tmp_path, "datasets: {d: digits}\nmethods: {real: null}\nrepeats: 0\n")
+        _study(tmp_path, "data: digits\nmethods: {}\nrepeats: 0\n")
 
 
 def test_head_to_head_is_paired_by_replicate_and_reported(tmp_path):
@@ -95,17 +66,24 @@ def test_head_to_head_is_paired_by_replicate_and_reported(tmp_path):
     level = [0.60, 0.80, 0.70, 0.65]
     rows = ([row("real", s, v) for s, v in enumerate(level)] + [row("img2img", s, v + 0.01) for s, v in enumerate(level)]
             + [row("di", s, v + 0.03 + 0.001 * s) for s, v in enumerate(level)])
-    summary = {r["method"]: r for r in summarise_study(rows, {"di": "img2img"})}
+    summary = {r["method"]: r for r in summarise_study(rows, {"di": ["img2img"]})}
     versus = summary["di"]["versus"]["img2img"]["top1"]
     assert versus["mean"] == pytest.approx(0.0215) and versus["n"] == 4 and versus["beyond_noise"]
     assert "versus" not in summary["img2img"]
     assert "**di** beats **img2img**" in verdict(list(summary.values()))
+    from diffinv.report.table import verdict_lines
+
+    lines = verdict_lines(list(summary.values())).splitlines()
+    assert lines[0].startswith("- di at 5 per class: +") and lines[0].endswith(f"ahead of img2img ({100 * versus['mean']:+.2f} "
+                                                                               f"[{100 * versus['low']:+.2f}, {100 * versus['high']:+.2f}])")
+    assert "level with" not in lines[0] and lines[1].startswith("- img2img at 5 per class:")
     level_rows = rows[:8] + [row("di", s, v + 0.01 + (0.02 if s % 2 else -0.02)) for s, v in enumerate(level)]
-    tied = {r["method"]: r for r in summarise_study(level_rows, {"di": "img2img"})}
+    tied = {r["method"]: r for r in summarise_study(level_rows, {"di": ["img2img"]})}
     assert not tied["di"]["versus"]["img2img"]["top1"]["beyond_noise"]
     assert "is level with" in verdict(list(tied.values()))
+    assert "; level with img2img (" in verdict_lines(list(tied.values()))
     with pytest.raises(ConfigError, match="compare"):
-        _study(tmp_path, "datasets: {d: digits}\nmethods: {real: null}\ncompare: {di: real}\n")
+        _study(tmp_path, "data: digits\nmethods: {}\ncompare: {di: real}\n")
 
 
 def test_validation_never_overlaps_a_subset_or_the_test_split():
@@ -158,36 +136,36 @@ def test_a_constant_predictor_is_flagged_and_never_a_gain():
 
 
 def test_selection_reads_validation_only_and_the_test_metrics_after(tmp_path, monkeypatch):
-    import diffinv.stages.experiment as experiment
+    import diffinv.study.engine as engine
 
     study = _study(tmp_path, """
-datasets: {digits: {data: digits}}
+data: digits
 per_class: [2]
 seeds: [0, 1]
-archs: [mobilenetv2]
-methods: {real: null}
-train: {steps: 3, batch_size: 10, eval_every: 3, resolution: 32, val_per_class: 5}
-select: {lr: [0.0001, 0.05]}
+val_per_class: 5
+methods: {}
+train: {arch: mobilenetv2, steps: 3, batch_size: 10, eval_every: 3, resolution: 32, lr: [0.0001, 0.05]}
+report: false
 """)
-    assert len(cells(study)) == 4
+    assert len(build_plan(study, tmp_path / "s").trials) == 4
     opened = []
-    real_read = experiment.read_json
-    monkeypatch.setattr(experiment, "read_json", lambda path: opened.append(path.name) or real_read(path))
-    experiment.run_study(study, tmp_path / "s", progress=False, log=lambda m: None)
-    selection = real_read(tmp_path / "s" / "selection.json")["digits/real/2/mobilenetv2/crop-flip"]
-    assert set(selection["validation_mean"]) == {"lr=0.0001", "lr=0.05"}
-    assert selection["chosen"] == max(selection["validation_mean"], key=selection["validation_mean"].get)
-    # Every validation file is read before the first test metrics file, and only the chosen variant's runs are reported.
+    real_read = engine.read_json
+    monkeypatch.setattr(engine, "read_json", lambda path: opened.append(path.name) or real_read(path))
+    engine.run_study(study, tmp_path / "s", progress=False, log=lambda m: None)
+    selection = real_read(tmp_path / "s" / "selection.json")["real"]["2"]
+    means = {c["label"]: c["validation_mean"] for c in selection["candidates"]}
+    assert set(means) == {"train.lr=0.0001", "train.lr=0.05"} and selection["chosen"] == max(means, key=means.get)
+    # Every validation file is read before the first test metrics file, and only the chosen setting's runs are reported.
     assert opened.index("final.json") > max(i for i, n in enumerate(opened) if n == "validation.json")
     results = real_read(tmp_path / "s" / "results.json")
-    assert {r["variant"] for r in results} == {selection["chosen"]} and len(results) == 2
-    # The summary carries the validation means too (settings compared as methods are chosen on them).
+    assert {r["setting"] for r in results} == {selection["chosen"]} and len(results) == 2
+    # The summary carries the validation means too.
     summary = real_read(tmp_path / "s" / "summary.json")[0]
     assert summary["val_balanced_accuracy_mean"] == pytest.approx(
         sum(r["validation"]["balanced_accuracy"] for r in results) / 2)
     # Without validation data there is nothing to choose on: refused before anything is trained.
-    with pytest.raises(ConfigError, match="val_per_class"):
-        cells(_study(tmp_path, "datasets: {d: digits}\nmethods: {real: null}\nselect: {lr: [0.1, 0.2]}\n"))
+    with pytest.raises(ConfigError, match="validation"):
+        _study(tmp_path, "data: digits\nmethods: {}\nval_per_class: 0\n")
 
 
 def test_gains_are_plain_json():

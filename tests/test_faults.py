@@ -231,12 +231,20 @@ def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
 
 
 def test_report_on_a_killed_study_says_how_far_it_got(tmp_path, capsys):
-    study = tmp_path / "s"
-    (study / "runs" / "a" / "s0").mkdir(parents=True)
-    (study / "study.yaml").write_text("datasets: {}\n")
-    (study / "runs" / "a" / "s0" / "final.json").write_text("{}")
-    code, text = _run(capsys, "report", str(study))
-    assert code == 2 and "1 cells finished" in text and "diffinv experiment" in text
+    from diffinv.shards import Shard
+    from diffinv.study.engine import record
+    from diffinv.study.plan import build_plan
+    from diffinv.study.spec import load_study
+
+    (tmp_path / "s.yaml").write_text("data: digits\nper_class: [2]\nseeds: [0, 1]\nmethods: {}\n")
+    study, out = load_study(tmp_path / "s.yaml"), tmp_path / "s"
+    plan = build_plan(study, out)
+    record(study, plan, out, Shard())
+    first = out / plan.runs()[0].folder
+    first.mkdir(parents=True)
+    (first / "train.json").write_text('{"status": "complete"}')
+    code, text = _run(capsys, "report", str(out))
+    assert code == 2 and "1 of 2 classifier runs finished" in text and "diffinv experiment" in text
 
 
 def test_a_truncated_metrics_file_is_named_by_report(tmp_path, capsys):
@@ -298,11 +306,11 @@ def test_a_disk_full_refusal_leaves_no_store_behind(tiny_latent, image_tree, tmp
     assert code == 2 and "MiB are free" in text and not out.exists()  # not a store marked in-progress
 
 
-def test_a_study_yaml_with_unquoted_braces_is_a_clear_error(tmp_path, capsys):
+def test_a_study_yaml_that_is_not_yaml_is_a_clear_error(tmp_path, capsys):
     from diffinv.cli import main
 
     study = tmp_path / "study.yaml"
-    study.write_text("datasets: {d: digits}\nmethods:\n  real: null\n  di: {synthetic: [runs/di-r{seed}], real_batch: 4}\n")
+    study.write_text("data: digits\nmethods:\n  di: {guidance: [1, 2}\n")
     assert main(["experiment", str(study), "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
-    assert "not valid YAML" in err and "quote paths" in err and "Traceback" not in err
+    assert "not valid YAML" in err and "Traceback" not in err and not (tmp_path / "s").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 import diffinv
 
 ROOT = Path(diffinv.__file__).parent
-TOP = ("diffinv.stages", "diffinv.launch", "diffinv.cli")  # orchestration: runs the library, never imported by it
+TOP = ("diffinv.stages", "diffinv.study", "diffinv.launch", "diffinv.cli")  # orchestration: runs the library, never imported by it
 
 
 def _module_name(path: Path) -> str:

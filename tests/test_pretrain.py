@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import diffinv.stages.pretrain as pretrain
 from diffinv.cli import main
-from diffinv.config import ConfigError, DemoConfig, PretrainConfig, load_config
+from diffinv.config import ConfigError, PretrainConfig, StudyConfig, load_config
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.runs import read_json, read_yaml
@@ -118,9 +118,9 @@ def test_config_rules():
         PretrainConfig(resolution=10, channels=(16, 32, 64))
     # Lists from flags: "16,32" or "0 1 2".
     assert load_config(PretrainConfig, None, {"channels": "16,32"}).channels == (16, 32)
-    assert load_config(DemoConfig, None, {"seeds": "0 1 2"}).seeds == (0, 1, 2)
+    assert load_config(StudyConfig, None, {"seeds": "0 1 2"}).seeds == (0, 1, 2)
     with pytest.raises(ConfigError, match="integers"):
-        load_config(DemoConfig, None, {"seeds": "a,b"})
+        load_config(StudyConfig, None, {"seeds": "a,b"})
 
 
 def test_cli_pretrain_bad_data_is_one_clear_line(tmp_path, capsys):
@@ -129,33 +129,43 @@ def test_cli_pretrain_bad_data_is_one_clear_line(tmp_path, capsys):
     assert "does not exist" in err and "Traceback" not in err
 
 
+def _sets(out: Path, method: str, k: int, r: int) -> Path:
+    row = next(x for x in read_json(out / "results.json") if (x["method"], x["per_class"], x["seed"]) == (method, k, r))
+    return out / row["sets"][0]
+
+
+def _store(out: Path, k: int, r: int) -> Path:
+    return next(out / u["folder"] for u in read_json(out / "plan.json")["units"]
+                if u["kind"] == "store" and u["folder"].startswith(f"stores/k{k}-r{r}-"))
+
+
 def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--base", str(tiny_base), "--per-class", "2", "--out", str(out), "--fast", "--device", "cpu", "--quiet"]
+    argv = ["demo", "--model", str(tiny_base), "--per-class", "2", "--out", str(out), "--fast", "--device", "cpu", "--quiet"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     table = (out / "results.md").read_text()
     assert table.strip() in printed
-    body = table.strip().splitlines()[2:]
+    body = [line for line in table.splitlines() if line.startswith("|")][2:]
     assert [line.split("|")[1].strip() for line in body] == ["real only", "real + di", "real + img2img", "di minus img2img"]
     assert "20 + 40" in table  # 2 per class x 10 classes real; 2 variants each per generator
-    summary = read_json(out / "study" / "summary.json")
+    summary = read_json(out / "summary.json")
     assert {r["n_seeds"] for r in summary} == {2}
     # Runs with variants keep real images in every batch (the paper's split); real only pools.
-    results = read_json(out / "study" / "results.json")
-    splits = {r["method"]: read_yaml(out / "study" / r["run"] / "config.yaml")["real_batch"] for r in results}
+    results = read_json(out / "results.json")
+    splits = {r["method"]: read_yaml(out / r["run"] / "config.yaml")["real_batch"] for r in results}
     assert splits == {"real": 0, "di": 8, "img2img": 8}
-    assert (out / "study" / "report" / "report.html").stat().st_size > 10_000
+    assert (out / "report" / "report.html").stat().st_size > 10_000
     # Each replicate has its own subset, store and sets; both generators made the same number of images at the
     # data's own size from that replicate's store.
     for r in (0, 1):
         for method in ("di", "img2img"):
-            rows = [json.loads(line) for line in (out / "k2" / f"r{r}" / method / "manifest.jsonl").read_text().splitlines()]
+            rows = [json.loads(line) for line in (_sets(out, method, 2, r) / "manifest.jsonl").read_text().splitlines()]
             assert len(rows) == 40 and {row["save_size"] for row in rows} == {8}
     # The base has 2 tokens: the demo inverts 2 (its encoder's start), and the store's header says so.
-    store = EmbeddingStore.open(out / "k2" / "r0" / "store")
-    assert list(store.embeddings.shape[1:]) == read_json(out / "k2" / "r0" / "store" / "store.json")["cond_shape"] == [2, 16]
-    subsets = [{row["id"] for row in read_json(p)} for r in (0, 1) for p in (out / "k2" / f"r{r}" / "store" / "parts").glob("*.json")]
+    store = EmbeddingStore.open(_store(out, 2, 0))
+    assert list(store.embeddings.shape[1:]) == read_json(_store(out, 2, 0) / "store.json")["cond_shape"] == [2, 16]
+    subsets = [{row["id"] for row in read_json(p)} for r in (0, 1) for p in (_store(out, 2, r) / "parts").glob("*.json")]
     assert len(subsets) == 2 and subsets[0] != subsets[1]
     # A second run finds everything done and prints the same table.
     assert main(argv) == 0
@@ -163,32 +173,32 @@ def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
 
 
 def test_demo_in_two_processes_makes_the_files_one_process_makes_at_the_same_threads(tiny_base, tmp_path, monkeypatch):
-    # --processes 2 spawns two processes (this one's torch threads // 2, at least 1, each) for the replicates, then the study's
-    # cells, and writes the tables once at the end; at that thread count one process must give the same numbers.
-    # The 2-process demo is first run with one replicate and then continued with two (a changed study).
-    import diffinv.stages.demo as demo_stage
+    # --processes 2 spawns two processes (this one's torch threads // 2, at least 1, each) for the jobs and then the test
+    # of the kept runs; at that thread count one process must give the same numbers. The 2-process demo is first run
+    # with one size and replicate (one job: no second process), then continued with two of each (a changed study).
+    import diffinv.study.engine as engine
 
     spawned = []
-    original = demo_stage.run_all
-    monkeypatch.setattr(demo_stage, "run_all", lambda pool, fn, jobs: (spawned.append((fn.__name__, len(jobs))),
-                                                                       original(pool, fn, jobs)))
+    original = engine.run_all
+    monkeypatch.setattr(engine, "run_all", lambda pool, fn, jobs: (spawned.append((fn.__name__, len(jobs))),
+                                                                   original(pool, fn, jobs))[1])
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # so each worker has 1 too
     try:
-        for workers, seeds in ((1, "0,1"), (2, "0"), (2, "0,1")):
-            argv = ["demo", "--base", str(tiny_base), "--per-class", "2", "--out", str(tmp_path / f"w{workers}"), "--fast",
-                    "--device", "cpu", "--quiet", "--processes", str(workers), "--seeds", seeds]
+        for workers, seeds, sizes in ((1, "0,1", "1,2"), (2, "0", "2"), (2, "0,1", "1,2")):
+            argv = ["demo", "--model", str(tiny_base), "--per-class", sizes, "--out", str(tmp_path / f"w{workers}"), "--fast",
+                    "--device", "cpu", "--quiet", "--processes", str(workers), "--seeds", seeds, "--no-report"]
             assert main(argv) == 0
     finally:
         torch.set_num_threads(previous)
-    # Only --processes 2 went to other processes (in the continued run replicate 0's job finds its work done).
-    assert spawned == [("_replicate", 1), ("_train_shard", 2), ("_replicate", 2), ("_train_shard", 2)]
-    one, two = (read_json(tmp_path / f"w{w}" / "study" / "results.json") for w in (1, 2))
-    assert len(one) == 6 and [(r["method"], r["seed"], r["balanced_accuracy"]) for r in one] == \
+    # Only the continued 2-process run went to other processes: its three new jobs, then the test of their nine kept runs.
+    assert spawned == [("run_job", 3), ("_test", 4)]
+    one, two = (read_json(tmp_path / f"w{w}" / "results.json") for w in (1, 2))
+    assert len(one) == 12 and [(r["method"], r["seed"], r["balanced_accuracy"]) for r in one] == \
         [(r["method"], r["seed"], r["balanced_accuracy"]) for r in two]
     assert (tmp_path / "w1" / "results.md").read_text() == (tmp_path / "w2" / "results.md").read_text()
     for r in (0, 1):
-        a, b = ({k: v for p in sorted((tmp_path / f"w{w}" / "k2" / f"r{r}" / "store" / "parts").glob("*.safetensors"))
+        a, b = ({k: v for p in sorted((_store(tmp_path / f"w{w}", 2, r) / "parts").glob("*.safetensors"))
                  for k, v in load_file(p).items()} for w in (1, 2))
         assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -302,35 +312,35 @@ def test_zero_steps_from_the_encoder_keep_its_tokens(tmp_path):
 
 def test_demo_on_a_model_without_a_base_encoder_says_to_start_from_noise(tiny_latent, tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--base", str(tiny_latent), "--per-class", "1", "--out", str(out), "--fast", "--device", "cpu", "--quiet"]
+    argv = ["demo", "--model", str(tiny_latent), "--per-class", "1", "--out", str(out), "--fast", "--device", "cpu", "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--invert-init random" in err and "Traceback" not in err
-    assert not (out / "k1").exists()  # refused before any work
+    assert not out.exists()  # refused before any work
 
 
 def test_demo_with_several_sizes_is_a_sample_efficiency_study(tiny_base, tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--base", str(tiny_base), "--per-class", "1,2", "--real-sizes", "4", "--out", str(out), "--fast",
-            "--device", "cpu", "--quiet", "--clip-x0", "--unit-noise"]
+    argv = ["demo", "--model", str(tiny_base), "--per-class", "1,2", "--real-sizes", "4", "--out", str(out), "--fast",
+            "--device", "cpu", "--quiet", "--generate-clip-x0", "--generate-unit-noise"]
     assert main(argv) == 0
     # The sampling remedies reach both generators and are recorded with every sample.
     for method in ("di", "img2img"):
-        rows = [json.loads(line) for line in (out / "k1" / "r0" / method / "manifest.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (_sets(out, method, 1, 0) / "manifest.jsonl").read_text().splitlines()]
         assert {(r["clip_x0"], r["unit_noise"]) for r in rows} == {(True, True)}
-    table = (out / "results.md").read_text().strip().splitlines()[2:]
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("|")][2:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table]
     assert [(r[0], r[1]) for r in rows] == [("real only", "1"), ("real + di", "1"), ("real + img2img", "1"),
                                            ("real only", "2"), ("real + di", "2"), ("real + img2img", "2"),
                                            ("real only", "4"), ("di minus img2img", "1"), ("di minus img2img", "2")]
     # Each size and replicate has its own inversion of its own subset (nested across sizes within a replicate).
-    stores = {(k, r): read_json(out / f"k{k}" / f"r{r}" / "store" / "store.json")["n_items"] for k in (1, 2) for r in (0, 1)}
-    assert stores == {(1, 0): 10, (1, 1): 10, (2, 0): 20, (2, 1): 20} and not (out / "k4").exists()
+    stores = {(k, r): read_json(_store(out, k, r) / "store.json")["n_items"] for k in (1, 2) for r in (0, 1)}
+    assert stores == {(1, 0): 10, (1, 1): 10, (2, 0): 20, (2, 1): 20} and not list(out.glob("stores/k4-*"))
     # The gain column: the mean of the per-replicate differences with real only, in the headline metric (balanced
     # accuracy: digits' test split is imbalanced), with its 95% t-interval; never evidence with 2 replicates.
     from scipy import stats
 
-    results = read_json(out / "study" / "results.json")
+    results = read_json(out / "results.json")
     acc = {(r["method"], r["per_class"], r["seed"]): 100 * r["balanced_accuracy"] for r in results}
     diffs = [acc[("di", 2, s)] - acc[("real", 2, s)] for s in (0, 1)]
     half = stats.t.ppf(0.975, 1) * np.std(diffs, ddof=1) / np.sqrt(2)  # scipy's t.interval, which gives nan at zero spread
@@ -344,7 +354,7 @@ def test_demo_with_several_sizes_is_a_sample_efficiency_study(tiny_base, tmp_pat
     # Head to head, paired by replicate too.
     di_img = [acc[("di", 2, s)] - acc[("img2img", 2, s)] for s in (0, 1)]
     assert rows[8][4].startswith(f"{np.mean(di_img):+.2f} [")
-    report = (out / "study" / "report" / "report.md").read_text()
+    report = (out / "report" / "report.md").read_text()
     assert "Sample efficiency" in report and "no gain beyond noise" in report
 
 

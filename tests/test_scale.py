@@ -269,12 +269,15 @@ def test_full_disk_is_refused_before_work_and_during_writes(tiny_latent, data, t
 
 def test_sharded_experiment_and_merge(tmp_path, capsys):
     study = tmp_path / "study.yaml"
-    study.write_text("datasets: {digits: {data: digits}}\nper_class: [3]\nseeds: [0, 1]\narchs: [mobilenetv2]\n"
-                     "methods: {real: null}\ntrain: {steps: 4, batch_size: 8, eval_every: 4}\n")
+    study.write_text("data: digits\nper_class: [3]\nseeds: [0, 1]\nval_per_class: 3\nmethods: {}\nreport: false\n"
+                     "train: {arch: mobilenetv2, steps: 4, batch_size: 8, eval_every: 4}\n")
     out = tmp_path / "s"
     assert main(["experiment", str(study), "--out", str(out), "--quiet", "--shard", "0/2"]) == 0
     assert "not finished yet" in capsys.readouterr().out and not (out / "summary.json").exists()
-    assert main(["merge", str(out)]) == 2 and "1 of 2 cells" in capsys.readouterr().err
+    assert main(["merge", str(out)]) == 2 and "1 of 2 jobs" in capsys.readouterr().err
+    # Every shard must run the same study.
+    assert main(["experiment", str(study), "--out", str(out), "--quiet", "--shard", "1/2", "--repeats", "2"]) == 2
+    assert "other settings" in capsys.readouterr().err
     assert main(["experiment", str(study), "--out", str(out), "--quiet", "--shard", "1/2"]) == 0
     summary = read_json(out / "summary.json")
     assert summary[0]["n_seeds"] == 2 and len(read_json(out / "results.json")) == 2

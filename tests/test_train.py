@@ -19,10 +19,8 @@ from diffinv.classify.train import Stream, eval_steps, lr_at
 from diffinv.cli import main
 from diffinv.config import AUGS, ConfigError, GenerateConfig, InvertConfig, TrainConfig, load_config
 from diffinv.quality.measures import frechet_distance, kernel_distance, nearest_distances, synthetic_quality
-from diffinv.report.build import frontier_points
 from diffinv.report.efficiency import efficiency_factor, equivalent_real
 from diffinv.runs import RunError, read_json
-from diffinv.stages.experiment import load_study, run_study
 from diffinv.stages.train import load_classifier, train_classifier
 
 # A few digits at 32 px on a small network: a run takes a few seconds on two cores.
@@ -272,52 +270,6 @@ def test_real_plus_synthetic_with_a_fixed_split_of_every_batch(digits_di, tmp_pa
     assert "not in the real subset" in capsys.readouterr().out
 
 
-def test_study_runs_the_grid_skips_finished_cells_and_reports(digits_di, tmp_path, capsys):
-    study_file = tmp_path / "study.yaml"
-    study_file.write_text(f"""
-datasets: {{digits: {{data: digits}}}}
-per_class: [1, 2]
-seeds: [0, 1]
-archs: [shufflenetv2]
-methods:
-  real: null
-  di: {digits_di}
-train: {{steps: 2, eval_every: 2, resolution: 32, batch_size: 10}}
-""")
-    study = load_study(study_file)
-    trained = []
-    run_study(study, tmp_path / "s", progress=False, on_cell=lambda c: trained.append(c.path))
-    assert len(trained) == 8
-    summary = read_json(tmp_path / "s" / "summary.json")
-    assert len(summary) == 4 and all(r["n_seeds"] == 2 for r in summary)
-    results = read_json(tmp_path / "s" / "results.json")
-    real_k2 = [r["top1"] for r in results if r["method"] == "real" and r["per_class"] == 2]
-    row = next(r for r in summary if r["method"] == "real" and r["per_class"] == 2)
-    assert row["top1_mean"] == pytest.approx(np.mean(real_k2)) and row["top1_std"] == pytest.approx(np.std(real_k2, ddof=1))
-    header = (tmp_path / "s" / "summary.csv").read_text().splitlines()[0]
-    assert header.startswith("dataset,method,per_class,arch,aug,top1_mean,top1_std")
-    quality = read_json(tmp_path / "s" / "quality.json")
-    q = quality["digits/di/k1"]
-    assert 0 <= q["label_fidelity"] <= 1 and q["judge"].endswith("real/k2/shufflenetv2/crop-flip/s0")
-    assert q["fid"] is None and "left out" in q["fid_note"]  # no Inception weights here: no fake number
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "runs").rglob("model.safetensors")}
-    assert main(["experiment", str(study_file), "--out", str(tmp_path / "s"), "--quiet", "--report"]) == 0
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "runs").rglob("model.safetensors")} == before
-    printed = capsys.readouterr().out
-    assert "top-1" in printed and "report" in printed
-    md = (tmp_path / "s" / "report" / "report.md").read_text()
-    assert "Accuracy (digits, shufflenetv2, crop-flip)" in md and "| di |" in md and "Sample efficiency" in md
-    page = (tmp_path / "s" / "report" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") >= 3 and "<table>" in page
-    assert (tmp_path / "s" / "report" / "real-images-and-their-synthetic-variants-digits-di-k1.png").is_file()
-    # The frontier: one point per method and size, means of its replicates' sets, read against validation.
-    # (At 1 real image per class there is no real within-class spread, so no diversity and no point.)
-    points = {(p["method"], p["per_class"]): p for p in frontier_points(quality, summary)}
-    assert q["diversity_ratio"] is None and set(points) == {("di", 2)}
-    assert points[("di", 2)]["label_fidelity"] == pytest.approx(quality["digits/di/k2"]["label_fidelity"])
-    assert points[("di", 2)]["val_gain"] is None  # no validation split in this study
-
-
 def test_report_of_a_single_run_and_of_a_folder_that_is_neither(tmp_path, capsys):
     run = train_classifier(TrainConfig(**FAST, steps=2), tmp_path / "run", progress=False)
     assert main(["report", str(run)]) == 0
@@ -363,27 +315,6 @@ def test_sample_efficiency_interpolates_in_log_size_and_bounds_outside_the_curve
     assert rel == "=" and value == pytest.approx(np.sqrt(200))  # geometric midpoint of 10 and 20
     assert equivalent_real(curve, 0.9) == (20, ">")
     assert efficiency_factor(curve, 5, 0.40) == (pytest.approx(2.0), "=")
-
-
-def test_a_method_may_list_its_own_real_sizes(tmp_path):
-    from diffinv.stages.experiment import cells
-
-    study_file = tmp_path / "study.yaml"
-    study_file.write_text("""
-datasets: {digits: {data: digits}}
-per_class: [1, 2]
-methods:
-  real: {per_class: [1, 2, 4, 8]}
-  di: {synthetic: "runs/di-k{per_class}", real_batch: 4, syn_batch: 6}
-train: {batch_size: 10}
-""")
-    grid = cells(load_study(study_file))
-    sizes = {m: sorted({c.per_class for c in grid if c.method == m}) for m in ("real", "di")}
-    assert sizes == {"real": [1, 2, 4, 8], "di": [1, 2]}
-    assert sorted({c.seed for c in grid}) == [0, 1, 2, 3, 4]  # five replicates unless the study says otherwise
-    di2 = next(c for c in grid if c.method == "di" and c.per_class == 2)
-    assert di2.config.synthetic == ("runs/di-k2",) and di2.config.real_batch == 4
-    assert all(c.config.per_class == c.per_class for c in grid)
 
 
 def test_a_study_process_reads_the_evaluation_split_once(tmp_path, monkeypatch):

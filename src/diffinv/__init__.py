@@ -5,7 +5,7 @@ Stages, each a CLI sub-command (:mod:`diffinv.launch` runs them by name) and a l
 * ``diffinv invert``     -> :func:`diffinv.stages.invert.invert_dataset`
 * ``diffinv generate``   -> :func:`diffinv.stages.generate.generate_dataset`
 * ``diffinv train``      -> :func:`diffinv.stages.train.train_classifier`
-* ``diffinv experiment`` -> :func:`diffinv.stages.experiment.run_study`
+* ``diffinv experiment`` -> :func:`diffinv.study.engine.run_study` (``diffinv demo``: the packaged study)
 * ``diffinv report``     -> :func:`diffinv.report.build.build_report`
 """
 

@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from diffinv import __version__
-from diffinv.config import ConfigError, InvertConfig, LaunchConfig, TrainConfig, load_config
+from diffinv.config import STUDY_OWNED, ConfigError, InvertConfig, LaunchConfig, StudyConfig, load_config
 
 SHARD_FLAGS = tuple(f.name for f in fields(LaunchConfig))
 NOT_FIELDS = {"out", "config", "resume", "overwrite", "quiet", "func", "command", *SHARD_FLAGS}
@@ -32,7 +32,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, dynamic: dict[s
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         meta = dict(f.metadata)
-        if "help" not in meta or (only is not None and f.name not in only):
+        if "help" not in meta or not meta.get("cli", True) or (only is not None and f.name not in only):
             continue
         meta.update((dynamic or {}).get(f.name, {}))
         hint = hints[f.name]
@@ -63,6 +63,47 @@ def _help(text: str, f) -> str:
         return text.replace("%", "%%")
     shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
     return f"{text} (default {shown})".replace("%", "%%")
+
+
+def add_study_flags(parser: argparse.ArgumentParser, dynamic: dict[str, dict]) -> None:
+    """A study's own flags, then one per field of each stage it runs: ``--invert-steps``, ``--generate-guidance`` ...
+
+    A stage flag's value may be a comma list, which makes candidates (``--generate-guidance 1,2``).
+    """
+    from diffinv.study.spec import BLOCKS
+
+    add_config_flags(parser, StudyConfig, dynamic)
+    for block, cls in BLOCKS.items():
+        group = parser.add_argument_group(f"{block} settings", f"{cls.__name__} fields for every {block} of the study "
+                                          f"(a comma list is candidates, chosen on validation)")
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            meta = f.metadata
+            if "help" not in meta or f.name in STUDY_OWNED[cls.__name__] or typing.get_origin(hints[f.name]) is tuple:
+                continue
+            kwargs: dict = {"dest": f"{block}.{f.name}", "default": None}
+            if hints[f.name] is bool:
+                kwargs.update(action="store_const", const=not f.default)
+            else:
+                kwargs.update(metavar="V[,V...]")
+            parser_help = _help(meta["help"], f)
+            group.add_argument(f"--{block}-{f.name.replace('_', '-')}", help=parser_help, **kwargs)
+
+
+def _study_config(args: argparse.Namespace, path: str | None):
+    """The study of ``path`` (optional) with the flags over it."""
+    from diffinv.study.spec import BLOCKS, load_study, parse_candidates
+
+    flags: dict = {block: {} for block in BLOCKS}
+    for key, value in vars(args).items():
+        if value is None or key in NOT_FIELDS or key == "study":
+            continue
+        block, _, name = key.partition(".")
+        if name:
+            flags[block][name] = parse_candidates(value) if isinstance(value, str) else value
+        else:
+            flags[key] = value
+    return load_study(path, flags)
 
 
 def _stage_config(cls: type, args: argparse.Namespace):
@@ -118,14 +159,16 @@ def _config_stage(stage: str):
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from diffinv.stages.experiment import load_study, with_overrides
+    if args.study is None and args.data is None:
+        raise ConfigError("give a study file (diffinv experiment STUDY.yaml --out DIR) or at least --data (the methods "
+                          "then are di and img2img; see diffinv experiment --help)")
+    return _run_stage("experiment", _study_config(args, args.study), args)
 
-    code = _run_stage("experiment", with_overrides(load_study(args.study), steps=args.steps, device=args.device), args)
-    if args.report and (Path(args.out) / "summary.json").is_file():
-        from diffinv.report.build import build_report
 
-        print(f"report {build_report(args.out)}")
-    return code
+def _run_demo(args: argparse.Namespace) -> int:
+    from diffinv.stages.demo import DEMO_STUDY
+
+    return _run_stage("demo", _study_config(args, str(DEMO_STUDY)), args)
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -188,20 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
                "arch": {"help": f"classifier: {', '.join(ARCHS)} or timm:<name>"}}
 
     for name, spec in STAGES.items():
-        p = sub.add_parser(name, help=spec.help, description=spec.description or spec.help)
-        if name == "experiment":
-            p.add_argument("study", help="study YAML (see diffinv.stages.experiment for its keys)")
-            p.add_argument("--out", required=True, help="study folder (re-running continues it)")
-            p.add_argument("--report", action="store_true", help="also write the report when done")
-            add_config_flags(p, TrainConfig, only=("steps", "device"))  # overrides of every cell's train settings
+        usage = {"experiment": "diffinv experiment [STUDY.yaml] --out DIR [study flags] [--invert-X V] [--generate-X V[,V...]] ...",
+                 "demo": "diffinv demo [--out DIR] [study flags] [--invert-X V] [--generate-X V[,V...]] ..."}.get(name)
+        p = sub.add_parser(name, help=spec.help, description=spec.description or spec.help, usage=usage)
+        if name in ("experiment", "demo"):
+            if name == "experiment":
+                p.add_argument("study", nargs="?", help="study YAML (keys: the flags below; see diffinv.study.spec)")
+                p.add_argument("--out", required=True, help="study folder (re-running continues it)")
+            else:
+                p.add_argument("--out", default="runs/demo", help="folder to write (default runs/demo)")
             p.add_argument("--quiet", action="store_true", help="no progress bars")
-            p.set_defaults(func=_run_experiment)
-        elif name == "demo":
-            p.add_argument("--out", default="runs/demo", help="folder to write (default runs/demo)")
-            p.add_argument("--config", help="YAML file of DemoConfig fields (flags override it)")
-            p.add_argument("--quiet", action="store_true", help="no progress bars")
-            add_config_flags(p, spec.config, dynamic)
-            p.set_defaults(func=_config_stage(name))
+            add_study_flags(p, dynamic)
+            p.set_defaults(func=_run_experiment if name == "experiment" else _run_demo)
         else:
             _add_output_flags(p, spec.outputs)
             add_config_flags(p, spec.config, dynamic)

@@ -44,15 +44,16 @@ class ConfigError(UserError, ValueError):
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, execution_only: bool = False,
-        flag: str | None = None, action: str | None = None, metavar: str | None = None) -> Any:
+        flag: str | None = None, action: str | None = None, metavar: str | None = None, cli: bool = True) -> Any:
     """A config field with what the command line and the resume check need to know of it.
 
     ``help`` and ``choices`` make its flag; ``execution_only`` fields (device, batch sizes,
     logging) do not change the result, so an output may be continued with other values;
-    ``flag`` and ``action`` override the generated flag (e.g. ``--template`` appended to ``templates``).
+    ``flag`` and ``action`` override the generated flag (e.g. ``--template`` appended to ``templates``);
+    ``cli=False`` fields have no flag (YAML only).
     """
     return field(default=default, metadata={"help": help, "choices": choices, "execution_only": execution_only,
-                                            "flag": flag, "action": action, "metavar": metavar})
+                                            "flag": flag, "action": action, "metavar": metavar, "cli": cli})
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class GenerateConfig:
     guidance: float = opt(2.0, "classifier-free guidance scale (1 = none)")
     uncond: str = opt("mean", "guidance's unconditional input: mean embedding of the store or of the sample's class",
                       choices=("mean", "class-mean"))
-    # Chosen by downstream accuracy on validation (configs/sampler-digits.yaml): DPM-Solver++ at 10
+    # Chosen by downstream accuracy on validation (configs/studies/digits-k5-sampler.yaml): DPM-Solver++ at 10
     # steps scored best of ddim 10/25, euler 25 and the paper's PNDM 100, with a tenth of its UNet calls.
     sampler: str = opt("dpm++2m", "dpm++2m (DPM-Solver++ 2M), ddim (deterministic, eta 0), euler or pndm (the paper's)",
                        choices=tuple(SAMPLERS))
@@ -385,92 +386,67 @@ class PretrainConfig:
         _check(self.max_seconds >= 0.0, "max-seconds must be >= 0 (0 = no limit)")
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    """The one-command proof: few-shot real data, inverted into a base, variants generated, classifiers compared.
+# What a study sets for every stage itself (from its own fields); its invert:, generate:, train: blocks may not.
+STUDY_OWNED = {
+    "InvertConfig": ("model", "data", "format", "split", "per_class", "subset_seed", "val_per_class", "device"),
+    "GenerateConfig": ("store", "model", "method", "device"),
+    "TrainConfig": ("data", "format", "split", "eval_split", "per_class", "subset_seed", "val_per_class", "val_split",
+                    "synthetic", "use", "seed", "device"),
+}
 
-    Every cell trains the same classifier on real only, real + Diffusion Inversion, and real +
-    the rival (img2img / SDEdit from each real image with its own embedding, as in DA-Fusion),
-    over ``seeds``; equal synthetic counts for both generators.
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A study: which synthetic data helps a classifier on this data, by how much, with which settings.
+
+    The study inverts each replicate's real subset, generates every method's candidate sets, trains
+    the classifiers, keeps each method's candidate with the best validation score, reads the test
+    split for the kept ones only and writes the tables and the report. ``invert``, ``generate`` and
+    ``train`` hold those stages' own fields; a list value is a list of candidates (see
+    :mod:`diffinv.study.spec`).
     """
 
-    data: str = opt("digits", "labelled real data (as for invert)")
-    # The embedded base is the invariant-views one (its encoder saw another view of each digit than
-    # the UNet denoised), so DI's variants are new strokes and poses rather than near-copies; chosen
-    # over the autoencoder base (bases/digits-8-ae) on validation (DI +0.67 against +0.14 points).
-    base: str = opt("", "base model (default: the digits base embedded in the package)")
-    # Real images per class; several sizes make a sample-efficiency study (each size is inverted
-    # and generated on its own; the seeded subsets are nested, 5 of 10 of 20).
-    # Few-shot: at 5 digits per class, with the validation-chosen classifier, neither generator gains
-    # beyond noise over 5 replicates (DI +0.67 validation, +0.73 [-0.77, +2.23] test); at 2 per class
-    # both do (configs/sweep-digits-inv-8px-pc2.yaml, 10 replicates: DI +5.28 validation, +4.04 test).
-    per_class: tuple[int, ...] = opt((2,), "real images per class; several, e.g. 5,10,20, make a sample-efficiency study")
-    # Extra real-only sizes, so the real-only curve reaches past the sizes given synthetic data
-    # and "worth N real images per class" is interpolated rather than a lower bound.
-    real_sizes: tuple[int, ...] = opt((), "extra real-only sizes per class for the efficiency curve, e.g. 40,80")
-    subset_seed: int = opt(0, "seed of replicate 0's real subset (replicate r draws subset-seed + r)")
-    # Eight replicates: at 2 per class a replicate's gain depends on how unlucky its real subset is
-    # (-2 to +13 points with one classifier), so fewer are fragile: the first 6 exclude 0 at 4
-    # sampling steps but not at 6, the first 3 never.
-    seeds: tuple[int, ...] = opt(tuple(range(8)), "replicates, e.g. 0,1,2: each draws its own real subset and classifier seed")
+    name: str = opt("", "the study's name, the report's title (default: the study file's name)")
+    data: str = opt("digits", "labelled real data (as for invert): its train split is subset, its test split scores")
+    format: str = opt("auto", "how to read --data", choices=FORMATS)
+    split: str = opt("train", "training split (real subsets are drawn from it)")
+    eval_split: str = opt("test", "test split: read once, after settings are chosen, for the kept settings only")
+    model: str = opt("", "base or SD-family model every method generates with (default: the digits base in the package)")
+    per_class: tuple[int, ...] = opt((5,), "real images per class, e.g. 5,10: each size gets every method")
+    real_sizes: tuple[int, ...] = opt((), "extra real-only sizes per class for the efficiency curve, e.g. 20,40")
+    seeds: tuple[int, ...] = opt((0, 1, 2, 3, 4), "replicates: replicate r draws its own real subset (subset-seed + r)")
+    subset_seed: int = opt(0, "seed of replicate 0's real subset")
     val_per_class: int = opt(20, "images per class held out of the training split for validation (never in a subset)")
-    # From the base encoder's tokens (library schedule, peak lr 0.3). On 50 digits 40 steps reach a
-    # denoising loss of 0.0820, below 60 from noise (0.0876) and the paper's recipe stopped at 60
-    # (0.1129): `python benchmarks/invert_cost.py --base src/diffinv/assets/digits-base --per-class 5
-    # --steps 40 --paper-steps 60 --recipes ours,encoder-lr0.3-cosine-strat-anti`. Downstream, at 2 per
-    # class, 24 steps score as 40 do on validation (DI +6.70 against +6.82, 10 replicates) in 60% of the
-    # time; with no steps at all (the encoder's tokens as they are) DI gains +2.25 only.
-    invert_steps: int = opt(24, "inversion steps")
-    invert_lr: float = opt(0.3, "inversion peak learning rate")
-    invert_init: str = opt("encoder", "start c_i from noise or from the base's encoder tokens", choices=("random", "encoder"))
-    # 24 steps leave importance sampling (the library's default) no room: 20 are its pilot. On
-    # validation, 8 replicates, stratified timesteps gave DI +8.13 and img2img +7.13 against +6.31 and
-    # +6.81 with importance sampling, so the demo keeps them.
-    invert_timesteps: str = opt("stratified", "inversion timesteps (see `diffinv invert --timesteps`)",
-                                choices=("uniform", "stratified", "importance"))
-    # 10 (validation +7.07 [+3.10, +11.04]) over the paper's 5 (+5.28) at 2 per class; the rival gets as many.
-    per_image: int = opt(10, "synthetic images per real image, for each generator")
-    # 4 rather than the library's 10, for the CPU budget (sampling is most of the demo): at 2 per class
-    # and 10 variants, validation DI gains +7.07 / +6.82 at 10 / 6 steps (40 inversion steps) and +6.70 /
-    # +6.88 at 6 / 4 (24 inversion steps); img2img +6.92 / +6.72 and +7.27 / +7.08. All within noise.
-    sample_steps: int = opt(4, "sampling steps (the library default sampler, DPM-Solver++ 2M)")
-    guidance: float = opt(2.0, "classifier-free guidance scale")
-    noise: float = opt(0.1, "sigma of DI's conditioning noise")
-    interp: float = opt(0.1, "s, DI's step towards a same-class partner")
-    strength: float = opt(0.5, "the rival's img2img strength")
-    clip_x0: bool = opt(False, "both generators clip every step's predicted clean image to [-1, 1] (pixel bases)")
-    unit_noise: bool = opt(False, "both generators rescale each sample's starting noise to RMS 1 (small pixel bases)")
-    # Chosen on validation only (real images, 3 replicates): at 16 px (configs/select-demo-classifier.yaml,
-    # 12 candidates) ShuffleNetV2 at lr 0.02 for 300 steps scored 0.820 balanced accuracy but takes ~24 s
-    # a run on 2 CPU cores; the small CNN at lr 0.1 for 300 steps 0.780 (~3.8 s). At the digits' own 8 px
-    # (configs/select-demo-classifier-8px.yaml) the small CNN scores 0.827 at lr 0.1 / 300 steps in 2.0 s
-    # a run (lr 0.2 / 600 steps: 0.833, twice the time): 8 px, lr 0.1, 300 steps.
-    arch: str = opt("small-cnn", "classifier")
-    train_lr: float = opt(0.1, "classifier peak SGD learning rate")
-    train_steps: int = opt(300, "classifier SGD steps")
-    train_batch: int = opt(32, "classifier batch size")
-    # Runs with synthetic data take this many real images in every batch, the rest synthetic (the
-    # paper's fixed split); 0 pools real and synthetic. Pooled, 50 real images among 250 variants
-    # are seen a sixth as often as in the real-only run.
-    train_real_batch: int = opt(16, "real images per batch when synthetic data is added (0 pools them)")
-    train_resolution: int = opt(8, "classifier input size")
-    # One classifier per replicate: the demo must stay under 5 minutes on machines up to 2.1x slower
-    # than the 2-core one it was timed on (148 s there was 311 s on the slowest); a second classifier
-    # per replicate adds ~18 s here, a fourth replicate ~46 s. Studies set more (`repeats`).
-    train_repeats: int = opt(1, "classifiers per replicate and method (own seeds), averaged before the intervals")
-    fast: bool = opt(False, "every count cut to the bone: checks the flow, not the method")
+    val_split: str = opt("", "validate on this split of --data instead (e.g. val for MedMNIST); sets --val-per-class 0")
+    repeats: int = opt(1, "classifiers per replicate and setting (own seeds), averaged before the intervals")
+    methods: dict = opt(None, "method name -> its generate settings (lists are candidates); YAML only", cli=False)
+    compare: dict = opt(None, "method -> rival(s) for head-to-head rows (default: di against every other method)", cli=False)
+    invert: dict = opt(None, "invert settings of every store (InvertConfig fields; lists are candidates)", cli=False)
+    generate: dict = opt(None, "generate settings of every method (GenerateConfig fields; lists are candidates)", cli=False)
+    train: dict = opt(None, "classifier settings of every run (TrainConfig fields; lists are candidates)", cli=False)
+    quality: dict = opt(None, "quality settings, e.g. {inception_weights: PATH} for FID/KID", cli=False)
+    fast: bool = opt(False, "every count cut to the bone (2 replicates, few steps): checks the flow, not the method")
+    report: bool = opt(True, "write OUT/report/report.html at the end", flag="--no-report", execution_only=True)
     device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
-    processes: int = opt(0, "processes for the replicates and the classifiers (0: one per torch thread up to 4, 1 on a GPU)",
-                       execution_only=True)
+    processes: int = opt(0, "processes for the replicates (0: one per torch thread up to 4, 1 on a GPU)", execution_only=True)
+    workdir: str = opt("", "folder relative paths are read from (default: the working directory)", execution_only=True,
+                       cli=False)
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        _check(self.processes >= 0, "processes must be >= 0 (0: one per torch thread up to 4)")
-        _check(0 <= self.train_real_batch < self.train_batch, "train-real-batch must be >= 0 and below train-batch")
         _check(len(self.per_class) >= 1 and min(self.per_class + self.real_sizes) >= 1 and len(self.seeds) >= 1,
                "per-class and real-sizes must be >= 1, and at least one size and one seed given")
-        _check(self.invert_steps >= 1 and self.per_image >= 1 and self.sample_steps >= 1 and self.train_steps >= 1
-               and self.train_repeats >= 1, "step counts, per-image and train-repeats must be >= 1")
+        _check(len(set(self.seeds)) == len(self.seeds), f"seeds must not repeat; got {list(self.seeds)}")
+        _check(self.repeats >= 1, f"repeats (classifiers per replicate) must be >= 1; got {self.repeats}")
+        _check(self.processes >= 0, "processes must be >= 0 (0: one per torch thread up to 4)")
+        _check(self.val_per_class >= 0, "val-per-class must be >= 0")
+        _check(bool(self.val_per_class) or bool(self.val_split),
+               "a study chooses settings on validation data: give --val-per-class K (a hold-out of the training split) "
+               "or --val-split NAME")
+        _check(self.val_split != self.eval_split, "the validation split cannot be the test split")
+        for name in ("methods", "compare", "invert", "generate", "train", "quality"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, dict), f"{name} must be a mapping; got {value!r}")
 
 
 def _check(ok: bool, message: str) -> None:

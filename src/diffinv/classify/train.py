@@ -47,8 +47,9 @@ class TrainData:
     notes: list[str] = field(default_factory=list)
 
 
-def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[str], None] = print) -> TrainData:
-    """Real subset, synthetic sets (mapped to the real label space), the validation data and the evaluation split."""
+def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[str], None] = print,
+                    with_test: bool = True) -> TrainData:
+    """Real subset, synthetic sets (mapped to the real label space), the validation data and (``with_test``) the test split."""
     for root in config.synthetic:
         if Path(config.data).is_dir() and Path(config.data).resolve() in Path(root).resolve().parents:
             raise DataError(f"the synthetic set {root} is inside the real data {config.data}, so it would also be read as a "
@@ -58,7 +59,7 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
     use = _use(config)
     held_out = validation_ids(source, config.val_per_class)
     real_set = select(source, config.per_class, config.subset_seed, config.bad_images, warn=log, exclude=held_out)
-    test_set, decoded = _whole_split(config, config.eval_split, log)
+    test_set, decoded = _whole_split(config, config.eval_split, log) if with_test else (None, None)
     val_set = None
     if held_out:
         val_set = source.subset([i for i, image_id in enumerate(source.ids) if image_id in held_out])
@@ -88,12 +89,21 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
         classes=classes, resolution=resolution,
         real=real, real_labels=torch.from_numpy(real_set.labels) if use != "synthetic" else torch.empty(0, dtype=torch.int64),
         syn=syn, syn_labels=syn_labels,
-        test=_decoded_once(decoded, test_set, resolution, progress, f"{config.eval_split} images"),
-        test_labels=torch.from_numpy(test_set.labels),
+        test=_decoded_once(decoded, test_set, resolution, progress, f"{config.eval_split} images") if with_test else empty,
+        test_labels=torch.from_numpy(test_set.labels) if with_test else torch.empty(0, dtype=torch.int64),
         val=None if val_set is None else load_uint8(val_set, resolution, progress, "validation images"),
         val_labels=None if val_set is None else torch.from_numpy(val_set.labels),
         notes=notes,
     )
+
+
+def load_test_split(config: TrainConfig, resolution: int, classes: list[str],
+                    log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation split at ``resolution`` (uint8 images, labels) for a run trained on ``classes``."""
+    test_set, decoded = _whole_split(config, config.eval_split, log)
+    if test_set.classes != classes:
+        raise DataError(f"the {config.eval_split} split has classes {test_set.classes}, the run was trained on {classes}")
+    return _decoded_once(decoded, test_set, resolution, False, ""), torch.from_numpy(test_set.labels)
 
 
 def _split_key(config: TrainConfig, split: str) -> tuple:

@@ -139,18 +139,19 @@ def inception_extractor(weights: str | Path | None) -> tuple[Callable[[torch.Ten
 
 
 def synthetic_quality(judge: nn.Module, meta: dict[str, Any], syn: torch.Tensor, syn_labels: torch.Tensor,
-                      real: torch.Tensor, real_labels: torch.Tensor, test: torch.Tensor,
+                      real: torch.Tensor, real_labels: torch.Tensor, test: torch.Tensor | None,
                       inception_weights: str | None = None) -> dict[str, Any]:
     """Every quality metric of one synthetic set. Images are uint8 [N, 3, S, S] at the judge's resolution.
 
     ``real`` are the real training images the set was made from (memorisation, diversity),
-    ``test`` the real test images (the reference distribution of the feature distances).
+    ``test`` the real test images (the reference distribution of the feature distances; None leaves
+    those distances out, for sets whose settings were not kept and so never meet the test split).
     """
     classes = meta["classes"]
     c = len(classes)
     syn_f, syn_pred = judge_features(judge, syn, meta["mean"], meta["std"])
     real_f, _ = judge_features(judge, real, meta["mean"], meta["std"])
-    test_f, _ = judge_features(judge, test, meta["mean"], meta["std"])
+    test_f = None if test is None else judge_features(judge, test, meta["mean"], meta["std"])[0]
     confusion = confusion_matrix(syn_pred, syn_labels, c)
     per_class_total = confusion.sum(1)
     diversity = {}
@@ -170,12 +171,12 @@ def synthetic_quality(judge: nn.Module, meta: dict[str, Any], syn: torch.Tensor,
         "nn_distance_syn_to_real": float(nn_syn.mean()),
         "nn_distance_real_to_real": float(nn_real.mean()),
         "near_copies": int((nn_syn < NEAR_COPY).sum()),
-        "fd_judge": frechet_distance(syn_f, test_f),
-        "kd_judge": kernel_distance(syn_f, test_f),
+        "fd_judge": None if test_f is None else frechet_distance(syn_f, test_f),
+        "kd_judge": None if test_f is None else kernel_distance(syn_f, test_f),
     }
     extract, note = inception_extractor(inception_weights)
     result["fid_note"] = note
-    if extract is not None:
+    if extract is not None and test is not None:
         syn_i, test_i = extract(syn), extract(test)
         result["fid"] = frechet_distance(syn_i, test_i)
         result["kid"] = kernel_distance(syn_i, test_i)

@@ -31,16 +31,17 @@ def build_report(root: str | Path) -> Path:
     root = Path(root)
     if (root / "summary.json").is_file():
         sections = _study_sections(root)
-        title = f"Study {root.name}"
+        name = (read_yaml(root / "study.yaml") or {}).get("name") if (root / "study.yaml").is_file() else ""
+        title = f"Study: {name or root.name}"
     elif (root / "final.json").is_file():
         sections = _run_sections(root)
         title = f"Run {root.name}"
     elif (root / "metrics.jsonl").is_file():
         raise RunError(f"{root} is an unfinished run; finish it with `diffinv train ... --resume`, then report")
     elif (root / "study.yaml").is_file():
-        done = len(list((root / "runs").rglob("final.json")))
-        raise RunError(f"{root} is an unfinished study ({done} cells finished); run the same `diffinv experiment` command "
-                       f"again to finish it (finished cells are skipped), then report")
+        done, total = _runs_done(root)
+        raise RunError(f"{root} is an unfinished study ({done} of {total} classifier runs finished); run the same `diffinv "
+                       f"experiment` command again to finish it (finished work is reused), then report")
     else:
         raise RunError(f"{root} is neither a study (summary.json) nor a finished run (final.json)")
     out = root / "report"
@@ -72,37 +73,45 @@ def build_report(root: str | Path) -> Path:
 
 
 def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
-    summary = read_json(root / "summary.json")
+    from diffinv.report.table import chosen_text, result_table
+
+    rows = read_json(root / "summary.json")
     quality = read_json(root / "quality.json") if (root / "quality.json").is_file() else {}
+    selection = read_json(root / "selection.json") if (root / "selection.json").is_file() else {}
     study = read_yaml(root / "study.yaml") if (root / "study.yaml").is_file() else {}
-    sections = []
-    for (dataset, arch, aug), rows in _groups(summary).items():
-        tag = f"{dataset}, {arch}, {aug}"
-        sections.append((f"Verdict ({tag})", verdict(rows), None))
-        sections.append((f"Accuracy ({tag})", _accuracy_table(rows), _accuracy_plot(rows, tag)))
-        sections.append((f"Sample efficiency ({tag})", _efficiency_table(rows), None))
-        sections.append((f"Per-class recall ({tag})", _per_class_table(rows), _per_class_plot(rows, tag)))
-    if quality:
-        sections.append(("Synthetic data quality", _quality_table(quality), None))
-        points = frontier_points(quality, summary)
-        if len(points) >= 2:
-            sections.append(("Fidelity / diversity frontier", _frontier_text(points), _frontier_plot(points)))
+    chosen = chosen_text(selection)
+    sections = [("Verdict", verdict(rows), None),
+                ("Accuracy", _accuracy_text() + "\n\n" + result_table(rows)
+                 + (f"\n\nSettings chosen on validation:\n{chosen}" if chosen else ""), _accuracy_plot(rows, study.get("name", ""))),
+                ("Sample efficiency", _efficiency_table(rows), None),
+                ("Per-class recall", _per_class_table(rows), _per_class_plot(rows, study.get("name", "")))]
+    kept = {k: q for k, q in quality.items() if q.get("kept", True)}
+    if kept:
+        sections.append(("Synthetic data quality", _quality_table(kept), None))
+    points = frontier_points(quality, selection)
+    if len(points) >= 2:
+        sections.append(("Fidelity / diversity frontier", _frontier_text(points), _frontier_plot(points)))
     shown = set()
-    for key, q in quality.items():
-        if (q["dataset"], q["method"], q["per_class"]) in shown:
+    for key, q in kept.items():
+        if (q["method"], q["per_class"]) in shown:
             continue  # one grid per method and size (the first replicate's)
-        shown.add((q["dataset"], q["method"], q["per_class"]))
-        figure = _grid_figure(q["synthetic"][0], _dataset_spec(study, q["dataset"]), key)
+        shown.add((q["method"], q["per_class"]))
+        figure = _grid_figure(str(root / q["synthetic"][0]), study, key)
         if figure is not None:
             sections.append((f"Real images and their synthetic variants ({key})", "", figure))
     return sections
 
 
-def _groups(summary: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in summary:
-        groups.setdefault((r["dataset"], r["arch"], r["aug"]), []).append(r)
-    return groups
+def _runs_done(root: Path) -> tuple[int, int | None]:
+    plan = read_json(root / "plan.json") if (root / "plan.json").is_file() else {"units": []}
+    runs = [u for u in plan["units"] if u["kind"] == "run"]
+    done = 0
+    for u in runs:
+        try:
+            done += read_json(root / u["folder"] / "train.json").get("status") == "complete"
+        except (OSError, ValueError):
+            pass
+    return done, len(runs)
 
 
 def _k(value: Any) -> str:
@@ -118,36 +127,11 @@ def _value(r: dict[str, Any], metric: str, what: str = "mean") -> float:
     return r.get(f"{metric}_{what}", r[f"top1_{what}"])
 
 
-def _gain_text(r: dict[str, Any], metric: str) -> str:
-    g = (r.get("gain") or {}).get(metric)
-    if g is None:
-        return ""
-    note = " degenerate run" if g["degenerate"] else (" beyond noise" if g["beyond_noise"] else " within noise")
-    return f"{100 * g['mean']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]{note}"
-
-
-def _accuracy_table(rows: list[dict[str, Any]]) -> str:
-    metric = _metric(rows)
-    ks = sorted({r["per_class"] for r in rows}, key=lambda k: math.inf if k is None else k)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["method"], r["per_class"]): r for r in rows}
-    lines = ["| method | " + " | ".join(f"{_k(k)} / class" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-    for m in methods:
-        vals = []
-        for k in ks:
-            r = cell.get((m, k))
-            if r is None:
-                vals.append("")
-                continue
-            text = f"{100 * _value(r, metric):.2f} ± {100 * _value(r, metric, 'std'):.2f} (n={r['n_seeds']})"
-            if r.get("degenerate_runs"):
-                text += f" {r['degenerate_runs']} degenerate"
-            gain = _gain_text(r, metric)
-            vals.append(text + (f"<br>gain {gain}" if gain else ""))
-        lines.append(f"| {m} | " + " | ".join(vals) + " |")
-    return (f"Test {METRIC_NAMES[metric]} in %, mean ± std over replicates; gains over real only in points, paired by "
-            f"replicate, with their 95% t-interval (beyond noise only when it excludes 0 over >= 3 replicates and no run "
-            f"predicts one class for >= 95% of the images).\n\n" + "\n".join(lines))
+def _accuracy_text() -> str:
+    return ("Test accuracy in %, mean ± std over replicates; gains over real only in points, paired by replicate, with "
+            "their 95% t-interval (beyond noise only when it excludes 0 over >= 3 replicates and no run predicts one class "
+            "for >= 95% of the images). Every method's setting was chosen on the validation split; the test split was "
+            "read once, for the chosen settings only.")
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
@@ -287,38 +271,37 @@ def _quality_table(quality: dict[str, Any]) -> str:
             + "\n\n" + "\n".join(f"- {n}" for n in notes))
 
 
-def frontier_points(quality: dict[str, Any], summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One point per (dataset, method, K): label fidelity and diversity, means over the replicates' sets.
+def frontier_points(quality: dict[str, Any], selection: dict[str, Any]) -> list[dict[str, Any]]:
+    """One point per (method, setting, K): label fidelity and diversity, means over the replicates' sets.
 
-    Each point carries the method's validation gain over real only (its headline metric, the first
-    arch/aug of the summary), so settings compared on this plot are read against validation, not test.
+    Each point carries the setting's validation gain over real only (``selection.json``), so the
+    settings compared on this plot are read against validation, never test.
     """
     sets: dict[tuple, list[dict[str, Any]]] = {}
     for q in quality.values():
         if q.get("diversity_ratio") is not None:
-            sets.setdefault((q["dataset"], q["method"], q["per_class"]), []).append(q)
-    rows = {(r["dataset"], r["method"], r["per_class"]): r for r in reversed(summary)}  # the first arch/aug wins
+            sets.setdefault((q["method"], q.get("setting", ""), q["per_class"]), []).append(q)
     points = []
-    for (dataset, method, k), qs in sets.items():
-        row, real = rows.get((dataset, method, k)), rows.get((dataset, "real", k))
-        metric = _metric([row]) if row else "top1"
-        val_gain = None
-        if row and real and row.get(f"val_{metric}_mean") is not None and real.get(f"val_{metric}_mean") is not None:
-            val_gain = row[f"val_{metric}_mean"] - real[f"val_{metric}_mean"]
-        points.append({"dataset": dataset, "method": method, "per_class": k, "sets": len(qs),
+    for (method, setting, k), qs in sets.items():
+        entry = (selection.get(method) or {}).get(str(k)) or {}
+        cand = next((c for c in entry.get("candidates", []) if c["label"] == setting), {})
+        gain = (cand.get("validation_gain") or {}).get("mean")
+        several = len(entry.get("candidates", [])) > 1
+        points.append({"method": method, "setting": setting, "label": f"{method} {setting}" if several else method,
+                       "per_class": k, "sets": len(qs), "kept": entry.get("chosen") == setting,
                        "label_fidelity": float(np.mean([q["label_fidelity"] for q in qs])),
                        "diversity_ratio": float(np.mean([q["diversity_ratio"] for q in qs])),
-                       "val_gain": val_gain, "metric": metric})
+                       "val_gain": gain, "metric": entry.get("metric") or "top1"})
     return points
 
 
 def _frontier_text(points: list[dict[str, Any]]) -> str:
-    lines = ["| dataset | method | real / class | label fidelity | diversity (syn/real) | validation gain (points) |",
-             "|---|---|---|---|---|---|"]
-    for p in sorted(points, key=lambda p: (p["dataset"], _k(p["per_class"]), -p["label_fidelity"])):
+    lines = ["| method | setting | real / class | label fidelity | diversity (syn/real) | validation gain (points) | kept |",
+             "|---|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (_k(p["per_class"]), -p["label_fidelity"])):
         gain = "" if p["val_gain"] is None else f"{100 * p['val_gain']:+.2f} ({METRIC_NAMES[p['metric']]})"
-        lines.append(f"| {p['dataset']} | {p['method']} | {_k(p['per_class'])} | {100 * p['label_fidelity']:.1f}% | "
-                     f"{p['diversity_ratio']:.3f} | {gain} |")
+        lines.append(f"| {p['method']} | {p['setting']} | {_k(p['per_class'])} | {100 * p['label_fidelity']:.1f}% | "
+                     f"{p['diversity_ratio']:.3f} | {gain} | {'yes' if p['kept'] else ''} |")
     return ("Each synthetic set's label fidelity (the real-only judge's accuracy on it) against its diversity (the "
             "within-class spread of the judge's features, synthetic over real), means over replicates, with the "
             "method's gain over real only on the validation split: settings are chosen on that column, never on "
@@ -329,7 +312,7 @@ def _frontier_plot(points: list[dict[str, Any]]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    draw_frontier(ax, points, lambda p: f"{p['method']} k{_k(p['per_class'])}")
+    draw_frontier(ax, points, lambda p: f"{p['label']} k{_k(p['per_class'])}")
     ax.set_xlabel("label fidelity (%): the real-only judge's accuracy on the set")
     ax.set_ylabel("diversity: within-class spread, synthetic / real")
     ax.set_title("Fidelity vs diversity\n(colour and label: validation gain over real only, points)", fontsize=10)
@@ -357,11 +340,6 @@ def draw_frontier(ax: Any, points: list[dict[str, Any]], label: Callable[[dict[s
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
     ax.grid(alpha=0.3)
     return scale
-
-
-def _dataset_spec(study: dict[str, Any], dataset: str) -> dict[str, Any]:
-    spec = (study.get("datasets") or {}).get(dataset) or {}
-    return spec if isinstance(spec, dict) else {"data": spec}
 
 
 def _grid_figure(synthetic: str, dataset: dict[str, Any], title: str):

@@ -25,7 +25,7 @@ from torch import nn
 from diffinv.classify.augment import Augmenter
 from diffinv.classify.metrics import channel_stats, evaluate, normalise
 from diffinv.classify.models import build_model, check_arch
-from diffinv.classify.train import TrainingError, eval_steps, load_train_data, lr_at, plan_streams
+from diffinv.classify.train import TrainingError, eval_steps, load_test_split, load_train_data, lr_at, plan_streams
 from diffinv.config import TrainConfig, config_to_dict
 from diffinv.data.real import DataError
 from diffinv.device import resolve_device, slow_bf16_warning
@@ -35,25 +35,32 @@ from diffinv.runs import (RunError, load_optimiser_tensors, open_output, prefixe
 from diffinv.stages import Stage
 
 MARKER = "train.json"
+TRAINED = "trained.json"  # what the run was (sizes, validation), written before any test
 
 
 def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                      progress: bool = True, log: Callable[[str], None] = print,
-                     on_step: Callable[[int], None] | None = None) -> Path:
+                     on_step: Callable[[int], None] | None = None, test: bool = True) -> Path:
     """Train one classifier into the run folder ``out``; returns ``out``.
 
     ``on_step(finished_steps)`` is called after every step (tests use it to interrupt a run).
+    ``test=False`` (with validation data) stops before the test split: a study reads it later, with
+    :func:`test_classifier`, for the settings it kept only.
     """
+    if not test and not (config.val_per_class or config.val_split):
+        raise RunError("a run whose test is deferred needs validation data (--val-per-class or --val-split)")
     out = Path(out)
     check_arch(config.arch)
     if not config.data:
         raise DataError("--data is required: the real data set (its train split is subset, its test split evaluates)")
     state = open_output(out, MARKER, config, noun="run", resume=resume, overwrite=overwrite)
     if state == "done":
+        if test and not (out / "final.json").is_file():
+            test_classifier(config, out, log=log)
         return out
 
     # 1. Data, held in memory; the model, optimiser and augmentation on the device.
-    data = load_train_data(config, progress, log)
+    data = load_train_data(config, progress, log, with_test=test)
     device = resolve_device(config.device)
     autocast = torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda") else None
     if autocast is not None and (warning := slow_bf16_warning(autocast, device)):
@@ -149,29 +156,48 @@ def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = Fal
     if bar is not None:
         bar.close()
 
-    # 7. Final weights (with what is needed to use them) and the summary.
+    # 7. Final weights (with what is needed to use them), what the run was, then (unless deferred) the test.
     meta = {"arch": config.arch, "stem": config.stem, "classes": json.dumps(data.classes),
             "resolution": str(data.resolution), "mean": json.dumps(mean.tolist()), "std": json.dumps(std.tolist())}
     write_safetensors(out / "model.safetensors", model.state_dict(), meta)
-    final = rows[-1]
     validation = None
     if data.val is not None:
-        validation = {k: v for k, v in final.items() if k not in ("step", "epoch", "train_loss", "lr", "confusion")}
-        final = evaluate(model, data.test, data.test_labels, mean, std, num_classes, config.eval_batch_size, autocast,
-                         channels_last)  # the only time this run reads the test split
-    write_json(out / "final.json", {
-        "top1": final["top1"], "per_class": final["per_class"], "loss": final["loss"], "steps": total,
-        **{k: final.get(k) for k in ("balanced_accuracy", "macro_f1", "auc", "top_prediction_share", "degenerate")},
-        "class_counts": torch.bincount(data.test_labels, minlength=num_classes).tolist(), "validation": validation,
-        "classes": data.classes, "n_real": len(data.real), "n_synthetic": len(data.syn), "n_test": len(data.test),
-        "resolution": data.resolution, "notes": data.notes,
-    })
-    if validation is not None:
-        # Apart from final.json, so that choosing settings on validation never has to open the test metrics.
+        validation = {k: v for k, v in rows[-1].items() if k not in ("step", "epoch", "train_loss", "lr", "confusion")}
+        # Apart from the test metrics, so that choosing settings on validation never has to open them.
         write_json(out / "validation.json", {**validation, "class_counts": torch.bincount(data.val_labels, minlength=num_classes).tolist()})
+    write_json(out / TRAINED, {"steps": total, "validation": validation, "classes": data.classes, "n_real": len(data.real),
+                               "n_synthetic": len(data.syn), "resolution": data.resolution, "notes": data.notes})
+    if test:
+        final = rows[-1] if data.val is None else evaluate(model, data.test, data.test_labels, mean, std, num_classes,
+                                                            config.eval_batch_size, autocast, channels_last)
+        _write_final(out, final, torch.bincount(data.test_labels, minlength=num_classes).tolist(), len(data.test))
     write_json(out / MARKER, {"status": "complete", "classes": data.classes, "resolution": data.resolution})
     (out / "checkpoint.safetensors").unlink(missing_ok=True)
     return out
+
+
+def test_classifier(config: TrainConfig, out: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Score a trained run on its test split (``final.json``): the only time a run reads it."""
+    out = Path(out)
+    device = resolve_device(config.device)
+    autocast = torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda") else None
+    model, meta = load_classifier(out, device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    images, labels = load_test_split(config, meta["resolution"], meta["classes"], log)
+    final = evaluate(model, images, labels, meta["mean"].to(device), meta["std"].to(device), len(meta["classes"]),
+                     config.eval_batch_size, autocast, config.channels_last)
+    _write_final(out, final, torch.bincount(labels, minlength=len(meta["classes"])).tolist(), len(images))
+    return out
+
+
+def _write_final(out: Path, final: dict[str, Any], class_counts: list[int], n_test: int) -> None:
+    trained = read_json(out / TRAINED)
+    write_json(out / "final.json", {
+        "top1": final["top1"], "per_class": final["per_class"], "loss": final["loss"],
+        **{k: final.get(k) for k in ("balanced_accuracy", "macro_f1", "auc", "top_prediction_share", "degenerate")},
+        "class_counts": class_counts, "n_test": n_test, **trained,
+    })
 
 
 def load_classifier(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

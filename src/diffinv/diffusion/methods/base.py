@@ -48,8 +48,12 @@ class Method:
 
     def check(self, config: GenerateConfig, store: EmbeddingStore) -> None:
         """Refuse, with a message that says what to do, a store or settings this method cannot use."""
+        self.check_settings(config)
         if store.info.get("target", "image") != self.store_target:
             raise StoreError(self.wrong_store_message(store))
+
+    def check_settings(self, config: GenerateConfig) -> None:
+        """Refuse settings this method cannot use, before any store exists (a study checks every candidate so)."""
 
     def notes(self, config: GenerateConfig) -> list[str]:
         """What the user should know about how these settings act (logged before generating); none by default."""

@@ -19,8 +19,7 @@ class ClassInversion(Method):
         return (f"--method class-inversion needs a per-class store: run `diffinv invert --target class` on the same "
                 f"data and pass it as --store ({store.root} holds one embedding per image)")
 
-    def check(self, config: GenerateConfig, store: EmbeddingStore) -> None:
-        super().check(config, store)
+    def check_settings(self, config: GenerateConfig) -> None:
         if config.uncond == "class-mean":
             raise StoreError("--uncond class-mean with class-inversion would guide a class against itself; use --uncond mean")
 

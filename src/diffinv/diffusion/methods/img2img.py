@@ -24,8 +24,7 @@ from diffinv.runs import read_yaml
 class Img2Img(Method):
     name = "img2img"
 
-    def check(self, config: GenerateConfig, store: EmbeddingStore) -> None:
-        super().check(config, store)
+    def check_settings(self, config: GenerateConfig) -> None:
         if config.img2img_embedding == "class" and not config.class_store:
             raise StoreError("--img2img-embedding class needs --class-store DIR (from `diffinv invert --target class`)")
         if img2img_steps(config.steps, config.strength) == 0:

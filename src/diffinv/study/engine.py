@@ -1,0 +1,295 @@
+"""Running a study: its jobs, then the choice on validation, the test of the kept candidates, the tables.
+
+1. jobs      every (size, replicate): its stores, its candidates' sets, its classifier runs (no test read)
+2. select    each method's candidate with the best mean validation score       -> selection.json
+3. test      the kept candidates' runs scored on the test split, once           -> runs/*/final.json
+4. tables    results, summary (gains, head to head), quality, the result table -> results.*, summary.*, results.md
+5. report    OUT/report/report.html
+
+Every unit is one stage call with resume on, so a killed study continues where it stopped when the
+same command is run again, and a finished one only prints its table. Shard I of N runs the jobs j
+with j % N == I; whichever finds every job finished does steps 2-5 (``diffinv merge`` does them by hand).
+"""
+
+from __future__ import annotations
+
+import statistics
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+from diffinv.config import ConfigError, StudyConfig, config_to_dict, load_config, result_fields
+from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
+from diffinv.shards import Shard
+from diffinv.study.plan import Plan, Trial, Unit, build_plan
+from diffinv.study.pool import process_pool, run_all, workers_for
+from diffinv.study.spec import REAL, compare_pairs
+
+Log = Callable[[str], None]
+
+
+def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None, progress: bool = True, log: Log = print,
+              hook: Callable[[Unit], None] | None = None) -> Path | None:
+    """Run every unfinished job of this shard, then (once every job is finished) steps 2-5; returns ``out``,
+    or None while other shards' jobs are still missing. ``hook(unit)`` is called after every unit."""
+    out = Path(out)
+    shard = shard or Shard()
+    plan = build_plan(study, out)
+    record(study, plan, out, shard)
+    mine = [j for j in range(len(plan.jobs)) if shard.owns(j)]
+    todo = [j for j in mine if not all(u.done(out) for u in plan.job_units(j))]
+    counts = {kind: sum(1 for u in plan.units.values() if u.kind == kind) for kind in ("store", "set", "run")}
+    log(f"study {study.name}: {len(plan.jobs)} jobs (size x replicate), {counts['store']} stores, {counts['set']} "
+        f"synthetic sets, {counts['run']} classifier runs; {len(mine) - len(todo)} of {len(mine)} jobs finished"
+        + ("" if shard.whole else f" (shard {shard})"))
+    workers = min(workers_for(study.processes, study.device), max(1, len(todo)))
+    with process_pool(workers) if workers > 1 else nullcontext() as pool:
+        if pool is not None:
+            log(f"running {len(todo)} jobs in {workers} processes")
+            run_all(pool, run_job, [(plan.job_units(j), out, _job_name(plan, j)) for j in todo])
+        else:
+            for j in todo:
+                run_job(plan.job_units(j), out, _job_name(plan, j), progress=progress, log=log, hook=hook)
+        if not _units(plan, out, shard.count).complete(strict=shard.whole, log=log):
+            return None
+        return finish(study, plan, out, log=log, pool=pool)
+
+
+def run_job(units: list[Unit], out: Path, name: str, *, progress: bool = False, log: Log = print,
+            hook: Callable[[Unit], None] | None = None) -> None:
+    """One job's units in order (stores, then the sets made from them, then the runs that read them)."""
+    from diffinv.stages.generate import generate_dataset
+    from diffinv.stages.invert import invert_dataset
+    from diffinv.stages.train import train_classifier
+
+    for unit in units:
+        if unit.done(out):
+            continue
+        log(f"{name}: {unit.kind} {unit.folder}")
+        folder = out / unit.folder
+        if unit.kind == "store":
+            invert_dataset(unit.config, folder, resume=True, progress=progress, log=log)
+        elif unit.kind == "set":
+            generate_dataset(unit.config, folder, progress=progress, log=log)
+        else:
+            train_classifier(unit.config, folder, resume=True, progress=progress, log=log, test=False)
+        if hook is not None:
+            hook(unit)
+
+
+def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool: Any = None) -> Path:
+    """Steps 2-5, from the finished runs: the choice reads validation only; the test is read after it."""
+    from diffinv.report.summary import summarise
+    from diffinv.report.table import chosen_text, result_table, verdict_lines
+
+    selection = select_candidates(plan, out, log)
+    kept = [t for t in plan.trials if selection[t.arm][str(t.per_class)]["chosen"] == t.label]
+    test_runs([plan.units[t.run] for t in kept], out, log, pool)
+    rows = [result_row(study, plan, t, out) for t in kept]
+    write_table(out / "results", rows)
+    summary = summarise(rows, compare_pairs(study))
+    write_table(out / "summary", summary)
+    write_json(out / "quality.json", study_quality(study, plan, selection, out, log))
+    chosen = chosen_text(selection)
+    write_text(out / "results.md", result_table(summary) + (f"\n\nSettings chosen on validation:\n{chosen}" if chosen else "")
+               + f"\n\nOn the test split (95% intervals over {len(study.seeds)} replicates, paired):\n{verdict_lines(summary)}\n")
+    if study.report:
+        from diffinv.report.build import build_report
+
+        log(f"report {build_report(out)}")
+    return out
+
+
+def record(study: StudyConfig, plan: Plan, out: Path, shard: Shard) -> None:
+    """Write the study and its plan beside its units; shards of one study must all run the same one."""
+    saved = out / "study.yaml"
+    if saved.is_file():
+        previous = read_study(out)
+        if not shard.whole and result_fields(previous) != result_fields(study):
+            raise RunError(f"{out} holds a study with other settings; every shard must run the same study file and flags")
+    elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        older = " (a demo of an older diffinv: delete it to run the demo again)" if (out / "demo.yaml").is_file() else ""
+        raise RunError(f"--out {out} is a non-empty folder that is not a study{older}; choose an empty or new folder")
+    write_yaml(saved, config_to_dict(study))
+    write_json(out / "plan.json", plan.to_json())
+
+
+def read_study(out: Path) -> StudyConfig:
+    """The study a study folder records, with a clear message for folders of another kind or an older diffinv."""
+    raw = read_yaml(out / "study.yaml")
+    if isinstance(raw, dict) and "datasets" in raw:
+        raise RunError(f"{out} is a study of an older diffinv (per-path methods); run its study again into a new --out")
+    try:
+        return load_config(StudyConfig, None, raw)
+    except ConfigError as exc:
+        raise RunError(f"{out}/study.yaml cannot be read as a study ({exc}); run the study into a new --out") from exc
+
+
+def finish_study(out: str | Path, log: Log = print) -> Path:
+    """``diffinv merge`` for a study: steps 2-5, once every job of every shard has finished."""
+    out = Path(out)
+    study = read_study(out)
+    plan = build_plan(study, out)
+    _units(plan, out, 0).complete(strict=True, log=log)  # 0: the study does not record how many shards ran it
+    return finish(study, plan, out, log=log)
+
+
+def _units(plan: Plan, out: Path, shards: int) -> Units:
+    return Units(out, "job", len(plan.jobs), lambda j: all(u.done(out) for u in plan.job_units(j)), shards)
+
+
+def _job_name(plan: Plan, job: int) -> str:
+    k, r = plan.jobs[job]
+    return f"[job {job + 1}/{len(plan.jobs)}: {k} per class, replicate {r}]"
+
+
+# ----------------------------------------------------------------------------- 2. the choice, on validation only
+
+
+def select_candidates(plan: Plan, out: Path, log: Log) -> dict[str, dict[str, Any]]:
+    """Per method and size, the candidate with the best mean validation score over the replicates (ties: the
+    first listed). Reads each run's ``validation.json`` and nothing else; writes ``selection.json``."""
+    from diffinv.report.stats import headline_metric, paired_gain
+
+    scores: dict[tuple, dict[int, float]] = {}  # (arm, label, K) -> replicate -> mean over its repeats
+    metric = None
+    for arm, cands in plan.candidates.items():
+        for k in plan.sizes(arm):
+            for cand in cands:
+                by_rep: dict[int, list[float]] = {}
+                for t in plan.trials_of(arm, cand.label, k):
+                    val = read_json(out / plan.units[t.run].folder / "validation.json")
+                    metric = metric or headline_metric(val["class_counts"])
+                    by_rep.setdefault(t.replicate, []).append(val[metric])
+                scores[(arm, cand.label, k)] = {r: statistics.fmean(v) for r, v in by_rep.items()}
+    selection: dict[str, dict[str, Any]] = {}
+    for arm, cands in plan.candidates.items():  # real first: the others' validation gains are over its choice
+        for k in plan.sizes(arm):
+            means = {c.label: statistics.fmean(scores[(arm, c.label, k)].values()) for c in cands}
+            best = max(means, key=means.get)
+            real = scores.get((REAL, selection.get(REAL, {}).get(str(k), {}).get("chosen"), k))
+            listed = []
+            for c in cands:
+                mine = scores[(arm, c.label, k)]
+                gain = None
+                if arm != REAL and real:
+                    shared = sorted(set(mine) & set(real))
+                    gain = paired_gain([mine[r] for r in shared], [real[r] for r in shared])
+                listed.append({"label": c.label, "settings": {"invert": c.invert, "generate": c.generate, "train": c.train},
+                               "validation_mean": means[c.label], "validation_gain": gain, "replicates": len(mine)})
+            selection.setdefault(arm, {})[str(k)] = {"chosen": best, "metric": metric, "candidates": listed}
+            if len(cands) > 1:
+                log(f"selected {arm} ({best}) at {k} per class on validation ({100 * means[best]:.2f}, best of {len(cands)})")
+    write_json(out / "selection.json", selection)
+    return selection
+
+
+# ----------------------------------------------------------------------------- 3-4. the test, once; the tables
+
+
+def test_runs(units: list[Unit], out: Path, log: Log, pool: Any = None) -> None:
+    """``final.json`` of every kept run that has none: the study's only reads of the test split."""
+    todo = [u for u in units if not (out / u.folder / "final.json").is_file()]
+    if not todo:
+        return
+    log(f"scoring the {len(todo)} runs of the kept settings on the test split")
+    if pool is not None:
+        run_all(pool, _test, [(todo[i::4], out) for i in range(min(4, len(todo)))])
+    else:
+        _test(todo, out, log)
+
+
+def _test(units: list[Unit], out: Path, log: Log = print) -> None:
+    from diffinv.stages.train import test_classifier
+
+    for unit in units:
+        test_classifier(unit.config, out / unit.folder, log=log)
+
+
+def result_row(study: StudyConfig, plan: Plan, t: Trial, out: Path) -> dict[str, Any]:
+    from diffinv.report.summary import METRICS
+
+    unit = plan.units[t.run]
+    final = read_json(out / unit.folder / "final.json")
+    return {"dataset": study.name, "method": t.arm, "setting": t.label, "per_class": t.per_class,
+            "arch": unit.config.arch, "aug": unit.config.aug, "seed": t.replicate, "repeat": t.repeat,
+            "subset_seed": unit.config.subset_seed, **{m: final.get(m) for m in METRICS},
+            "degenerate": bool(final.get("degenerate")), "n_real": final["n_real"], "n_synthetic": final["n_synthetic"],
+            "steps": final["steps"], "classes": final["classes"], "per_class_acc": final["per_class"],
+            "class_counts": final.get("class_counts"),
+            "validation": {m: (final.get("validation") or {}).get(m) for m in METRICS} if final.get("validation") else None,
+            "run": unit.folder, "sets": [plan.units[s].folder for s in t.sets]}
+
+
+def write_table(stem: Path, rows: list[dict[str, Any]]) -> None:
+    """``stem.json`` with every field, ``stem.csv`` with the scalar ones."""
+    import csv
+    import io
+
+    write_json(stem.with_suffix(".json"), rows)
+    if not rows:
+        return
+    scalar = [k for k, v in rows[0].items() if not isinstance(v, (list, dict))]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=scalar, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(stem.with_suffix(".csv"), buffer.getvalue())
+
+
+def study_quality(study: StudyConfig, plan: Plan, selection: dict[str, Any], out: Path, log: Log) -> dict[str, Any]:
+    """Every candidate's sets judged by the kept real-only run with the most images (replicate 0's).
+
+    Label fidelity, diversity and near copies read no test image, so they are measured for every
+    candidate (the fidelity / diversity frontier); the distances to the test split only for kept ones.
+    """
+    import torch
+
+    from diffinv.data.real import load_uint8, open_images, select, validation_ids
+    from diffinv.data.synthetic import open_synthetic
+    from diffinv.quality.measures import synthetic_quality
+    from diffinv.stages.train import load_classifier
+
+    real = [t for t in plan.trials if t.arm == REAL and t.repeat == 0 and selection[REAL][str(t.per_class)]["chosen"] == t.label]
+    judge = max(real, key=lambda t: (t.per_class, -t.replicate))
+    model, meta = load_classifier(out / plan.units[judge.run].folder)
+    res = meta["resolution"]
+    report: dict[str, Any] = {}
+    test = None
+    notes = set()
+    for t in plan.trials:
+        if t.arm == REAL or t.repeat or not t.sets:
+            continue
+        kept = selection[t.arm][str(t.per_class)]["chosen"] == t.label
+        cfg = plan.units[t.run].config
+        if kept and test is None:
+            test = load_uint8(open_images(cfg.data, cfg.format, cfg.eval_split), res)
+        source = open_images(cfg.data, cfg.format, cfg.split)
+        real_set = select(source, cfg.per_class, cfg.subset_seed, cfg.bad_images, warn=log,
+                          exclude=validation_ids(source, cfg.val_per_class))
+        sets = [open_synthetic(root, meta["classes"]) for root in cfg.synthetic]
+        q = synthetic_quality(model, meta, torch.cat([load_uint8(s, res) for s in sets]),
+                              torch.cat([torch.from_numpy(s.labels) for s in sets]), load_uint8(real_set, res),
+                              torch.from_numpy(real_set.labels), test if kept else None, study.quality.get("inception_weights")
+                              if study.quality else None)
+        notes.add(q["fid_note"])
+        name = f"{t.arm}/k{t.per_class}/r{t.replicate}" if kept else f"{t.arm} [{t.label}]/k{t.per_class}/r{t.replicate}"
+        report[name] = {"dataset": study.name, "method": t.arm, "setting": t.label, "kept": kept, "per_class": t.per_class,
+                        "replicate": t.replicate, "judge": plan.units[judge.run].folder,
+                        "synthetic": [plan.units[s].folder for s in t.sets], **q}
+    if report:
+        kept_q = [q for q in report.values() if q["kept"]]
+        log(f"quality of {len(report)} synthetic sets (judge: {plan.units[judge.run].folder}); kept settings' label fidelity "
+            + ", ".join(f"{q['method']} {q['label_fidelity']:.2f}" for q in kept_q[:6]) + (" ..." if len(kept_q) > 6 else ""))
+    for note in sorted(notes):
+        log(note)
+    return report
+
+
+def count_done(out: Path, seen: dict[str, int]) -> tuple[int, int | None]:
+    """(finished, planned) classifier runs, for progress bars, from ``plan.json``."""
+    plan = read_json(out / "plan.json")
+    runs = [u for u in plan["units"] if u["kind"] == "run"]
+    done = sum(1 for u in runs if (out / u["folder"] / "train.json").is_file()
+               and read_json(out / u["folder"] / "train.json").get("status") == "complete")
+    return done, len(runs)

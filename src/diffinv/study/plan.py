@@ -1,0 +1,216 @@
+"""Every unit of a study's work, keyed by what makes its result, so nothing is done twice.
+
+A unit is one replicate's store (``stores/``), one candidate's synthetic set (``sets/``) or one
+classifier run (``runs/``). Its key is a digest of the fields of its stage config that change the
+result and differ from their defaults (data and model as the study names them, parent units by
+key), so the candidates of a replicate that share inversion settings share one store, every
+method's comparison shares the real-only runs, and a candidate or replicate added later reuses
+everything finished. The units of one (size, replicate) form a job; jobs are independent, which is
+what processes, shards and Ray tasks split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from diffinv.config import GenerateConfig, InvertConfig, StudyConfig, TrainConfig, config_to_dict, load_config, result_fields
+from diffinv.runs import RunError, read_json
+from diffinv.study.spec import REAL, Candidate, candidates
+
+ASSETS = Path(__file__).parent.parent / "assets"
+EMBEDDED_BASE = ASSETS / "digits-base"
+KINDS = {"store": ("store.json", "stores"), "set": ("generate.json", "sets"), "run": ("train.json", "runs")}
+
+
+def embedded_base() -> Path:
+    """The digits base shipped in the package (made by ``diffinv pretrain-base``, see its pretrain.json)."""
+    if not (EMBEDDED_BASE / "unet").is_dir():
+        raise RunError(f"the embedded base model is missing from {EMBEDDED_BASE}; reinstall the package, or pass "
+                       f"--model PATH to a model from `diffinv pretrain-base`")
+    return EMBEDDED_BASE
+
+
+@dataclass(frozen=True)
+class Unit:
+    kind: str  # store | set | run
+    key: str
+    folder: str  # relative to the study folder
+    config: Any  # the InvertConfig / GenerateConfig / TrainConfig it runs
+    job: int
+
+    def done(self, out: Path) -> bool:
+        marker = out / self.folder / KINDS[self.kind][0]
+        try:
+            return read_json(marker).get("status") == "complete"
+        except (OSError, ValueError):
+            return False
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One classifier run of one candidate: the unit the statistics read."""
+
+    arm: str
+    label: str
+    per_class: int
+    replicate: int
+    repeat: int
+    run: str  # its run unit's key
+    sets: tuple[str, ...] = ()
+
+
+@dataclass
+class Plan:
+    study: StudyConfig
+    jobs: list[tuple[int, int]]  # (real images per class, replicate)
+    candidates: dict[str, list[Candidate]]
+    units: dict[str, Unit] = field(default_factory=dict)
+    trials: list[Trial] = field(default_factory=list)
+
+    def job_units(self, job: int) -> list[Unit]:
+        """A job's units in the order they can run: stores, the sets made from them, the runs that read those."""
+        order = list(KINDS)
+        return sorted((u for u in self.units.values() if u.job == job), key=lambda u: order.index(u.kind))
+
+    def runs(self) -> list[Unit]:
+        return [u for u in self.units.values() if u.kind == "run"]
+
+    def trials_of(self, arm: str, label: str, per_class: int) -> list[Trial]:
+        return [t for t in self.trials if (t.arm, t.label, t.per_class) == (arm, label, per_class)]
+
+    def sizes(self, arm: str) -> list[int]:
+        return sorted({t.per_class for t in self.trials if t.arm == arm})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"jobs": [list(j) for j in self.jobs],
+                "units": [{"kind": u.kind, "key": u.key, "folder": u.folder, "job": u.job} for u in self.units.values()],
+                "trials": [t.__dict__ | {"sets": list(t.sets)} for t in self.trials]}
+
+
+def build_plan(study: StudyConfig, out: str | Path) -> Plan:
+    """Every unit and trial of ``study`` run into ``out`` (nothing is read from ``out``)."""
+    out = Path(out).resolve()
+    found = candidates(study)
+    generative = any(c.method for cs in found.values() for c in cs)
+    where = _Where(study, generative)
+    sizes = sorted(set(study.per_class) | set(study.real_sizes))
+    plan = Plan(study, [(k, r) for k in sizes for r in study.seeds], found)
+    for job, (k, r) in enumerate(plan.jobs):
+        for arm, cands in found.items():
+            if arm != REAL and k not in study.per_class:
+                continue  # the real-only curve's extra sizes
+            for cand in cands:
+                sets: tuple[str, ...] = ()
+                if cand.method is not None:
+                    store = _add(plan, "store", f"k{k}-r{r}", _invert_config(where, cand, k, r), job, where.written)
+                    gen = _generate_config(where, cand, out / store.folder)
+                    sets = (_add(plan, "set", f"{cand.method}-k{k}-r{r}", gen, job, {**where.written, "store": store.key}).key,)
+                for c in range(study.repeats):
+                    config = _train_config(where, cand, k, r, c, [out / plan.units[s].folder for s in sets])
+                    prefix = "real" if cand.method is None else cand.method
+                    run = _add(plan, "run", f"{prefix}-k{k}-r{r}-c{c}", config, job, {**where.written, "synthetic": list(sets)})
+                    plan.trials.append(Trial(arm, cand.label, k, r, c, run.key, sets))
+    return plan
+
+
+class _Where:
+    """What every unit's config takes from the study: local paths, the default resolution, tokens and image size."""
+
+    def __init__(self, study: StudyConfig, generative: bool):
+        self.study = study
+        self.data = local_path(study, study.data)
+        self.model = local_path(study, study.model) if study.model else str(embedded_base())
+        self.written = {"data": study.data, "model": study.model}  # what keys see: the study's own words
+        self.native = self.resolution = self.tokens = self.tokens_trained = None
+        if generative:
+            from diffinv.data.real import open_images
+            from diffinv.diffusion.encoder import encoder_tokens
+
+            self.native = min(open_images(self.data, study.format, study.split).image(0).size)
+            self.tokens_trained = encoder_tokens(self.model)  # pretrain-base models: the K their encoder makes
+            self.tokens = self.tokens_trained or InvertConfig.tokens
+            if "resolution" not in (study.invert or {}):
+                from diffinv.diffusion.backbone import load_backbone
+
+                self.resolution = load_backbone(self.model).choose_resolution(self.native)
+
+
+def _invert_config(where: _Where, cand: Candidate, k: int, r: int) -> InvertConfig:
+    from diffinv.diffusion.methods import get_method
+
+    s = where.study
+    values = {"tokens": where.tokens, "resolution": where.resolution, **cand.invert,
+              "model": where.model, "data": where.data, "format": s.format, "split": s.split, "per_class": k,
+              "subset_seed": s.subset_seed + r, "val_per_class": 0 if s.val_split else s.val_per_class, "device": s.device}
+    if get_method(cand.method).store_target == "class":
+        values["target"] = "class"
+    config = _build(InvertConfig, values, cand, "invert")
+    if config.init == "encoder" and where.tokens_trained is None:
+        from diffinv.config import ConfigError
+
+        raise ConfigError(f"{where.model} has no base encoder (encoder.safetensors, saved by `diffinv pretrain-base`), which "
+                          f"method {cand.arm} starts inversion from (invert init: encoder); pass --invert-init random (and "
+                          f"more --invert-steps, e.g. 60) for other models")
+    return config
+
+
+def _generate_config(where: _Where, cand: Candidate, store: Path) -> GenerateConfig:
+    values = {"save_size": where.native, **cand.generate, "method": cand.method, "store": str(store),
+              "device": where.study.device}
+    return _build(GenerateConfig, values, cand, "generate")
+
+
+def _train_config(where: _Where, cand: Candidate, k: int, r: int, repeat: int, sets: list[Path]) -> TrainConfig:
+    s = where.study
+    values = dict(cand.train)
+    if not sets:  # real only pools its batches: the real / synthetic split is for runs with synthetic images
+        values.pop("real_batch", None), values.pop("syn_batch", None)
+        values["use"] = "real"
+    values.update(data=where.data, format=s.format, split=s.split, eval_split=s.eval_split, per_class=k,
+                  subset_seed=s.subset_seed + r, val_per_class=0 if s.val_split else s.val_per_class, val_split=s.val_split,
+                  seed=r + 1000 * repeat, synthetic=tuple(str(p) for p in sets), device=s.device)
+    return _build(TrainConfig, values, cand, "train")
+
+
+def _build(cls: type, values: dict[str, Any], cand: Candidate, block: str) -> Any:
+    from diffinv.config import ConfigError
+
+    try:
+        return load_config(cls, None, {k: v for k, v in values.items() if v is not None})
+    except ConfigError as exc:
+        raise ConfigError(f"method {cand.arm} ({cand.label}), {block} settings: {exc}") from exc
+
+
+def _add(plan: Plan, kind: str, name: str, config: Any, job: int, written: dict[str, Any]) -> Unit:
+    key = unit_key(kind, config, written)
+    if key not in plan.units:
+        plan.units[key] = Unit(kind, key, f"{KINDS[kind][1]}/{name}-{key[:10]}", config, job)
+    return plan.units[key]
+
+
+def unit_key(kind: str, config: Any, written: dict[str, Any]) -> str:
+    """A digest of the result fields of ``config`` that differ from their defaults, with ``written`` in place of paths.
+
+    A field added to a stage later (with its default) leaves every key as it was.
+    """
+    defaults = config_to_dict(type(config)())
+    values = {k: v for k, v in config_to_dict(config).items() if k in result_fields(config) and v != defaults[k]}
+    values.update({k: v for k, v in written.items() if k in {f.name for f in fields(config)}})
+    text = json.dumps({"kind": kind, **values}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def local_path(study: StudyConfig, value: str) -> str:
+    """A path the study names, as this process reads it: from ``workdir`` (Ray workers) or the working directory.
+
+    Special sources ("digits", "hf:NAME", hub ids that are not folders) stay as written.
+    """
+    if not value or value == "digits" or ":" in value or os.path.isabs(value):
+        return value
+    path = Path(study.workdir or os.getcwd()) / value
+    return str(path.resolve()) if path.exists() else value

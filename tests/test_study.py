@@ -1,0 +1,267 @@
+"""Studies from one command: candidates, units keyed by what makes them, choice on validation, test read last, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffinv.cli import main
+from diffinv.config import ConfigError
+from diffinv.runs import read_json
+from diffinv.study.plan import build_plan
+from diffinv.study.spec import candidates, load_study
+
+SMALL = """
+data: digits
+per_class: [2]
+seeds: [0, 1, 2]
+val_per_class: 3
+invert: {{steps: 2, init: random, eval_timesteps: 1}}
+generate: {{per_image: 2, steps: 4, batch_size: 64}}
+train: {{arch: small-cnn, steps: 3, batch_size: 16, real_batch: 8, syn_batch: 8, resolution: 8, eval_every: 3}}
+methods:
+  di: {{guidance: [1, 2], noise: [0.1, 0.5]}}
+  img2img: {{strength: [0.25, 0.75]}}
+compare: {{di: img2img}}
+model: {model}
+processes: 1
+device: cpu
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_base_model(tmp_path_factory):
+    from diffinv.config import PretrainConfig
+    from diffinv.stages import pretrain
+
+    out = tmp_path_factory.mktemp("base") / "b"
+    # A small base of the demo's kind (8 px digits, 2 tokens): its units take a fraction of a second each.
+    pretrain.pretrain_base(PretrainConfig(data="digits", resolution=8, channels=(16, 32), layers_per_block=1,
+                                          cross_attention_dim=16, tokens=2, steps=10, batch_size=16, warmup=2, device="cpu"),
+                           out, progress=False, log=lambda m: None)
+    return out
+
+
+def _write(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_candidates_are_grids_unions_and_blocks_with_labels(tmp_path):
+    study = load_study(_write(tmp_path, """
+data: digits
+generate: {guidance: [1, 2], steps: 4}
+train: {lr: [0.05, 0.1]}
+methods:
+  di: {noise: [0.1, 0.5]}
+  img2img: [{}, {strength: [0.25, 0.75]}]
+  di-enc: {method: di, invert: {steps: 0, init: encoder}}
+  prompt: {templates: [["a {}"], ["a photo of a {}", "an image of a {}"]]}
+"""))
+    found = candidates(study)
+    assert [c.label for c in found["real"]] == ["train.lr=0.05", "train.lr=0.1"]
+    di = found["di"]
+    assert len(di) == 8 and di[0].label == "noise=0.1, guidance=1, train.lr=0.05" and di[0].generate["steps"] == 4
+    assert {(c.generate["guidance"], c.generate["noise"], c.train["lr"]) for c in di} == \
+        {(g, n, lr) for g in (1, 2) for n in (0.1, 0.5) for lr in (0.05, 0.1)}
+    assert len(found["img2img"]) == 2 * 2 + 2 * 2 * 2  # the union: the block as given, then its two strengths
+    assert found["di-enc"][0].method == "di" and found["di-enc"][0].invert == {"steps": 0, "init": "encoder"}
+    assert "invert.steps=0" in found["di-enc"][0].label
+    # A field whose value is a list takes a list of lists as candidates; a flat list is one value.
+    assert [c.generate["templates"] for c in found["prompt"]][:4:2] == [["a {}"], ["a photo of a {}", "an image of a {}"]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: digits\ninvert: {per_class: 3}\n", "set by the study itself"),
+    ("data: digits\ngenerate: {guidanse: 2}\n", "unknown GenerateConfig"),
+    ("data: digits\nmethods: {dj: {}}\n", "method must be one of"),
+    ("data: digits\nmethods: {di: {}}\ncompare: {di: img2img}\n", "not a method of the study"),
+    ("data: digits\nval_per_class: 0\n", "chooses settings on validation"),
+    ("data: digits\ngenerate: {guidance: []}\n", "empty list of candidates"),
+    ("", "is empty"),
+    ("data: digits\ngenerate: {steps: 2}\nmethods: {img2img: {strength: 0.25}}\n", "runs no denoising step"),
+])
+def test_a_wrong_study_is_refused_before_anything_runs(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(_write(tmp_path, text))
+
+
+def test_units_are_shared_where_their_results_are_the_same(tiny_base_model, tmp_path):
+    study = load_study(_write(tmp_path, SMALL.format(model=tiny_base_model)))
+    plan = build_plan(study, tmp_path / "s")
+    kinds = [u.kind for u in plan.units.values()]
+    # One inversion per replicate and size, shared by the four DI and the two img2img candidates; real only once.
+    assert kinds.count("store") == 3 and kinds.count("set") == 3 * 6 and kinds.count("run") == 3 * 7
+    assert len(plan.trials) == 3 * 7
+    subsets = {u.config.subset_seed for u in plan.units.values() if u.kind == "store"}
+    assert subsets == {0, 1, 2}
+    for r in range(3):  # every method of a replicate trains on its subset and is paired with its real-only run
+        runs = [u.config for u in plan.runs() if u.config.subset_seed == r]
+        assert len(runs) == 7 and {c.seed for c in runs} == {r}
+    # A candidate and a replicate added later leave every finished unit's key (so its folder) as it was.
+    more = load_study(_write(tmp_path, SMALL.format(model=tiny_base_model).replace("[1, 2]", "[1, 2, 3]")
+                             .replace("seeds: [0, 1, 2]", "seeds: [0, 1, 2, 3]"), "more.yaml"))
+    bigger = build_plan(more, tmp_path / "s")
+    assert set(plan.units) < set(bigger.units)
+    assert [u.folder for u in plan.units.values()] == [bigger.units[k].folder for k in plan.units]
+    assert sum(u.kind == "store" for u in bigger.units.values()) == 4
+
+
+def test_a_study_runs_every_stage_from_one_command_and_reads_test_last(tiny_base_model, tmp_path, monkeypatch, capsys):
+    import diffinv.stages.invert as invert_stage
+    import diffinv.stages.train as train_stage
+    import diffinv.study.engine as engine
+
+    events: list[tuple[str, str]] = []
+    for module, name in ((invert_stage, "invert_dataset"), (train_stage, "test_classifier")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _o=original, _n=name, **k: (events.append((_n, str(a[1]))), _o(*a, **k))[1])
+    real_read = engine.read_json
+    monkeypatch.setattr(engine, "read_json", lambda p: (events.append(("read", str(p))), real_read(p))[1])
+
+    study = _write(tmp_path, SMALL.format(model=tiny_base_model))
+    out = tmp_path / "s"
+    assert main(["experiment", str(study), "--out", str(out), "--quiet", "--no-report"]) == 0
+    printed = capsys.readouterr().out
+    assert "real + di" in printed and "di minus img2img" in printed and "Settings chosen on validation" in printed
+    inversions = [e for e in events if e[0] == "invert_dataset"]
+    assert len(inversions) == 3 and len({p for _, p in inversions}) == 3  # exactly one per replicate and size
+    # Selection reads every validation file before the first test; the test is read for the kept candidates only.
+    validation = [i for i, e in enumerate(events) if e[0] == "read" and e[1].endswith("validation.json")]
+    tests = [i for i, e in enumerate(events) if e[0] == "test_classifier"]
+    assert len(validation) == 21 and tests and max(validation) < min(tests)
+    selection = read_json(out / "selection.json")
+    chosen = {arm: sizes["2"]["chosen"] for arm, sizes in selection.items()}
+    di = selection["di"]["2"]
+    assert len(di["candidates"]) == 4 and di["chosen"] == max(di["candidates"], key=lambda c: c["validation_mean"])["label"]
+    assert all(c["validation_gain"]["n"] == 3 for c in di["candidates"])
+    results = read_json(out / "results.json")
+    assert len(results) == 9 and len(tests) == 9 and {(r["method"], r["setting"]) for r in results} == set(chosen.items())
+    assert len(list(out.glob("runs/*/final.json"))) == 9  # no other run has a test score
+    summary = {r["method"]: r for r in read_json(out / "summary.json")}
+    assert summary["di"]["setting"] == chosen["di"] and "img2img" in summary["di"]["versus"]
+    quality = read_json(out / "quality.json")
+    assert len(quality) == 3 * 6 and sum(q["kept"] for q in quality.values()) == 6
+    assert all((q["fd_judge"] is None) != q["kept"] for q in quality.values())  # no test distance for the others
+
+    # The same command again does nothing; one more candidate reuses every inversion and every finished run.
+    events.clear()
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/model.safetensors")}
+    assert main(["experiment", str(study), "--out", str(out), "--quiet", "--no-report"]) == 0
+    assert not [e for e in events if e[0] == "invert_dataset"] and (out / "results.md").read_text() in capsys.readouterr().out
+    more = _write(tmp_path, SMALL.format(model=tiny_base_model).replace("[0.25, 0.75]", "[0.25, 0.5, 0.75]"), "more.yaml")
+    assert main(["experiment", str(more), "--out", str(out), "--quiet", "--no-report"]) == 0
+    assert not [e for e in events if e[0] == "invert_dataset"]
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    assert len(list(out.glob("runs/*/train.json"))) == 21 + 3  # img2img at strength 0.5, one run per replicate
+    assert len(read_json(out / "selection.json")["img2img"]["2"]["candidates"]) == 3
+
+    # The report: the study's name (its file's, unless it says) as its title, the shared table, every candidate on the frontier, the kept sets' grids.
+    from diffinv.report.build import frontier_points
+
+    assert main(["report", str(out)]) == 0
+    md = (out / "report" / "report.md").read_text()
+    assert md.startswith("# Study: more") and "| real + di | 2 |" in md and "Settings chosen on validation" in md
+    points = frontier_points(read_json(out / "quality.json"), read_json(out / "selection.json"))
+    assert len(points) == 4 + 3 and sum(p["kept"] for p in points) == 2
+    assert all(p["val_gain"] is not None for p in points)
+    assert list((out / "report").glob("real-images-and-their-synthetic-variants-di-k2-r0*.png"))
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """Every result file of a study folder (the study folder's own path written as OUT; configs and report left out).
+
+    A safetensors file is read as its tensors and metadata: the format's header keeps the metadata in a hash map,
+    whose order differs from process to process.
+    """
+    from safetensors import safe_open
+
+    found = {}
+    for path in sorted(out.rglob("*")):
+        wanted = path.suffix in (".safetensors", ".png", ".json", ".jsonl", ".md", ".csv") and path.name != "checkpoint.safetensors"
+        if not path.is_file() or not wanted or "report" in path.parts:
+            continue
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as fh:
+                data = json.dumps(sorted((fh.metadata() or {}).items())).encode() + b"".join(
+                    k.encode() + fh.get_tensor(k).numpy().tobytes() for k in sorted(fh.keys()))
+        else:
+            data = path.read_bytes()
+        found[str(path.relative_to(out))] = data.replace(str(out.resolve()).encode(), b"OUT")
+    return found
+
+
+def test_kill_9_at_any_point_then_the_same_command_gives_identical_outputs(tiny_base_model, tmp_path):
+    text = SMALL.format(model=tiny_base_model).replace("seeds: [0, 1, 2]", "seeds: [0, 1]")
+    study = _write(tmp_path, text.replace("noise: [0.1, 0.5]", "noise: 0.1").replace("[0.25, 0.75]", "0.5"))
+    argv = ["experiment", str(study), "--quiet", "--no-report"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # the threads this test process uses (conftest)
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "killed"
+    # Killed while inverting, while generating, while training, and while testing the kept runs.
+    for ready in (lambda: any(out.glob("stores/*/config.yaml")), lambda: any(out.glob("sets/*/*/*.png")),
+                  lambda: len(list(out.glob("runs/*/train.json"))) >= 3, lambda: (out / "selection.json").is_file()):
+        proc = subprocess.Popen([sys.executable, "-m", "diffinv.cli", *argv, "--out", str(out)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not ready():
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert main([*argv, "--out", str(out)]) == 0
+    whole, killed = _outputs(tmp_path / "whole"), _outputs(out)
+    assert whole.keys() == killed.keys() and len(whole) > 40
+    assert [k for k in whole if whole[k] != killed[k]] == []
+
+
+def test_a_study_from_flags_alone_and_the_demo_share_the_engine(tiny_base_model, tmp_path, capsys):
+    out = tmp_path / "flags"
+    argv = ["experiment", "--data", "digits", "--model", str(tiny_base_model), "--per-class", "1", "--seeds", "0,1",
+            "--fast", "--out", str(out), "--quiet", "--no-report", "--device", "cpu", "--processes", "1",
+            "--train-arch", "small-cnn", "--train-resolution", "8", "--val-per-class", "2"]
+    assert main(argv) == 0
+    summary = read_json(out / "summary.json")
+    assert {r["method"] for r in summary} == {"real", "di", "img2img"}  # the default methods
+    assert read_json(out / "summary.json")[1]["versus"]  # di against img2img by default
+    assert main(["experiment", "--out", str(tmp_path / "x")]) == 2
+    assert "give a study file" in capsys.readouterr().err
+
+
+def test_plan_json_lists_every_unit_for_progress(tiny_base_model, tmp_path):
+    from diffinv.study.engine import count_done, record
+    from diffinv.shards import Shard
+
+    study = load_study(_write(tmp_path, SMALL.format(model=tiny_base_model)))
+    out = tmp_path / "s"
+    plan = build_plan(study, out)
+    record(study, plan, out, Shard())
+    saved = read_json(out / "plan.json")
+    assert len(saved["units"]) == len(plan.units) and count_done(out, {}) == (0, 21)
+    json.dumps(saved)
+
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "configs" / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_every_committed_study_is_one_command_and_plans(path, monkeypatch):
+    # Its header gives exactly the command that runs it, and nothing else to do by hand.
+    repo = Path(__file__).resolve().parents[1]
+    commands = [line.strip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#   ")]
+    assert commands == [f"diffinv experiment configs/studies/{path.name} --out runs/{path.stem}"]
+    monkeypatch.chdir(repo)  # its paths are the repository's (../shared/data, bases/)
+    study = load_study(path)
+    assert study.name == path.stem and (not study.model or (repo / study.model).is_dir())
+    if study.data != "digits" and not (repo / study.data).exists():
+        pytest.skip(f"{study.data} not found (the shared datasets are not beside this checkout)")
+    plan = build_plan(study, repo / "runs" / path.stem)
+    assert plan.trials and {u.kind for u in plan.units.values()} >= {"run"}
+    referenced = (repo / "docs" / "studies.md").read_text()
+    assert f"configs/studies/{path.name}" in referenced  # every study is listed with its command
