@@ -43,8 +43,10 @@ def main() -> None:
         ax.set_title(f"{title}\nlabels: validation gain, points (max |gain| {100 * scale:.1f})", fontsize=9)
         ax.set_xlabel("label fidelity (%), real-only judge")
     axes[0][0].set_ylabel("diversity: within-class spread, synthetic / real")
-    fig.suptitle("Fidelity vs diversity of each generation setting: circles DI, squares img2img; "
-                 "green gains on validation, red loses", fontsize=10)
+    import textwrap
+
+    title = "Fidelity vs diversity of each generation setting: circles DI, squares img2img; green gains on validation, red loses"
+    fig.suptitle("\n".join(textwrap.wrap(title, 60 * len(args.panels))), fontsize=10)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
