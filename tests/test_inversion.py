@@ -156,6 +156,13 @@ def test_finished_store_is_protected_and_mismatches_refused(tiny_latent, tiny_pi
     (tmp_path / "mine" / "notes.txt").write_text("precious")
     with pytest.raises(RunError, match="not a diffinv output"):
         invert_dataset(_config(tiny_latent, image_tree), tmp_path / "mine", overwrite=True, progress=False)
+    # Killed after writing its config but before its marker: the same command starts it, other settings are refused.
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "config.yaml").write_bytes((out / "config.yaml").read_bytes())
+    with pytest.raises(RunError, match="steps"):
+        invert_dataset(_config(tiny_latent, image_tree, steps=5), tmp_path / "early", resume=True, progress=False)
+    invert_dataset(_config(tiny_latent, image_tree, steps=7), tmp_path / "early", resume=True, progress=False)
+    assert EmbeddingStore.open(tmp_path / "early").rows[0]["steps"] == 7
 
 
 def test_nan_loss_is_a_clear_error(tiny_latent, image_tree, tmp_path):

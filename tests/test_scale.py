@@ -258,7 +258,7 @@ def test_full_disk_is_refused_before_work_and_during_writes(tiny_latent, data, t
     def no_space(path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(RunError, match="disk is full.*re-run the same command"):
+    with pytest.raises(RunError, match="disk is full.*run the same command again, with --resume"):
         runs.atomic_write(tmp_path / "x.json", no_space)
     assert not list(tmp_path.glob(".x.json.*"))  # the partial temporary is removed
     write_text(tmp_path / "x.json", "kept")

@@ -41,8 +41,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RunError(f"the disk is full while writing {path}; free space and re-run the same command "
-                           f"(finished work is kept and will not be redone)") from exc
+            raise RunError(f"the disk is full while writing {path}; free space and run the same command again, with "
+                           f"--resume where the command has it (finished work is kept and will not be redone)") from exc
         raise
     finally:
         if os.path.exists(tmp):
@@ -145,10 +145,15 @@ def prepare_output(out: str | Path, marker: str, *, resume: bool, overwrite: boo
             raise RunError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to start over")
         else:
             return "resume"
-    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
+    elif out.exists() and any(not _started_here(p) for p in out.iterdir()):
         raise RunError(f"--out {out} is a non-empty folder that is not a diffinv output; choose an empty or new folder")
     _check_writable(out)
     return "fresh"
+
+
+def _started_here(path: Path) -> bool:
+    """What a stage writes before its marker (its config, the lock, hidden temporaries): a start killed early."""
+    return path.name in (LOCK, "config.yaml") or path.name.startswith(".")
 
 
 def _check_writable(out: Path) -> None:
@@ -341,7 +346,12 @@ def output_lock(out: str | Path, shared: bool = False):
         yield
         return
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is a file; give a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot make --out {out} ({exc.strerror or exc}); choose a folder you can write to") from exc
     path = out / LOCK
     me = f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):
@@ -356,6 +366,8 @@ def output_lock(out: str | Path, shared: bool = False):
                 continue
             raise RunError(f"{out} is being written by another process ({holder or 'unknown'}); wait for it to finish or stop "
                            f"it (a lock left by a crash on another machine: delete {path})") from None
+        except OSError as exc:  # read-only file system, no permission
+            raise RunError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a folder you can write to") from exc
     else:
         raise RunError(f"cannot take the lock {path}; delete it if no other process writes {out}")
     try:
