@@ -96,9 +96,20 @@ def test_a_nan_embedding_is_refused_not_turned_into_black_images(store, tmp_path
     tensors["embeddings"][0, 0, 0] = float("nan")
     save_file(tensors, str(part))  # the same size, another checksum
     code, text = _run(capsys, "generate", "--store", str(store), "--out", str(tmp_path / "syn"), *GENERATE)
-    assert code == 2 and "not finite" in text
+    assert code == 2 and "does not match its checksum" in text
     code, text = _run(capsys, "verify", str(store))
     assert code == 2 and "checksum" in text
+    # A NaN the inversion itself wrote (recorded with its checksum) is refused too.
+    import json
+
+    from diffinv.runs import file_sha256
+
+    meta = part.with_suffix(".json")
+    rows = [{**r, "part_sha256": file_sha256(part)} for r in read_json(meta)]
+    meta.write_text(json.dumps(rows))
+    (store / "manifest.jsonl").unlink()  # as the part's rows now say: no manifest to compare with
+    code, text = _run(capsys, "generate", "--store", str(store), "--out", str(tmp_path / "syn2"), *GENERATE)
+    assert code == 2 and "not finite" in text
 
 
 def test_generating_into_the_real_data_folder_is_refused(store, image_tree, capsys):

@@ -174,6 +174,34 @@ def test_a_study_runs_every_stage_from_one_command_and_reads_test_last(tiny_base
     assert len(points) == 4 + 3 and sum(p["kept"] for p in points) == 2
     assert all(p["val_gain"] is not None for p in points)
     assert list((out / "report").glob("real-images-and-their-synthetic-variants-di-k2-r0*.png"))
+    # What a browser shows of the HTML: rendered emphasis, no Markdown marks, no tag text.
+    seen = _visible_text((out / "report" / "report.html").read_text())
+    assert "Study: more" in seen and "Settings chosen on validation" in seen and "real + di" in seen
+    assert [m for m in ("**", "`", "](", "<br", "&lt;", "&gt;", "<strong>", "|---") if m in seen] == []
+    assert "<strong>di</strong>" in (out / "report" / "report.html").read_text()
+
+
+def _visible_text(page: str) -> str:
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.parts, self.hidden = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            self.hidden += tag in ("style", "script", "title")
+
+        def handle_endtag(self, tag):
+            self.hidden -= tag in ("style", "script", "title")
+
+        def handle_data(self, data):
+            if not self.hidden:
+                self.parts.append(data)
+
+    parser = Text()
+    parser.feed(page)
+    return " ".join(parser.parts)
 
 
 def _outputs(out: Path) -> dict[str, bytes]:

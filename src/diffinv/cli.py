@@ -260,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -274,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffinv {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"diffinv {args.command}: interrupted; finished work is kept, re-run with --resume", file=sys.stderr)
+        again = "with --resume" if any(a.option_strings == ["--resume"] for a in _subparser(parser, args.command)._actions) else ""
+        print(f"diffinv {args.command}: interrupted; finished work is kept: run the same command again {again}".rstrip(),
+              file=sys.stderr)
         return 130
 
 

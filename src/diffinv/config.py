@@ -490,9 +490,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            raise ConfigError(f"config file {path} is empty (or only comments); give the options it should set, or leave "
+                              f"--config out to use every default")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of option: value")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})

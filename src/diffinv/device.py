@@ -21,9 +21,19 @@ class DeviceError(UserError, ValueError):
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"--device {device!r}: diffinv runs on cpu, cuda (cuda:N) or mps; use one of those or auto")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 ...)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {device} asked for, but MPS is not available here; use --device cpu")
+    return resolved
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

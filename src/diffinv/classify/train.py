@@ -15,8 +15,9 @@ import torch
 
 from diffinv.config import TrainConfig
 from diffinv.data.real import DataError, load_uint8, open_images, select, validation_ids
-from diffinv.data.synthetic import open_synthetic, read_manifest
+from diffinv.data.synthetic import MARKER, open_synthetic, read_manifest
 from diffinv.errors import UserError
+from diffinv.runs import read_json, read_yaml
 from diffinv.rng import key_of
 
 MIN_RESOLUTION = 32  # the smallest side on which every listed architecture keeps a spatial map
@@ -50,12 +51,12 @@ class TrainData:
 def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[str], None] = print,
                     with_test: bool = True) -> TrainData:
     """Real subset, synthetic sets (mapped to the real label space), the validation data and (``with_test``) the test split."""
-    for root in config.synthetic:
-        if Path(config.data).is_dir() and Path(config.data).resolve() in Path(root).resolve().parents:
-            raise DataError(f"the synthetic set {root} is inside the real data {config.data}, so it would also be read as a "
-                            f"class of real images; move it out (and generate into a folder outside the data)")
+    check_synthetic(config)
     source = open_images(config.data, config.format, config.split)
     classes = source.classes
+    if len(classes) < 2:
+        raise DataError(f"{config.data} has one class ({classes[0]!r}); a classifier needs two or more (every prediction "
+                        f"would be that class and score 100%)")
     use = _use(config)
     held_out = validation_ids(source, config.val_per_class)
     real_set = select(source, config.per_class, config.subset_seed, config.bad_images, warn=log, exclude=held_out)
@@ -72,29 +73,97 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
     syn_sets = [open_synthetic(root, classes) for root in (config.synthetic if use != "real" else ())]
     notes = []
     if use == "both":
-        # Synthetic images made from real images outside this run's subset would smuggle in more real data.
-        chosen = set(real_set.ids)
-        outside = {r["source"] for root in config.synthetic for r in read_manifest(root)
-                   if r.get("source") and r["source"] not in chosen}
-        if outside:
-            notes.append(f"{len(outside)} synthetic source image(s) are not in the real subset (per-class "
-                         f"{config.per_class}, subset-seed {config.subset_seed}); pass the settings the store was inverted with")
-    for note in notes:
-        log(f"warning: {note}")
+        notes += _provenance_notes(config, set(real_set.ids))
     empty = torch.empty(0, 3, resolution, resolution, dtype=torch.uint8)
     real = load_uint8(real_set, resolution, progress, "real images") if use != "synthetic" else empty
+    test = _decoded_once(decoded, test_set, resolution, progress, f"{config.eval_split} images") if with_test else empty
+    if with_test and use != "synthetic":
+        notes += overlap_notes(real, real_set.ids, test, config.eval_split)
+    for note in notes:
+        log(f"warning: {note}")
     syn = torch.cat([load_uint8(s, resolution, progress, "synthetic images") for s in syn_sets]) if syn_sets else empty
     syn_labels = torch.cat([torch.from_numpy(s.labels) for s in syn_sets]) if syn_sets else torch.empty(0, dtype=torch.int64)
     return TrainData(
         classes=classes, resolution=resolution,
         real=real, real_labels=torch.from_numpy(real_set.labels) if use != "synthetic" else torch.empty(0, dtype=torch.int64),
         syn=syn, syn_labels=syn_labels,
-        test=_decoded_once(decoded, test_set, resolution, progress, f"{config.eval_split} images") if with_test else empty,
+        test=test,
         test_labels=torch.from_numpy(test_set.labels) if with_test else torch.empty(0, dtype=torch.int64),
         val=None if val_set is None else load_uint8(val_set, resolution, progress, "validation images"),
         val_labels=None if val_set is None else torch.from_numpy(val_set.labels),
         notes=notes,
     )
+
+
+def check_synthetic(config: TrainConfig) -> None:
+    """Refuse synthetic sets that would make the numbers wrong: listed twice, inside the real data, or made from the
+    very split the run is scored (or validated) on."""
+    resolved = [Path(root).resolve() for root in config.synthetic]
+    twice = sorted({str(r) for r in resolved if resolved.count(r) > 1})
+    if twice:
+        raise DataError(f"--synthetic {twice[0]} is given twice; each set counts once (its images would weigh double)")
+    data = Path(config.data).resolve() if Path(config.data).exists() else None
+    for root, path in zip(config.synthetic, resolved):
+        if data is not None and data.is_dir() and data in path.parents:
+            raise DataError(f"the synthetic set {root} is inside the real data {config.data}, so it would also be read as a "
+                            f"class of real images; move it out (and generate into a folder outside the data)")
+        made_from = _origin(root)
+        same_data = made_from.get("data") == (str(data) if data is not None else config.data)
+        scored = {config.eval_split, config.val_split} - {""}
+        if same_data and made_from.get("split") in scored:
+            raise DataError(f"the synthetic set {root} was made from the {made_from['split']!r} split of {config.data}, which "
+                            f"this run is {'scored' if made_from['split'] == config.eval_split else 'validated'} on: synthetic "
+                            f"data made from those images must never meet them. Invert the training split (--split "
+                            f"{config.split}) and generate again")
+
+
+def _origin(root: str) -> dict[str, str]:
+    """The data and split a set's store inverted (recorded by generate; read from the store for older sets)."""
+    try:
+        info = read_json(Path(root) / MARKER)
+    except (OSError, ValueError):
+        return {}
+    if "split" in info:
+        return {"data": info.get("data", ""), "split": info["split"]}
+    store = Path(info.get("store", "")) / "config.yaml"
+    if not store.is_file():
+        return {}
+    made = read_yaml(store) or {}
+    source = str(made.get("data", ""))
+    return {"data": str(Path(source).resolve()) if source and Path(source).exists() else source,
+            "split": str(made.get("split", "train"))}
+
+
+def _provenance_notes(config: TrainConfig, chosen: set[str]) -> list[str]:
+    """Synthetic images made from real images outside this run's subset would smuggle in more real data."""
+    notes = []
+    data = str(Path(config.data).resolve()) if Path(config.data).exists() else config.data
+    for root in config.synthetic:
+        made_from = _origin(root).get("data")
+        if made_from and made_from != data:
+            notes.append(f"the synthetic set {root} was made from the images of {made_from}, not of {config.data} (this run's "
+                         f"data): its sources are other images than this run's subset")
+            continue
+        outside = {r["source"] for r in read_manifest(root) if r.get("source") and r["source"] not in chosen}
+        if outside:
+            notes.append(f"{len(outside)} synthetic source image(s) of {root} are not in the real subset (per-class "
+                         f"{config.per_class}, subset-seed {config.subset_seed}); pass the settings the store was inverted with")
+    return notes
+
+
+def overlap_notes(real: torch.Tensor, ids: list[str], test: torch.Tensor, split: str) -> list[str]:
+    """Training images that are byte for byte test images: the test score would partly be a memory test."""
+    import hashlib
+
+    def digest(x: torch.Tensor) -> bytes:
+        return hashlib.blake2b(x.numpy().tobytes(), digest_size=12).digest()
+
+    seen = {digest(t) for t in test}
+    same = [i for i, x in zip(ids, real) if digest(x) in seen]
+    if not same:
+        return []
+    return [f"{len(same)} training image(s) are identical to images of the {split!r} split ({', '.join(same[:3])}"
+            f"{' ...' if len(same) > 3 else ''}): the test split overlaps the training data; remove the duplicates"]
 
 
 def load_test_split(config: TrainConfig, resolution: int, classes: list[str],

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffinv.errors import UserError
 
@@ -57,6 +57,7 @@ class LabelledImages:
     sources: list[str]
     _read: Callable[[int], Image.Image] = field(repr=False)
     _index: np.ndarray | None = field(default=None, repr=False)
+    top: float | None = None  # the white level of >8-bit images, one for the whole source (see :func:`bit_depth_top`)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -67,7 +68,7 @@ class LabelledImages:
         try:
             img = self._read(raw_index)
             img.load()
-            return to_rgb(img)
+            return to_rgb(img, self.top)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             raise BadImageError(f"cannot read image {self.sources[i]}: {exc}") from exc
 
@@ -81,6 +82,7 @@ class LabelledImages:
             sources=[self.sources[i] for i in indices],
             _read=self._read,
             _index=base[indices],
+            top=self.top,
         )
 
 
@@ -102,8 +104,13 @@ def _grey(image: Image.Image) -> bool:
     return r.tobytes() == g.tobytes() == b.tobytes()
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from grey, palette, RGBA (composited on white), 16-bit and float images."""
+def to_rgb(img: Image.Image, top: float | None = None) -> Image.Image:
+    """8-bit RGB from grey, palette, RGBA (composited on white), 16-bit and float images.
+
+    ``top`` is the white level of integer images above 8 bits, one value for a whole source (a
+    per-image maximum would make one image's 250 and another's 256 read as different greys);
+    without it, the container's own range (65,535 for 16-bit files).
+    """
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -111,14 +118,45 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode.startswith("I") or img.mode == "F":
-        # PIL's own I;16 -> RGB conversion clips at 255; scale by the bit depth instead.
+        # PIL's own I;16 -> RGB conversion clips at 255; scale by the source's white level instead.
         arr = np.asarray(img, dtype=np.float64)
-        top = 255.0 if arr.max(initial=0) <= 255 else (65535.0 if arr.max() <= 65535 else arr.max())
-        if img.mode == "F" and arr.max(initial=0) <= 1.0:
-            top = 1.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        if img.mode == "F":
+            scale = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        else:
+            scale = top or 65535.0  # 16-bit files open as I;16 or (older Pillow) I
+        arr = np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def bit_depth_top(read: Callable[[int], Image.Image], n: int) -> float | None:
+    """The white level of a file source whose images are integers above 8 bits (16-bit PNG / TIFF), else None.
+
+    The smallest 2^b - 1 (b = 8, 10, 12, 14, 16) at or above the largest value over every image, so 12-bit
+    data in 16-bit files (medical scanners) keeps its contrast and every image is read on one scale.
+    """
+    first = None
+    for i in range(n):  # the first readable image says whether the source is above 8 bits
+        try:
+            first = read(i)
+            break
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            continue
+    if first is None or not first.mode.startswith("I"):
+        return None
+    peak = 0
+    for i in range(n):
+        try:
+            peak = max(peak, int(np.asarray(read(i)).max(initial=0)))
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            continue  # an unreadable file is reported where it is read
+    return float(next(2**b - 1 for b in (8, 10, 12, 14, 16, 32) if peak <= 2**b - 1))
+
+
+def _oriented(path: Path) -> Image.Image:
+    """An image file as a camera meant it: its EXIF orientation applied (phones store portraits rotated)."""
+    img = Image.open(path)
+    return ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
 
 
 def to_uint8(img: Image.Image, resolution: int) -> torch.Tensor:
@@ -227,12 +265,26 @@ def _open_folder(spec: str, split: str) -> LabelledImages:
     paths: list[Path] = []
     labels: list[int] = []
     for label, d in enumerate(subdirs):
-        files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        entries = [f for f in d.rglob("*") if f.is_file() and not f.name.startswith(".")]  # ._x.png: macOS metadata
+        _refuse_outputs_inside(d, entries)
+        files = sorted(f for f in entries if f.suffix.lower() in IMAGE_SUFFIXES)
         paths += files
         labels += [label] * len(files)
     rel = [p.relative_to(root).as_posix() for p in paths]
+    top = bit_depth_top(lambda i: Image.open(paths[i]), len(paths)) if paths else None
     return LabelledImages(rel, np.asarray(labels, dtype=np.int64), classes, [str(p) for p in paths],
-                          lambda i: Image.open(paths[i]))
+                          lambda i: _oriented(paths[i]), top=top)
+
+
+OUTPUT_MARKERS = ("generate.json", "store.json", "train.json", "study.yaml")  # what diffinv's own folders hold
+
+
+def _refuse_outputs_inside(class_dir: Path, entries: list[Path]) -> None:
+    """A diffinv output (e.g. a synthetic set) inside a class folder would be read as real images of that class."""
+    found = next((f for f in entries if f.name in OUTPUT_MARKERS), None)
+    if found is not None:
+        raise DataError(f"{found.parent} is a diffinv output ({found.name}) inside the real data's class folder {class_dir}: "
+                        f"its images would be read as real images of class {class_dir.name!r}. Move it out of the data")
 
 
 def _array_images(arr: np.ndarray, labels: np.ndarray, prefix: str, source: str, classes: list[str] | None = None,
@@ -246,6 +298,12 @@ def _array_images(arr: np.ndarray, labels: np.ndarray, prefix: str, source: str,
         raise DataError(f"{source}: {len(arr)} images but {len(labels)} labels; they must match")
     if arr.ndim not in (3, 4):
         raise DataError(f"{source}: images must be (N, H, W) or (N, H, W, C); got {arr.shape}")
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            odd = [float(v) for v in np.unique(labels[~np.isfinite(labels) | (labels != np.round(labels))])[:3]]
+            raise DataError(f"{source}: labels must be class numbers; found {odd} (soft or regression targets are not class "
+                            f"labels). Store integer labels")
+        labels = labels.astype(np.int64)  # 0.0, 1.0 ... are the classes 0, 1 ...
     arr = _as_uint8(arr, source)
     values = np.unique(labels)
     if classes is None:
@@ -342,16 +400,25 @@ def _open_idx(spec: str, split: str) -> LabelledImages:
 
 
 def _open_csv(spec: str, split: str) -> LabelledImages:
+    """``path,label[,split]`` rows (paths relative to the CSV). Without a ``split`` column the file is one split."""
     path = Path(spec)
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: the byte-order mark Excel writes
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(fh)]
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise DataError(f"{spec} must be a CSV with a header row containing 'path' and 'label'")
     for line, r in enumerate(rows, start=2):
-        if not (r.get("path") or "").strip() or not (r.get("label") or "").strip():
-            missing = "path" if not (r.get("path") or "").strip() else "label"
-            raise DataError(f"{spec}, line {line}: no {missing} ({','.join(v or '' for v in r.values())!r}); every row needs "
-                            f"a path and a label")
+        if not r.get("path") or not r.get("label"):
+            raise DataError(f"{spec}, line {line}: no {'path' if not r.get('path') else 'label'} "
+                            f"({','.join(r.values())!r}); every row needs a path and a label")
+    if "split" in rows[0]:
+        present = sorted({r["split"] for r in rows})
+        rows = [r for r in rows if r["split"] == split]
+        if not rows:
+            raise DataError(f"{spec} has no rows of split {split!r}; its splits are {present} (pass --split / --eval-split)")
+    elif split != "train":
+        # One split only: calling it the test split would evaluate on the images a classifier was trained on.
+        raise DataError(f"{spec} has no 'split' column, so it has no {split!r} split; add a split column (train / test "
+                        f"per row) or give the --eval-split data in another file")
     classes = sorted({r["label"] for r in rows})
     lookup = {c: i for i, c in enumerate(classes)}
     files = [(path.parent / r["path"]).resolve() if not Path(r["path"]).is_absolute() else Path(r["path"]) for r in rows]
@@ -359,8 +426,9 @@ def _open_csv(spec: str, split: str) -> LabelledImages:
     if missing:
         raise DataError(f"{spec}: {len(missing)} listed file(s) do not exist, e.g. {missing[:3]}")
     ids = [r["path"] for r in rows]
+    top = bit_depth_top(lambda i: Image.open(files[i]), len(files))
     return LabelledImages(ids, np.asarray([lookup[r["label"]] for r in rows], dtype=np.int64), classes,
-                          [str(f) for f in files], lambda i: Image.open(files[i]))
+                          [str(f) for f in files], lambda i: _oriented(files[i]), top=top)
 
 
 def _open_digits(spec: str, split: str) -> LabelledImages:
@@ -414,6 +482,17 @@ def _open_hf(spec: str, split: str) -> LabelledImages:
 # ----------------------------------------------------------------------------- selection
 
 
+def _warn_tiny(images: LabelledImages, sides: dict[int, int], warn: Callable[[str], None]) -> None:
+    """Name the images far smaller than the rest: each is upscaled to the common size, which is rarely meant."""
+    if not sides:
+        return
+    typical = float(np.median(list(sides.values())))
+    tiny = [images.sources[i] for i, side in sides.items() if side * 4 <= typical]
+    if tiny:
+        warn(f"warning: {len(tiny)} image(s) are a quarter of the typical size ({typical:g} px) or less and will be "
+             f"upscaled: {', '.join(tiny[:3])}{' ...' if len(tiny) > 3 else ''}; check them")
+
+
 def validation_ids(images: LabelledImages, per_class: int) -> set[str]:
     """The ids of a validation hold-out: ``per_class`` images per class, the same for every seed and run.
 
@@ -446,6 +525,7 @@ def select(images: LabelledImages, per_class: int | None, seed: int, bad_images:
     rng = np.random.RandomState(seed)
     chosen: list[int] = []
     skipped: list[str] = []
+    sides: dict[int, int] = {}
     for label, name in enumerate(images.classes):
         members = sorted((i for i in np.flatnonzero(images.labels == label) if images.ids[i] not in exclude),
                          key=lambda i: images.ids[i])
@@ -455,7 +535,7 @@ def select(images: LabelledImages, per_class: int | None, seed: int, bad_images:
             if per_class and got == per_class:
                 break
             try:
-                images.image(i)
+                sides[i] = min(images.image(i).size)
             except BadImageError as exc:
                 if bad_images == "error":
                     raise BadImageError(f"{exc}. Remove or fix the file, or pass --bad-images skip") from exc
@@ -463,10 +543,14 @@ def select(images: LabelledImages, per_class: int | None, seed: int, bad_images:
                 continue
             chosen.append(i)
             got += 1
+        held = int(np.sum(images.labels == label)) - len(members)
+        where = f" outside the {held} held out for validation (--val-per-class)" if held else ""
         if got == 0:
-            raise DataError(f"class {name!r} has no readable images")
+            raise DataError(f"class {name!r} has no readable images{where}")
         if per_class and got < per_class:
-            raise DataError(f"class {name!r} has only {got} readable images, fewer than --per-class {per_class}")
+            raise DataError(f"class {name!r} has only {got} readable image(s){where}, fewer than --per-class {per_class}; "
+                            f"lower --per-class{' or --val-per-class' if held else ''}")
+    _warn_tiny(images, sides, warn)
     if skipped:
         warn(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
     return images.subset(sorted(chosen))

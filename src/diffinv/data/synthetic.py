@@ -77,7 +77,15 @@ def read_manifest(root: str | Path) -> list[dict[str, Any]]:
     path = Path(root) / "manifest.jsonl"
     if not path.is_file():
         raise DataError(f"{root} has no manifest.jsonl; finish it with `diffinv generate ... --resume`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path} line {number} is not valid JSON (damaged or edited); run the `diffinv generate` "
+                                f"command that made the set again: it rewrites the manifest") from None
+    return rows
 
 
 def open_synthetic(root: str | Path, classes: list[str] | None = None) -> LabelledImages:

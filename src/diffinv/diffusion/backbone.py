@@ -55,6 +55,7 @@ class Backbone:
     tokenizer: Any | None = None
     dtype: torch.dtype = torch.float32
     _alphas_cumprod: torch.Tensor | None = field(default=None, repr=False)
+    _loaded_fingerprint: str | None = field(default=None, repr=False)  # of the weights as loaded, before any precision cast
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -172,7 +173,16 @@ class Backbone:
         return (self.vae.config.latent_channels, resolution // factor, resolution // factor)
 
     def fingerprint(self) -> str:
-        """Identity of the model weights and configs: stores made with another model are refused."""
+        """Identity of the model weights and configs, as loaded (the same in any precision): stores made with another
+        model are refused."""
+        return self._loaded_fingerprint or self._weights_fingerprint()
+
+    def fingerprints(self) -> set[str]:
+        """This model's fingerprint, and the one of its weights in the working precision (what stores made before
+        fingerprints were taken as loaded recorded)."""
+        return {self.fingerprint(), self._weights_fingerprint()}
+
+    def _weights_fingerprint(self) -> str:
         # Private config keys (``_name_or_path``, versions) say where it was loaded from, not what it is.
         config = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
         h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
@@ -280,6 +290,8 @@ class Backbone:
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Backbone":
         """Move every part to ``device``; the UNet (and VAE) run in ``dtype``."""
+        if self._loaded_fingerprint is None:
+            self._loaded_fingerprint = self._weights_fingerprint()
         self.dtype = dtype
         for module in (self.unet, self.vae, self.text_encoder):
             if module is not None:

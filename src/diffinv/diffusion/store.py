@@ -76,6 +76,10 @@ class EmbeddingStore:
         if problems:
             raise StoreError(f"{root} is damaged: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Run the "
                              f"`diffinv invert` command that made it again with --resume: it redoes what is missing")
+        edits = tampering(root, info, rows) if info.get("status") == "complete" else []
+        if edits:
+            raise StoreError(f"{root} changed since it was made: {'; '.join(edits)}. Which version is right cannot be told: "
+                             f"make it again (the `diffinv invert` command that made it, with --overwrite)")
         parts = {}
         for name in {r["part"] for r in rows}:
             try:
@@ -93,7 +97,8 @@ class EmbeddingStore:
 
 
 def damage(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    """What is wrong with a finished store that can be seen cheaply: missing rows and part files of the wrong size."""
+    """What is wrong with a finished store that a resume repairs: missing rows, part files missing, of the wrong size or
+    not matching their checksum (a few MB per store: cheap enough for every open)."""
     problems = []
     failed = read_rows(root, "failed")
     expected = info.get("n_items", info.get("n_images"))
@@ -105,15 +110,54 @@ def damage(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -> list
             problems.append(f"parts/{name}.safetensors is missing")
         elif size is not None and path.stat().st_size != size:
             problems.append(f"parts/{name}.safetensors has {path.stat().st_size} bytes, {size} expected")
+        elif not _intact(path, next(r.get("part_sha256") for r in rows if r["part"] == name)):
+            problems.append(f"parts/{name}.safetensors does not match its checksum")
     return problems
 
 
-def read_rows(root: str | Path, folder: str = "parts") -> list[dict[str, Any]]:
+def _intact(path: Path, sha256: str | None) -> bool:
+    return not sha256 or file_sha256(path) == sha256
+
+
+def tampering(root: Path, info: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """What was edited in a finished store since it was made: its parts' rows against the manifest, the manifest
+    against the identity the header records."""
+    problems = []
+    manifest = root / "manifest.jsonl"
+    if manifest.is_file():
+        try:
+            listed = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            return ["manifest.jsonl is not valid JSON lines (damaged or edited)"]
+        if listed != rows:
+            problems.append("parts/*.json differ from manifest.jsonl (edited after the store was made?)")
+        if info.get("identity") and info["identity"] != identity(root):
+            problems.append("manifest.jsonl differs from the identity store.json records (edited?)")
+    return problems
+
+
+def identity(root: str | Path) -> str:
+    """A finished store's identity: the digest of its manifest, which holds every row and every part's checksum.
+
+    A synthetic set records it, so a set is never continued from, or checked against, another store at the same path.
+    """
+    return hashlib.sha256((Path(root) / "manifest.jsonl").read_bytes()).hexdigest()[:16]
+
+
+def read_rows(root: str | Path, folder: str = "parts", strict: bool = True) -> list[dict[str, Any]]:
     """Manifest rows of every finished part, in image order, without loading any tensor.
 
-    ``folder="failed"`` lists the images that were given up on instead.
+    ``folder="failed"`` lists the images that were given up on instead. A part file that is not valid JSON
+    raises :class:`StoreError` (``strict=False``: it is left out, so that a resume redoes its images).
     """
-    rows = [r for meta in (Path(root) / folder).glob("part-*.json") for r in read_json(meta)]
+    rows = []
+    for meta in (Path(root) / folder).glob("part-*.json"):
+        try:
+            rows += read_json(meta)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if strict:
+                raise StoreError(f"{meta} is not valid JSON (damaged or edited); run the `diffinv invert` command that made "
+                                 f"the store again with --resume: it redoes that part") from None
     return sorted(rows, key=lambda r: r["index"])
 
 
@@ -140,9 +184,12 @@ class StoreWriter:
 
         A part whose tensor file is missing or of the wrong size does not count, so ``--resume`` redoes it.
         """
-        intact = [r for r in read_rows(self.root)
-                  if (self.root / "parts" / f"{r['part']}.safetensors").is_file()
-                  and r.get("part_bytes") in (None, (self.root / "parts" / f"{r['part']}.safetensors").stat().st_size)]
+        rows = read_rows(self.root, strict=False)
+        parts = {r["part"]: self.root / "parts" / f"{r['part']}.safetensors" for r in rows}
+        ok = {name for name, path in parts.items() if path.is_file() and all(
+            r.get("part_bytes") in (None, path.stat().st_size) for r in rows if r["part"] == name)}
+        ok = {name for name in ok if _intact(parts[name], next(r.get("part_sha256") for r in rows if r["part"] == name))}
+        intact = [r for r in rows if r["part"] in ok]
         return {r["id"] for r in intact} | {r["id"] for r in read_rows(self.root, "failed")}
 
     def reopen(self) -> None:
@@ -187,4 +234,5 @@ class StoreWriter:
             raise StoreError(f"{self.root}: expected {expected} images, found {len(rows) + len(failed)}")
         write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         write_json(self.root / MARKER, {**self.info(), "status": "complete", "n_items": expected, "n_images": len(rows),
-                                         "failed": [{"id": r["id"], "error": r["error"]} for r in failed]})
+                                         "failed": [{"id": r["id"], "error": r["error"]} for r in failed],
+                                         "identity": identity(self.root)})

@@ -28,7 +28,18 @@ def build_report(root: str | Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
+    import json
+
     root = Path(root)
+    try:
+        return _write_report(root)
+    except json.JSONDecodeError as exc:
+        raise RunError(f"a file of {root} is cut short or not valid JSON ({exc}); for a study run the same `diffinv "
+                       f"experiment` command again (it writes the tables again from its runs), for a run `diffinv train "
+                       f"... --resume`") from None
+
+
+def _write_report(root: Path) -> Path:
     if (root / "summary.json").is_file():
         sections = _study_sections(root)
         name = (read_yaml(root / "study.yaml") or {}).get("name") if (root / "study.yaml").is_file() else ""
@@ -456,8 +467,8 @@ def _markdown_table_to_html(text: str) -> str:
         if table:
             head, *body = [row for row in table if not set(row.replace("|", "")) <= set("-: ")]
             cells = lambda row: [c.strip() for c in row.strip().strip("|").split("|")]  # noqa: E731
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells(head)) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(r)) + "</tr>" for r in body)
+            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells(head)) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells(r)) + "</tr>" for r in body)
                        + "</table>")
             table.clear()
 
@@ -467,8 +478,19 @@ def _markdown_table_to_html(text: str) -> str:
             continue
         flush()
         if line.startswith("- "):
-            out.append(f"<ul><li>{html.escape(line[2:])}</li></ul>")
+            out.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
         elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
+            out.append(f"<p>{_inline(line)}</p>")
     flush()
     return "".join(out)
+
+
+def _inline(text: str) -> str:
+    """Markdown's inline marks (**bold**, *italic*, `code`, [text](link)) as HTML; everything else escaped."""
+    import re
+
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    text = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", text)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", lambda m: f'<a href="{m[2].replace(chr(34), "&quot;")}">{m[1]}</a>', text)

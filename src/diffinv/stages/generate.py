@@ -44,6 +44,10 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     for note in method.notes(config):
         log(note)
     extra = {name: _open_store(path, name) for name, path in method.extra_stores(config).items()}
+    # Before the plan, whose rows alone would not fit in memory for an absurd count: the worst-case PNG bytes.
+    planned = config.per_image * sum(int(r.get("n_images", 1)) for r in store.rows)
+    check_free_space(out, planned * (3 * (config.save_size or store.info["resolution"]) ** 2 + 1024),
+                     f"{planned:,} generated images")
     model = config.model or store.info.get("model_path", store.info["model"])
     # Inside the real data's folder the synthetic images would later be read as a class of real ones.
     refuse_inside(out, {"the real data": (read_yaml(store.root / "config.yaml") or {}).get("data")})
@@ -51,12 +55,16 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     # 2. Output folder: fresh, or the same settings continued (idempotent re-run).
     mode = open_output(out, MARKER, config, noun="folder", resume=True, overwrite=overwrite, shared=not shard.whole)
     if mode == "done":
-        problems = damage(out, read_manifest(out))
+        try:
+            rows_listed = read_manifest(out)
+            problems = damage(out, rows_listed)
+        except DataError as exc:  # a damaged manifest: the images are checked and the manifest written again
+            rows_listed, problems = [], [str(exc)]
         if not problems:
             log(f"{out} is already complete; nothing to do")
             return out
         log(f"{out} is damaged ({'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}); making what is missing")
-        for row in read_manifest(out):  # a truncated image is made again too
+        for row in rows_listed:  # a truncated image is made again too
             path = out / row["file"]
             if path.is_file() and row.get("bytes") not in (None, path.stat().st_size):
                 path.unlink()
@@ -69,7 +77,7 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     backbone.check_supported()
     fingerprint = backbone.fingerprint()
     for s in (store, *extra.values()):
-        if method.uses_embeddings and s.info["model_fingerprint"] != fingerprint:
+        if method.uses_embeddings and s.info["model_fingerprint"] not in backbone.fingerprints():
             raise StoreError(f"{s.root} was made with another model ({s.info['model']}), not {model}; "
                              f"generate with the store's model or invert again with this one")
 
@@ -77,12 +85,17 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     rows = plan_samples(config, store, model)
     source = method.load(config, store, backbone, rows, extra)
     writer = SyntheticWriter(out)
+    origin = store_origin(store)
     if not (out / MARKER).is_file():
         write_yaml(out / "config.yaml", config_to_dict(config))
         grey = store_is_grey(store)  # the store's real images are grey: so are the saved variants
         writer.start({"method": config.method, "classes": store.classes, "n_samples": len(rows), "store": str(store.root),
-                      "model": model, "model_fingerprint": fingerprint, "shards": shard.count, "grey": grey})
+                      "model": model, "model_fingerprint": fingerprint, "shards": shard.count, "grey": grey, **origin})
     else:  # a continued set keeps the choice it was started with, so its images never mix
+        made_from = writer.info().get("store_identity")
+        if made_from and made_from != origin["store_identity"]:
+            raise StoreError(f"{out} was made from another version of the store {store.root} (made again since?): "
+                             f"continuing it would mix images of both. Generate into a new --out, or pass --overwrite")
         grey = bool(writer.info().get("grey", False))
 
     # 5. This shard's chunks with missing images, generated and written.
@@ -133,6 +146,17 @@ def finish_dataset(out: str | Path, log: Callable[[str], None] = print) -> Path:
     store = _open_store(config.store, "store")
     rows = plan_samples(config, store, writer.info()["model"])
     return _finish(out, writer, rows, log, strict=True, chunk_size=config.batch_size)
+
+
+def store_origin(store: EmbeddingStore) -> dict[str, str]:
+    """What a set records of the store it is made from: its identity, and the real data and split it inverted."""
+    from diffinv.diffusion.store import identity
+
+    data = read_yaml(store.root / "config.yaml") or {}
+    source = str(data.get("data", ""))
+    return {"store_identity": store.info.get("identity") or identity(store.root),
+            "data": str(Path(source).resolve()) if source and Path(source).exists() else source,
+            "split": str(data.get("split", "train"))}
 
 
 def store_is_grey(store: EmbeddingStore) -> bool:

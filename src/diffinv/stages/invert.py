@@ -48,7 +48,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
         log(f"inverting at {config.resolution} px (chosen from the model and the {size} px data; --resolution overrides)")
     mode = open_output(out, MARKER, config, noun="store", resume=resume, overwrite=overwrite, shared=not shard.whole)
     if mode == "done":
-        problems = damage(out, read_json(out / MARKER), read_rows(out))
+        problems = damage(out, read_json(out / MARKER), read_rows(out, strict=False))
         if not problems:
             log(f"{out} is already complete; nothing to do")
             return out
@@ -135,10 +135,11 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
             "latent_shape": list(backbone.latent_shape(config.resolution)), "n_images": len(item_ids), "n_items": len(item_ids),
             "target": config.target, "shards": shard.count, "dtype": str(backbone.dtype).replace("torch.", ""),
             "prediction_type": backbone.prediction_type,
-            "original_config": str(Path(config.original_config).resolve()) if config.original_config else ""}
+            "original_config": str(Path(config.original_config).resolve()) if config.original_config else "",
+            "data": str(Path(config.data).resolve()) if Path(config.data).exists() else config.data, "split": config.split}
     if (out / MARKER).is_file():
         old = writer.info()
-        if old.get("model_fingerprint") != info["model_fingerprint"]:
+        if old.get("model_fingerprint") not in backbone.fingerprints():
             raise RunError(f"{out} was made with another model ({old.get('model')}); use --overwrite or a new --out")
     else:
         write_yaml(out / "config.yaml", config_to_dict(config))
@@ -194,7 +195,7 @@ def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bo
     writer = StoreWriter(out)
     info = writer.info()
     total = info.get("n_items", info["n_images"])
-    done = {r["index"] for r in read_rows(out)} | {r["index"] for r in read_rows(out, "failed")}
+    done = {r["index"] for r in read_rows(out, strict=False)} | {r["index"] for r in read_rows(out, "failed")}
     batches = plan_batches(total, planned_batch(read_yaml(out / "config.yaml")))
     units = Units(out, "batch", len(batches), lambda b: all(i in done for i in batches[b]), int(info.get("shards", 1)))
     missing = len(set(range(total)) - done)
@@ -294,7 +295,7 @@ def class_starts(path: str, backbone: Backbone, classes: list[str], tokens: int)
     if store.info.get("target") != "class":
         raise StoreError(f"--init-store {path} holds one conditioning per image; make a per-class one with "
                          f"`diffinv invert --target class` on the same model and data")
-    if store.info.get("model_fingerprint") != backbone.fingerprint():
+    if store.info.get("model_fingerprint") not in backbone.fingerprints():
         raise StoreError(f"--init-store {path} was made with another model ({store.info.get('model')}); invert the classes "
                          f"with this --model")
     if list(store.embeddings.shape[1:]) != [tokens + backbone.extra_tokens, backbone.cond_dim]:

@@ -28,8 +28,11 @@ def _store_problems(root: Path) -> list[str]:
     info = read_json(root / store.MARKER)
     if info.get("status") != "complete":
         return [f"unfinished ({info.get('status')}): run the `diffinv invert` command again with --resume"]
-    rows = store.read_rows(root)
-    problems = store.damage(root, info, rows)
+    try:
+        rows = store.read_rows(root)
+    except store.StoreError as exc:
+        return [str(exc)]
+    problems = [p for p in store.damage(root, info, rows) if "checksum" not in p] + store.tampering(root, info, rows)
     listed = {r["part"] for r in rows} | {p.stem for p in (root / "failed").glob("part-*.json")}
     for path in sorted((root / "parts").glob("part-*.safetensors")):
         if path.stem not in listed:
@@ -58,8 +61,14 @@ def _set_problems(root: Path) -> list[str]:
     info = read_json(root / synthetic.MARKER)
     if info.get("status") != "complete":
         return [f"unfinished ({info.get('status')}): run the `diffinv generate` command again"]
-    rows = synthetic.read_manifest(root)
+    try:
+        rows = synthetic.read_manifest(root)
+    except ValueError as exc:  # JSONDecodeError, or the manifest missing (DataError)
+        return [f"manifest.jsonl cannot be read ({exc})"]
     problems = synthetic.damage(root, rows)
+    made_from = Path(info.get("store", ""))
+    if info.get("store_identity") and (made_from / "manifest.jsonl").is_file() and store.identity(made_from) != info["store_identity"]:
+        problems.append(f"it was made from another version of the store {made_from} (the store was made again since)")
     for r in rows:
         path = root / r["file"]
         if path.is_file() and r.get("sha256") and file_sha256(path) != r["sha256"]:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from diffinv.config import ConfigError, StudyConfig, config_to_dict, load_config, result_fields
 from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
 from diffinv.shards import Shard
-from diffinv.study.plan import Plan, Trial, Unit, build_plan
+from diffinv.study.plan import Plan, Trial, Unit, build_plan, data_fingerprint, local_path
 from diffinv.study.pool import process_pool, run_all, workers_for
 from diffinv.study.spec import REAL, compare_pairs
 
@@ -84,6 +84,7 @@ def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool:
 
     selection = select_candidates(plan, out, log)
     kept = [t for t in plan.trials if selection[t.arm][str(t.per_class)]["chosen"] == t.label]
+    warn_overlap(plan, out, log)
     test_runs([plan.units[t.run] for t in kept], out, log, pool)
     rows = [result_row(study, plan, t, out) for t in kept]
     write_table(out / "results", rows)
@@ -110,8 +111,13 @@ def record(study: StudyConfig, plan: Plan, out: Path, shard: Shard) -> None:
     elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         older = " (a demo of an older diffinv: delete it to run the demo again)" if (out / "demo.yaml").is_file() else ""
         raise RunError(f"--out {out} is a non-empty folder that is not a study{older}; choose an empty or new folder")
+    data = data_fingerprint(local_path(study, study.data))
+    before = read_json(out / "plan.json").get("data_fingerprint") if (out / "plan.json").is_file() else None
+    if before not in (None, data):
+        raise RunError(f"the data {study.data} changed since {out} was made (files added, removed or rewritten): its "
+                       f"stores, sets and runs are of the old data. Use a new --out (or delete {out})")
     write_yaml(saved, config_to_dict(study))
-    write_json(out / "plan.json", plan.to_json())
+    write_json(out / "plan.json", {**plan.to_json(), "data_fingerprint": data})
 
 
 def read_study(out: Path) -> StudyConfig:
@@ -197,6 +203,24 @@ def test_runs(units: list[Unit], out: Path, log: Log, pool: Any = None) -> None:
         run_all(pool, _test, [(todo[i::4], out) for i in range(min(4, len(todo)))])
     else:
         _test(todo, out, log)
+
+
+def warn_overlap(plan: Plan, out: Path, log: Log) -> None:
+    """Say once, before the test is read, when real training images of any replicate are byte for byte test images."""
+    from diffinv.classify.train import load_test_split, overlap_notes
+    from diffinv.data.real import load_uint8, open_images, select, validation_ids
+
+    configs = list({(u.config.per_class, u.config.subset_seed): u.config for u in plan.runs()}.values())
+    trained = read_json(out / plan.runs()[0].folder / "trained.json")
+    test, _ = load_test_split(configs[0], trained["resolution"], trained["classes"], log)
+    source = open_images(configs[0].data, configs[0].format, configs[0].split)
+    held = validation_ids(source, configs[0].val_per_class)
+    chosen = sorted({i for c in configs for i in select(source, c.per_class, c.subset_seed, c.bad_images,
+                                                           warn=lambda m: None, exclude=held).ids})
+    index = {image_id: i for i, image_id in enumerate(source.ids)}
+    real = load_uint8(source.subset([index[i] for i in chosen]), trained["resolution"])
+    for note in overlap_notes(real, chosen, test, configs[0].eval_split):
+        log(f"warning: {note}")
 
 
 def _test(units: list[Unit], out: Path, log: Log = print) -> None:
