@@ -62,15 +62,48 @@ def test_text_encoder_on_request(tiny_text):
         load_backbone(tiny_text).encode_prompts(["a cat"])
 
 
-def test_bad_model_specs_are_clear(tmp_path):
+def test_bad_model_specs_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "model.ckpt").write_bytes(b"x")
     with pytest.raises(ModelError, match="pickle"):
         load_backbone(tmp_path / "model.ckpt")
     with pytest.raises(ModelError, match="does not exist"):
         load_backbone(tmp_path / "missing")
-    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_backbone("nobody/not-a-cached-model")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(ModelError, match="not a UNet2DConditionModel"):
         load_backbone(tmp_path / "other")
+
+
+def test_a_hub_id_is_downloaded_into_the_cache_when_online_and_never_when_offline(tiny_latent, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def snapshot_download(repo_id, local_files_only=False, allow_patterns=None):
+        calls.append((repo_id, local_files_only, tuple(allow_patterns)))
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        return str(tiny_latent)  # what the download would leave in the cache: a diffusers pipeline folder
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    bb = load_backbone("someone/tiny-sd")
+    assert bb.source == "someone/tiny-sd" and [c[1] for c in calls] == [True, False]
+    assert all(not p.endswith((".bin", ".ckpt", "*")) or p == "tokenizer/*" for p in calls[-1][2])  # safetensors only
+    calls.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set"):
+        load_backbone("someone/tiny-sd")
+    assert [c[1] for c in calls] == [True]
+
+    def no_network(repo_id, local_files_only=False, allow_patterns=None):
+        raise LocalEntryNotFoundError("not cached") if local_files_only else OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(ModelError, match="could not be downloaded .*OSError: Name or service"):
+        load_backbone("someone/tiny-sd")

@@ -1,19 +1,14 @@
-"""The experiment scripts whose figures the README cites: paired differences and judge filtering."""
+"""The experiment scripts whose figures the docs cite: paired differences."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
-
-from diffinv.data.synthetic import SyntheticWriter, open_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,38 +45,3 @@ def test_paired_differences_average_repeats_then_pair_by_replicate(tmp_path, mon
         paired.main()
 
 
-class Brightness(nn.Module):
-    """A stand-in judge: class 1 when the normalised image is bright on average, else class 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(1, 2)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.tensor([[-1.0], [1.0]]))
-            self.fc.bias.zero_()
-
-    def forward(self, x):
-        return self.fc(x.mean(dim=(1, 2, 3)).unsqueeze(1))
-
-
-def test_judge_filter_keeps_what_the_judge_labels_as_its_class(tmp_path, monkeypatch):
-    judge_filter = load_script("judge_filter")
-    meta = {"classes": ["dark", "bright"], "resolution": 8, "mean": torch.full((3,), 0.5), "std": torch.full((3,), 0.25)}
-    monkeypatch.setattr(judge_filter, "load_classifier", lambda run: (Brightness().eval(), meta))
-    src, rows = tmp_path / "set", []
-    writer = SyntheticWriter(src)
-    writer.start({"classes": meta["classes"], "method": "di"})
-    # (label, brightness): two of the five are labelled against their look.
-    for i, (label, level) in enumerate([("dark", 20), ("dark", 230), ("bright", 240), ("bright", 10), ("bright", 200)]):
-        row = {"id": f"s{i}", "class": label, "file": f"{label}/s{i}.png"}
-        writer.write_image(row, torch.full((8, 8, 3), level, dtype=torch.uint8))
-        rows.append(row)
-    writer.finish(rows)
-
-    kept, total = judge_filter.filter_set(src, tmp_path / "judge-run", tmp_path / "kept")
-    assert (kept, total) == (3, 5)
-    out = open_synthetic(tmp_path / "kept", meta["classes"])
-    assert out.ids == ["s0", "s2", "s4"] and out.labels.tolist() == [0, 1, 1]
-    assert os.path.samefile(tmp_path / "kept" / "bright" / "s2.png", src / "bright" / "s2.png")  # links, not copies
-    info = json.loads((tmp_path / "kept" / "generate.json").read_text())
-    assert info["n_samples"] == 3 and info["filtered_from"] == str(src) and info["status"] == "complete"

@@ -132,6 +132,7 @@ def test_a_study_runs_every_stage_from_one_command_and_reads_test_last(tiny_base
     assert main(["experiment", str(study), "--out", str(out), "--quiet", "--no-report"]) == 0
     printed = capsys.readouterr().out
     assert "real + di" in printed and "di minus img2img" in printed and "Settings chosen on validation" in printed
+    assert printed.count("the store's images are grey") == 1 and not (out / ".said").exists()  # a note once, not per set
     inversions = [e for e in events if e[0] == "invert_dataset"]
     assert len(inversions) == 3 and len({p for _, p in inversions}) == 3  # exactly one per replicate and size
     # Selection reads every validation file before the first test; the test is read for the kept candidates only.

@@ -260,6 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reference() -> str:
+    """docs/reference.md: every sub-command's ``--help``, as printed at 100 columns (so it cannot drift from the CLI)."""
+    import os
+
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parser = build_parser()
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parts = ["# Command reference\n", "Generated from the configs' field metadata by `python docs/make_reference.py`; "
+                 "`diffinv STAGE --help` prints the same.\n", "```text", parser.format_help().rstrip(), "```\n"]
+        for name, sub in action.choices.items():
+            parts += [f"## `diffinv {name}`\n", "```text", sub.format_help().rstrip(), "```\n"]
+        return "\n".join(parts)
+    finally:
+        os.environ.pop("COLUMNS") if saved is None else os.environ.__setitem__("COLUMNS", saved)
+
+
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices[name]

@@ -60,7 +60,7 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, exec
 class InvertConfig:
     """Stage 1: learn one conditioning (tokens x width) per real image."""
 
-    model: str = opt("", "diffusers folder, .safetensors file or cached hub id")
+    model: str = opt("", "diffusers folder, .safetensors file or hub id (downloaded into the Hugging Face cache when online)")
     data: str = opt("", "image folder, .npz, .csv, idx folder, 'digits' or 'hf:NAME'")
     format: str = opt("auto", "how to read --data", choices=FORMATS)
     split: str = opt("train", "data split to read")
@@ -267,7 +267,11 @@ class TrainConfig:
     use: str = opt("auto", "what to train on (auto: both if --synthetic)", choices=("auto", "real", "synthetic", "both"))
     real_batch: int = opt(0, "real images in every batch (with --syn-batch; the paper's fixed split)")
     syn_batch: int = opt(0, "synthetic images in every batch")
-    arch: str = opt("resnet18", "a registered architecture (diffinv.classify.models) or timm:<name>")
+    arch: str = opt("resnet18", "a registered architecture (diffinv.classify.models), timm:<name> or torchvision:<name>")
+    pretrained: str = opt("", "local weights to fine-tune from (.safetensors, or a .pth state dict); the head is fitted to "
+                              "the classes")
+    backbone_lr: float = opt(1.0, "with --pretrained: the pretrained layers' lr as a fraction of --lr (the new head: all of it)")
+    probe_steps: int = opt(0, "with --pretrained: the first steps train the new head only (a linear probe), then all")
     stem: str = opt("auto", "auto: small-image stem below 64 px", choices=("auto", "cifar", "imagenet"))
     resolution: int | None = opt(None, "train at R x R (default: the data's size, at least 32)")
     epochs: float = opt(30.0, "passes over the training set")
@@ -296,6 +300,9 @@ class TrainConfig:
         _check(self.per_class is None or self.per_class >= 1, "per-class must be >= 1")
         _check(self.resolution is None or self.resolution >= 8, "resolution must be >= 8 pixels")
         _check(self.epochs > 0, "epochs must be > 0")
+        _check(self.backbone_lr >= 0 and self.probe_steps >= 0, "backbone-lr and probe-steps must be >= 0")
+        _check(bool(self.pretrained) or (self.backbone_lr == 1.0 and self.probe_steps == 0),
+               "--backbone-lr and --probe-steps fine-tune pretrained layers: give --pretrained PATH")
         # 0 used to mean "use --epochs": refused now, since `--steps 0` then trained for 30 epochs without a word.
         _check(self.steps is None or self.steps >= 1, f"steps must be >= 1 (leave it out to train for --epochs); got {self.steps}")
         _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1")
@@ -583,3 +590,21 @@ class TinyModelConfig:
     prediction_type: str = opt("epsilon", "what the UNet predicts", choices=("epsilon", "v_prediction"))
     text_encoder: bool = opt(False, "also save a tiny CLIP text encoder + tokenizer")
     seed: int = opt(0, "seed of the random weights")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """``diffinv filter``: a new set of the synthetic images a real-only classifier trusts; the source set is left as it is."""
+
+    set: str = opt("", "a synthetic set from `diffinv generate` (read, never changed)")
+    judge: str = opt("", "a run of `diffinv train` on the real images alone (no --synthetic): it scores every image")
+    min_confidence: float = opt(0.0, "keep the images whose own class gets at least this probability from the judge")
+    keep_top: float = opt(0.0, "or keep this fraction of each class (0-1), the images the judge is surest of")
+    batch_size: int = opt(500, "images per judge batch", execution_only=True)
+    device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.set) and bool(self.judge), "give --set (a generated set) and --judge (a real-only run)")
+        _check((self.min_confidence > 0) != (self.keep_top > 0),
+               "give one rule: --min-confidence P (0 < P <= 1) or --keep-top Q (0 < Q <= 1)")
+        _check(self.min_confidence <= 1 and 0 <= self.keep_top <= 1, "--min-confidence and --keep-top are fractions in (0, 1]")

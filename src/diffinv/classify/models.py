@@ -109,20 +109,22 @@ ARCHS = tuple(ARCHITECTURES)
 
 def check_arch(arch: str) -> None:
     """A clear error for an architecture that is neither registered nor ``timm:<name>``."""
-    if arch not in ARCHITECTURES and not arch.startswith("timm:"):
-        raise ConfigError(f"arch must be one of {', '.join(ARCHS)} or timm:<name>; got {arch!r}")
+    if arch not in ARCHITECTURES and not arch.startswith(("timm:", "torchvision:")):
+        raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, timm:<name> or torchvision:<name>; got {arch!r}")
 
 
 def build_model(arch: str, num_classes: int, image_size: int, stem: str = "auto") -> nn.Module:
     """A freshly initialised classifier mapping [B, 3, S, S] images to [B, num_classes] logits.
 
-    ``arch`` is one of :data:`ARCHITECTURES` or ``timm:<name>``. ``stem`` ``auto`` uses the small-image
+    ``arch`` is one of :data:`ARCHITECTURES`, ``timm:<name>`` or ``torchvision:<name>``. ``stem`` ``auto`` uses the small-image
     stem when ``image_size`` < 64.
     """
     if stem not in STEMS:
         raise ModelConfigError(f"stem must be one of {', '.join(STEMS)}; got {stem!r}")
     if arch.startswith("timm:"):
         return _timm_model(arch[len("timm:"):], num_classes)
+    if arch.startswith("torchvision:"):
+        return _torchvision_model(arch[len("torchvision:"):], num_classes)
     if arch not in ARCHITECTURES:
         raise ModelConfigError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHS)} or timm:<name>")
     return ARCHITECTURES[arch](num_classes, image_size, stem == "cifar" or (stem == "auto" and image_size < SMALL_IMAGE))
@@ -147,16 +149,30 @@ def _timm_model(name: str, num_classes: int) -> nn.Module:
         raise ModelConfigError(f"timm cannot build {name!r}: {exc}") from exc
 
 
+def _torchvision_model(name: str, num_classes: int) -> nn.Module:
+    """torchvision's own model as published (ImageNet stem), so its published weights fit with --pretrained."""
+    try:
+        return _torchvision().get_model(name, weights=None, num_classes=num_classes)
+    except ValueError as exc:  # "Unknown model"
+        raise ModelConfigError(f"torchvision has no model {name!r} (e.g. resnet50, vit_b_16, convnext_tiny)") from exc
+
+
+def classification_head(net: nn.Module) -> nn.Module:
+    """The module that maps features to logits (timm's ``get_classifier``, else ``fc`` / ``classifier`` / ``head``)."""
+    head = net.get_classifier() if hasattr(net, "get_classifier") else next(
+        (getattr(net, a) for a in ("fc", "classifier", "head") if isinstance(getattr(net, a, None), nn.Module)), None)
+    if head is None:
+        raise ModelConfigError(f"cannot find the classification head of {type(net).__name__}")
+    return head
+
+
 def penultimate(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``net`` on ``x`` [B, 3, S, S]; returns (features [B, F] that enter the head, logits [B, C]).
 
     The features are caught by a hook on the classification head, so no architecture needs a
     second forward definition. The quality metrics embed images in this space.
     """
-    head = net.get_classifier() if hasattr(net, "get_classifier") else next(
-        (getattr(net, a) for a in ("fc", "classifier", "head") if isinstance(getattr(net, a, None), nn.Module)), None)
-    if head is None:
-        raise ModelConfigError(f"cannot find the classification head of {type(net).__name__}")
+    head = classification_head(net)
     caught: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda _m, inputs: caught.append(inputs[0].flatten(1)))
     try:

@@ -11,7 +11,7 @@ Accepted model specs:
 * a single UNet folder (``config.json`` of a ``UNet2DConditionModel``): a pixel-space model
 * a ``.safetensors`` file: either diffinv's packed format (configs in the file's metadata) or an
   original Stable Diffusion checkpoint, read by diffusers' ``from_single_file``
-* a Hugging Face hub id, resolved from the local cache (no network is assumed)
+* a Hugging Face hub id: from the local cache, else downloaded into it (``HF_HUB_OFFLINE`` respected)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,7 +310,7 @@ def _freeze(module: Any) -> Any:
 
 def load_backbone(spec: str | Path, *, with_text_encoder: bool = False, original_config: str = "",
                   prediction_type: str = "") -> Backbone:
-    """Load a frozen generator from a folder, a ``.safetensors`` file or a cached hub id.
+    """Load a frozen generator from a folder, a ``.safetensors`` file or a hub id.
 
     The text encoder is only loaded with ``with_text_encoder=True``: inversion never needs it.
     ``original_config`` (an original-format checkpoint's inference YAML) says a single file's
@@ -402,18 +403,28 @@ def _load_folder(path: Path, spec: str, with_text_encoder: bool) -> Backbone:
     return Backbone(_freeze(unet), _freeze(vae), sched, spec, _freeze(text_encoder), tokenizer)
 
 
-def _load_hub(repo_id: str, with_text_encoder: bool) -> Backbone:
-    try:
-        from huggingface_hub import snapshot_download
+HUB_FILES = ["model_index.json", "*/config.json", "*/*.safetensors", "scheduler/*.json", "tokenizer/*"]  # no pickles
 
-        folder = snapshot_download(repo_id, local_files_only=True,
-                                   allow_patterns=["unet/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*", "model_index.json"])
-    except Exception as exc:  # the hub client raises many types for "not cached"
-        raise ModelError(
-            f"hub id {repo_id!r} is not in the local Hugging Face cache and this tool never downloads at run time; "
-            f"download it where there is internet (huggingface-cli download {repo_id}) and pass the folder") from exc
-    backbone = _load_folder(Path(folder), repo_id, with_text_encoder)
-    return backbone
+
+def _load_hub(repo_id: str, with_text_encoder: bool) -> Backbone:
+    """A diffusers repo id: from the local Hugging Face cache, else downloaded into it (unless HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_FILES)
+    except Exception:  # the hub client raises many types for "not cached"
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise ModelError(
+                f"hub id {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it where "
+                f"there is internet (huggingface-cli download {repo_id}) and pass the folder or unset HF_HUB_OFFLINE") from None
+        try:
+            folder = snapshot_download(repo_id, local_files_only=False, allow_patterns=HUB_FILES)
+        except Exception as exc:  # no network, no such repo, a gated repo without a token ...
+            raise ModelError(
+                f"hub id {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
+                f"({type(exc).__name__}: {str(exc)[:160]}); download it where there is internet "
+                f"(huggingface-cli download {repo_id}), log in for a gated model, or pass a local folder") from exc
+    return _load_folder(Path(folder), repo_id, with_text_encoder)
 
 
 def _load_single_file(path: Path, with_text_encoder: bool, original_config: str = "", prediction_type: str = "") -> Backbone:

@@ -41,6 +41,15 @@ def judge_features(model: nn.Module, images: torch.Tensor, mean: torch.Tensor, s
     return torch.cat(feats), torch.cat(preds)
 
 
+def judge_probabilities(model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                        batch_size: int = 500) -> torch.Tensor:
+    """[N, C] class probabilities of uint8 ``images`` [N, 3, S, S] under a trained classifier."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return torch.cat([model(normalise(part.to(device), mean.to(device), std.to(device))).float().softmax(1).cpu()
+                          for part in images.split(batch_size)])
+
+
 def mean_pairwise_distance(features: torch.Tensor) -> float | None:
     """Mean L2 distance over all distinct pairs of rows of [N, F]; None with fewer than two rows."""
     n = features.shape[0]

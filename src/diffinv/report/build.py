@@ -153,12 +153,12 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     for method in dict.fromkeys(r["method"] for r in rows if r.get("gain")):
         mine = sorted((r for r in rows if r["method"] == method and (r.get("gain") or {}).get(metric)),
                       key=lambda r: math.inf if r["per_class"] is None else r["per_class"])
-        real = [f"{_k(r['per_class'])} ({100 * r['gain'][metric]['mean']:+.1f} points)" for r in mine
+        real = [f"{100 * r['gain'][metric]['mean']:+.1f} points at {_k(r['per_class'])}" for r in mine
                 if r["gain"][metric]["beyond_noise"]]
         noise = [_k(r["per_class"]) for r in mine if not r["gain"][metric]["beyond_noise"]]
         n = min(r["gain"][metric]["n"] for r in mine)
         if real:
-            text = f"**{method}** improves {name} beyond noise at {', '.join(real)} real images per class"
+            text = f"**{method}** improves {name} beyond noise: {', '.join(real)} real images per class"
             text += f"; at {', '.join(noise)} its gain is within noise" if noise else ""
         else:
             text = f"**{method}** shows no gain beyond noise in {name} at any size ({', '.join(noise)} per class)"
@@ -189,7 +189,7 @@ def _efficiency_table(rows: list[dict[str, Any]]) -> str:
     metric = _metric(rows)
     curve = _real_curve(rows, metric)
     if len(curve) < 2:
-        return "Needs a real-only method at two or more real sizes to compute."
+        return "Worth in real images needs real-only runs at two or more sizes: add them with --real-sizes (e.g. 4,8)."
     lines = [f"| method | real / class | {METRIC_NAMES[metric]} % | worth real / class | factor |", "|---|---|---|---|---|"]
     for r in rows:
         if r["n_synthetic"] == 0:

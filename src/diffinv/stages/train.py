@@ -25,6 +25,7 @@ from torch import nn
 from diffinv.classify.augment import Augmenter
 from diffinv.classify.metrics import channel_stats, evaluate, normalise
 from diffinv.classify.models import build_model, check_arch
+from diffinv.classify.pretrained import load_pretrained, param_groups, read_state_dict
 from diffinv.classify.train import TrainingError, eval_steps, load_test_split, load_train_data, lr_at, plan_streams
 from diffinv.config import TrainConfig, config_to_dict
 from diffinv.data.real import DataError
@@ -75,10 +76,15 @@ def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = Fal
     mean, std = mean.to(device), std.to(device)
 
     torch.manual_seed(key_of(config.seed, "init"))
-    model = build_model(config.arch, num_classes, data.resolution, config.stem).to(device)
+    model = build_model(config.arch, num_classes, data.resolution, config.stem)
+    fresh = [k for k, _ in model.named_parameters()]
+    if config.pretrained:
+        fresh = load_pretrained(model, read_state_dict(config.pretrained), config.pretrained)
+        log(f"fine-tuning from {config.pretrained}: {len(fresh)} tensors left fresh (the head)")
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+    optimiser = torch.optim.SGD(param_groups(model, fresh, config.backbone_lr), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     augment = Augmenter(config.aug, data.resolution, num_classes, config.mixup, config.cutmix).to(device)
     warmup_steps = round(config.warmup * total)
@@ -108,8 +114,9 @@ def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = Fal
     model.train()
     for step in range(start, total):
         # 3. The step's learning rate and randomness.
-        for group in optimiser.param_groups:
-            group["lr"] = lr_at(step, total, warmup_steps, config.lr)
+        for group in optimiser.param_groups:  # pretrained layers wait out the linear probe, then run at their fraction
+            probing = group["pretrained"] and step < config.probe_steps
+            group["lr"] = 0.0 if probing else group["scale"] * lr_at(step, total, warmup_steps, config.lr)
         if device.type == "cpu":  # torch.manual_seed also seeds every accelerator backend: ~1 ms, a tenth of a small CNN's step
             torch.default_generator.manual_seed(key_of(config.seed, f"step/{step}"))
         else:
@@ -132,6 +139,10 @@ def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = Fal
                                 "or use --precision fp32. Finished checkpoints are kept: fix it and pass --resume")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        if step < config.probe_steps:  # no gradient, no momentum: the pretrained weights stay as loaded
+            for group in optimiser.param_groups:
+                for p in group["params"] if group["pretrained"] else ():
+                    p.grad = None
         optimiser.step()
         running = value if running is None else 0.95 * running + 0.05 * value
 

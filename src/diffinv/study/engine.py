@@ -13,6 +13,9 @@ with j % N == I; whichever finds every job finished does steps 2-5 (``diffinv me
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import statistics
 from contextlib import nullcontext
 from pathlib import Path
@@ -43,38 +46,68 @@ def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None
         f"synthetic sets, {counts['run']} classifier runs; {len(mine) - len(todo)} of {len(mine)} jobs finished"
         + ("" if shard.whole else f" (shard {shard})"))
     workers = min(workers_for(study.processes, study.device), max(1, len(todo)))
+    said = out / ".said" / str(os.getpid())  # the notes this invocation printed, shared by its worker processes
+    try:
+        return _run_jobs(study, plan, out, todo, workers, said, shard, progress, log, hook)
+    finally:
+        shutil.rmtree(said, ignore_errors=True)
+        if said.parent.is_dir() and not any(said.parent.iterdir()):
+            said.parent.rmdir()
+
+
+def _run_jobs(study: StudyConfig, plan: Plan, out: Path, todo: list[int], workers: int, said: Path, shard: Shard,
+              progress: bool, log: Log, hook: Callable[[Unit], None] | None) -> Path | None:
     with process_pool(workers) if workers > 1 else nullcontext() as pool:
         if pool is not None:
             log(f"running {len(todo)} jobs in {workers} processes")
-            run_all(pool, run_job, [(plan.job_units(j), out, _job_name(plan, j)) for j in todo])
+            run_all(pool, run_job, [(plan.job_units(j), out, _job_name(plan, j), said) for j in todo])
         else:
             for j in todo:
-                run_job(plan.job_units(j), out, _job_name(plan, j), progress=progress, log=log, hook=hook)
+                run_job(plan.job_units(j), out, _job_name(plan, j), said, progress=progress, log=log, hook=hook)
         if not _units(plan, out, shard.count).complete(strict=shard.whole, log=log):
             return None
         return finish(study, plan, out, log=log, pool=pool)
 
 
-def run_job(units: list[Unit], out: Path, name: str, *, progress: bool = False, log: Log = print,
-            hook: Callable[[Unit], None] | None = None) -> None:
-    """One job's units in order (stores, then the sets made from them, then the runs that read them)."""
+def run_job(units: list[Unit], out: Path, name: str, said: Path | None = None, *, progress: bool = False,
+            log: Log = print, hook: Callable[[Unit], None] | None = None) -> None:
+    """One job's units in order (stores, then the sets made from them, then the runs that read them).
+
+    ``said``: a folder shared by the jobs of one invocation, so a note every unit makes is printed once.
+    """
     from diffinv.stages.generate import generate_dataset
     from diffinv.stages.invert import invert_dataset
     from diffinv.stages.train import train_classifier
 
+    stage_log = log if said is None else once(said, log)
     for unit in units:
         if unit.done(out):
             continue
         log(f"{name}: {unit.kind} {unit.folder}")
         folder = out / unit.folder
         if unit.kind == "store":
-            invert_dataset(unit.config, folder, resume=True, progress=progress, log=log)
+            invert_dataset(unit.config, folder, resume=True, progress=progress, log=stage_log)
         elif unit.kind == "set":
-            generate_dataset(unit.config, folder, progress=progress, log=log)
+            generate_dataset(unit.config, folder, progress=progress, log=stage_log)
         else:
-            train_classifier(unit.config, folder, resume=True, progress=progress, log=log, test=False)
+            train_classifier(unit.config, folder, resume=True, progress=progress, log=stage_log, test=False)
         if hook is not None:
             hook(unit)
+
+
+def once(said: Path, log: Log) -> Log:
+    """``log``, but each message only by the first of the processes sharing ``said`` to make it."""
+    import hashlib
+
+    def say(message: str) -> None:
+        said.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(said / hashlib.sha256(message.encode()).hexdigest()[:16], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        log(message)
+
+    return say
 
 
 def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool: Any = None) -> Path:
@@ -97,7 +130,7 @@ def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool:
     if study.report:
         from diffinv.report.build import build_report
 
-        log(f"report {build_report(out)}")
+        build_report(out)  # the closing summary names it
     return out
 
 

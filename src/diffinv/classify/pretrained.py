@@ -1,0 +1,77 @@
+"""Start a classifier from local pretrained weights: load what fits, leave the new head fresh.
+
+Weights are a ``.safetensors`` file or a torch state dict (``.pt`` / ``.pth``, read with
+``weights_only=True``, which loads tensors and refuses code). Tensors are matched by name and shape,
+and the classification head is always left fresh (a checkpoint's classes are not the data's); the
+tensors left fresh are returned, and the optimiser gives them the full learning rate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffinv.classify.models import classification_head
+from diffinv.errors import UserError
+
+
+class PretrainedError(UserError):
+    pass
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file, with the wrappers checkpoints often add removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedError(
+            f"--pretrained {path} does not exist; pass a local .safetensors or .pth state dict (nothing is downloaded: "
+            f"where there is internet, e.g. `python -c \"import torchvision; torchvision.models.resnet50(weights='DEFAULT')\"` "
+            f"leaves it in ~/.cache/torch/hub/checkpoints/, or save `timm.create_model(NAME, pretrained=True).state_dict()`)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise PretrainedError(f"--pretrained {path}: weights must be .safetensors, .pt or .pth")
+    except PretrainedError:
+        raise
+    except Exception as exc:  # a truncated file, a pickle with code in it (refused by weights_only) ...
+        raise PretrainedError(f"--pretrained {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedError(f"--pretrained {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the weights") -> list[str]:
+    """Copy every tensor of ``state`` whose name and shape match into ``model``, except the head's; returns the names left fresh.
+
+    The head is always fresh: even with as many classes, a checkpoint's classes are not the data's.
+    Refuses weights of another architecture (fewer than half of the model's tensors found).
+    """
+    head = classification_head(model)
+    head_keys = {name for name, module in model.named_modules() if module is head}
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not any(k.startswith(h + ".") for h in head_keys)}
+    if len(fits) < len(own) / 2:
+        unmatched = [k for k in own if k not in fits][:3]
+        raise PretrainedError(f"{source} fit only {len(fits)} of the model's {len(own)} tensors (e.g. not {unmatched}): "
+                              f"they are of another architecture than --arch; pass the matching --arch")
+    model.load_state_dict(fits, strict=False)
+    return [k for k in own if k not in fits]
+
+
+def param_groups(model: nn.Module, fresh: list[str], backbone_lr: float) -> list[dict]:
+    """Optimiser groups: the pretrained parameters at ``backbone_lr`` times the rate, the fresh ones at the full rate."""
+    fresh_set = set(fresh)
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if n not in fresh_set], "scale": backbone_lr, "pretrained": True},
+              {"params": [p for n, p in named if n in fresh_set], "scale": 1.0, "pretrained": False}]
+    return [g for g in groups if g["params"]]
