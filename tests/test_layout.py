@@ -76,3 +76,20 @@ def test_the_library_never_imports_orchestration():
     offenders = [f"{mod} imports {dep}" for mod, deps in graph.items() if not mod.startswith(TOP)
                  for dep in deps if dep.startswith(TOP)]
     assert not offenders, offenders
+
+
+# Functions still over the limit, each at most as long as it is now; the list only shrinks.
+LONG = {"diffusion/inversion.py:invert_stream": 114, "diffusion/inversion.py:invert_batch": 96,
+        "stages/pretrain.py:pretrain_base": 113, "stages/generate.py:generate_dataset": 97,
+        "stages/invert.py:invert_dataset": 93}
+
+
+def test_functions_fit_on_a_screen():
+    src = Path(diffinv.__file__).parent
+    found = {}
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                found[f"{path.relative_to(src).as_posix()}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert {name: n for name, n in found.items() if n > LONG.get(name, 80)} == {}
+    assert set(LONG) <= set(found), f"shorter now, drop from LONG: {sorted(set(LONG) - set(found))}"
