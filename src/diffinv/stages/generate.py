@@ -54,20 +54,8 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
 
     # 2. Output folder: fresh, or the same settings continued (idempotent re-run).
     mode = open_output(out, MARKER, config, noun="folder", resume=True, overwrite=overwrite, shared=not shard.whole)
-    if mode == "done":
-        try:
-            rows_listed = read_manifest(out)
-            problems = damage(out, rows_listed)
-        except DataError as exc:  # a damaged manifest: the images are checked and the manifest written again
-            rows_listed, problems = [], [str(exc)]
-        if not problems:
-            log(f"{out} is already complete; nothing to do")
-            return out
-        log(f"{out} is damaged ({'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}); making what is missing")
-        for row in rows_listed:  # a truncated image is made again too
-            path = out / row["file"]
-            if path.is_file() and row.get("bytes") not in (None, path.stat().st_size):
-                path.unlink()
+    if mode == "done" and _intact(out, log):
+        return out
 
     # 3. Model on the device, and the check that the stores were made with it.
     device = resolve_device(config.device)
@@ -99,6 +87,34 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
         grey = bool(writer.info().get("grey", False))
 
     # 5. This shard's chunks with missing images, generated and written.
+    _generate_chunks(config, out, writer, rows, backbone, source, store, grey, shard, progress, on_batch, log)
+
+    # 6. The manifest, once every shard's images exist.
+    return _finish(out, writer, rows, log, strict=shard.whole, chunk_size=config.batch_size)
+
+
+def _intact(out: Path, log: Callable[[str], None]) -> bool:
+    """Whether a finished set is whole; if not, its truncated images are removed so that they are made again."""
+    try:
+        rows_listed = read_manifest(out)
+        problems = damage(out, rows_listed)
+    except DataError as exc:  # a damaged manifest: the images are checked and the manifest written again
+        rows_listed, problems = [], [str(exc)]
+    if not problems:
+        log(f"{out} is already complete; nothing to do")
+        return True
+    log(f"{out} is damaged ({'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}); making what is missing")
+    for row in rows_listed:  # a truncated image is made again too
+        path = out / row["file"]
+        if path.is_file() and row.get("bytes") not in (None, path.stat().st_size):
+            path.unlink()
+    return False
+
+
+def _generate_chunks(config: GenerateConfig, out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], backbone: Any,
+                     source: Any, store: Any, grey: bool, shard: Shard, progress: bool,
+                     on_batch: Callable[[int], None] | None, log: Callable[[str], None]) -> None:
+    """Generate and write this shard's chunks that still miss images, halving a chunk that runs out of memory."""
     chunks = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
     units = Units(out, "chunk", len(chunks), lambda b: all(writer.exists(r) for r in chunks[b]), shard.count)
     todo = [chunks[b] for b in units.todo(shard)]
@@ -121,9 +137,6 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
         if on_batch is not None:
             on_batch(b)
     bar.close()
-
-    # 6. The manifest, once every shard's images exist.
-    return _finish(out, writer, rows, log, strict=shard.whole, chunk_size=config.batch_size)
 
 
 def _finish(out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], log: Callable[[str], None], *, strict: bool,

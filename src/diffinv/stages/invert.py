@@ -61,7 +61,24 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
                     exclude=validation_ids(source, config.val_per_class))
     warn_base_mismatch(config.model, config.data, images, log)
 
-    # 2. Model, frozen, on the device in the working precision.
+    # 2. Model, frozen, on the device in the working precision, and where each row's inversion starts.
+    backbone, encoder = _frozen_model(config, images, log)
+
+    # 3. Store: header and resolved config, or a check that the resumed store fits this model.
+    #    A store holds one row per image, or one per class with --target class.
+    item_ids = images.ids if config.target == "image" else [CLASS_PREFIX + name for name in images.classes]
+    writer = StoreWriter(out)
+    _start_store(config, out, writer, backbone, images, item_ids, shard)
+
+    # 4. This shard's batches that are not finished yet.
+    _invert_batches(config, out, writer, backbone, images, item_ids, encoder, shard, progress, on_step, log)
+
+    # 5. The manifest, once every shard's batches are in.
+    return finish_store(out, log=log, strict=shard.whole)
+
+
+def _frozen_model(config: InvertConfig, images: LabelledImages, log: Callable[[str], None]) -> tuple[Backbone, Any]:
+    """The frozen generator on its device and precision, and the start of each row (an encoder, per-class starts, or None)."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.precision, device)
     check_precision(dtype, optimising=True)
@@ -90,14 +107,13 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
         encoder = _ByLabel(starts)
     elif config.init == "class":
         encoder = _ByLabel(class_starts(config.init_store, backbone, images.classes, config.tokens))
+    return backbone, encoder
 
-    # 3. Store: header and resolved config, or a check that the resumed store fits this model.
-    #    A store holds one row per image, or one per class with --target class.
-    item_ids = images.ids if config.target == "image" else [CLASS_PREFIX + name for name in images.classes]
-    writer = StoreWriter(out)
-    _start_store(config, out, writer, backbone, images, item_ids, shard)
 
-    # 4. This shard's batches that are not finished yet.
+def _invert_batches(config: InvertConfig, out: Path, writer: StoreWriter, backbone: Backbone, images: LabelledImages,
+                    item_ids: list[str], encoder: Any, shard: Shard, progress: bool, on_step: StepHook | None,
+                    log: Callable[[str], None]) -> None:
+    """Invert and write this shard's unfinished batches, halving a batch that runs out of memory."""
     finished = writer.finished_ids()
     batches = plan_batches(len(item_ids), planned_batch(config_to_dict(config)))
     units = Units(out, "batch", len(batches), lambda b: all(item_ids[i] in finished for i in batches[b]), shard.count)
@@ -121,9 +137,6 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     if work and failed == n_todo:
         raise InversionError(f"the inversion loss was not finite for every image, even after {config.nan_retries} retries at "
                              f"lower learning rates; lower --lr or use --precision fp32")
-
-    # 5. The manifest, once every shard's batches are in.
-    return finish_store(out, log=log, strict=shard.whole)
 
 
 def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone: Backbone, images: LabelledImages,
