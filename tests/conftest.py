@@ -68,3 +68,13 @@ def image_tree(tmp_path) -> Path:
 def _few_threads():
     # Two cores on CI: keep torch from oversubscribing when pytest runs.
     torch.set_num_threads(2)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """``diffinv ARGV`` in this process: (exit code, everything printed); a traceback fails the test."""
+    from diffinv.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out + captured.err

@@ -12,20 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffinv.cli import main
 from diffinv.runs import LOCK, read_json, write_safetensors
 
-from conftest import write_image_tree
+from conftest import run_cli as _run, write_image_tree
 
 INVERT = ["--resolution", "16", "--steps", "2", "--batch-size", "4", "--quiet"]
 GENERATE = ["--per-image", "2", "--steps", "2", "--quiet"]
-
-
-def _run(capsys, *argv) -> tuple[int, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    return code, captured.out + captured.err
 
 
 @pytest.fixture

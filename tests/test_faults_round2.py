@@ -13,22 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffinv.cli import main
 from diffinv.data.real import open_images, select
 from diffinv.runs import read_json
 
-from conftest import write_image_tree
+from conftest import run_cli as _run, write_image_tree
 
 INVERT = ["--resolution", "16", "--steps", "2", "--batch-size", "4", "--quiet"]
 GENERATE = ["--per-image", "2", "--steps", "2", "--quiet"]
 TRAIN = ["--arch", "small-cnn", "--steps", "1", "--batch-size", "4", "--resolution", "16", "--quiet"]
-
-
-def _run(capsys, *argv) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    return code, captured.out + captured.err
 
 
 @pytest.fixture

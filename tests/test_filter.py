@@ -3,21 +3,13 @@
 import hashlib
 
 import torch
-from conftest import write_image_tree
+from conftest import run_cli as _run, write_image_tree
 
-from diffinv.cli import main
 from diffinv.data.synthetic import read_manifest
 from diffinv.quality.filtering import keep_mask
 from diffinv.runs import read_json
 
 QUIET = ["--quiet"]
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    return code, captured.out + captured.err
 
 
 def _digest(root):
