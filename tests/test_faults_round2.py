@@ -421,3 +421,15 @@ def test_more_images_per_class_than_the_data_has_says_so_before_training(tmp_pat
     code, text = _run(capsys, "experiment", "--data", "digits", "--per-class", "500", "--seeds", "0", "--out", tmp_path / "s",
                       "--quiet", "--processes", "1", "--invert-steps", "1")
     assert code == 2 and "fewer than --per-class 500" in text and not list((tmp_path / "s").glob("runs/*/train.json"))
+
+
+def test_a_start_killed_before_its_marker_is_started_again_but_foreign_files_are_refused(tmp_path):
+    from diffinv.runs import RunError, prepare_output
+
+    out = tmp_path / "store"
+    (out / "parts").mkdir(parents=True)  # what a stage makes before its marker: its config and empty folders
+    (out / "config.yaml").write_text("steps: 2\n")
+    assert prepare_output(out, "store.json", resume=True, overwrite=False) == "fresh"
+    (out / "parts" / "mine.txt").write_text("work")  # a folder with something in it is not ours to take over
+    with pytest.raises(RunError, match="not a diffinv output"):
+        prepare_output(out, "store.json", resume=True, overwrite=False)

@@ -294,3 +294,51 @@ def test_every_committed_study_is_one_command_and_plans(path, monkeypatch):
     assert plan.trials and {u.kind for u in plan.units.values()} >= {"run"}
     referenced = (repo / "docs" / "studies.md").read_text()
     assert f"configs/studies/{path.name}" in referenced  # every study is listed with its command
+
+
+def test_retrieval_and_filtering_are_settings_of_a_study(tiny_base_model, tmp_path, capsys):
+    from diffinv.data.real import open_images, validation_ids
+    from diffinv.data.synthetic import read_manifest
+    from diffinv.diffusion.store import EmbeddingStore
+
+    study = _write(tmp_path, f"""
+data: digits
+per_class: [2]
+seeds: [0, 1]
+val_per_class: 3
+invert: {{steps: 2, init: random, eval_timesteps: 1}}
+generate: {{per_image: 2, steps: 4, batch_size: 64}}
+train: {{arch: small-cnn, steps: 3, batch_size: 16, real_batch: 8, syn_batch: 8, resolution: 8, eval_every: 3}}
+methods:
+  di: [{{}}, {{filter: {{keep_top: 0.5}}}}]
+  retrieval: [{{space: pixels}}, {{space: encoder, filter: {{min_confidence: [0.05, 0.1]}}}}]
+compare: {{di: retrieval}}
+model: {tiny_base_model}
+processes: 1
+device: cpu
+""")
+    plan = build_plan(load_study(study), tmp_path / "s")
+    filters = [u for u in plan.units.values() if u.kind == "filter"]
+    assert len(filters) == 2 * 3  # per replicate: di's and retrieval's two thresholds
+    for u in filters:  # each judged by its own replicate's real-only classifier, which runs before it
+        judge = next(v for v in plan.units.values() if v.kind == "run" and str(tmp_path / "s" / v.folder) == u.config.judge)
+        assert judge.job == u.job and not judge.config.synthetic
+        units = plan.job_units(u.job)
+        assert units.index(judge) < units.index(u)
+    filtered_trials = [t for t in plan.trials if "filter." in t.label]
+    assert filtered_trials and all(plan.units[t.sets[0]].kind == "filter" for t in filtered_trials)
+
+    assert main(["experiment", str(study), "--out", str(tmp_path / "s"), "--quiet", "--no-report"]) == 0
+    digits = open_images("digits")
+    held = validation_ids(digits, 3)
+    for u in plan.units.values():
+        if u.kind == "set" and u.config.method == "retrieval":
+            subset = set(EmbeddingStore.open(u.config.store).ids)  # the replicate's real images
+            assert len(subset) == 20 and subset.isdisjoint(held)
+            found = {row["pool_id"] for row in read_manifest(tmp_path / "s" / u.folder)}
+            assert found and found.isdisjoint(held | subset)  # never a validation image nor the replicate's own
+        if u.kind == "filter":
+            rows = read_manifest(tmp_path / "s" / u.folder)
+            assert rows and all("judge_score" in row for row in rows)
+    summary = read_json(tmp_path / "s" / "summary.json")
+    assert {r["method"] for r in summary} >= {"real", "di", "retrieval"}

@@ -218,6 +218,13 @@ class GenerateConfig:
     img2img_embedding: str = opt("own", "img2img: the image's own embedding or its class's (needs --class-store)",
                                  choices=("own", "class"))
     class_store: str = opt("", "per-class store (`diffinv invert --target class`) for --img2img-embedding class")
+    pool: tuple[str, ...] = opt((), "retrieval: images to retrieve from (a dataset or an image folder; repeat for several); "
+                                "default: the data the base was pretrained on", action="append")
+    space: str = opt("encoder", "retrieval: where neighbours are nearest: the base's token encoder (its VAE latents without "
+                     "one), --judge's features, or raw pixels", choices=("encoder", "judge", "pixels"))
+    judge: str = opt("", "retrieval --space judge: a `diffinv train` run whose penultimate features are the space")
+    pool_cache: str = opt("", "retrieval: folder caching pool features (default $DIFFINV_CACHE or ~/.cache/diffinv)",
+                          execution_only=True)
     templates: tuple[str, ...] = opt(("a photo of a {}",), "prompt method: a template with {} for the class name; "
                                      "repeat for several", flag="--template", action="append")
     save_size: int | None = opt(None, "resize the saved images to PX x PX (default: the inversion resolution)")
@@ -399,6 +406,7 @@ STUDY_OWNED = {
     "GenerateConfig": ("store", "model", "method", "device"),
     "TrainConfig": ("data", "format", "split", "eval_split", "per_class", "subset_seed", "val_per_class", "val_split",
                     "synthetic", "use", "seed", "device"),
+    "FilterConfig": ("set", "judge", "device"),
 }
 
 

@@ -48,7 +48,9 @@ def run_shard(stage: str, config: Any, out: str | Path, shard: Shard, hook: Call
     if is_dataclass(config) and "device" in {f.name for f in fields(config)}:
         config = replace(config, device=local_device(config.device))
     spec, out = get_stage(stage), Path(out)
-    refuse_inside(out, {name: getattr(config, name, None) for name in spec.path_fields})
+    paths = {name: getattr(config, name, None) for name in spec.path_fields}
+    refuse_inside(out, {f"--{name.replace('_', '-')} {v}" if isinstance(value, tuple) else name: v
+                        for name, value in paths.items() for v in (value if isinstance(value, tuple) else (value,))})
     existed = out.exists()
     with output_lock(out, shared=not shard.whole):
         try:
@@ -167,6 +169,8 @@ def absolute_paths(stage: str, config: Any) -> Any:
         value = getattr(config, name, None)
         if isinstance(value, str) and value and Path(value).exists() and str(Path(value).resolve()) != value:
             changes[name] = str(Path(value).resolve())
+        elif isinstance(value, tuple) and any(isinstance(v, str) and Path(v).exists() for v in value):
+            changes[name] = tuple(str(Path(v).resolve()) if Path(v).exists() else v for v in value)
     return replace(config, **changes) if changes else config
 
 

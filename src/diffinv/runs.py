@@ -152,8 +152,8 @@ def prepare_output(out: str | Path, marker: str, *, resume: bool, overwrite: boo
 
 
 def _started_here(path: Path) -> bool:
-    """What a stage writes before its marker (its config, the lock, hidden temporaries): a start killed early."""
-    return path.name in (LOCK, "config.yaml") or path.name.startswith(".")
+    """What a stage writes before its marker (its config, the lock, hidden temporaries, empty folders): a start killed early."""
+    return path.name in (LOCK, "config.yaml") or path.name.startswith(".") or (path.is_dir() and not any(path.iterdir()))
 
 
 def _check_writable(out: Path) -> None:

@@ -9,7 +9,8 @@ literature - while every block stays torchvision's own code. ``timm:NAME`` build
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -180,3 +181,20 @@ def penultimate(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     finally:
         hook.remove()
     return caught[0], logits
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A classifier saved by ``diffinv train`` (``model.safetensors``) and its metadata (classes, resolution, mean, std)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        raw = f.metadata()
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    meta = {"arch": raw["arch"], "stem": raw["stem"], "classes": json.loads(raw["classes"]),
+            "resolution": int(raw["resolution"]), "mean": torch.tensor(json.loads(raw["mean"])),
+            "std": torch.tensor(json.loads(raw["std"]))}
+    model = build_model(meta["arch"], len(meta["classes"]), meta["resolution"], meta["stem"])
+    model.load_state_dict(weights)
+    return model.to(device).eval(), meta

@@ -40,6 +40,9 @@ def public(row: dict[str, Any]) -> dict[str, Any]:
 def generate_batch(backbone: Backbone, rows: list[dict[str, Any]], source: Conditioning, config: GenerateConfig) -> torch.Tensor:
     """Make the samples of ``rows``: pixels [B, 3, R, R] in [-1, 1] at the store's resolution."""
     method = get_method(config.method)
+    copied = method.pixels(backbone, rows, source)  # retrieval: images found, not sampled
+    if copied is not None:
+        return copied
     keys = torch.tensor([r["_key"] for r in rows], dtype=torch.int64, device=backbone.device)
 
     # 1. Conditioning and the unconditional input of guidance, per sample.

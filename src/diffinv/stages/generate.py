@@ -22,6 +22,7 @@ from diffinv.diffusion.generation import generate_batch, plan_samples, public
 from diffinv.diffusion.methods import get_method
 from diffinv.diffusion.sampling import grey_of, to_uint8
 from diffinv.diffusion.store import EmbeddingStore, StoreError
+from diffinv.errors import UserError
 from diffinv.runs import Units, check_free_space, open_output, read_json, read_yaml, refuse_inside, remove_temporaries, write_yaml
 from diffinv.shards import Shard
 from diffinv.stages import Stage
@@ -37,6 +38,9 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     out = Path(out)
     shard = shard or Shard()
     method = get_method(config.method)
+    if not method.samples and not shard.whole:
+        raise UserError(f"--method {config.method} finds its images in one pass (no sampling to share out); run it "
+                        f"without --shard / --launcher")
 
     # 1. Stores, checked before anything slow happens.
     store = _open_store(config.store, "store")
@@ -72,13 +76,16 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     # 4. The plan and what its conditionings are drawn from.
     rows = plan_samples(config, store, model)
     source = method.load(config, store, backbone, rows, extra)
+    for note in source.extra.get("notes", []):
+        log(note)
     writer = SyntheticWriter(out)
     origin = store_origin(store)
     if not (out / MARKER).is_file():
         write_yaml(out / "config.yaml", config_to_dict(config))
         grey = store_is_grey(store)  # the store's real images are grey: so are the saved variants
         writer.start({"method": config.method, "classes": store.classes, "n_samples": len(rows), "store": str(store.root),
-                      "model": model, "model_fingerprint": fingerprint, "shards": shard.count, "grey": grey, **origin})
+                      "model": model, "model_fingerprint": fingerprint, "shards": shard.count, "grey": grey, **origin,
+                      **source.extra.get("info", {})})
     else:  # a continued set keeps the choice it was started with, so its images never mix
         made_from = writer.info().get("store_identity")
         if made_from and made_from != origin["store_identity"]:
@@ -125,7 +132,7 @@ def _generate_chunks(config: GenerateConfig, out: Path, writer: SyntheticWriter,
     check_free_space(out, sum(len(c) for c in todo) * (3 * save_size**2 + 1024), "the generated images")
     mine = sum(len(c) for b, c in enumerate(chunks) if shard.owns(b))
     bar = tqdm(total=mine, initial=mine - sum(len(c) for c in todo), unit="img", disable=not progress, dynamic_ncols=True,
-               desc=f"generate ({config.method}, {config.sampler} {config.steps} steps)" + ("" if shard.whole else f" shard {shard}"))
+               desc=f"generate ({how(config)})" + ("" if shard.whole else f" shard {shard}"))
     for b, chunk in enumerate(todo):
         # Out of GPU memory, in halves: each sample is keyed, so the images are the same.
         for part, pixels in halving_on_oom(lambda part: generate_batch(backbone, list(part), source, config), chunk,
@@ -207,8 +214,14 @@ def _summary(config: GenerateConfig, out: Path) -> str:
         per_class[r["class"]] = per_class.get(r["class"], 0) + 1
     fallbacks = sum(1 for r in rows if r.get("partner_fallback"))
     note = f"; {fallbacks} partners from another class (class had a single image)" if fallbacks else ""
-    return (f"dataset {out}: {len(rows)} images ({config.method}, {config.sampler} {config.steps} steps, guidance "
-            f"{config.guidance}) in {len(per_class)} classes, {min(per_class.values())}-{max(per_class.values())} per class{note}")
+    return (f"dataset {out}: {len(rows)} images ({how(config)}) in {len(per_class)} classes, {min(per_class.values())}-{max(per_class.values())} per class{note}")
+
+
+def how(config: GenerateConfig) -> str:
+    """How a set's images were made, in a few words."""
+    if not get_method(config.method).samples:
+        return f"{config.method}, {config.space} space"
+    return f"{config.method}, {config.sampler} {config.steps} steps, guidance {config.guidance}"
 
 
 def _run(config: GenerateConfig, out: Path, *, shard: Shard, resume: bool, overwrite: bool, progress: bool,
@@ -217,9 +230,9 @@ def _run(config: GenerateConfig, out: Path, *, shard: Shard, resume: bool, overw
 
 
 STAGE = Stage(name="generate", config=GenerateConfig, marker=MARKER, run=_run, finish=finish_dataset, count_done=_count_done,
-              summary=_summary, unit="img", path_fields=("model", "store", "class_store"), shardable=True,
+              summary=_summary, unit="img", path_fields=("model", "store", "class_store", "pool", "judge", "pool_cache"), shardable=True,
               help="sample a synthetic dataset around the learned conditionings (stage 2)",
               description=("Diffusion Inversion stage 2: c = c_i + s (c_j - c_i) + sigma * eps, guided by the mean embedding; "
-                          "or a rival method (prompt, class-inversion, img2img) through the same sampler."),
+                          "or a rival method (prompt, class-inversion, img2img) through the same sampler, or retrieval of the nearest pool images."),
               outputs=("dataset folder to write: OUT/<class>/<id>.png + manifest.jsonl",
                       "complete an unfinished set (re-running does the same)", "replace an existing generated set"))

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from diffinv.classify.augment import Augmenter
 from diffinv.classify.metrics import channel_stats, evaluate, normalise
-from diffinv.classify.models import build_model, check_arch
+from diffinv.classify.models import build_model, check_arch, load_trained
 from diffinv.classify.pretrained import load_pretrained, param_groups, read_state_dict
 from diffinv.classify.train import TrainingError, eval_steps, load_test_split, load_train_data, lr_at, plan_streams
 from diffinv.config import TrainConfig, config_to_dict
@@ -264,15 +263,7 @@ def load_classifier(run: str | Path, device: str | torch.device = "cpu") -> tupl
     path = Path(run) / "model.safetensors"
     if not path.is_file():
         raise RunError(f"{run} has no model.safetensors; finish the run with `diffinv train ... --resume`")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        raw = f.metadata()
-        weights = {k: f.get_tensor(k) for k in f.keys()}
-    meta = {"arch": raw["arch"], "stem": raw["stem"], "classes": json.loads(raw["classes"]),
-            "resolution": int(raw["resolution"]), "mean": torch.tensor(json.loads(raw["mean"])),
-            "std": torch.tensor(json.loads(raw["std"]))}
-    model = build_model(meta["arch"], len(meta["classes"]), meta["resolution"], meta["stem"])
-    model.load_state_dict(weights)
-    return model.to(device).eval(), meta
+    return load_trained(path, device)
 
 
 def _summary(config: TrainConfig, out: Path) -> str:

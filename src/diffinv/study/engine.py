@@ -41,9 +41,10 @@ def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None
     record(study, plan, out, shard)
     mine = [j for j in range(len(plan.jobs)) if shard.owns(j)]
     todo = [j for j in mine if not all(u.done(out) for u in plan.job_units(j))]
-    counts = {kind: sum(1 for u in plan.units.values() if u.kind == kind) for kind in ("store", "set", "run")}
-    log(f"study {study.name}: {len(plan.jobs)} jobs (size x replicate), {counts['store']} stores, {counts['set']} "
-        f"synthetic sets, {counts['run']} classifier runs; {len(mine) - len(todo)} of {len(mine)} jobs finished"
+    counts = {kind: sum(1 for u in plan.units.values() if u.kind == kind) for kind in ("store", "set", "filter", "run")}
+    filtered = f" ({counts['filter']} of them filtered)" if counts["filter"] else ""
+    log(f"study {study.name}: {len(plan.jobs)} jobs (size x replicate), {counts['store']} stores, {counts['set'] + counts['filter']} "
+        f"synthetic sets{filtered}, {counts['run']} classifier runs; {len(mine) - len(todo)} of {len(mine)} jobs finished"
         + ("" if shard.whole else f" (shard {shard})"))
     workers = min(workers_for(study.processes, study.device), max(1, len(todo)))
     said = out / ".said" / str(os.getpid())  # the notes this invocation printed, shared by its worker processes
@@ -75,6 +76,7 @@ def run_job(units: list[Unit], out: Path, name: str, said: Path | None = None, *
 
     ``said``: a folder shared by the jobs of one invocation, so a note every unit makes is printed once.
     """
+    from diffinv.stages.filter import filter_set
     from diffinv.stages.generate import generate_dataset
     from diffinv.stages.invert import invert_dataset
     from diffinv.stages.train import train_classifier
@@ -89,6 +91,8 @@ def run_job(units: list[Unit], out: Path, name: str, said: Path | None = None, *
             invert_dataset(unit.config, folder, resume=True, progress=progress, log=stage_log)
         elif unit.kind == "set":
             generate_dataset(unit.config, folder, progress=progress, log=stage_log)
+        elif unit.kind == "filter":
+            filter_set(unit.config, folder, resume=True, log=stage_log)
         else:
             train_classifier(unit.config, folder, resume=True, progress=progress, log=stage_log, test=False)
         if hook is not None:

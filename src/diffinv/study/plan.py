@@ -18,13 +18,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from diffinv.config import GenerateConfig, InvertConfig, StudyConfig, TrainConfig, config_to_dict, load_config, result_fields
+from diffinv.config import FilterConfig, GenerateConfig, InvertConfig, StudyConfig, TrainConfig, config_to_dict, load_config, result_fields
 from diffinv.runs import RunError, read_json
 from diffinv.study.spec import REAL, Candidate, candidates
 
 ASSETS = Path(__file__).parent.parent / "assets"
 EMBEDDED_BASE = ASSETS / "digits-base"
-KINDS = {"store": ("store.json", "stores"), "set": ("generate.json", "sets"), "run": ("train.json", "runs")}
+KINDS = {"store": ("store.json", "stores"), "set": ("generate.json", "sets"), "filter": ("generate.json", "sets"),
+         "run": ("train.json", "runs")}
 
 
 def embedded_base() -> Path:
@@ -37,7 +38,7 @@ def embedded_base() -> Path:
 
 @dataclass(frozen=True)
 class Unit:
-    kind: str  # store | set | run
+    kind: str  # store | set | filter (a filtered set) | run
     key: str
     folder: str  # relative to the study folder
     config: Any  # the InvertConfig / GenerateConfig / TrainConfig it runs
@@ -73,9 +74,8 @@ class Plan:
     trials: list[Trial] = field(default_factory=list)
 
     def job_units(self, job: int) -> list[Unit]:
-        """A job's units in the order they can run: stores, the sets made from them, the runs that read those."""
-        order = list(KINDS)
-        return sorted((u for u in self.units.values() if u.job == job), key=lambda u: order.index(u.kind))
+        """A job's units in the order they can run (the order they were added: each after the units it reads)."""
+        return [u for u in self.units.values() if u.job == job]
 
     def runs(self) -> list[Unit]:
         return [u for u in self.units.values() if u.kind == "run"]
@@ -109,7 +109,15 @@ def build_plan(study: StudyConfig, out: str | Path) -> Plan:
                 if cand.method is not None:
                     store = _add(plan, "store", f"k{k}-r{r}", _invert_config(where, cand, k, r), job, where.written)
                     gen = _generate_config(where, cand, out / store.folder)
-                    sets = (_add(plan, "set", f"{cand.method}-k{k}-r{r}", gen, job, {**where.written, "store": store.key}).key,)
+                    made = _add(plan, "set", f"{cand.method}-k{k}-r{r}", gen, job, {**where.written, "store": store.key})
+                    if cand.filter is not None:  # judged by the replicate's first real-only classifier
+                        judge = _add(plan, "run", f"real-k{k}-r{r}-c0", _train_config(where, found[REAL][0], k, r, 0, []), job,
+                                     {**where.written, "synthetic": []})
+                        rule = load_config(FilterConfig, None, {**cand.filter, "set": str(out / made.folder),
+                                                                "judge": str(out / judge.folder), "device": study.device})
+                        made = _add(plan, "filter", f"{cand.method}-k{k}-r{r}-filtered", rule, job,
+                                    {"set": made.key, "judge": judge.key})
+                    sets = (made.key,)
                 for c in range(study.repeats):
                     config = _train_config(where, cand, k, r, c, [out / plan.units[s].folder for s in sets])
                     prefix = "real" if cand.method is None else cand.method
@@ -198,7 +206,7 @@ def unit_key(kind: str, config: Any, written: dict[str, Any]) -> str:
 
     A field added to a stage later (with its default) leaves every key as it was.
     """
-    defaults = config_to_dict(type(config)())
+    defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(config)}
     values = {k: v for k, v in config_to_dict(config).items() if k in result_fields(config) and v != defaults[k]}
     values.update({k: v for k, v in written.items() if k in {f.name for f in fields(config)}})
     text = json.dumps({"kind": kind, **values}, sort_keys=True, default=str)

@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from diffinv.config import STUDY_OWNED, ConfigError, GenerateConfig, InvertConfig, StudyConfig, TrainConfig, load_config
+from diffinv.config import STUDY_OWNED, ConfigError, FilterConfig, GenerateConfig, InvertConfig, StudyConfig, TrainConfig, load_config
 from diffinv.runs import read_yaml
 
 REAL = "real"  # the baseline's name: real images only
@@ -56,6 +56,7 @@ class Candidate:
     invert: dict[str, Any]
     generate: dict[str, Any]
     train: dict[str, Any]
+    filter: dict[str, Any] | None = None  # FilterConfig rule of the set (judged by the replicate's real-only run); None: unfiltered
 
 
 def load_study(path: str | Path | None, flags: dict[str, Any] | None = None) -> StudyConfig:
@@ -128,6 +129,7 @@ def candidates(study: StudyConfig) -> dict[str, list[Candidate]]:
             method = None if arm == REAL else str(mapping.pop("method", arm))
             if method is not None:
                 get_method(method)  # a clear error naming the registered methods
+            rule = mapping.pop("filter", None)
             blocks = {"invert": mapping.pop("invert", None) or {}, "train": mapping.pop("train", None) or {},
                       "generate": mapping}
             if method is None:
@@ -136,15 +138,17 @@ def candidates(study: StudyConfig) -> dict[str, list[Candidate]]:
             merged = {b: {**((getattr(study, b) or {}) if method is not None or b == "train" else {}), **blocks[b]}
                       for b in BLOCKS}
             grids = {b: _grid(merged[b], BLOCKS[b], f"{arm}: {b}") for b in BLOCKS}
-            for (inv, inv_var), (gen, gen_var), (trn, trn_var) in itertools.product(grids["invert"], grids["generate"],
-                                                                                       grids["train"]):
+            rules = _grid(rule, FilterConfig, f"{arm}: filter") if rule else [(None, [])]
+            for (inv, inv_var), (gen, gen_var), (trn, trn_var), (flt, _) in itertools.product(
+                    grids["invert"], grids["generate"], grids["train"], rules):
                 shown = {**{f"invert.{k}": inv[k] for k in dict.fromkeys(label_of["invert"] + inv_var)},
                          **{k: gen[k] for k in dict.fromkeys(label_of["generate"] + gen_var)},
-                         **{f"train.{k}": trn[k] for k in dict.fromkeys(label_of["train"] + trn_var)}}
+                         **{f"train.{k}": trn[k] for k in dict.fromkeys(label_of["train"] + trn_var)},
+                         **{f"filter.{k}": v for k, v in (flt or {}).items()}}
                 label = ", ".join(f"{k}={_text(v)}" for k, v in shown.items()) or "as given"
                 if any(c.label == label for c in found):
                     continue
-                found.append(Candidate(arm, method, label, inv, gen, trn))
+                found.append(Candidate(arm, method, label, inv, gen, trn, flt))
         out[arm] = found
     return out
 
@@ -157,12 +161,18 @@ def check_study(study: StudyConfig) -> None:
         for mapping in mappings:
             for block, cls in BLOCKS.items():
                 if block == "generate":
-                    values = {k: v for k, v in mapping.items() if k not in ("invert", "train", "method")}
+                    values = {k: v for k, v in mapping.items() if k not in ("invert", "train", "method", "filter")}
                 else:
                     values = mapping.get(block) or {}
                     if not isinstance(values, dict):
                         raise ConfigError(f"method {arm}: {block}: must be a mapping of {cls.__name__} fields")
                 _check_block(values, cls, f"method {arm}" + ("" if block == "generate" else f" {block}:"))
+            rule = mapping.get("filter")
+            if rule is not None:
+                if arm == REAL or not isinstance(rule, dict):
+                    raise ConfigError(f"method {arm}: filter: must be a mapping of FilterConfig fields (min_confidence or "
+                                      f"keep_top) of a generating method")
+                _check_block(rule, FilterConfig, f"method {arm} filter:")
     for cands in candidates(study).values():
         for cand in cands:
             _check_candidate(cand)
@@ -179,6 +189,8 @@ def _check_candidate(cand: Candidate) -> None:
         load_config(TrainConfig, None, {**cand.train, "synthetic": ("set",) if cand.method else ()})
         if cand.method is not None:
             get_method(cand.method).check_settings(load_config(GenerateConfig, None, {**cand.generate, "method": cand.method}))
+        if cand.filter is not None:
+            load_config(FilterConfig, None, {**cand.filter, "set": "set", "judge": "judge"})
     except UserError as exc:
         raise ConfigError(f"method {cand.arm} ({cand.label}): {exc}") from exc
 

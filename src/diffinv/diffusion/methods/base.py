@@ -9,16 +9,19 @@ comparable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffinv import rng
 from diffinv.config import GenerateConfig
+from diffinv.data.real import DataError, LabelledImages, open_images
 from diffinv.data.synthetic import slug
 from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.perturb import paper_partners, perturb, pick_partners
 from diffinv.diffusion.store import EmbeddingStore, StoreError
+from diffinv.runs import read_yaml
 
 Row = dict[str, Any]
 
@@ -45,6 +48,7 @@ class Method:
     store_target = "image"  # the store it reads: one row per "image" or per "class"
     text_encoder = False  # needs the model's tokenizer and text encoder
     uses_embeddings = True  # samples from the store's embeddings, so the store must be of the model used
+    samples = True  # runs the sampler (retrieval finds its images instead)
 
     def check(self, config: GenerateConfig, store: EmbeddingStore) -> None:
         """Refuse, with a message that says what to do, a store or settings this method cannot use."""
@@ -94,6 +98,10 @@ class Method:
 
     def start(self, backbone: Backbone, rows: list[Row], src: Conditioning) -> torch.Tensor | None:
         """Clean latents [B, C, h, w] that sampling starts from part-way (img2img); None: pure noise."""
+        return None
+
+    def pixels(self, backbone: Backbone, rows: list[Row], src: Conditioning) -> torch.Tensor | None:
+        """Images [B, 3, R, R] in [-1, 1] that are not sampled at all (retrieval copies them); None: sample."""
         return None
 
 
@@ -176,3 +184,19 @@ def uncond_for(rows: list[Row], src: Conditioning) -> torch.Tensor:
     if src.uncond.dim() == 3:
         return src.uncond[torch.tensor([r["label"] for r in rows])]
     return src.uncond.expand(len(rows), -1, -1)
+
+
+def real_images(store: EmbeddingStore, rows: list[Row]) -> LabelledImages:
+    """The real images a store was inverted from, reopened from its config; sets each row's ``_real`` index."""
+    data = read_yaml(Path(store.root) / "config.yaml")
+    try:
+        real = open_images(data["data"], data.get("format", "auto"), data.get("split", "train"))
+    except DataError as exc:
+        raise DataError(f"the method re-reads the store's real images from {data['data']}: {exc}") from exc
+    index = {image_id: i for i, image_id in enumerate(real.ids)}
+    missing = sorted({r["source"] for r in rows} - set(index))
+    if missing:
+        raise DataError(f"the method needs the store's real images, but {len(missing)} are no longer in {data['data']}, e.g. {missing[:3]}")
+    for r in rows:
+        r["_real"] = index[r["source"]]
+    return real

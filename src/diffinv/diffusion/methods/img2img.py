@@ -7,18 +7,16 @@ With ``--img2img-embedding class`` it is denoised with its class's embedding ins
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from diffinv.config import GenerateConfig
-from diffinv.data.real import DataError, LabelledImages, load_pixels, open_images
+from diffinv.data.real import load_pixels
 from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.methods.base import Conditioning, Method, Row, add_partners, per_image_rows, perturbed, uncond_for
+from diffinv.diffusion.methods.base import Conditioning, Method, Row, add_partners, per_image_rows, perturbed, real_images, uncond_for
 from diffinv.diffusion.sampling import img2img_steps
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.errors import UserError
-from diffinv.runs import read_yaml
 
 
 class Img2Img(Method):
@@ -81,22 +79,6 @@ class Img2Img(Method):
     def start(self, backbone: Backbone, rows: list[Row], src: Conditioning) -> torch.Tensor:
         real = src.extra["real"].subset([r["_real"] for r in rows])
         return backbone.encode(load_pixels(real, src.resolution)).mean
-
-
-def real_images(store: EmbeddingStore, rows: list[Row]) -> LabelledImages:
-    """The real images a store was inverted from, reopened from its config; sets each row's ``_real`` index."""
-    data = read_yaml(Path(store.root) / "config.yaml")
-    try:
-        real = open_images(data["data"], data.get("format", "auto"), data.get("split", "train"))
-    except DataError as exc:
-        raise DataError(f"img2img re-reads the store's real images from {data['data']}: {exc}") from exc
-    index = {image_id: i for i, image_id in enumerate(real.ids)}
-    missing = sorted({r["source"] for r in rows} - set(index))
-    if missing:
-        raise DataError(f"img2img needs the store's real images, but {len(missing)} are no longer in {data['data']}, e.g. {missing[:3]}")
-    for r in rows:
-        r["_real"] = index[r["source"]]
-    return real
 
 
 METHOD = Img2Img()
