@@ -28,7 +28,7 @@ from diffinv.device import resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import Backbone, load_backbone
 from diffinv.diffusion.generation import Conditioning, generate_batch, plan_samples
 from diffinv.diffusion.methods import get_method
-from diffinv.diffusion.sampling import to_uint8
+from diffinv.diffusion.sampling import pixels_to_uint8
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.diffusion.tiny import save_tiny_model
 from diffinv.stages.invert import invert_dataset
@@ -113,7 +113,7 @@ def main() -> None:
         paper_sampler(backbone, cond[:2], uncond[:2], noise[:2], steps=2)  # warm-up
         paper, t_paper = _timed(lambda: torch.cat([paper_sampler(backbone, cond[i:i + b], uncond[i:i + b], noise[i:i + b], args.paper_steps)
                                                    for i in range(0, len(rows), b)]), device)
-        paper_u8 = to_uint8(paper, None).float()
+        paper_u8 = pixels_to_uint8(paper, None).float()
 
         # diffinv's batches (conditioning, sampling, decode) in its working precision.
         dtype = resolve_dtype(args.precision, device)
@@ -125,7 +125,7 @@ def main() -> None:
             generate_batch(backbone, rows[:2], source, config)  # warm-up
             ours, t_ours = _timed(lambda: torch.cat([generate_batch(backbone, rows[i:i + b], source, config)
                                                      for i in range(0, len(rows), b)]), device)
-            rmse = (to_uint8(ours, None).float() - paper_u8).pow(2).mean().sqrt().item()
+            rmse = (pixels_to_uint8(ours, None).float() - paper_u8).pow(2).mean().sqrt().item()
             results.append({"sampler": sampler, "steps": int(steps), "images_per_s": round(len(rows) / t_ours, 3),
                             "speedup": round(t_paper / t_ours, 2), "rmse_vs_paper_8bit": round(rmse, 2)})
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffinv.classify.metrics import confusion_matrix, summarise
+from diffinv.classify.metrics import confusion_matrix, metrics_of
 from diffinv.config import ConfigError
 from diffinv.data.real import open_images, select, validation_ids
 from diffinv.report.stats import headline_metric, paired_gain, t_interval
-from diffinv.report.summary import summarise as summarise_study
+from diffinv.report.summary import summarise_study
 from diffinv.study.plan import build_plan
 from diffinv.study.spec import load_study
 
@@ -116,7 +116,7 @@ def test_a_constant_predictor_is_flagged_and_never_a_gain():
     # Two classes, 27% / 73% like the medical set of the issue: predicting the majority scores 73% top-1.
     labels = torch.tensor([0] * 27 + [1] * 73)
     preds = torch.ones(100, dtype=torch.long)
-    m = summarise(confusion_matrix(preds, labels, 2), 0.0, torch.stack([torch.zeros(100), torch.ones(100)], 1), labels)
+    m = metrics_of(confusion_matrix(preds, labels, 2), 0.0, torch.stack([torch.zeros(100), torch.ones(100)], 1), labels)
     assert m["top1"] == pytest.approx(0.73) and m["balanced_accuracy"] == pytest.approx(0.5) and m["degenerate"]
     assert m["auc"] == pytest.approx(0.5) and m["macro_f1"] < 0.5
     assert headline_metric([27, 73]) == "balanced_accuracy" and headline_metric([50, 55]) == "top1"

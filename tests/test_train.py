@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffinv.classify.augment import Augmenter
-from diffinv.classify.metrics import confusion_matrix, evaluate, summarise
+from diffinv.classify.metrics import confusion_matrix, evaluate, metrics_of
 from diffinv.classify.models import ARCHS, build_model, penultimate
 from diffinv.classify.train import Stream, eval_steps, lr_at
 from diffinv.cli import main
@@ -151,7 +151,7 @@ def test_confusion_and_per_class_accuracy_match_sklearn():
     labels, preds = rs.randint(0, 4, 50), rs.randint(0, 4, 50)
     ours = confusion_matrix(torch.from_numpy(preds), torch.from_numpy(labels), 5)
     np.testing.assert_array_equal(ours.numpy()[:4, :4], sk_confusion(labels, preds, labels=[0, 1, 2, 3]))
-    s = summarise(ours, 0.0)
+    s = metrics_of(ours, 0.0)
     assert s["top1"] == pytest.approx((labels == preds).mean())
     assert s["per_class"][4] is None  # class 4 absent: no accuracy rather than a fake 0
 

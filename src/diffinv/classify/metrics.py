@@ -17,7 +17,7 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 DEGENERATE_SHARE = 0.95  # a classifier that puts this share of its predictions in one class has not learnt the task
 
 
-def summarise(confusion: torch.Tensor, loss: float, probs: torch.Tensor | None = None,
+def metrics_of(confusion: torch.Tensor, loss: float, probs: torch.Tensor | None = None,
               labels: torch.Tensor | None = None) -> dict[str, Any]:
     """Accuracy metrics of a confusion matrix [C, C] (rows true, columns predicted), and AUC from ``probs``.
 
@@ -106,7 +106,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
              num_classes: int, batch_size: int = 500, autocast: torch.dtype | None = None,
              channels_last: bool = False) -> dict[str, Any]:
-    """:func:`summarise` of ``model`` on uint8 ``images`` [N, 3, S, S], ``labels`` [N] (loss, accuracies, AUC, confusion).
+    """:func:`metrics_of` of ``model`` on uint8 ``images`` [N, 3, S, S], ``labels`` [N] (loss, accuracies, AUC, confusion).
 
     ``images`` may live on the CPU; batches are moved to the model's device.
     """
@@ -128,4 +128,4 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean:
         confusion += confusion_matrix(logits.argmax(1).cpu(), y.cpu(), num_classes)
         probs.append(logits.softmax(1).cpu())
     model.train(was_training)
-    return summarise(confusion, loss_sum / max(images.shape[0], 1), torch.cat(probs) if probs else None, labels.cpu())
+    return metrics_of(confusion, loss_sum / max(images.shape[0], 1), torch.cat(probs) if probs else None, labels.cpu())

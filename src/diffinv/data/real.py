@@ -159,7 +159,7 @@ def _oriented(path: Path) -> Image.Image:
     return ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
 
 
-def to_uint8(img: Image.Image, resolution: int) -> torch.Tensor:
+def image_to_uint8(img: Image.Image, resolution: int) -> torch.Tensor:
     """RGB image -> uint8 tensor [3, R, R]: centre square crop, bicubic resize."""
     w, h = img.size
     if w != h:
@@ -169,11 +169,6 @@ def to_uint8(img: Image.Image, resolution: int) -> torch.Tensor:
     if img.size != (resolution, resolution):
         img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """RGB image -> float tensor [3, R, R] in [-1, 1]: centre square crop, bicubic resize."""
-    return to_uint8(img, resolution).float().div(127.5).sub(1.0)
 
 
 def load_pixels(images: LabelledImages, resolution: int) -> torch.Tensor:
@@ -190,7 +185,7 @@ def load_uint8(images: LabelledImages, resolution: int, progress: bool = False, 
 
         indices = tqdm(indices, desc=desc, unit="img", leave=False)
     for i in indices:
-        out[i] = to_uint8(images.image(i), resolution)
+        out[i] = image_to_uint8(images.image(i), resolution)
     return out
 
 

@@ -96,7 +96,7 @@ def grey_of(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
 
 
-def to_uint8(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
+def pixels_to_uint8(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
     """pixels [B, 3, H, W] in [-1, 1] -> uint8 [B, H', W', 3] on the CPU, resized to ``size`` (bicubic, antialiased)."""
     if size is not None and size != pixels.shape[-1]:
         pixels = F.interpolate(pixels.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)

@@ -44,7 +44,7 @@ def per_replicate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def summarise(rows: list[dict[str, Any]], compare: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+def summarise_study(rows: list[dict[str, Any]], compare: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """Per (dataset, method, K): mean and std over replicates of each metric, degenerate runs, the gain of
     each method with synthetic data over real only at the same K, and head-to-head rows (``compare``)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}

@@ -20,7 +20,7 @@ from diffinv.device import halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.generation import generate_batch, plan_samples, public
 from diffinv.diffusion.methods import get_method
-from diffinv.diffusion.sampling import grey_of, to_uint8
+from diffinv.diffusion.sampling import grey_of, pixels_to_uint8
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.errors import UserError
 from diffinv.runs import Units, check_free_space, open_output, read_json, read_yaml, refuse_inside, remove_temporaries, write_yaml
@@ -137,7 +137,7 @@ def _generate_chunks(config: GenerateConfig, out: Path, writer: SyntheticWriter,
         # Out of GPU memory, in halves: each sample is keyed, so the images are the same.
         for part, pixels in halving_on_oom(lambda part: generate_batch(backbone, list(part), source, config), chunk,
                                            what="generating", log=log, device=backbone.device):
-            for row, image in zip(part, to_uint8(grey_of(pixels) if grey else pixels, save_size)):
+            for row, image in zip(part, pixels_to_uint8(grey_of(pixels) if grey else pixels, save_size)):
                 if not writer.exists(row):
                     writer.write_image(row, image)
         bar.update(len(chunk))

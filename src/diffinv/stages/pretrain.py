@@ -191,7 +191,7 @@ def _preview(backbone: Backbone, encoder: TokenEncoder, pixels: torch.Tensor, co
     """Three rows of ``n``: real training images, their reconstructions from the encoder's tokens, unconditional samples."""
     from PIL import Image
 
-    from diffinv.diffusion.sampling import sample_latents, to_uint8
+    from diffinv.diffusion.sampling import sample_latents, pixels_to_uint8
     from diffinv.runs import atomic_write
 
     n = min(n, len(pixels))
@@ -201,7 +201,7 @@ def _preview(backbone: Backbone, encoder: TokenEncoder, pixels: torch.Tensor, co
     cond = encoder(real)
     recon = sample_latents(backbone, cond, None, noise, sampler="ddim", steps=25, guidance=1.0)
     uncond = sample_latents(backbone, torch.zeros_like(cond), None, noise, sampler="ddim", steps=25, guidance=1.0)
-    rows = [to_uint8(x.expand(-1, 3, -1, -1), None) for x in (real, recon.clamp(-1, 1), uncond.clamp(-1, 1))]  # each [n, R, R, 3]
+    rows = [pixels_to_uint8(x.expand(-1, 3, -1, -1), None) for x in (real, recon.clamp(-1, 1), uncond.clamp(-1, 1))]  # each [n, R, R, 3]
     grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).numpy()
     scale = max(1, 64 // config.resolution)
     img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)

@@ -116,7 +116,7 @@ def once(said: Path, log: Log) -> Log:
 
 def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool: Any = None) -> Path:
     """Steps 2-5, from the finished runs: the choice reads validation only; the test is read after it."""
-    from diffinv.report.summary import summarise
+    from diffinv.report.summary import summarise_study
     from diffinv.report.table import chosen_text, result_table, verdict_lines
 
     selection = select_candidates(plan, out, log)
@@ -125,7 +125,7 @@ def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool:
     test_runs([plan.units[t.run] for t in kept], out, log, pool)
     rows = [result_row(study, plan, t, out) for t in kept]
     write_table(out / "results", rows)
-    summary = summarise(rows, compare_pairs(study))
+    summary = summarise_study(rows, compare_pairs(study))
     write_table(out / "summary", summary)
     write_json(out / "quality.json", study_quality(study, plan, selection, out, log))
     chosen = chosen_text(selection)
