@@ -73,10 +73,7 @@ class InvertConfig:
                                  "a pixel model's own size; for latent models 128 px for images up to 32 px, 256 up to 96, "
                                  "capped at the model's size)")
     tokens: int = opt(5, "conditioning tokens K per image")
-    # 300 steps at a peak lr of 0.3 with warm-up, cosine decay, importance-sampled timesteps and
-    # antithetic pairs: on both same-view digits bases (bases/digits-8-ae, bases/digits-8-same) at or
-    # below the paper recipe's loss after 3,000 (lr 3e-2 constant); on the lossy bases at its
-    # ~1,350-2,000-step losses (benchmarks/invert_cost.py; README, "Inversion cost").
+    # A tenth of the paper's 3,000 steps reaches its loss with this schedule (docs/performance.md, "Inversion cost").
     steps: int = opt(300, "gradients per image (--update group: each is group-size/group-batch optimiser updates; "
                           "0 with --init encoder|text|class keeps the start: the no-inversion ablation)")
     lr: float = opt(0.3, "AdamW peak learning rate")
@@ -89,7 +86,7 @@ class InvertConfig:
                     "--init-template (text-to-image models), or from its class's row of --init-store",
                     choices=("random", "uniform", "encoder", "text", "class"))
     init_template: str = opt("a photo of a {}", "--init text: the prompt, {} is the class name; its last K tokens are the start")
-    # A short class-level inversion shared by the class (issue 19): `invert --target class` first, then
+    # A short class-level inversion shared by the class: `invert --target class` first, then
     # every image of a class starts from that class's conditioning.
     init_store: str = opt("", "--init class: a store made by `diffinv invert --target class` on the same model and classes")
     # "own": every image gets a gradient and an AdamW update at every step (batch-invariant).
@@ -104,14 +101,12 @@ class InvertConfig:
     lr_schedule: str = opt("cosine", "learning rate over an image's steps: cosine to 0, or constant (the paper)",
                            choices=("constant", "cosine"))
     warmup: int = opt(10, "steps of linear learning-rate warm-up (at most a tenth of the steps)")
-    # Importance sampling lowered the loss at 300 steps on every base measured (e.g. autoencoder digits
-    # 0.00398 -> 0.00372, PneumoniaMNIST 0.01149 -> 0.01123, CIFAR-10 0.0309 -> 0.0302; README, "Inversion cost").
+    # Importance sampling lowers the loss at a fixed step count (docs/performance.md, "Inversion cost").
     timesteps: str = opt("importance", "an image's training timesteps: stratified along its steps, i.i.d. uniform (the paper), "
                          "or importance: after one pilot draw per tenth of the schedule, drawn where its gradients are "
                          "largest and reweighted (same expected loss, less gradient noise)",
                          choices=("uniform", "stratified", "importance"))
-    # Antithetic pairs lowered the loss at 300 steps on all three bases (autoencoder digits 0.00450 -> 0.00398,
-    # invariant (embedded) digits 0.0563 -> 0.0540, PneumoniaMNIST 0.01181 -> 0.01149; README, "Inversion cost").
+    # Antithetic pairs cancel part of the noise draw's variance (docs/performance.md, "Inversion cost").
     draws: str = opt("antithetic", "an image's training noise: antithetic pairs (step 2k+1 reuses step 2k's timestep and "
                      "latent draw, noise negated) or independent draws (the paper)", choices=("independent", "antithetic"))
     # Per-image early stopping: an image whose evaluation loss (fixed draws) has not fallen by this fraction
@@ -201,8 +196,7 @@ class GenerateConfig:
     guidance: float = opt(2.0, "classifier-free guidance scale (1 = none)")
     uncond: str = opt("mean", "guidance's unconditional input: mean embedding of the store or of the sample's class",
                       choices=("mean", "class-mean"))
-    # Chosen by downstream accuracy on validation (configs/studies/digits-k5-sampler.yaml): DPM-Solver++ at 10
-    # steps scored best of ddim 10/25, euler 25 and the paper's PNDM 100, with a tenth of its UNet calls.
+    # Chosen by downstream accuracy on validation (configs/studies/digits-k5-sampler.yaml; docs/performance.md).
     sampler: str = opt("dpm++2m", "dpm++2m (DPM-Solver++ 2M), ddim (deterministic, eta 0), euler or pndm (the paper's)",
                        choices=tuple(SAMPLERS))
     steps: int = opt(10, "sampling steps (one batched UNet call each, guidance included)")
@@ -210,9 +204,8 @@ class GenerateConfig:
     # Pixel-space models: clip every step's predicted clean image to [-1, 1] (DDPM's clip_sample).
     # It keeps a small base's diverging trajectories in range; wrong for latents, so refused there.
     clip_x0: bool = opt(False, "pixel models, ddim/dpm++2m: clip every step's predicted clean image to [-1, 1]")
-    # Rescale each sample's starting noise to RMS 1, its expected size. At 16 px (768 values) the
-    # RMS of a draw varies by +-2.6%, and a small pixel base amplifies the excess ~12x on its first
-    # step into a diverging sample; SD's 16,384 latent values vary 5x less, so it changes little there.
+    # Rescale each sample's starting noise to RMS 1: small pixel bases amplify a draw's excess size into
+    # a diverging sample (bases/README.md); SD's larger latents vary less, so it changes little there.
     unit_noise: bool = opt(False, "rescale each sample's starting noise to RMS 1 (steadies small pixel bases)")
     strength: float = opt(0.5, "img2img: fraction of the schedule each real image is noised to")
     img2img_embedding: str = opt("own", "img2img: the image's own embedding or its class's (needs --class-store)",
@@ -310,7 +303,7 @@ class TrainConfig:
         _check(self.backbone_lr >= 0 and self.probe_steps >= 0, "backbone-lr and probe-steps must be >= 0")
         _check(bool(self.pretrained) or (self.backbone_lr == 1.0 and self.probe_steps == 0),
                "--backbone-lr and --probe-steps fine-tune pretrained layers: give --pretrained PATH")
-        # 0 used to mean "use --epochs": refused now, since `--steps 0` then trained for 30 epochs without a word.
+        # Refused rather than read as "use --epochs", which would train for 30 epochs without a word.
         _check(self.steps is None or self.steps >= 1, f"steps must be >= 1 (leave it out to train for --epochs); got {self.steps}")
         _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1")
         _check(self.split != self.eval_split, f"the evaluation split cannot be the training split ({self.split!r})")
@@ -345,9 +338,8 @@ class PretrainConfig:
     cross_attention_dim: int = opt(64, "width D of a conditioning token")
     tokens: int = opt(5, "conditioning tokens K")
     prediction_type: str = opt("epsilon", "what the UNet predicts", choices=("epsilon", "v_prediction"))
-    # Noise schedule: scaled_linear is Stable Diffusion's (betas 0.00085-0.012, sqrt(alpha_bar_T) =
-    # 0.068), linear is DDPM's pixel-space one (1e-4-0.02, 0.006). On the 1,400-step PneumoniaMNIST
-    # base, linear did not cure the diverging samples (bases/README.md), so SD's stays the default.
+    # scaled_linear is Stable Diffusion's schedule, linear DDPM's pixel-space one; linear did not cure
+    # the small bases' diverging samples (bases/README.md), so SD's stays the default.
     beta_schedule: str = opt("scaled_linear", "noise schedule: scaled_linear (Stable Diffusion's) or linear (DDPM's, "
                              "near-pure noise at t = T; see bases/README.md for how it compared)", choices=tuple(BETA_SCHEDULES))
     steps: int = opt(4000, "optimiser steps")
