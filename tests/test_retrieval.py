@@ -95,7 +95,11 @@ def test_retrieval_spaces_and_the_base_pool(tiny_pixel, tmp_path, capsys):
         assert code == 0, text
         info = read_json(tmp_path / f"set-{space}" / "generate.json")["retrieval"]
         assert info["pools"] == [str(pool)] and info["space"] == space and 0 <= info["label_precision"] <= 1
-        found[space] = [r["pool_id"] for r in read_manifest(tmp_path / f"set-{space}")]
+        rows = read_manifest(tmp_path / f"set-{space}")
+        found[space] = [r["pool_id"] for r in rows]
+        # Label precision: the share of retrieved images whose own (pool) class is the query's.
+        assert info["label_precision"] == round(sum(r["pool_class"] == r["class"] for r in rows) / len(rows), 4)
+        assert {r["pool_class"] for r in rows} <= {"cat", "dog"}
     assert len({tuple(v) for v in found.values()}) > 1  # the spaces rank the pool differently
 
     code, text = _run(capsys, "generate", "--store", tmp_path / "s", "--method", "retrieval", "--space", "judge",

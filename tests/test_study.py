@@ -342,3 +342,7 @@ device: cpu
             assert rows and all("judge_score" in row for row in rows)
     summary = read_json(tmp_path / "s" / "summary.json")
     assert {r["method"] for r in summary} >= {"real", "di", "retrieval"}
+    quality = read_json(tmp_path / "s" / "quality.json")
+    retrieved = [q for q in quality.values() if q["method"] == "retrieval"]
+    assert retrieved and all(0 <= q["label_precision"] <= 1 for q in retrieved)  # the pool (digits) is labelled
+    assert all("label_precision" not in q for q in quality.values() if q["method"] == "di")

@@ -277,6 +277,10 @@ def _quality_table(quality: dict[str, Any]) -> str:
         lines.append(f"| {key} | {100 * q['label_fidelity']:.1f}% | {div} | {q['nn_distance_syn_to_real']:.4f} | "
                      f"{q['nn_distance_real_to_real']:.4f} | {q['near_copies']}/{q['n_synthetic']} | {q['fd_judge']:.2f} | {fid} |")
     notes = sorted({q["fid_note"] for q in quality.values()})
+    precision = [f"{key} {100 * q['label_precision']:.1f}%" for key, q in quality.items() if q.get("label_precision") is not None]
+    if precision:  # retrieval from a labelled pool: shown, never used to choose
+        notes.append("Retrieval label precision (the share of retrieved images whose own pool label is their query's; "
+                     "for the report only, never used to choose): " + ", ".join(precision))
     return ("Label fidelity: accuracy of the real-only judge on the synthetic images. Distances are RMS on [0, 1] pixels. "
             "FD (judge): Fréchet distance to the real test set in the judge's feature space.\n\n" + "\n".join(lines)
             + "\n\n" + "\n".join(f"- {n}" for n in notes))

@@ -334,6 +334,7 @@ def study_quality(study: StudyConfig, plan: Plan, selection: dict[str, Any], out
                               torch.from_numpy(real_set.labels), test if kept else None, study.quality.get("inception_weights")
                               if study.quality else None)
         notes.add(q["fid_note"])
+        q.update(label_precision_of_sets(out, [plan.units[s].folder for s in t.sets]))
         name = f"{t.arm}/k{t.per_class}/r{t.replicate}" if kept else f"{t.arm} [{t.label}]/k{t.per_class}/r{t.replicate}"
         report[name] = {"dataset": study.name, "method": t.arm, "setting": t.label, "kept": kept, "per_class": t.per_class,
                         "replicate": t.replicate, "judge": plan.units[judge.run].folder,
@@ -345,6 +346,14 @@ def study_quality(study: StudyConfig, plan: Plan, selection: dict[str, Any], out
     for note in sorted(notes):
         log(note)
     return report
+
+
+def label_precision_of_sets(out: Path, folders: list[str]) -> dict[str, float]:
+    """Retrieval sets from a labelled pool: the share of their images whose pool label is the one they were given."""
+    from diffinv.data.synthetic import read_manifest
+
+    rows = [r for folder in folders for r in read_manifest(out / folder) if r.get("pool_class") is not None]
+    return {"label_precision": sum(r["pool_class"] == r["class"] for r in rows) / len(rows)} if rows else {}
 
 
 def count_done(out: Path, seen: dict[str, int]) -> tuple[int, int | None]:

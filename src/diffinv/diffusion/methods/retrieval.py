@@ -47,7 +47,7 @@ class Retrieval(Method):
         common = {k: common[k] for k in ("method", "seed", "model", "resolution", "save_size")}
         rows = per_image_rows(config, store, {**common, "space": config.space})
         for r in rows:  # found by load(): the k-th nearest pool image of the row's real image
-            r.update(pool=None, pool_id=None, pool_index=None, distance=None)
+            r.update(pool=None, pool_id=None, pool_index=None, pool_class=None, distance=None)
         return rows
 
     def load(self, config: GenerateConfig, store: EmbeddingStore, backbone: Backbone, rows: list[Row],
@@ -87,8 +87,9 @@ class Retrieval(Method):
         for r in rows:
             j = int(index[query_at[r["_real"]], r["index"]])
             pool, i = owners[j]
-            r.update(pool=_shown(pool.path), pool_id=pool.images.ids[i], pool_index=i, distance=round(float(dist[query_at[r["_real"]], r["index"]]), 6),
-                     _pool=(pool, i))
+            own = pool.images.classes[int(pool.images.labels[i])] if pool.labelled else None  # for the report only
+            r.update(pool=_shown(pool.path), pool_id=pool.images.ids[i], pool_index=i, pool_class=own,
+                     distance=round(float(dist[query_at[r["_real"]], r["index"]]), 6), _pool=(pool, i))
         info = {"retrieval": {"pools": [_shown(p.path) for p in pools], "pool_size": len(banned), "dropped": int(banned.sum()),
                               "space": config.space, "seconds": round(time.perf_counter() - started, 3),
                               **label_precision(rows, store.classes)}}
@@ -212,15 +213,15 @@ def space_identity(config: GenerateConfig, backbone: Backbone, resolution: int) 
 
 
 def label_precision(rows: list[Row], classes: list[str]) -> dict[str, Any]:
-    """Where the pool has the same classes: the fraction of retrieved images whose own label is their query's.
+    """Where the pool has the same classes: the share of retrieved images whose own pool label is their query's.
 
     For the report only: a study never chooses by it (the pool's labels are what retrieval does not have).
     """
-    scored = [(r["_pool"][0].images, r["_pool"][1], r["class"]) for r in rows if r["_pool"][0].labelled]
-    scored = [(images.classes[int(images.labels[i])], want) for images, i, want in scored if set(images.classes) == set(classes)]
-    if not scored:
+    scored = [r for r in rows if r.get("pool_class") is not None and r["pool_class"] in classes]
+    if not scored or not {r["pool_class"] for r in scored} <= set(classes):
         return {}
-    return {"label_precision": round(sum(a == b for a, b in scored) / len(scored), 4), "label_precision_of": len(scored)}
+    return {"label_precision": round(sum(r["pool_class"] == r["class"] for r in scored) / len(scored), 4),
+            "label_precision_of": len(scored)}
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
