@@ -73,6 +73,7 @@ def test_every_command_of_the_readme_runs_as_written(tiny_latent, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     write_image_tree(tmp_path / "my_images" / "train", per_class=12, size=16)
     write_image_tree(tmp_path / "my_images" / "test", per_class=3, size=16, seed=7)
+    write_image_tree(tmp_path / "my_unlabelled", per_class=6, size=16, seed=11)  # a pool for retrieval
     for argv in commands:
         code = main(argv[1:] + TINY.get(argv[1], []))
         assert code == 0, f"{shlex.join(argv)}: {capsys.readouterr().err[-600:]}"
