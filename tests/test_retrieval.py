@@ -116,3 +116,46 @@ def test_content_hash_sees_pixels_not_files(tmp_path):
     a.save(tmp_path / "b.bmp")
     assert content_hash(Image.open(tmp_path / "a.png").convert("RGB")) == content_hash(Image.open(tmp_path / "b.bmp").convert("RGB"))
     assert content_hash(a) != content_hash(Image.fromarray(np.full((4, 4, 3), 8, dtype=np.uint8)))
+
+
+def test_retrieval_in_a_local_image_models_space(tiny_pixel, tmp_path, capsys):
+    from diffinv.classify.models import build_model
+
+    data = tmp_path / "d"
+    write_image_tree(data / "train", per_class=3, size=16)
+    pool = write_image_tree(tmp_path / "pool", per_class=8, classes=("a", "b"), size=16, seed=5)
+    torch.manual_seed(0)
+    net = build_model("small-cnn", 7, 16).eval()  # any checkpoint: its head's classes do not matter
+    torch.save(net.state_dict(), tmp_path / "net.pth")
+    assert _run(capsys, "invert", "--model", tiny_pixel, "--data", data, "--out", tmp_path / "s", "--resolution", "16",
+                "--steps", "2", *QUIET)[0] == 0
+    retrieve = ["generate", "--store", tmp_path / "s", "--method", "retrieval", "--space", "model", "--pool", pool,
+                "--per-image", "3", "--pool-cache", tmp_path / "cache"]
+    code, text = _run(capsys, *retrieve, "--image-model", tmp_path / "net.pth", "--image-arch", "small-cnn", "--out", tmp_path / "r")
+    assert code == 0, text
+
+    # The neighbours are those of the checkpoint's penultimate features on ImageNet-normalised pixels, as cosine.
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def features(paths):
+        x = torch.tensor(np.stack([_pixels(p).reshape(16, 16, 3) for p in paths])).permute(0, 3, 1, 2).float()
+        with torch.no_grad():
+            f = net.features((x - mean) / std)
+        return f / f.norm(dim=1, keepdim=True)
+
+    names = sorted(p.relative_to(pool).as_posix() for p in pool.rglob("*.png"))
+    pool_f = features([pool / n for n in names])
+    rows = read_manifest(tmp_path / "r")
+    for source in {r["source"] for r in rows}:
+        d = (pool_f - features([data / "train" / source])).norm(dim=1)
+        mine = sorted((r for r in rows if r["source"] == source), key=lambda r: r["index"])
+        assert [r["pool_id"] for r in mine] == [names[i] for i in d.argsort()[:3]]
+        assert np.isclose(mine[0]["distance"], float(d.min()), atol=1e-5)
+    assert read_json(tmp_path / "r" / "generate.json")["retrieval"]["space"] == "model"
+
+    code, text = _run(capsys, *retrieve, "--out", tmp_path / "x")
+    assert code == 2 and "--image-model PATH" in text
+    code, text = _run(capsys, *retrieve, "--image-model", tmp_path / "net.pth", "--out", tmp_path / "x")
+    assert code == 2 and "does not say its architecture" in text
+    code, text = _run(capsys, *retrieve, "--image-model", tmp_path / "net.pth", "--image-arch", "resnet18", "--out", tmp_path / "x")
+    assert code == 2 and "another architecture" in text

@@ -311,7 +311,7 @@ generate: {{per_image: 2, steps: 4, batch_size: 64}}
 train: {{arch: small-cnn, steps: 3, batch_size: 16, real_batch: 8, syn_batch: 8, resolution: 8, eval_every: 3}}
 methods:
   di: [{{}}, {{filter: {{keep_top: 0.5}}}}]
-  retrieval: [{{space: pixels}}, {{space: encoder, filter: {{min_confidence: [0.05, 0.1]}}}}]
+  retrieval: [{{space: pixels}}, {{space: judge}}, {{space: encoder, filter: {{min_confidence: [0.05, 0.1]}}}}]
 compare: {{di: retrieval}}
 model: {tiny_base_model}
 processes: 1
@@ -325,6 +325,11 @@ device: cpu
         assert judge.job == u.job and not judge.config.synthetic
         units = plan.job_units(u.job)
         assert units.index(judge) < units.index(u)
+    in_judge = [u for u in plan.units.values() if u.kind == "set" and u.config.space == "judge"]
+    assert len(in_judge) == 2  # one per replicate, each in its own replicate's real-only classifier's features
+    for u in in_judge:
+        judge = next(v for v in plan.units.values() if v.kind == "run" and str(tmp_path / "s" / v.folder) == u.config.judge)
+        assert judge.job == u.job and not judge.config.synthetic and judge.config.seed == plan.jobs[u.job][1]
     filtered_trials = [t for t in plan.trials if "filter." in t.label]
     assert filtered_trials and all(plan.units[t.sets[0]].kind == "filter" for t in filtered_trials)
 

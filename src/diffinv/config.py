@@ -214,8 +214,15 @@ class GenerateConfig:
     pool: tuple[str, ...] = opt((), "retrieval: images to retrieve from (a dataset or an image folder; repeat for several); "
                                 "default: the data the base was pretrained on", action="append")
     space: str = opt("encoder", "retrieval: where neighbours are nearest: the base's token encoder (its VAE latents without "
-                     "one), --judge's features, or raw pixels", choices=("encoder", "judge", "pixels"))
+                     "one), --judge's features, --image-model's features, or raw pixels",
+                     choices=("encoder", "judge", "model", "pixels"))
     judge: str = opt("", "retrieval --space judge: a `diffinv train` run whose penultimate features are the space")
+    image_model: str = opt("", "retrieval --space model: local weights of an image model (.safetensors or .pth state dict, "
+                               "e.g. a timm / torchvision checkpoint) whose penultimate features are the space")
+    image_arch: str = opt("", "retrieval --space model: its architecture (timm:NAME, torchvision:NAME or a registered one); "
+                              "read from the file for a `diffinv train` model.safetensors")
+    image_size: int = opt(0, "retrieval --space model: images are resized to PX x PX for it (0: the store's resolution; "
+                             "ImageNet models expect 224)")
     pool_cache: str = opt("", "retrieval: folder caching pool features (default $DIFFINV_CACHE or ~/.cache/diffinv)",
                           execution_only=True)
     templates: tuple[str, ...] = opt(("a photo of a {}",), "prompt method: a template with {} for the class name; "
@@ -238,6 +245,7 @@ class GenerateConfig:
         _check(0.0 <= self.eta <= 1.0, f"eta must be in [0, 1]; got {self.eta}")
         _check(0.0 < self.strength <= 1.0, f"strength must be in (0, 1]; got {self.strength}")
         _check(self.save_size is None or self.save_size >= 1, "save-size must be >= 1")
+        _check(self.image_size >= 0, "image-size must be >= 0 (0: the store's resolution)")
         _check(self.batch_size >= 1, "batch-size must be >= 1")
         _check(len(self.templates) >= 1 and all("{}" in t for t in self.templates),
                "every prompt template must contain {} where the class name goes, e.g. 'a photo of a {}'")

@@ -8,12 +8,13 @@ tensors left fresh are returned, and the optimiser gives them the full learning 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from diffinv.classify.models import classification_head
+from diffinv.classify.models import build_model, check_arch, classification_head
 from diffinv.errors import UserError
 
 
@@ -75,3 +76,38 @@ def param_groups(model: nn.Module, fresh: list[str], backbone_lr: float) -> list
     groups = [{"params": [p for n, p in named if n not in fresh_set], "scale": backbone_lr, "pretrained": True},
               {"params": [p for n, p in named if n in fresh_set], "scale": 1.0, "pretrained": False}]
     return [g for g in groups if g["params"]]
+
+
+# What ImageNet checkpoints (timm's and torchvision's) were trained on; diffinv's own runs record theirs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def feature_model(path: str | Path, arch: str = "", image_size: int = 224,
+                  device: str | torch.device = "cpu") -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
+    """An image model from local weights, for its penultimate features: (model in eval mode, mean, std, arch).
+
+    A ``model.safetensors`` of ``diffinv train`` names its own architecture and normalisation; any other
+    state dict (a timm or torchvision checkpoint) needs ``arch`` and is normalised as ImageNet.
+    """
+    state = read_state_dict(path)
+    meta = _diffinv_metadata(path)
+    arch = arch or meta.get("arch", "")
+    if not arch:
+        raise PretrainedError(f"{path} does not say its architecture; give it (e.g. timm:resnet18, torchvision:resnet50, "
+                              f"or small-cnn for a `diffinv train` run's weights)")
+    check_arch(arch)
+    model = build_model(arch, 1, image_size, meta.get("stem", "auto"))  # the head is not used: features enter it
+    load_pretrained(model, state, source=str(path))
+    mean = torch.tensor(json.loads(meta["mean"]) if "mean" in meta else IMAGENET_MEAN)
+    std = torch.tensor(json.loads(meta["std"]) if "std" in meta else IMAGENET_STD)
+    return model.to(device).eval(), mean, std, arch
+
+
+def _diffinv_metadata(path: str | Path) -> dict[str, str]:
+    if Path(path).suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})

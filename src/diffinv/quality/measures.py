@@ -133,8 +133,10 @@ def inception_extractor(weights: str | Path | None) -> tuple[Callable[[torch.Ten
     net.load_state_dict(state)
     net.fc = nn.Identity()
     net.eval()
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    from diffinv.classify.pretrained import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def extract(images: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +109,14 @@ def build_plan(study: StudyConfig, out: str | Path) -> Plan:
                 if cand.method is not None:
                     store = _add(plan, "store", f"k{k}-r{r}", _invert_config(where, cand, k, r), job, where.written)
                     gen = _generate_config(where, cand, out / store.folder)
-                    made = _add(plan, "set", f"{cand.method}-k{k}-r{r}", gen, job, {**where.written, "store": store.key})
+                    parents = {**where.written, "store": store.key}
+                    if gen.space == "judge" and not gen.judge:  # retrieval in the replicate's real-only classifier's features
+                        judge = real_judge(plan, where, k, r, job)
+                        gen = replace(gen, judge=str(out / judge.folder))
+                        parents["judge"] = judge.key
+                    made = _add(plan, "set", f"{cand.method}-k{k}-r{r}", gen, job, parents)
                     if cand.filter is not None:  # judged by the replicate's first real-only classifier
-                        judge = _add(plan, "run", f"real-k{k}-r{r}-c0", _train_config(where, found[REAL][0], k, r, 0, []), job,
-                                     {**where.written, "synthetic": []})
+                        judge = real_judge(plan, where, k, r, job)
                         rule = load_config(FilterConfig, None, {**cand.filter, "set": str(out / made.folder),
                                                                 "judge": str(out / judge.folder), "device": study.device})
                         made = _add(plan, "filter", f"{cand.method}-k{k}-r{r}-filtered", rule, job,
@@ -124,6 +128,12 @@ def build_plan(study: StudyConfig, out: str | Path) -> Plan:
                     run = _add(plan, "run", f"{prefix}-k{k}-r{r}-c{c}", config, job, {**where.written, "synthetic": list(sets)})
                     plan.trials.append(Trial(arm, cand.label, k, r, c, run.key, sets))
     return plan
+
+
+def real_judge(plan: Plan, where: "_Where", k: int, r: int, job: int) -> Unit:
+    """The replicate's first real-only run: the judge of its filters and of retrieval's ``space: judge`` (never val or test)."""
+    return _add(plan, "run", f"real-k{k}-r{r}-c0", _train_config(where, plan.candidates[REAL][0], k, r, 0, []), job,
+                {**where.written, "synthetic": []})
 
 
 class _Where:

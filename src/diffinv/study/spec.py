@@ -188,7 +188,9 @@ def _check_candidate(cand: Candidate) -> None:
         load_config(InvertConfig, None, cand.invert)
         load_config(TrainConfig, None, {**cand.train, "synthetic": ("set",) if cand.method else ()})
         if cand.method is not None:
-            get_method(cand.method).check_settings(load_config(GenerateConfig, None, {**cand.generate, "method": cand.method}))
+            own_judge = cand.generate.get("space") == "judge" and not cand.generate.get("judge")  # the study gives its real-only run
+            get_method(cand.method).check_settings(load_config(GenerateConfig, None, {**cand.generate, "method": cand.method,
+                                                                                      **({"judge": "judge"} if own_judge else {})}))
         if cand.filter is not None:
             load_config(FilterConfig, None, {**cand.filter, "set": "set", "judge": "judge"})
     except UserError as exc:

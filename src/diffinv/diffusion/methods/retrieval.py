@@ -6,7 +6,8 @@ LAION, Stable Diffusion's own training data. Pool images equal in pixels to one 
 (the real subset, its validation hold-out, any other split such as test) are never returned.
 Distances are Euclidean in the ``--space``: the base's token encoder (the analog of the CLIP
 image space SD comes with; the VAE's latents for a model without one), a trained classifier's
-penultimate features (``--judge RUN``), or raw pixels. Pool features are cached (see
+penultimate features (``--judge RUN``), any image model's given by its local weights
+(``--image-model PATH``: a timm / torchvision checkpoint, or a ``diffinv train`` model), or raw pixels. Pool features are cached (see
 :mod:`diffinv.data.pool`), so a study's replicates compute them once.
 """
 
@@ -42,6 +43,11 @@ class Retrieval(Method):
             raise UserError("--space judge needs --judge RUN (a `diffinv train` run, e.g. one on the real images alone)")
         if config.judge and config.space != "judge":
             raise UserError(f"--judge is read by --space judge only; drop it, or pass --space judge (not {config.space})")
+        if config.space == "model" and not config.image_model:
+            raise UserError("--space model needs --image-model PATH (local weights, e.g. a timm or torchvision checkpoint, "
+                            "with --image-arch NAME)")
+        if (config.image_model or config.image_arch or config.image_size) and config.space != "model":
+            raise UserError(f"--image-model, --image-arch and --image-size are read by --space model only (not {config.space})")
 
     def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
         common = {k: common[k] for k in ("method", "seed", "model", "resolution", "save_size")}
@@ -159,6 +165,16 @@ def space_features(config: GenerateConfig, backbone: Backbone, resolution: int) 
             return unit(judge_features(model, uint8, meta["mean"], meta["std"])[0])
 
         size = meta["resolution"]
+    elif config.space == "model":
+        from diffinv.classify.pretrained import feature_model
+        from diffinv.quality.measures import judge_features
+
+        size = config.image_size or resolution
+        model, mean, std, _ = feature_model(config.image_model, config.image_arch, size, backbone.device)
+
+        def embed(uint8: torch.Tensor) -> torch.Tensor:
+            return unit(judge_features(model, uint8, mean, std)[0])
+
     elif config.space == "encoder":
         encoder = token_encoder(config, backbone)
 
@@ -204,6 +220,9 @@ def space_identity(config: GenerateConfig, backbone: Backbone, resolution: int) 
     """What the features depend on besides the pool: the model behind the space, and the resolution."""
     if config.space == "judge":
         model = file_sha256(Path(config.judge) / "model.safetensors")
+    elif config.space == "model":
+        model = f"{file_sha256(config.image_model)}\x1f{config.image_arch}"
+        resolution = config.image_size or resolution
     elif config.space == "encoder":
         encoder = Path(config.model or backbone.source) / "encoder.safetensors"
         model = backbone.fingerprint() + (file_sha256(encoder) if encoder.is_file() else "")
