@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffinv.cli import main
 from diffinv.config import ConfigError
@@ -88,6 +89,7 @@ methods:
     ("data: digits\ngenerate: {guidance: []}\n", "empty list of candidates"),
     ("", "is empty"),
     ("data: digits\ngenerate: {steps: 2}\nmethods: {img2img: {strength: 0.25}}\n", "runs no denoising step"),
+    ("data: digits\nmethods: {real-ft: {method: real, guidance: 2}}\n", "takes a train: block only"),
 ])
 def test_a_wrong_study_is_refused_before_anything_runs(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -351,3 +353,34 @@ device: cpu
     retrieved = [q for q in quality.values() if q["method"] == "retrieval"]
     assert retrieved and all(0 <= q["label_precision"] <= 1 for q in retrieved)  # the pool (digits) is labelled
     assert all("label_precision" not in q for q in quality.values() if q["method"] == "di")
+
+
+def test_a_real_only_arm_with_a_pretrained_classifier_is_compared_with_its_like(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from diffinv.classify.models import build_model
+
+    torch.manual_seed(0)
+    save_file(build_model("small-cnn", 4, 8).state_dict(), str(tmp_path / "backbone.safetensors"))
+    study = _write(tmp_path, f"""
+data: digits
+per_class: [3]
+seeds: [0, 1]
+val_per_class: 3
+train: {{arch: small-cnn, steps: 3, batch_size: 16, resolution: 8, eval_every: 3}}
+methods:
+  real-ft: {{method: real, train: {{pretrained: {tmp_path / "backbone.safetensors"}, backbone_lr: 0.1}}}}
+compare: {{real-ft: real}}
+processes: 1
+device: cpu
+""")
+    plan = build_plan(load_study(study), tmp_path / "s")
+    ft = [plan.units[t.run] for t in plan.trials if t.arm == "real-ft"]
+    assert len(ft) == 2 and all(u.config.pretrained.endswith("backbone.safetensors") and not u.config.synthetic for u in ft)
+    assert all(u.config.backbone_lr == 0.1 and not plan.units[t.run].config.pretrained
+               for t in plan.trials if t.arm == "real" for u in ft)
+    assert main(["experiment", str(study), "--out", str(tmp_path / "s"), "--quiet", "--no-report"]) == 0
+    summary = read_json(tmp_path / "s" / "summary.json")
+    row = next(r for r in summary if r["method"] == "real-ft")
+    assert row["n_synthetic"] == 0 and all(g["n"] == 2 for g in row["versus"]["real"].values())  # paired by replicate
+    assert "| real only (real-ft) | 3 | 30 |" in (tmp_path / "s" / "results.md").read_text()

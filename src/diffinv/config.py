@@ -211,6 +211,7 @@ class GenerateConfig:
     img2img_embedding: str = opt("own", "img2img: the image's own embedding or its class's (needs --class-store)",
                                  choices=("own", "class"))
     class_store: str = opt("", "per-class store (`diffinv invert --target class`) for --img2img-embedding class")
+    adapters: str = opt("", "lora / di+lora: a folder of `diffinv finetune` (one LoRA adapter of the UNet per class)")
     pool: tuple[str, ...] = opt((), "retrieval: images to retrieve from (a dataset or an image folder; repeat for several); "
                                 "default: the data the base was pretrained on", action="append")
     space: str = opt("encoder", "retrieval: where neighbours are nearest: the base's token encoder (its VAE latents without "
@@ -407,6 +408,7 @@ STUDY_OWNED = {
     "TrainConfig": ("data", "format", "split", "eval_split", "per_class", "subset_seed", "val_per_class", "val_split",
                     "synthetic", "use", "seed", "device"),
     "FilterConfig": ("set", "judge", "device"),
+    "FinetuneConfig": ("store", "device"),
 }
 
 
@@ -598,6 +600,31 @@ class TinyModelConfig:
     prediction_type: str = opt("epsilon", "what the UNet predicts", choices=("epsilon", "v_prediction"))
     text_encoder: bool = opt(False, "also save a tiny CLIP text encoder + tokenizer")
     seed: int = opt(0, "seed of the random weights")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """``diffinv finetune``: one LoRA adapter of the UNet per class, fitted on that class's real images (DataDream-style).
+
+    Each adapter is trained with the denoising loss under its class's learned embedding, from a
+    per-class store (``diffinv invert --target class``), whose config names the real images; the
+    base model stays frozen. ``generate --method lora|di+lora --adapters OUT`` samples through them.
+    """
+
+    store: str = opt("", "a per-class store (`diffinv invert --target class`): its class embeddings condition the adapters")
+    rank: int = opt(4, "LoRA rank of every attention projection (to_q, to_k, to_v, to_out)")
+    alpha: float = opt(0.0, "LoRA alpha (0: equal to --rank, a scale of 1)")
+    steps: int = opt(200, "AdamW steps per class")
+    lr: float = opt(1e-4, "AdamW learning rate of the adapters")
+    batch_size: int = opt(8, "images per step, drawn from the class's real images")
+    seed: int = opt(0, "seed of the batches, timesteps and noise (per class)")
+    device: str = opt("auto", "auto, cpu, cuda ... (fitted in fp32: AdamW on low-precision adapters loses its updates)",
+                      execution_only=True)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.store), "give --store: a per-class store from `diffinv invert --target class`")
+        _check(self.rank >= 1 and self.alpha >= 0, "rank must be >= 1 and alpha >= 0 (0: alpha = rank)")
+        _check(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0, "steps and batch-size must be >= 1, lr > 0")
 
 
 @dataclass(frozen=True)

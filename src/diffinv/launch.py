@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 
 from diffinv.runs import RunError, output_lock, refuse_inside, remove_if_unstarted
 from diffinv.shards import Shard, local_device
-from diffinv.stages import Stage, demo, experiment, generate, invert, pretrain, tiny, train
+from diffinv.stages import Stage, demo, experiment, finetune, generate, invert, pretrain, tiny, train
 from diffinv.stages import filter as filter_stage
 
 # In the order the pipeline runs them (the CLI lists them so).
-STAGES: dict[str, Stage] = {s.name: s for s in (demo.STAGE, invert.STAGE, generate.STAGE, filter_stage.STAGE, train.STAGE,
+STAGES: dict[str, Stage] = {s.name: s for s in (demo.STAGE, invert.STAGE, finetune.STAGE, generate.STAGE, filter_stage.STAGE, train.STAGE,
                                                  experiment.STAGE, pretrain.STAGE, tiny.STAGE)}
 
 

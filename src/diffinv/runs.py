@@ -110,8 +110,11 @@ def check_same_settings(out: str | Path, config: Any, noun: str, action: str) ->
     """
     from diffinv.config import config_to_dict, result_fields
 
+    from dataclasses import fields
+
     saved = read_yaml(Path(out) / "config.yaml") or {}
-    defaults = config_to_dict(type(config)())
+    # From the fields, not an instance: a config may refuse to be made without its required paths.
+    defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(config)}
     asked = config_to_dict(config)
     diffs = {k: (saved.get(k, defaults[k]), asked[k]) for k in result_fields(config) if saved.get(k, defaults[k]) != asked[k]}
     if diffs:

@@ -32,6 +32,7 @@ from diffinv.errors import UserError
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                       "beta_end": 0.012, "prediction_type": "epsilon"}
 PACKED_FORMAT = "diffinv-packed-v1"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention's projections, as DataDream adapts
 class ModelError(UserError, ValueError):
     """The model spec cannot be loaded; the message says what to give instead."""
 
@@ -288,6 +289,58 @@ class Backbone:
         length = tokens.attention_mask.sum(dim=1)  # real tokens, the end token included
         first = (length - k).clamp(min=0)
         return torch.stack([out[b, int(first[b]): int(first[b]) + k] for b in range(len(prompts))])
+
+    # -- LoRA adapters of the UNet's attention projections, through diffusers' peft integration -------------
+    def add_lora(self, name: str, rank: int, alpha: float, seed: int = 0) -> list[torch.nn.Parameter]:
+        """A fresh adapter, made active; its parameters. The down-projections are drawn from ``seed`` (peft would
+        draw them from the global RNG), the up-projections are zero: the UNet is unchanged until trained."""
+        try:
+            from peft import LoraConfig
+        except ImportError as exc:
+            raise ModelError("LoRA adapters need peft: pip install 'diffusion-inversion[lora]' (or pip install peft)") from exc
+        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS),
+                                         init_lora_weights="gaussian"), adapter_name=name)
+        self.use_lora(name)
+        named = sorted((n, p) for n, p in self.unet.named_parameters() if f".{name}." in n and "lora_" in n)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in named:
+                if ".lora_A." in n:
+                    p.copy_(torch.randn(p.shape, generator=g) / rank)
+        for _, p in named:
+            p.requires_grad_(True)
+        return [p for _, p in named]
+
+    def use_lora(self, name: str | None) -> None:
+        """Run the UNet through adapter ``name``, or through none (the frozen base) with None."""
+        if not getattr(self.unet, "_hf_peft_config_loaded", False):
+            if name is not None:
+                raise ModelError(f"the UNet has no LoRA adapter {name!r}")
+            return
+        if name is None:
+            self.unet.disable_adapters()
+        else:
+            self.unet.enable_adapters()
+            self.unet.set_adapter(name)
+
+    def lora_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors, named without the adapter (as peft saves them)."""
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet, adapter_name=name).items()}
+
+    def load_lora(self, name: str, state: dict[str, torch.Tensor], rank: int, alpha: float) -> None:
+        """Adapter ``name`` with the tensors of :meth:`lora_state`; refuses tensors that do not fit this UNet."""
+        from peft.utils import set_peft_model_state_dict
+
+        self.add_lora(name, rank, alpha)
+        result = set_peft_model_state_dict(self.unet, {k: v.to(self.dtype) for k, v in state.items()}, adapter_name=name)
+        unexpected = list(getattr(result, "unexpected_keys", None) or [])
+        if unexpected:
+            raise ModelError(f"LoRA adapter {name!r} does not fit this model's UNet (e.g. {unexpected[:2]}); "
+                             f"it was fitted on another model")
+        for p in self.unet.parameters():
+            p.requires_grad_(False)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Backbone":
         """Move every part to ``device``; the UNet (and VAE) run in ``dtype``."""

@@ -43,6 +43,14 @@ def generate_batch(backbone: Backbone, rows: list[dict[str, Any]], source: Condi
     copied = method.pixels(backbone, rows, source)  # retrieval: images found, not sampled
     if copied is not None:
         return copied
+    adapters = list(dict.fromkeys(r.get("_adapter") for r in rows))
+    if len(adapters) > 1:  # one UNet per call: each adapter's rows apart (keyed noise: the same images), back in order
+        parts = {a: [i for i, r in enumerate(rows) if r.get("_adapter") == a] for a in adapters}
+        made = {a: generate_batch(backbone, [rows[i] for i in idx], source, config) for a, idx in parts.items()}
+        where = torch.tensor([i for idx in parts.values() for i in idx], device=made[adapters[0]].device).argsort()
+        return torch.cat([made[a] for a in parts])[where]
+    if method.uses_adapters:
+        backbone.use_lora(adapters[0])
     keys = torch.tensor([r["_key"] for r in rows], dtype=torch.int64, device=backbone.device)
 
     # 1. Conditioning and the unconditional input of guidance, per sample.
@@ -52,6 +60,7 @@ def generate_batch(backbone: Backbone, rows: list[dict[str, Any]], source: Condi
     noise = rng.keyed_normal(keys, 0, rng.STREAM_NOISE, backbone.latent_shape(source.resolution))
     if config.unit_noise:
         noise = unit_rms(noise)
+    noise = method.start_noise(rows, source, noise)  # ddim-inversion: the blend of two images' inverted noises
     start = method.start(backbone, rows, source)
 
     # 3. Denoise with guidance.

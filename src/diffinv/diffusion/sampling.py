@@ -101,3 +101,46 @@ def pixels_to_uint8(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
     if size is not None and size != pixels.shape[-1]:
         pixels = F.interpolate(pixels.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def eps_and_x0(out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor | float, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet output at x_t read as (noise, clean latent), for epsilon or v prediction."""
+    a = torch.as_tensor(alpha_bar, dtype=x.dtype, device=x.device)
+    if prediction_type == "v_prediction":
+        return a.sqrt() * out + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * out
+    return out, (x - (1 - a).sqrt() * out) / a.sqrt()
+
+
+@torch.no_grad()
+def ddim_invert(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
+    """The start noise [B, C, h, w] from which ``steps`` DDIM steps (eta 0, no guidance) under ``cond`` return ``latents``.
+
+    DDIM's deterministic update run backwards along the sampler's own timesteps, each step's noise
+    predicted at the less noisy point (the usual approximation, exact as the steps shrink).
+    """
+    scheduler = backbone.make_scheduler("ddim")
+    scheduler.set_timesteps(steps, device=backbone.device)
+    alphas = scheduler.alphas_cumprod.to(backbone.device)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=backbone.device)  # where sampling ends
+    stride = scheduler.config.num_train_timesteps // steps  # DDIM's step from t goes to t - stride
+    x, cond = latents.to(backbone.device).float(), cond.to(backbone.device)
+    for t in reversed(scheduler.timesteps):
+        # 1. Noise and clean latent predicted at the level sampling's step from t ends on.
+        a_prev = alphas[t - stride] if t - stride >= 0 else final
+        eps, x0 = eps_and_x0(guided_prediction(backbone, x, t, cond, None, 1.0), x, a_prev, backbone.prediction_type)
+        # 2. Up to t's level: the same clean latent and noise, as that step reads them.
+        a_t = alphas[t]
+        x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+    return x
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
+    """Spherical interpolation of rows of a and b [B, ...] at weight w (scalar or [B]; 0: a, 1: b): noises keep their size."""
+    fa, fb = a.flatten(1), b.flatten(1)
+    w = torch.as_tensor(w, dtype=fa.dtype, device=fa.device).reshape(-1, 1).expand(len(fa), 1)
+    cos = (fa * fb).sum(1, keepdim=True) / (fa.norm(dim=1, keepdim=True) * fb.norm(dim=1, keepdim=True)).clamp_min(1e-12)
+    theta = cos.clamp(-1, 1).acos()
+    straight = theta < 1e-4  # nearly parallel: the arc is the chord
+    sin = torch.where(straight, torch.ones_like(theta), theta.sin())
+    arc = ((1 - w) * theta).sin() / sin * fa + (w * theta).sin() / sin * fb
+    return torch.where(straight, (1 - w) * fa + w * fb, arc).reshape(a.shape)

@@ -36,7 +36,8 @@ def result_table(summary: list[dict[str, Any]]) -> str:
              f"| gain vs real (points, 95% CI) | worth real / class | replicates |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         k = r["per_class"]
-        what = "real only" if r["method"] == "real" else f"real + {r['method']}"
+        what = ("real only" if r["method"] == "real" else f"real + {r['method']}" if r["n_synthetic"]
+                else f"real only ({r['method']})")  # a real-only arm of other classifier settings
         n = f"{r['n_real']} + {r['n_synthetic']}" if r["n_synthetic"] else str(r["n_real"])
         gain = worth = ""
         g = (r.get("gain") or {}).get(metric)

@@ -230,7 +230,7 @@ def _run(config: GenerateConfig, out: Path, *, shard: Shard, resume: bool, overw
 
 
 STAGE = Stage(name="generate", config=GenerateConfig, marker=MARKER, run=_run, finish=finish_dataset, count_done=_count_done,
-              summary=_summary, unit="img", path_fields=("model", "store", "class_store", "pool", "judge", "image_model", "pool_cache"), shardable=True,
+              summary=_summary, unit="img", path_fields=("model", "store", "class_store", "adapters", "pool", "judge", "image_model", "pool_cache"), shardable=True,
               help="sample a synthetic dataset around the learned conditionings (stage 2)",
               description=("Diffusion Inversion stage 2: c = c_i + s (c_j - c_i) + sigma * eps, guided by the mean embedding; "
                           "or a rival method (prompt, class-inversion, img2img) through the same sampler, or retrieval of the nearest pool images."),

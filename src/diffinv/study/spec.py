@@ -13,12 +13,14 @@
       di: {guidance: [1, 2], noise: [0.1, 0.5]}      # a grid: four candidates
       img2img: [{}, {strength: [0.25, 0.75]}]         # a union: the blocks as given, then two strengths
       di-enc: {method: di, invert: {steps: 0}}        # a name that is not a method says which it is
+      real-ft: {method: real, train: {pretrained: backbones/x/model.safetensors}}  # real only, other classifier
     compare: {di: img2img}
 
 Every key but ``methods`` is a :class:`~diffinv.config.StudyConfig` field (``diffinv experiment --help``).
 ``invert``, ``generate`` and ``train`` hold those stages' own fields, for every method; a method's
 mapping holds ``generate`` fields and may hold its own ``invert:`` and ``train:`` blocks, which win
-over the study's. Real only is always there (the baseline). What the study sets itself (data,
+over the study's. Real only is always there (the baseline); ``method: real`` adds another real-only
+arm with its own ``train:`` block (e.g. a pretrained backbone), to compare against its like. What the study sets itself (data,
 subset, sizes, seeds, store and set paths) is refused in the blocks. ``real_batch`` / ``syn_batch``
 split the batches of runs with synthetic images; real-only runs pool (``batch_size``).
 
@@ -127,13 +129,15 @@ def candidates(study: StudyConfig) -> dict[str, list[Candidate]]:
         for mapping in mappings:
             mapping = dict(mapping)
             method = None if arm == REAL else str(mapping.pop("method", arm))
+            if method == REAL:  # real only under its own classifier settings, e.g. a pretrained backbone
+                method = None
             if method is not None:
                 get_method(method)  # a clear error naming the registered methods
             rule = mapping.pop("filter", None)
             blocks = {"invert": mapping.pop("invert", None) or {}, "train": mapping.pop("train", None) or {},
                       "generate": mapping}
             if method is None:
-                blocks = {"invert": {}, "generate": {}, "train": {}}
+                blocks = {"invert": {}, "generate": {}, "train": blocks["train"]}
             label_of = {b: list(v) for b, v in blocks.items()}  # fields the method's mapping sets: always in its label
             merged = {b: {**((getattr(study, b) or {}) if method is not None or b == "train" else {}), **blocks[b]}
                       for b in BLOCKS}
@@ -159,6 +163,9 @@ def check_study(study: StudyConfig) -> None:
         _check_block(getattr(study, block) or {}, cls, block)
     for arm, mappings in arms(study).items():
         for mapping in mappings:
+            if mapping.get("method") == REAL and set(mapping) - {"method", "train"}:
+                raise ConfigError(f"method {arm}: a real-only arm (method: real) takes a train: block only; got "
+                                  f"{sorted(set(mapping) - {'method', 'train'})}")
             for block, cls in BLOCKS.items():
                 if block == "generate":
                     values = {k: v for k, v in mapping.items() if k not in ("invert", "train", "method", "filter")}

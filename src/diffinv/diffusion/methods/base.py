@@ -21,6 +21,7 @@ from diffinv.data.synthetic import slug
 from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.perturb import paper_partners, perturb, pick_partners
 from diffinv.diffusion.store import EmbeddingStore, StoreError
+from diffinv.errors import UserError
 from diffinv.runs import read_yaml
 
 Row = dict[str, Any]
@@ -49,10 +50,13 @@ class Method:
     text_encoder = False  # needs the model's tokenizer and text encoder
     uses_embeddings = True  # samples from the store's embeddings, so the store must be of the model used
     samples = True  # runs the sampler (retrieval finds its images instead)
+    uses_adapters = False  # samples through per-class LoRA adapters (``--adapters``)
 
     def check(self, config: GenerateConfig, store: EmbeddingStore) -> None:
         """Refuse, with a message that says what to do, a store or settings this method cannot use."""
         self.check_settings(config)
+        if config.adapters and not self.uses_adapters:
+            raise UserError(f"--adapters are sampled through by --method lora or di+lora, not {self.name}; drop --adapters")
         if store.info.get("target", "image") != self.store_target:
             raise StoreError(self.wrong_store_message(store))
 
@@ -95,6 +99,10 @@ class Method:
         """
         own = src.embeddings[torch.tensor([r["_src"] for r in rows])]
         return perturbed(rows, own, src, config, keys), uncond_for(rows, src)
+
+    def start_noise(self, rows: list[Row], src: Conditioning, noise: torch.Tensor) -> torch.Tensor:
+        """The noise [B, C, h, w] sampling starts from (default: the keyed Gaussian draw, unchanged)."""
+        return noise
 
     def start(self, backbone: Backbone, rows: list[Row], src: Conditioning) -> torch.Tensor | None:
         """Clean latents [B, C, h, w] that sampling starts from part-way (img2img); None: pure noise."""

@@ -1,0 +1,106 @@
+"""Per-class LoRA: `diffinv finetune` fits an adapter per class; --method lora and di+lora sample through them."""
+
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from conftest import run_cli as _run, write_image_tree
+
+from diffinv.data.synthetic import read_manifest
+from diffinv.runs import read_json
+
+pytest.importorskip("peft")
+QUIET = ["--quiet"]
+FIT = ["--steps", "25", "--lr", "0.01", "--batch-size", "4", "--rank", "4", *QUIET]
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def stores(tiny_pixel, tmp_path, capsys):
+    data = tmp_path / "d"
+    write_image_tree(data, per_class=3, size=16)
+    common = ["--model", tiny_pixel, "--data", data, "--resolution", "16", "--steps", "3", *QUIET]
+    assert _run(capsys, "invert", *common, "--out", tmp_path / "images")[0] == 0
+    assert _run(capsys, "invert", *common, "--target", "class", "--out", tmp_path / "classes")[0] == 0
+    return tmp_path / "images", tmp_path / "classes"
+
+
+def test_finetune_lowers_each_class_loss_resumes_bit_identically_and_refuses_an_image_store(stores, tmp_path, capsys):
+    images, classes = stores
+    code, text = _run(capsys, "finetune", "--store", classes, *FIT, "--out", tmp_path / "ad")
+    assert code == 0, text
+    info = read_json(tmp_path / "ad" / "finetune.json")
+    assert info["classes"] == ["cat", "dog"] and info["rank"] == 4
+    for name, r in info["per_class"].items():
+        assert r["images"] == 3 and r["loss_after"] < r["loss_before"], (name, r)  # fitting lowers the class's own loss
+    dog = tmp_path / "ad" / "adapters" / "dog.safetensors"
+    first = load_file(str(dog))
+    # Killed after the cat adapter: a re-run fits the dog's again, to the same weights (every draw is seeded).
+    dog.unlink()
+    (tmp_path / "ad" / "finetune.json").write_text('{"status": "running"}')
+    code, text = _run(capsys, "finetune", "--store", classes, *FIT, "--out", tmp_path / "ad")
+    assert code == 2 and "--resume" in text  # an unfinished folder is never silently reused
+    code, text = _run(capsys, "finetune", "--store", classes, *FIT, "--resume", "--out", tmp_path / "ad")
+    assert code == 0, text
+    again = load_file(str(dog))  # the tensors (safetensors may order its header differently)
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    code, text = _run(capsys, "finetune", "--store", images, *FIT, "--out", tmp_path / "bad")
+    assert code == 2 and "--target class" in text
+
+
+def test_an_adapter_saved_and_loaded_back_gives_equal_outputs(tiny_pixel):
+    from diffinv.diffusion.backbone import LatentMoments, load_backbone
+    from diffinv.diffusion.lora import fit_lora
+
+    trained, fresh = load_backbone(tiny_pixel), load_backbone(tiny_pixel)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    cond = torch.randn(5, trained.cond_dim, generator=g)
+    probe = (torch.randn(2, 3, 16, 16, generator=g), torch.tensor([100, 700]), cond.expand(2, -1, -1))
+    base = trained.predict_noise(*probe).detach()
+    params = trained.add_lora("c", 4, 4.0)
+    losses = fit_lora(trained, params, LatentMoments(x, torch.zeros_like(x)), cond, steps=10, lr=0.01, batch_size=3, seed=1)
+    assert len(losses) == 10
+    adapted = trained.predict_noise(*probe).detach()
+    assert not torch.allclose(adapted, base)
+    fresh.load_lora("c", trained.lora_state("c"), 4, 4.0)
+    assert torch.equal(fresh.predict_noise(*probe).detach(), adapted)
+    fresh.use_lora(None)
+    assert torch.equal(fresh.predict_noise(*probe).detach(), base)  # without the adapter: the frozen base
+
+
+def test_lora_and_di_lora_sample_through_each_class_adapter(stores, tmp_path, capsys):
+    images, classes = stores
+    assert _run(capsys, "finetune", "--store", classes, *FIT, "--out", tmp_path / "ad")[0] == 0
+    gen = ["--per-image", "2", "--steps", "3", *QUIET]
+    made = {}
+    for method, store, extra in (("lora", classes, ["--adapters", tmp_path / "ad"]), ("class-inversion", classes, []),
+                                 ("di+lora", images, ["--adapters", tmp_path / "ad"]), ("di", images, [])):
+        code, text = _run(capsys, "generate", "--store", store, "--method", method, *extra, *gen, "--out", tmp_path / method)
+        assert code == 0, text
+        made[method] = {r["id"]: _sha(tmp_path / method / r["file"]) for r in read_manifest(tmp_path / method)}
+    assert made["lora"].keys() == made["class-inversion"].keys() and made["di+lora"].keys() == made["di"].keys()
+    # The same rows and keyed noise: only the adapter differs, and it changes every image.
+    assert all(made["lora"][i] != made["class-inversion"][i] for i in made["lora"])
+    assert all(made["di+lora"][i] != made["di"][i] for i in made["di"])
+    rows = read_manifest(tmp_path / "di+lora")
+    assert {r["adapter"] for r in rows} == {"adapters/cat.safetensors", "adapters/dog.safetensors"}
+    assert all(r["adapter"] == f"adapters/{r['class']}.safetensors" for r in rows)
+    lora = read_json(tmp_path / "di+lora" / "generate.json")["lora"]
+    assert lora["fit_seconds_per_image"] == pytest.approx(lora["fit_seconds"] / len(rows), abs=1e-5)
+    assert _run(capsys, "verify", tmp_path / "di+lora")[0] == 0
+    # A batch of one class at a time gives the same images as mixed batches (the adapter is switched per class).
+    code, _ = _run(capsys, "generate", "--store", images, "--method", "di+lora", "--adapters", tmp_path / "ad", *gen,
+                   "--batch-size", "1", "--out", tmp_path / "one")
+    assert code == 0
+    assert {r["id"]: _sha(tmp_path / "one" / r["file"]) for r in read_manifest(tmp_path / "one")} == made["di+lora"]
+
+    code, text = _run(capsys, "generate", "--store", classes, "--method", "lora", *gen, "--out", tmp_path / "x")
+    assert code == 2 and "--adapters DIR" in text
+    code, text = _run(capsys, "generate", "--store", images, "--method", "di", "--adapters", tmp_path / "ad", *gen,
+                      "--out", tmp_path / "y")
+    assert code == 2 and "drop --adapters" in text
