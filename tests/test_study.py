@@ -384,3 +384,44 @@ device: cpu
     row = next(r for r in summary if r["method"] == "real-ft")
     assert row["n_synthetic"] == 0 and all(g["n"] == 2 for g in row["versus"]["real"].values())  # paired by replicate
     assert "| real only (real-ft) | 3 | 30 |" in (tmp_path / "s" / "results.md").read_text()
+
+
+def test_lora_methods_in_a_study_fit_one_adapter_set_per_replicate_shared_by_both(tiny_base_model, tmp_path):
+    pytest.importorskip("peft")
+    study = _write(tmp_path, f"""
+data: digits
+per_class: [2]
+seeds: [0, 1]
+val_per_class: 3
+invert: {{steps: 2, init: random, eval_timesteps: 1}}
+generate: {{per_image: 2, steps: 4, batch_size: 64}}
+finetune: {{steps: 3, lr: 0.01, batch_size: 4}}
+train: {{arch: small-cnn, steps: 3, batch_size: 16, real_batch: 8, syn_batch: 8, resolution: 8, eval_every: 3}}
+methods:
+  di: {{}}
+  lora: {{}}
+  di+lora: {{finetune: {{rank: [2, 4]}}}}
+  ddim: {{method: ddim-inversion, sampler: ddim, interp: 0.5}}
+compare: {{di+lora: [di, lora]}}
+model: {tiny_base_model}
+processes: 1
+device: cpu
+""")
+    loaded = load_study(study)
+    found = candidates(loaded)
+    assert [c.label for c in found["di+lora"]] == ["finetune.rank=2", "finetune.rank=4"]
+    assert found["di"][0].finetune is None and found["lora"][0].finetune["steps"] == 3
+    plan = build_plan(loaded, tmp_path / "s")
+    fitted = [u for u in plan.units.values() if u.kind == "adapters"]
+    assert len(fitted) == 2 * 2  # per replicate: rank 4 (lora's default, shared with di+lora's rank 4) and rank 2
+    class_stores = {u.config.store for u in fitted}
+    assert len(class_stores) == 2  # one class store per replicate, shared by every adapter set of it
+    for u in plan.units.values():
+        if u.kind == "set" and u.config.method in ("lora", "di+lora"):
+            ft = next(v for v in fitted if str(tmp_path / "s" / v.folder) == u.config.adapters)
+            assert ft.job == u.job and plan.job_units(u.job).index(ft) < plan.job_units(u.job).index(u)
+    assert main(["experiment", str(study), "--out", str(tmp_path / "s"), "--quiet", "--no-report"]) == 0
+    summary = read_json(tmp_path / "s" / "summary.json")
+    assert {r["method"] for r in summary} >= {"real", "di", "lora", "di+lora", "ddim"}
+    row = next(r for r in summary if r["method"] == "di+lora")
+    assert set(row["versus"]) == {"di", "lora"}

@@ -404,7 +404,7 @@ class PretrainConfig:
 # What a study sets for every stage itself (from its own fields); its invert:, generate:, train: blocks may not.
 STUDY_OWNED = {
     "InvertConfig": ("model", "data", "format", "split", "per_class", "subset_seed", "val_per_class", "device"),
-    "GenerateConfig": ("store", "model", "method", "device"),
+    "GenerateConfig": ("store", "model", "method", "adapters", "device"),
     "TrainConfig": ("data", "format", "split", "eval_split", "per_class", "subset_seed", "val_per_class", "val_split",
                     "synthetic", "use", "seed", "device"),
     "FilterConfig": ("set", "judge", "device"),
@@ -441,6 +441,7 @@ class StudyConfig:
     invert: dict = opt(None, "invert settings of every store (InvertConfig fields; lists are candidates)", cli=False)
     generate: dict = opt(None, "generate settings of every method (GenerateConfig fields; lists are candidates)", cli=False)
     train: dict = opt(None, "classifier settings of every run (TrainConfig fields; lists are candidates)", cli=False)
+    finetune: dict = opt(None, "LoRA fitting of lora / di+lora (FinetuneConfig fields; lists are candidates)", cli=False)
     quality: dict = opt(None, "quality settings, e.g. {inception_weights: PATH} for FID/KID", cli=False)
     fast: bool = opt(False, "every count cut to the bone (2 replicates, few steps): checks the flow, not the method")
     report: bool = opt(True, "write OUT/report/report.html at the end", flag="--no-report", execution_only=True)
@@ -461,7 +462,7 @@ class StudyConfig:
                "a study chooses settings on validation data: give --val-per-class K (a hold-out of the training split) "
                "or --val-split NAME")
         _check(self.val_split != self.eval_split, "the validation split cannot be the test split")
-        for name in ("methods", "compare", "invert", "generate", "train", "quality"):
+        for name in ("methods", "compare", "invert", "generate", "train", "finetune", "quality"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, dict), f"{name} must be a mapping; got {value!r}")
 

@@ -41,9 +41,10 @@ def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None
     record(study, plan, out, shard)
     mine = [j for j in range(len(plan.jobs)) if shard.owns(j)]
     todo = [j for j in mine if not all(u.done(out) for u in plan.job_units(j))]
-    counts = {kind: sum(1 for u in plan.units.values() if u.kind == kind) for kind in ("store", "set", "filter", "run")}
+    counts = {kind: sum(1 for u in plan.units.values() if u.kind == kind) for kind in ("store", "adapters", "set", "filter", "run")}
     filtered = f" ({counts['filter']} of them filtered)" if counts["filter"] else ""
-    log(f"study {study.name}: {len(plan.jobs)} jobs (size x replicate), {counts['store']} stores, {counts['set'] + counts['filter']} "
+    fitted = f", {counts['adapters']} LoRA adapter sets" if counts["adapters"] else ""
+    log(f"study {study.name}: {len(plan.jobs)} jobs (size x replicate), {counts['store']} stores{fitted}, {counts['set'] + counts['filter']} "
         f"synthetic sets{filtered}, {counts['run']} classifier runs; {len(mine) - len(todo)} of {len(mine)} jobs finished"
         + ("" if shard.whole else f" (shard {shard})"))
     workers = min(workers_for(study.processes, study.device), max(1, len(todo)))
@@ -77,6 +78,7 @@ def run_job(units: list[Unit], out: Path, name: str, said: Path | None = None, *
     ``said``: a folder shared by the jobs of one invocation, so a note every unit makes is printed once.
     """
     from diffinv.stages.filter import filter_set
+    from diffinv.stages.finetune import finetune_classes
     from diffinv.stages.generate import generate_dataset
     from diffinv.stages.invert import invert_dataset
     from diffinv.stages.train import train_classifier
@@ -93,6 +95,8 @@ def run_job(units: list[Unit], out: Path, name: str, said: Path | None = None, *
             generate_dataset(unit.config, folder, progress=progress, log=stage_log)
         elif unit.kind == "filter":
             filter_set(unit.config, folder, resume=True, log=stage_log)
+        elif unit.kind == "adapters":
+            finetune_classes(unit.config, folder, resume=True, progress=progress, log=stage_log)
         else:
             train_classifier(unit.config, folder, resume=True, progress=progress, log=stage_log, test=False)
         if hook is not None:

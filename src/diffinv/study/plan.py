@@ -18,14 +18,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from diffinv.config import FilterConfig, GenerateConfig, InvertConfig, StudyConfig, TrainConfig, config_to_dict, load_config, result_fields
+from diffinv.config import (FilterConfig, FinetuneConfig, GenerateConfig, InvertConfig, StudyConfig, TrainConfig, config_to_dict,
+                            load_config, result_fields)
 from diffinv.runs import RunError, read_json
 from diffinv.study.spec import REAL, Candidate, candidates
 
 ASSETS = Path(__file__).parent.parent / "assets"
 EMBEDDED_BASE = ASSETS / "digits-base"
-KINDS = {"store": ("store.json", "stores"), "set": ("generate.json", "sets"), "filter": ("generate.json", "sets"),
-         "run": ("train.json", "runs")}
+KINDS = {"store": ("store.json", "stores"), "adapters": ("finetune.json", "adapters"), "set": ("generate.json", "sets"),
+         "filter": ("generate.json", "sets"), "run": ("train.json", "runs")}
 
 
 def embedded_base() -> Path:
@@ -38,7 +39,7 @@ def embedded_base() -> Path:
 
 @dataclass(frozen=True)
 class Unit:
-    kind: str  # store | set | filter (a filtered set) | run
+    kind: str  # store | adapters (LoRA per class) | set | filter (a filtered set) | run
     key: str
     folder: str  # relative to the study folder
     config: Any  # the InvertConfig / GenerateConfig / TrainConfig it runs
@@ -114,6 +115,10 @@ def build_plan(study: StudyConfig, out: str | Path) -> Plan:
                         judge = real_judge(plan, where, k, r, job)
                         gen = replace(gen, judge=str(out / judge.folder))
                         parents["judge"] = judge.key
+                    if cand.finetune is not None:  # lora, di+lora: a LoRA per class, fitted on the class store
+                        fitted = adapters(plan, where, cand, k, r, job, out)
+                        gen = replace(gen, adapters=str(out / fitted.folder))
+                        parents["adapters"] = fitted.key
                     made = _add(plan, "set", f"{cand.method}-k{k}-r{r}", gen, job, parents)
                     if cand.filter is not None:  # judged by the replicate's first real-only classifier
                         judge = real_judge(plan, where, k, r, job)
@@ -128,6 +133,15 @@ def build_plan(study: StudyConfig, out: str | Path) -> Plan:
                     run = _add(plan, "run", f"{prefix}-k{k}-r{r}-c{c}", config, job, {**where.written, "synthetic": list(sets)})
                     plan.trials.append(Trial(arm, cand.label, k, r, c, run.key, sets))
     return plan
+
+
+def adapters(plan: Plan, where: "_Where", cand: Candidate, k: int, r: int, job: int, out: Path) -> Unit:
+    """The replicate's per-class LoRA adapters, fitted on its class store (made here: di+lora's store is per image)."""
+    config = replace(_invert_config(where, cand, k, r), target="class")
+    classes = _add(plan, "store", f"k{k}-r{r}-class", config, job, where.written)
+    fit = _build(FinetuneConfig, {**cand.finetune, "store": str(out / classes.folder), "device": where.study.device}, cand,
+                 "finetune")
+    return _add(plan, "adapters", f"k{k}-r{r}", fit, job, {"store": classes.key})
 
 
 def real_judge(plan: Plan, where: "_Where", k: int, r: int, job: int) -> Unit:

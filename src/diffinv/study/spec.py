@@ -18,8 +18,8 @@
 
 Every key but ``methods`` is a :class:`~diffinv.config.StudyConfig` field (``diffinv experiment --help``).
 ``invert``, ``generate`` and ``train`` hold those stages' own fields, for every method; a method's
-mapping holds ``generate`` fields and may hold its own ``invert:`` and ``train:`` blocks, which win
-over the study's. Real only is always there (the baseline); ``method: real`` adds another real-only
+mapping holds ``generate`` fields and may hold its own ``invert:``, ``train:`` and (lora, di+lora)
+``finetune:`` blocks, which win over the study's. Real only is always there (the baseline); ``method: real`` adds another real-only
 arm with its own ``train:`` block (e.g. a pretrained backbone), to compare against its like. What the study sets itself (data,
 subset, sizes, seeds, store and set paths) is refused in the blocks. ``real_batch`` / ``syn_batch``
 split the batches of runs with synthetic images; real-only runs pool (``batch_size``).
@@ -40,12 +40,14 @@ from typing import Any
 
 import yaml
 
-from diffinv.config import STUDY_OWNED, ConfigError, FilterConfig, GenerateConfig, InvertConfig, StudyConfig, TrainConfig, load_config
+from diffinv.config import (STUDY_OWNED, ConfigError, FilterConfig, FinetuneConfig, GenerateConfig, InvertConfig, StudyConfig,
+                            TrainConfig, load_config)
 from diffinv.runs import read_yaml
 
 REAL = "real"  # the baseline's name: real images only
 DEFAULT_METHODS = {"di": {}, "img2img": {}}
-BLOCKS = {"invert": InvertConfig, "generate": GenerateConfig, "train": TrainConfig}
+BLOCKS = {"invert": InvertConfig, "generate": GenerateConfig, "train": TrainConfig, "finetune": FinetuneConfig}
+OWN_BLOCKS = ("invert", "train", "finetune")  # the blocks a method's mapping may hold besides its generate fields
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Candidate:
     generate: dict[str, Any]
     train: dict[str, Any]
     filter: dict[str, Any] | None = None  # FilterConfig rule of the set (judged by the replicate's real-only run); None: unfiltered
+    finetune: dict[str, Any] | None = None  # FinetuneConfig of the adapters lora / di+lora sample through; None: no adapters
 
 
 def load_study(path: str | Path | None, flags: dict[str, Any] | None = None) -> StudyConfig:
@@ -134,27 +137,34 @@ def candidates(study: StudyConfig) -> dict[str, list[Candidate]]:
             if method is not None:
                 get_method(method)  # a clear error naming the registered methods
             rule = mapping.pop("filter", None)
-            blocks = {"invert": mapping.pop("invert", None) or {}, "train": mapping.pop("train", None) or {},
-                      "generate": mapping}
+            blocks = {**{b: mapping.pop(b, None) or {} for b in OWN_BLOCKS}, "generate": mapping}
             if method is None:
-                blocks = {"invert": {}, "generate": {}, "train": blocks["train"]}
+                blocks = {"invert": {}, "generate": {}, "train": blocks["train"], "finetune": {}}
+            adapted = method is not None and get_method(method).uses_adapters
             label_of = {b: list(v) for b, v in blocks.items()}  # fields the method's mapping sets: always in its label
-            merged = {b: {**((getattr(study, b) or {}) if method is not None or b == "train" else {}), **blocks[b]}
-                      for b in BLOCKS}
+            merged = {b: {**((getattr(study, b) or {}) if _reads(b, method, adapted) else {}), **blocks[b]} for b in BLOCKS}
             grids = {b: _grid(merged[b], BLOCKS[b], f"{arm}: {b}") for b in BLOCKS}
             rules = _grid(rule, FilterConfig, f"{arm}: filter") if rule else [(None, [])]
-            for (inv, inv_var), (gen, gen_var), (trn, trn_var), (flt, _) in itertools.product(
-                    grids["invert"], grids["generate"], grids["train"], rules):
+            for (inv, inv_var), (gen, gen_var), (trn, trn_var), (fit, fit_var), (flt, _) in itertools.product(
+                    grids["invert"], grids["generate"], grids["train"], grids["finetune"], rules):
                 shown = {**{f"invert.{k}": inv[k] for k in dict.fromkeys(label_of["invert"] + inv_var)},
                          **{k: gen[k] for k in dict.fromkeys(label_of["generate"] + gen_var)},
                          **{f"train.{k}": trn[k] for k in dict.fromkeys(label_of["train"] + trn_var)},
+                         **{f"finetune.{k}": fit[k] for k in dict.fromkeys(label_of["finetune"] + fit_var)},
                          **{f"filter.{k}": v for k, v in (flt or {}).items()}}
                 label = ", ".join(f"{k}={_text(v)}" for k, v in shown.items()) or "as given"
                 if any(c.label == label for c in found):
                     continue
-                found.append(Candidate(arm, method, label, inv, gen, trn, flt))
+                found.append(Candidate(arm, method, label, inv, gen, trn, flt, fit if adapted else None))
         out[arm] = found
     return out
+
+
+def _reads(block: str, method: str | None, adapted: bool) -> bool:
+    """Whether a candidate takes the study's own ``block``: real only its train block, finetune only LoRA methods."""
+    if method is None:
+        return block == "train"
+    return block != "finetune" or adapted
 
 
 def check_study(study: StudyConfig) -> None:
@@ -168,7 +178,7 @@ def check_study(study: StudyConfig) -> None:
                                   f"{sorted(set(mapping) - {'method', 'train'})}")
             for block, cls in BLOCKS.items():
                 if block == "generate":
-                    values = {k: v for k, v in mapping.items() if k not in ("invert", "train", "method", "filter")}
+                    values = {k: v for k, v in mapping.items() if k not in (*OWN_BLOCKS, "method", "filter")}
                 else:
                     values = mapping.get(block) or {}
                     if not isinstance(values, dict):
@@ -195,11 +205,17 @@ def _check_candidate(cand: Candidate) -> None:
         load_config(InvertConfig, None, cand.invert)
         load_config(TrainConfig, None, {**cand.train, "synthetic": ("set",) if cand.method else ()})
         if cand.method is not None:
-            own_judge = cand.generate.get("space") == "judge" and not cand.generate.get("judge")  # the study gives its real-only run
+            given = {}  # what the study makes itself: the real-only judge of space judge, the adapters of lora methods
+            if cand.generate.get("space") == "judge" and not cand.generate.get("judge"):
+                given["judge"] = "judge"
+            if cand.finetune is not None:
+                given["adapters"] = "adapters"
             get_method(cand.method).check_settings(load_config(GenerateConfig, None, {**cand.generate, "method": cand.method,
-                                                                                      **({"judge": "judge"} if own_judge else {})}))
+                                                                                      **given}))
         if cand.filter is not None:
             load_config(FilterConfig, None, {**cand.filter, "set": "set", "judge": "judge"})
+        if cand.finetune is not None:
+            load_config(FinetuneConfig, None, {**cand.finetune, "store": "store"})
     except UserError as exc:
         raise ConfigError(f"method {cand.arm} ({cand.label}): {exc}") from exc
 
@@ -239,7 +255,8 @@ def fast(study: StudyConfig) -> StudyConfig:
     train = dict(study.train or {})
     train.update(steps=4, batch_size=16, **{k: min(int(train[k]), 8) for k in ("real_batch", "syn_batch") if train.get(k)})
     return replace(study, seeds=study.seeds[:2], repeats=1, invert={**(study.invert or {}), "steps": 20},
-                   generate={**(study.generate or {}), "per_image": 2, "steps": 4}, train=train)
+                   generate={**(study.generate or {}), "per_image": 2, "steps": 4}, train=train,
+                   finetune={**(study.finetune or {}), "steps": 4})
 
 
 def parse_candidates(text: str) -> Any:
