@@ -137,7 +137,7 @@ def build_plan(study: StudyConfig, out: str | Path) -> Plan:
 
 def adapters(plan: Plan, where: "_Where", cand: Candidate, k: int, r: int, job: int, out: Path) -> Unit:
     """The replicate's per-class LoRA adapters, fitted on its class store (made here: di+lora's store is per image)."""
-    config = replace(_invert_config(where, cand, k, r), target="class")
+    config = _invert_config(where, cand, k, r, target="class")
     classes = _add(plan, "store", f"k{k}-r{r}-class", config, job, where.written)
     fit = _build(FinetuneConfig, {**cand.finetune, "store": str(out / classes.folder), "device": where.study.device}, cand,
                  "finetune")
@@ -172,15 +172,18 @@ class _Where:
                 self.resolution = load_backbone(self.model).choose_resolution(self.native)
 
 
-def _invert_config(where: _Where, cand: Candidate, k: int, r: int) -> InvertConfig:
+def _invert_config(where: _Where, cand: Candidate, k: int, r: int, target: str = "") -> InvertConfig:
+    """The store a candidate reads (``target`` "class": its class store, whatever its method's store is)."""
     from diffinv.diffusion.methods import get_method
 
     s = where.study
     values = {"tokens": where.tokens, "resolution": where.resolution, **cand.invert,
               "model": where.model, "data": where.data, "format": s.format, "split": s.split, "per_class": k,
               "subset_seed": s.subset_seed + r, "val_per_class": 0 if s.val_split else s.val_per_class, "device": s.device}
-    if get_method(cand.method).store_target == "class":
+    if target == "class" or get_method(cand.method).store_target == "class":
         values["target"] = "class"
+        if values.get("init") == "encoder":  # the base's encoder starts an image's tokens; a class starts at random
+            values["init"] = "random"
     config = _build(InvertConfig, values, cand, "invert")
     if config.init == "encoder" and where.tokens_trained is None:
         from diffinv.config import ConfigError
