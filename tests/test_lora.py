@@ -90,8 +90,13 @@ def test_lora_and_di_lora_sample_through_each_class_adapter(stores, tmp_path, ca
     rows = read_manifest(tmp_path / "di+lora")
     assert {r["adapter"] for r in rows} == {"adapters/cat.safetensors", "adapters/dog.safetensors"}
     assert all(r["adapter"] == f"adapters/{r['class']}.safetensors" for r in rows)
-    lora = read_json(tmp_path / "di+lora" / "generate.json")["lora"]
+    info = read_json(tmp_path / "di+lora" / "generate.json")
+    lora, cost = info["lora"], read_json(tmp_path / "di+lora" / "cost.json")
     assert lora["fit_seconds_per_image"] == pytest.approx(lora["fit_seconds"] / len(rows), abs=1e-5)
+    assert cost["images"] == len(rows) and cost["seconds_per_image"] == pytest.approx(
+        cost["seconds"] / len(rows) + lora["fit_seconds_per_image"], abs=1e-5)  # fitting included
+    plain = read_json(tmp_path / "di" / "cost.json")
+    assert plain["seconds_per_image"] == pytest.approx(plain["seconds"] / plain["images"], abs=1e-5)
     assert _run(capsys, "verify", tmp_path / "di+lora")[0] == 0
     # A batch of one class at a time gives the same images as mixed batches (the adapter is switched per class).
     code, _ = _run(capsys, "generate", "--store", images, "--method", "di+lora", "--adapters", tmp_path / "ad", *gen,

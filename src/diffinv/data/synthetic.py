@@ -30,6 +30,7 @@ from diffinv.runs import RunError, atomic_write, file_sha256, read_json, write_j
 
 SYNTHETIC_FORMAT = "diffinv-synthetic-v1"
 MARKER = "generate.json"
+COST = "cost.json"  # seconds and device of the images made, per image
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -63,6 +64,16 @@ class SyntheticWriter:
         data = buf.getvalue()
         atomic_write(self.root / row["file"], lambda p: p.write_bytes(data))
 
+    def add_cost(self, seconds: float, images: int, device: str) -> None:
+        """Count ``seconds`` spent making ``images`` images on ``device`` in ``cost.json`` (a resumed set adds each run's).
+
+        A measurement of the run, not a result: kept apart from the marker, which a resumed set reproduces byte for byte.
+        """
+        path = self.root / COST
+        cost = read_json(path) if path.is_file() else {"seconds": 0.0, "images": 0, "device": device}
+        cost.update(seconds=round(cost["seconds"] + seconds, 3), images=cost["images"] + images, device=device)
+        write_json(path, cost)
+
     def finish(self, rows: list[dict[str, Any]]) -> None:
         missing = [r["file"] for r in rows if not self.exists(r)]
         if missing:
@@ -70,7 +81,13 @@ class SyntheticWriter:
         # Every image's size and checksum in its row: opening the set checks sizes, `diffinv verify` the sums.
         rows = [{**r, "bytes": (self.root / r["file"]).stat().st_size, "sha256": file_sha256(self.root / r["file"])} for r in rows]
         write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        write_json(self.root / MARKER, {**self.info(), "status": "complete", "n_samples": len(rows)})
+        info = self.info()
+        if (self.root / COST).is_file():  # per image, with what fitting cost (lora's adapters)
+            cost = read_json(self.root / COST)
+            fit = (info.get("lora") or {}).get("fit_seconds_per_image", 0.0)
+            write_json(self.root / COST, {**cost, "fit_seconds_per_image": fit,
+                                          "seconds_per_image": round(cost["seconds"] / max(cost["images"], 1) + fit, 6)})
+        write_json(self.root / MARKER, {**info, "status": "complete", "n_samples": len(rows)})
 
 
 def read_manifest(root: str | Path) -> list[dict[str, Any]]:

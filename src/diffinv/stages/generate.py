@@ -8,6 +8,7 @@ finish writes the manifest.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,6 +134,7 @@ def _generate_chunks(config: GenerateConfig, out: Path, writer: SyntheticWriter,
     mine = sum(len(c) for b, c in enumerate(chunks) if shard.owns(b))
     bar = tqdm(total=mine, initial=mine - sum(len(c) for c in todo), unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"generate ({how(config)})" + ("" if shard.whole else f" shard {shard}"))
+    started = time.perf_counter()
     for b, chunk in enumerate(todo):
         # Out of GPU memory, in halves: each sample is keyed, so the images are the same.
         for part, pixels in halving_on_oom(lambda part: generate_batch(backbone, list(part), source, config), chunk,
@@ -144,6 +146,8 @@ def _generate_chunks(config: GenerateConfig, out: Path, writer: SyntheticWriter,
         if on_batch is not None:
             on_batch(b)
     bar.close()
+    if shard.whole and todo:  # shards would race on the marker: their costs are not summed
+        writer.add_cost(time.perf_counter() - started, sum(len(c) for c in todo), str(backbone.device))
 
 
 def _finish(out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], log: Callable[[str], None], *, strict: bool,
