@@ -425,3 +425,25 @@ device: cpu
     assert {r["method"] for r in summary} >= {"real", "di", "lora", "di+lora", "ddim"}
     row = next(r for r in summary if r["method"] == "di+lora")
     assert set(row["versus"]) == {"di", "lora"}
+
+
+def test_a_method_fine_tuned_from_a_backbone_gains_over_the_real_only_arm_trained_the_same_way(tiny_base_model, tmp_path):
+    from diffinv.report.summary import summarise_study
+    from diffinv.study.engine import baselines_of
+
+    study = _write(tmp_path, f"""
+data: digits
+model: {tiny_base_model}
+train: {{arch: small-cnn}}
+methods:
+  di: {{}}
+  real-ft: {{method: real, train: &ft {{pretrained: w.safetensors, backbone_lr: 0.1}}}}
+  di-ft: {{method: di, train: *ft}}
+  img2img-ft: [{{method: img2img, train: *ft}}, {{method: img2img, train: {{pretrained: w.safetensors}}}}]
+""")
+    assert baselines_of(build_plan(load_study(study), tmp_path / "s")) == {"di": "real", "di-ft": "real-ft", "img2img-ft": "real"}
+    rows = [{"dataset": "d", "method": m, "per_class": 5, "seed": s, "top1": acc + 0.01 * s, "per_class_acc": [acc], "n_real": 10,
+             "n_synthetic": 0 if m.startswith("real") else 50, "classes": ["a"], "degenerate": False}
+            for m, acc in (("real", 0.5), ("real-ft", 0.7), ("di-ft", 0.75)) for s in range(3)]
+    entry = next(e for e in summarise_study(rows, baselines={"di-ft": "real-ft"}) if e["method"] == "di-ft")
+    assert entry["baseline"] == "real-ft" and entry["gain"]["top1"]["mean"] == pytest.approx(0.05)

@@ -44,18 +44,24 @@ def per_replicate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def summarise_study(rows: list[dict[str, Any]], compare: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+def summarise_study(rows: list[dict[str, Any]], compare: dict[str, list[str]] | None = None,
+                     baselines: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Per (dataset, method, K): mean and std over replicates of each metric, degenerate runs, the gain of
-    each method with synthetic data over real only at the same K, and head-to-head rows (``compare``)."""
+    each method with synthetic data over real only at the same K, and head-to-head rows (``compare``).
+
+    ``baselines``: method -> the real-only method its gain is over (one trained as it is, e.g. from the same
+    pretrained backbone); default ``real``.
+    """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in GROUP_KEYS), []).append(r)
     groups = {key: per_replicate(members) for key, members in groups.items()}
     summary = [_entry(key, members) for key, members in groups.items()]
     for entry in summary:
-        base = (entry["dataset"], BASELINE, entry["per_class"])
+        name = (baselines or {}).get(entry["method"], BASELINE)
+        base = (entry["dataset"], name, entry["per_class"])
         if entry["n_synthetic"] and base in groups:
-            entry["baseline"] = BASELINE
+            entry["baseline"] = name
             entry["gain"] = paired(groups[_key(entry)], groups[base])
     for method, rivals in (compare or {}).items():
         for entry in summary:

@@ -42,8 +42,9 @@ def result_table(summary: list[dict[str, Any]]) -> str:
         gain = worth = ""
         g = (r.get("gain") or {}).get(metric)
         if g is not None:
-            gain = interval_text(g)
-            text = worth_text(curve, k, r[mean_key]) if len(curve) >= 2 and k and g["beyond_noise"] else None
+            gain = interval_text(g) + ("" if r.get("baseline", "real") == "real" else f" vs {r['baseline']}")
+            same_curve = r.get("baseline", "real") == "real"  # the curve is of the study's own real-only classifier
+            text = worth_text(curve, k, r[mean_key]) if len(curve) >= 2 and k and g["beyond_noise"] and same_curve else None
             if text is not None:
                 worth = f"{text[0]} ({text[1]})"
         mark = " (degenerate)" if r.get("degenerate_runs") else ""
@@ -80,8 +81,9 @@ def verdict_lines(summary: list[dict[str, Any]]) -> str:
             continue
         setting = "" if r.get("setting") in (None, "as given") else f" ({r['setting']})"
         word = "degenerate" if g["degenerate"] else ("beyond noise" if g["beyond_noise"] else "within noise")
+        over = "real only" if r.get("baseline", "real") == "real" else f"real only ({r['baseline']})"
         text = (f"- {r['method']}{setting} at {r['per_class']} per class: {interval_text(g).split(' (')[0]} points of test "
-                f"{METRIC_NAMES[metric]} over real only, {word}")
+                f"{METRIC_NAMES[metric]} over {over}, {word}")
         for rival, versus in (r.get("versus") or {}).items():
             v = versus.get(metric)
             if v is not None:

@@ -129,7 +129,7 @@ def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool:
     test_runs([plan.units[t.run] for t in kept], out, log, pool)
     rows = [result_row(study, plan, t, out) for t in kept]
     write_table(out / "results", rows)
-    summary = summarise_study(rows, compare_pairs(study))
+    summary = summarise_study(rows, compare_pairs(study), baselines_of(plan))
     write_table(out / "summary", summary)
     write_json(out / "quality.json", study_quality(study, plan, selection, out, log))
     chosen = chosen_text(selection)
@@ -350,6 +350,18 @@ def study_quality(study: StudyConfig, plan: Plan, selection: dict[str, Any], out
     for note in sorted(notes):
         log(note)
     return report
+
+
+def baselines_of(plan: Plan) -> dict[str, str]:
+    """Each generating method's real-only baseline: the first real-only arm trained exactly as every candidate of it is
+    (``real`` for the study's own classifier; e.g. ``real-ft`` for methods fine-tuned from the same backbone)."""
+    real_arms = {arm: cands[0].train for arm, cands in plan.candidates.items()
+                 if cands and cands[0].method is None and len(cands) == 1}
+    out = {}
+    for arm, cands in plan.candidates.items():
+        if cands and cands[0].method is not None:
+            out[arm] = next((real for real, train in real_arms.items() if all(c.train == train for c in cands)), REAL)
+    return out
 
 
 def label_precision_of_sets(out: Path, folders: list[str]) -> dict[str, float]:
