@@ -19,29 +19,37 @@ from diffinv.errors import UserError
 from diffinv.runs import file_sha256, read_json
 
 
-class Lora(Method):
-    name = "lora"
-    store_target = "class"
-    uses_adapters = True
+class WithAdapters(Method):
+    """A method that samples through ``diffinv finetune``'s adapters: refuses to run without them, loads them."""
 
-    def wrong_store_message(self, store: EmbeddingStore) -> str:
-        return (f"--method lora samples each class from its class embedding: pass the per-class store the adapters were "
-                f"fitted with (`diffinv invert --target class`); {store.root} holds one embedding per image")
+    uses_adapters = True
 
     def check_settings(self, config: GenerateConfig) -> None:
         needs_adapters(config)
-        CLASS_INVERSION.check_settings(config)
-
-    def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
-        rows = per_class_rows(config, store, common,
-                              lambda c, name, j, first: {"source": CLASS_PREFIX + name, "noise": config.noise, "_src": first})
-        return tag_adapters(rows, config)
 
     def load(self, config: GenerateConfig, store: EmbeddingStore, backbone: Backbone, rows: list[Row],
              extra: dict[str, EmbeddingStore] | None = None) -> Conditioning:
         source = super().load(config, store, backbone, rows, extra)
         source.extra["info"] = {"lora": load_adapters(config, store, backbone, len(rows))}
         return source
+
+
+class Lora(WithAdapters):
+    name = "lora"
+    store_target = "class"
+
+    def wrong_store_message(self, store: EmbeddingStore) -> str:
+        return (f"--method lora samples each class from its class embedding: pass the per-class store the adapters were "
+                f"fitted with (`diffinv invert --target class`); {store.root} holds one embedding per image")
+
+    def check_settings(self, config: GenerateConfig) -> None:
+        super().check_settings(config)
+        CLASS_INVERSION.check_settings(config)
+
+    def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
+        rows = per_class_rows(config, store, common,
+                              lambda c, name, j, first: {"source": CLASS_PREFIX + name, "noise": config.noise, "_src": first})
+        return tag_adapters(rows, config)
 
 
 def needs_adapters(config: GenerateConfig) -> None:
