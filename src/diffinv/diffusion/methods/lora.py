@@ -12,9 +12,9 @@ from pathlib import Path
 from diffinv.config import GenerateConfig
 from diffinv.data.synthetic import slug
 from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.methods.base import Conditioning, Method, Row, per_class_rows
+from diffinv.diffusion.methods.base import Conditioning, Method, Row
 from diffinv.diffusion.methods.class_inversion import METHOD as CLASS_INVERSION
-from diffinv.diffusion.store import CLASS_PREFIX, EmbeddingStore, StoreError
+from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.errors import UserError
 from diffinv.runs import file_sha256, read_json
 
@@ -47,9 +47,7 @@ class Lora(WithAdapters):
         CLASS_INVERSION.check_settings(config)
 
     def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
-        rows = per_class_rows(config, store, common,
-                              lambda c, name, j, first: {"source": CLASS_PREFIX + name, "noise": config.noise, "_src": first})
-        return tag_adapters(rows, config)
+        return tag_adapters(CLASS_INVERSION.plan(config, store, common), config)  # class-inversion's rows, each through its adapter
 
 
 def needs_adapters(config: GenerateConfig) -> None:
