@@ -33,9 +33,8 @@ from invert_speed import paper_loop  # noqa: E402  (the benchmarks' own referenc
 from sample_speed import paper_sampler  # noqa: E402
 
 from diffinv import rng  # noqa: E402
-from diffinv.config import InvertConfig  # noqa: E402
 from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS, Backbone  # noqa: E402
-from diffinv.diffusion.inversion import invert_batch  # noqa: E402
+from diffinv.diffusion.inversion import InversionSettings, invert_batch  # noqa: E402
 from diffinv.diffusion.sampling import sample_latents  # noqa: E402
 from diffinv.diffusion.tiny import build_unet, build_vae  # noqa: E402
 
@@ -109,7 +108,7 @@ def measure_inversion(backbone: Backbone, pixels: torch.Tensor, steps: int) -> d
     keys = rng.keys_tensor(0, [f"img{i}" for i in range(len(pixels))])
 
     def run(n: int):
-        config = InvertConfig(model="random-sd1", data="-", resolution=pixels.shape[-1], steps=n, log_every=10**9, eval_timesteps=1)
+        config = InversionSettings(steps=n, log_every=10**9, eval_timesteps=1)
         return lambda: invert_batch(backbone, pixels, keys, config)
 
     run(1)()  # warm-up (kernels, autotuning)
@@ -165,7 +164,7 @@ def batch_invariance(backbone: Backbone, resolution: int) -> dict:
     """Max |difference| between 4 images inverted together and one at a time (fp32, 3 steps)."""
     pixels = torch.rand(4, 3, resolution, resolution, device=DEVICE) * 2 - 1
     keys = rng.keys_tensor(0, [f"inv{i}" for i in range(4)])
-    config = InvertConfig(model="random-sd1", data="-", resolution=resolution, steps=3, log_every=10**9, eval_timesteps=2)
+    config = InversionSettings(steps=3, log_every=10**9, eval_timesteps=2)
     together = invert_batch(backbone, pixels, keys, config)[0]
     alone = torch.cat([invert_batch(backbone, pixels[i:i + 1], keys[i:i + 1], config)[0] for i in range(4)])
     cuda_noise = rng.keyed_normal(keys.to(DEVICE), 7, rng.STREAM_NOISE, (4, 16, 16)).cpu()

@@ -28,7 +28,7 @@ from diffinv import rng
 from diffinv.config import InvertConfig, load_config
 from diffinv.data.real import load_pixels, open_images, select
 from diffinv.diffusion.backbone import load_backbone
-from diffinv.diffusion.inversion import invert_batch, invert_stream
+from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.objective import evaluation_loss
 
 # Recipe name -> InvertConfig overrides, spelled out in full so that a recipe keeps its meaning when
@@ -86,7 +86,7 @@ def run_recipe(name: str, backbone, pixels: torch.Tensor, keys: torch.Tensor, ba
         curve.append({"step": step, "image_steps": step * len(keys), "seconds": round(time.perf_counter() - start - spent["eval"], 2),
                       "loss": loss})
 
-    def checkpoint(step: int, tensors: dict[str, torch.Tensor], optimiser) -> None:
+    def checkpoint(step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         if step in GRID:
             measure(step, tensors["embeddings"])
 
@@ -96,14 +96,15 @@ def run_recipe(name: str, backbone, pixels: torch.Tensor, keys: torch.Tensor, ba
             init = encoder(pixels).float()
     start = time.perf_counter()
     if config.early_stop:  # one end point: each image stopped at its own step
-        result = invert_stream(backbone, pixels, keys, config, slots=len(keys), init=init)
+        result = invert_batch(backbone, pixels, keys, InversionSettings.of(config), slots=len(keys), init=init)
         seconds = round(time.perf_counter() - start, 2)
         curve = [{"step": 0, "image_steps": 0, "seconds": 0.0, "loss": result.loss_init.mean().item()},
                  {"step": round(sum(result.steps) / len(keys), 1), "image_steps": sum(result.steps), "seconds": seconds,
                   "loss": result.loss_final.mean().item(), "steps_min_max": [min(result.steps), max(result.steps)]}]
         return {"recipe": name, "settings": {k: v for k, v in vars(config).items() if k in InvertConfig.__dataclass_fields__},
                 "curve": curve, "final_loss": curve[-1]["loss"], "seconds": seconds}
-    embeddings, loss_init, loss_final = invert_batch(backbone, pixels, keys, config, checkpoint=checkpoint, init=init)
+    embeddings, loss_init, _, _ = invert_batch(backbone, pixels, keys, InversionSettings.of(config), checkpoint=checkpoint,
+                                               init=init)
     curve.insert(0, {"step": 0, "image_steps": 0, "seconds": 0.0, "loss": loss_init.mean().item()})
     measure(steps, embeddings)
     return {"recipe": name, "settings": {k: v for k, v in vars(config).items() if k in InvertConfig.__dataclass_fields__},

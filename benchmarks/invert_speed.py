@@ -23,11 +23,10 @@ import time
 import torch
 
 from diffinv import rng
-from diffinv.config import InvertConfig
 from diffinv.data.real import load_pixels, open_images, select
 from diffinv.device import resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import load_backbone
-from diffinv.diffusion.inversion import invert_batch
+from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.tiny import save_tiny_model
 
 
@@ -93,8 +92,7 @@ def main() -> None:
         ours.to(device, dtype)
 
         def run(steps: int) -> float:
-            cfg = InvertConfig(model=model, data=args.data, resolution=args.resolution, steps=steps, log_every=10**9,
-                               eval_timesteps=1)
+            cfg = InversionSettings(steps=steps, log_every=10**9, eval_timesteps=1)
             return _timed(lambda: invert_batch(ours, pixels, keys, cfg), device)
 
         run(1)  # warm-up

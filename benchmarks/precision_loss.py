@@ -22,7 +22,7 @@ from diffinv import rng
 from diffinv.config import InvertConfig
 from diffinv.data.real import load_pixels, open_images, select
 from diffinv.diffusion.backbone import load_backbone
-from diffinv.diffusion.inversion import invert_batch
+from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.objective import evaluation_loss
 from diffinv.stages.demo import EMBEDDED_BASE
 
@@ -49,7 +49,7 @@ def main() -> None:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         backbone = load_backbone(args.base).to(args.device, dtype)
         start = time.perf_counter()
-        embeddings, init, _ = invert_batch(backbone, pixels, keys, config)
+        embeddings, init, _, _ = invert_batch(backbone, pixels, keys, InversionSettings.of(config))
         seconds = time.perf_counter() - start
         loss = evaluation_loss(reference, clean, embeddings.to(args.device), keys)  # fp32 judge, same draws
         runs[name] = {"loss": loss.tolist(), "mean": loss.mean().item(), "seconds": round(seconds, 1), "embeddings": embeddings}

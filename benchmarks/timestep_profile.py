@@ -24,7 +24,7 @@ from diffinv.config import InvertConfig, load_config
 from diffinv.data.real import load_pixels, open_images, select
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.encoder import encoder_tokens
-from diffinv.diffusion.inversion import invert_batch
+from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.objective import denoising_target, per_image_loss, q_sample, timestep_bin_edges
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     config = load_config(InvertConfig, None, {"model": args.base, "data": "-", "resolution": resolution, "steps": max(args.steps, 1),
                                               "log_every": max(args.steps, 1), "timesteps": args.timesteps,
                                               "tokens": encoder_tokens(args.base) or InvertConfig.tokens})
-    emb = invert_batch(backbone, pixels, keys, replace(config, steps=args.steps))[0]  # 0 steps: the keyed start
+    emb = invert_batch(backbone, pixels, keys, InversionSettings.of(replace(config, steps=args.steps)))[0]  # 0 steps: the keyed start
     clean = backbone.encode(pixels).mean
     T = backbone.num_train_timesteps
     edges = timestep_bin_edges(T).tolist()

@@ -16,7 +16,7 @@ from diffinv.config import ConfigError, GenerateConfig, InvertConfig, load_confi
 from diffinv.data.synthetic import open_synthetic, read_manifest
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.generation import Conditioning, generate_batch, plan_samples
-from diffinv.diffusion.inversion import invert_batch
+from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.perturb import lerp, perturb, pick_partners, slerp
 from diffinv.diffusion.sampling import sample_latents, unit_rms
 from diffinv.diffusion.store import EmbeddingStore
@@ -91,13 +91,13 @@ def test_shared_class_conditioning_path_equals_per_image_path_when_each_class_ha
     backbone = load_backbone(tiny_latent)
     pixels = torch.rand(3, 3, 16, 16) * 2 - 1
     keys = rng.keys_tensor(0, ["a", "b", "c"])
-    config = InvertConfig(model="m", data="d", resolution=16, steps=4, log_every=2)
+    config = InversionSettings(steps=4, log_every=2)
     alone = invert_batch(backbone, pixels, keys, config)
     grouped = invert_batch(backbone, pixels, keys, config, owners=torch.arange(3))
     for x, y in zip(alone, grouped):
         torch.testing.assert_close(x, y)
     # Two images sharing one conditioning: it ends up between their per-image optima.
-    shared, _, _ = invert_batch(backbone, pixels[:2], keys[:1], config, owners=torch.tensor([0, 0]))
+    shared = invert_batch(backbone, pixels[:2], keys[:1], config, owners=torch.tensor([0, 0])).embeddings
     assert shared.shape == (1, 5, 32) and not torch.equal(shared[0], alone[0][0])
 
 

@@ -13,7 +13,7 @@ from diffinv import rng
 from diffinv.config import ConfigError, InvertConfig
 from diffinv.data.real import load_pixels, open_images, select
 from diffinv.diffusion.backbone import load_backbone
-from diffinv.diffusion.inversion import InversionError, invert_batch, invert_stream
+from diffinv.diffusion.inversion import InversionError, InversionSettings, invert_batch
 from diffinv.diffusion.objective import adamw_rows, denoising_target, evaluation_loss, q_sample
 from diffinv.diffusion.pretrain import pretrain_autoencoder
 from diffinv.diffusion.store import EmbeddingStore, StoreError
@@ -61,8 +61,7 @@ def trained_pixel(tmp_path_factory):
 def test_inverted_embeddings_explain_their_own_image(trained_pixel):
     backbone, images, pixels = trained_pixel
     keys = rng.keys_tensor(0, images.ids)
-    config = InvertConfig(model="m", data="digits", resolution=8, steps=100, lr=0.1, log_every=50)
-    emb, loss_init, loss_final = invert_batch(backbone, pixels, keys, config)
+    emb, loss_init, loss_final, _ = invert_batch(backbone, pixels, keys, InversionSettings(steps=100, lr=0.1, log_every=50))
     clean = backbone.encode(pixels).mean
     own = evaluation_loss(backbone, clean, emb, keys).mean()
     mean = evaluation_loss(backbone, clean, emb.mean(0, keepdim=True).expand_as(emb), keys).mean()
@@ -214,7 +213,9 @@ def test_group_pattern_plans_whole_groups_whatever_the_batch_size(tiny_latent, i
 
 
 def test_stratified_timesteps_cover_the_schedule_evenly():
-    from diffinv.diffusion.objective import lr_factor, training_timesteps
+    from diffinv.diffusion.inversion import InversionSettings, warm_up
+    from diffinv.diffusion.objective import training_timesteps
+    from diffinv.schedule import lr_factor
 
     keys = rng.keys_tensor(0, ["a", "b"])
     strat = torch.stack([training_timesteps(keys, s, 1000, "stratified") for s in range(20)])  # [steps, images]
@@ -224,7 +225,7 @@ def test_stratified_timesteps_cover_the_schedule_evenly():
     assert any(torch.bincount(iid[:, b] // 100, minlength=10).min() == 0 for b in range(2))
     assert torch.equal(training_timesteps(keys[1:], 7, 1000, "stratified"), strat[7, 1:])  # a function of (key, step)
     assert [round(lr_factor(s, 20, "cosine", 2), 4) for s in (0, 1, 2, 19)] == [0.5, 1.0, 1.0, 0.0076]  # 0.5 (1 + cos(pi 17/18))
-    assert lr_factor(0, 5, "cosine", 10) == 1.0  # warm-up is at most a tenth of the steps: none in 5
+    assert warm_up(InversionSettings(steps=5, warmup=10)) == 0  # warm-up is at most a tenth of the steps: none in 5
 
 
 def test_antithetic_draws_pair_steps_with_negated_noise_and_per_image_steps_agree():
@@ -325,21 +326,22 @@ def test_text_start_is_the_class_prompts_last_k_tokens_through_the_models_encode
 
 def test_adamw_rows_is_torch_adamw_for_each_row_at_its_own_step():
     torch.manual_seed(0)
-    start, grads, lrs = torch.randn(2, 3, 4), torch.randn(6, 2, 3, 4), torch.rand(6) * 0.1
+    start, grads, lrs = torch.randn(2, 5, 33), torch.randn(6, 2, 5, 33), (torch.rand(2) * 0.1).tolist()
     # Row 0 is updated at iterations 0-5, row 1 joins at iteration 2 (a refilled slot): its own steps 1-4.
     param, m, v = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
     for it in range(6):
-        rows = torch.tensor([0, 1]) if it >= 2 else torch.tensor([0])
-        step = torch.tensor([it + 1, it - 1])[rows]
-        param[rows], m[rows], v[rows] = adamw_rows(param[rows], grads[it][rows], m[rows], v[rows], step, lrs[rows], 1e-2)
+        rows = [0, 1] if it >= 2 else [0]
+        step = [[it + 1, it - 1][r] for r in rows]
+        param[rows], m[rows], v[rows] = adamw_rows(param[rows], grads[it][rows], m[rows], v[rows], step,
+                                                   [lrs[r] for r in rows], 1e-2)
     for row, first in ((0, 0), (1, 2)):
         p = torch.nn.Parameter(start[row].clone())
         opt = torch.optim.AdamW([p], lr=0.1, weight_decay=1e-2)
         for k, it in enumerate(range(first, 6)):
             p.grad = grads[it][row].clone()
-            opt.param_groups[0]["lr"] = float(lrs[row])
+            opt.param_groups[0]["lr"] = lrs[row]
             opt.step()
-        torch.testing.assert_close(param[row], p.detach())
+        assert torch.equal(param[row], p.detach())  # bit for bit: the one loop keeps torch's AdamW results
 
 
 def _refill_schedule(steps: list[int], slots: int) -> list[int]:
@@ -358,8 +360,7 @@ def _refill_schedule(steps: list[int], slots: int) -> list[int]:
 def test_early_stopped_images_leave_the_batch_and_equal_running_alone(trained_pixel, timesteps):
     backbone, images, pixels = trained_pixel
     keys = rng.keys_tensor(0, images.ids)
-    config = InvertConfig(model="m", data="digits", resolution=8, steps=60, lr=0.1, warmup=0, early_stop=0.02, check_every=5,
-                          log_every=5, timesteps=timesteps)
+    config = InversionSettings(steps=60, lr=0.1, warmup=0, early_stop=0.02, check_every=5, log_every=5, timesteps=timesteps)
     sizes, predict = [], backbone.predict_noise
 
     def spy(x, t, cond, **kw):
@@ -369,17 +370,17 @@ def test_early_stopped_images_leave_the_batch_and_equal_running_alone(trained_pi
 
     backbone.predict_noise = spy
     try:
-        pooled = invert_stream(backbone, pixels, keys, config, slots=4)
+        pooled = invert_batch(backbone, pixels, keys, config, slots=4)
     finally:
         backbone.predict_noise = predict
     assert min(pooled.steps) < config.steps and len(set(pooled.steps)) > 2  # images stopped at different steps
     assert all(s % config.check_every == 0 for s in pooled.steps)
     # A finished image leaves at once and the next takes its slot: the calls' sizes are exactly the refill schedule.
     assert sizes == _refill_schedule(pooled.steps, 4) and sizes[0] == 4
-    plain = invert_stream(backbone, pixels, keys, replace(config, early_stop=0.0), slots=4)
+    plain = invert_batch(backbone, pixels, keys, replace(config, early_stop=0.0), slots=4)
     assert pooled.loss_final.mean() > plain.loss_final.mean()  # stopping early does cost loss: the rule is not a no-op
     for i in range(len(keys)):
-        alone = invert_stream(backbone, pixels[i : i + 1], keys[i : i + 1], config, slots=1)
+        alone = invert_batch(backbone, pixels[i : i + 1], keys[i : i + 1], config, slots=1)
         assert alone.steps == [pooled.steps[i]]
         torch.testing.assert_close(alone.embeddings[0], pooled.embeddings[i], rtol=1e-4, atol=1e-5)
         assert float(alone.loss_final[0]) == pytest.approx(float(pooled.loss_final[i]), rel=1e-4)

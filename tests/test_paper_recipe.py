@@ -20,7 +20,7 @@ from diffinv.config import PRESETS, GenerateConfig, InvertConfig, load_config
 from diffinv.data.real import load_pixels, open_images, select
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.generation import generate_batch, plan_samples
-from diffinv.diffusion.inversion import invert_batch
+from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.methods import get_method
 from diffinv.diffusion.objective import init_embeddings
 from diffinv.diffusion.perturb import paper_partners
@@ -105,7 +105,7 @@ def test_paper_inversion_equals_the_official_loop(sd15):
     # A group of 5 in batches of 2 (2, 2, 1): each image gets a gradient every third step, and is moved every step.
     config = load_config(InvertConfig, None, {"preset": "paper", "model": "m", "data": "d", "steps": 4, "group_size": 5,
                                               "group_batch": 2, "eval_timesteps": 1, "log_every": 1})
-    ours, _, _ = invert_batch(backbone, pixels, keys, config)
+    ours = invert_batch(backbone, pixels, keys, InversionSettings.of(config)).embeddings
     init = init_embeddings(keys, 5, 768, 5 ** -0.5, "uniform")
     reference = official_inversion(sd15, pixels, keys, init, gradients=4, group_batch=2)
     assert not torch.allclose(reference, init, atol=1e-3)  # the loop moved the embeddings
@@ -117,7 +117,7 @@ def test_paper_inversion_equals_the_official_loop(sd15):
     # The default pattern (every image every step, sum of losses) is a different optimisation: the test can tell.
     own = load_config(InvertConfig, None, {"preset": "paper", "model": "m", "data": "d", "steps": 4, "update": "own",
                                            "group_size": 5, "eval_timesteps": 1})
-    assert (invert_batch(backbone, pixels, keys, own)[0] - reference).abs().mean() > 1e-3
+    assert (invert_batch(backbone, pixels, keys, InversionSettings.of(own)).embeddings - reference).abs().mean() > 1e-3
 
 
 def test_paper_init_is_the_linear_layers_uniform_start():

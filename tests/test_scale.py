@@ -200,12 +200,12 @@ def test_non_finite_images_are_retried_at_lower_lr_then_reported(tiny_latent, da
 
     def poisoned(backbone, pixels, keys, config, **kw):
         # One image fails at any lr; another only at the configured lr (as a too-large step would).
-        emb, loss_init, loss_final = real(backbone, pixels, keys, config, **kw)
+        result = real(backbone, pixels, keys, config, **kw)
         for j, key in enumerate(keys.tolist()):
             if key == stubborn or (key == flaky and config.lr >= 3e-2):
-                emb[j] = float("nan")
-                loss_final[j] = float("nan")
-        return emb, loss_init, loss_final
+                result.embeddings[j] = float("nan")
+                result.loss_final[j] = float("nan")
+        return result
 
     monkeypatch.setattr(inversion, "invert_batch", poisoned)
     messages = []

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from diffinv.cli import main
-from diffinv.config import InvertConfig
 from diffinv.diffusion import inversion
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.tiny import save_tiny_model
@@ -38,8 +37,8 @@ def test_v_prediction_models_are_inverted_against_v(models, monkeypatch):
         return real(x0, noise, alpha_bar, prediction_type)
 
     monkeypatch.setattr(inversion, "denoising_target", spy)
-    config = InvertConfig(model="m", data="d", resolution=64, steps=3, log_every=1, eval_timesteps=1)
-    emb, before, after = inversion.invert_batch(backbone, torch.rand(2, 3, 64, 64) * 2 - 1, torch.tensor([1, 2]), config)
+    settings = inversion.InversionSettings(steps=3, log_every=1, eval_timesteps=1)
+    emb, before, after, _ = inversion.invert_batch(backbone, torch.rand(2, 3, 64, 64) * 2 - 1, torch.tensor([1, 2]), settings)
     assert seen and set(seen) == {"v_prediction"} and emb.shape == (2, 5, 1024)
 
 

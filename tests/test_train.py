@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from diffinv.classify.augment import Augmenter
 from diffinv.classify.metrics import confusion_matrix, evaluate, metrics_of
 from diffinv.classify.models import ARCHS, build_model, penultimate
-from diffinv.classify.train import Stream, eval_steps, lr_at
+from diffinv.classify.batches import Stream, eval_steps
+from diffinv.schedule import lr_factor
 from diffinv.cli import main
 from diffinv.config import AUGS, ConfigError, GenerateConfig, InvertConfig, TrainConfig, load_config
 from diffinv.quality.measures import frechet_distance, kernel_distance, nearest_distances, synthetic_quality
@@ -128,7 +129,7 @@ def test_cutmix_label_weight_is_the_fraction_of_pixels_kept():
 
 def test_warmup_then_cosine():
     total, warm = 100, 10
-    lrs = [lr_at(s, total, warm, 0.1) for s in range(total)]
+    lrs = [0.1 * lr_factor(s, total, "cosine", warm) for s in range(total)]
     assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] < 0.001
@@ -320,7 +321,7 @@ def test_sample_efficiency_interpolates_in_log_size_and_bounds_outside_the_curve
 def test_a_study_process_reads_the_evaluation_split_once(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    import diffinv.classify.train as parts
+    import diffinv.stages.train_data as parts
 
     monkeypatch.setattr(parts, "_SPLITS", {})
     decoded = []

@@ -13,13 +13,12 @@ in bf16/fp16 on GPU; the host is only synchronised every ``log_every`` steps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Callable, NamedTuple
 
 import torch
 
 from diffinv import rng
-from diffinv.config import InvertConfig
 from diffinv.data.real import LabelledImages, load_pixels
 from diffinv.diffusion.backbone import Backbone, LatentMoments
 from diffinv.diffusion.objective import (
@@ -29,7 +28,6 @@ from diffinv.diffusion.objective import (
     evaluation_loss,
     importance_weights,
     init_embeddings,
-    lr_factor,
     per_image_loss,
     pilot_steps,
     q_sample,
@@ -38,256 +36,282 @@ from diffinv.diffusion.objective import (
     training_draws,
 )
 from diffinv.errors import UserError
-from diffinv.runs import load_optimiser_tensors
+from diffinv.schedule import lr_factor
 
-# (finished step, {"embeddings": [B, K, D], "timestep_stats": [B, bins] with importance sampling}, optimiser)
-Checkpoint = Callable[[int, dict[str, torch.Tensor], torch.optim.Optimizer], None]
+Checkpoint = Callable[[int, dict[str, torch.Tensor], dict], None]  # (iteration, tensors, meta), see _State
+OnStep = Callable[[int, "float | None", int], None]  # (iteration, mean loss at a log step else None, image-steps done or skipped)
+WAITING, ACTIVE, DONE = 0, 1, 2  # an image's status (kept in the checkpoint's meta)
 
 
 class InversionError(UserError, RuntimeError):
     """Inversion cannot go on (e.g. the loss is not finite); the message says what to try."""
 
 
-def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys: torch.Tensor, config: InvertConfig, *,
-                 owners: torch.Tensor | None = None, state: dict[str, torch.Tensor] | None = None, start_step: int = 0,
-                 checkpoint: Checkpoint | None = None,
-                 on_step: Callable[[int, float | None], None] | None = None,
-                 init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class InversionSettings:
+    """What the inversion loop reads; :meth:`of` takes these fields from any object that has them (a stage's config)."""
+
+    steps: int = 300
+    lr: float = 0.3
+    weight_decay: float = 1e-2
+    lr_schedule: str = "cosine"
+    warmup: int = 10
+    timesteps: str = "importance"
+    draws: str = "antithetic"
+    latent: str = "sample"
+    tokens: int = 5
+    init: str = "random"
+    init_std: float = 1.0
+    update: str = "own"
+    group_size: int = 100
+    group_batch: int = 50
+    early_stop: float = 0.0
+    check_every: int = 25
+    patience: int = 2
+    eval_timesteps: int = 8
+    log_every: int = 25
+    checkpoint_every: int = 200
+    nan_retries: int = 2
+
+    @classmethod
+    def of(cls, source: object) -> "InversionSettings":
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
+
+
+class Inverted(NamedTuple):
+    """Per item [B]: its embedding [K, D] (CPU, float32), initial and final evaluation losses, steps taken."""
+
+    embeddings: torch.Tensor
+    loss_init: torch.Tensor
+    loss_final: torch.Tensor
+    steps: list[int]
+
+
+def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys: torch.Tensor, settings: InversionSettings, *,
+                 owners: torch.Tensor | None = None, slots: int | None = None, init: torch.Tensor | None = None,
+                 resume_from: tuple[dict[str, torch.Tensor], dict] | None = None, checkpoint: Checkpoint | None = None,
+                 on_step: OnStep | None = None) -> Inverted:
     """Optimise one conditioning per image of a batch (or, with ``owners``, one per group of images).
 
     pixels [N, 3, R, R] in [-1, 1], or their latent moments; keys [B] from :func:`rng.keys_tensor`,
     one per conditioning. Without ``owners``, N = B and conditioning b belongs to image b. With
     ``owners`` [N] (sorted, values 0..B-1), conditioning b is shared by the images it owns and
-    each step trains it on one of them, drawn by its key (textual inversion's class token).
-    ``state`` (the tensors ``checkpoint`` was given and the optimiser's, as :func:`runs.save_checkpoint`
-    stored them) and ``start_step`` continue from a checkpoint; ``init`` [B, K, D] replaces the
-    keyed random start (e.g. the base's encoder tokens). With ``config.update == "group"`` the
-    batch is one group of the official loop's pattern (see :func:`update_slices`). Returns
-    (embeddings [B, K, D] float32 on CPU, initial and final evaluation losses [B]).
+    each step trains it on one of them, drawn by its key (textual inversion's class token). ``init``
+    [B, K, D] replaces the keyed random start (e.g. the base's encoder tokens); ``resume_from`` is
+    what ``checkpoint`` was given. With ``update == "group"`` the batch is one group of the official
+    loop's pattern (see :func:`update_slices`).
+
+    Each image has its own step, learning rate, AdamW moments and bias correction, and its draws
+    are keyed by (image, its step), so its trajectory is the one it would have alone. With
+    ``early_stop``, at most ``slots`` images are optimised at once: every ``check_every`` of its
+    steps an image's evaluation loss is measured, and after ``patience`` checks in a row (past
+    its warm-up) that did not lower its best by that fraction it is finished (its best checked
+    embedding is kept) and the next waiting image takes its slot.
     """
-    device = backbone.device
+    s, device = settings, backbone.device
     keys = keys.to(device)
 
     # 1. Encode every image once; the paper re-encodes it at every step.
     moments = pixels if isinstance(pixels, LatentMoments) else _encode_in_slices(backbone, pixels)
     groups = _Groups(owners.to(device), len(keys)) if owners is not None else None
 
-    # 2. Starting point: fresh keyed initialisation, or the checkpointed embeddings and AdamW moments.
-    init = (_keyed_start(backbone, keys, config) if init is None else init).to(device, torch.float32)
-    emb = torch.nn.Parameter((state["embeddings"] if state else init).to(device, torch.float32).clone())
-    opt = torch.optim.AdamW([emb], lr=config.lr, weight_decay=config.weight_decay)
-    if state:
-        load_optimiser_tensors(opt, state)
-    loss_init = _evaluate(backbone, moments.mean, init, keys, groups, config.eval_timesteps)
-    slices = [rows if rows is None else rows.to(device) for rows in update_slices(len(keys), config)]
-    # With importance-sampled timesteps each image first measures its gradient's second moment per
-    # timestep bin (its pilot steps); its proposal is fixed from then on (objective.timestep_proposal).
-    pilot = pilot_steps(config.timesteps, config.draws)
-    stats = None
-    if pilot:
-        stats = torch.zeros(len(keys), IMPORTANCE_BINS) if not state or "timestep_stats" not in state else state["timestep_stats"]
-        stats = stats.to(device, torch.float32).clone()
+    # 2. Starting point: the keyed (or given) start, or the checkpoint's embeddings, moments and steps.
+    init = (_keyed_start(backbone, keys, s) if init is None else init).to(device, torch.float32)
+    loss_init = _evaluate(backbone, moments.mean, init, keys, groups, s.eval_timesteps)
+    state = _State.start(init, loss_init, s.steps) if resume_from is None else _State.resume(*resume_from, device)
+    slots = slots if s.early_stop and slots else len(keys)
+    running = torch.zeros(len(keys), device=device)
 
-    # 3. Denoising steps. Each image's timestep, noise and latent draw are keyed by (image, step).
-    #    "own": one optimiser step per step, loss = sum of per-image means, so each image's gradient
-    #    is its own (a NaN stays in its image: the caller retries it at a lower lr). "group": the
-    #    official loop, one optimiser step per slice, loss = the slice's mean.
-    running, counted = torch.zeros(len(keys), device=device), 0
-    for step in range(start_step, config.steps):
-        for param_group in opt.param_groups:
-            param_group["lr"] = config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup)
-        proposal = timestep_proposal(stats) if pilot and step >= pilot else None  # None: uniform (no weights)
-        for rows in slices:
-            own = rows is None
-            step_keys = keys if own else keys[rows]
-            if groups is not None:  # a class token trains on one of its images, drawn by its key
-                step_moments = groups.draw(moments, keys, step)
-            else:
-                step_moments = moments if own else LatentMoments(moments.mean[rows], moments.std[rows])
-            step_proposal = proposal if own or proposal is None else proposal[rows]
-            x0, noise, t = training_draws(step_keys, step, step_moments, backbone.num_train_timesteps,
-                                          config.latent == "sample", config.timesteps, config.draws, step_proposal)
-            a = backbone.alphas_cumprod[t]
-            pred = backbone.predict_noise(q_sample(x0, noise, a), t, emb if own else emb[rows])
-            losses = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type))
-            weighted = losses if step_proposal is None else losses * importance_weights(t, step_proposal, backbone.num_train_timesteps)
-            opt.zero_grad(set_to_none=True)
-            (weighted.sum() if own else weighted.mean()).backward()
-            if pilot and step < pilot:  # the pilot: this step's gradient norm^2 in its timestep's bin
-                grad = emb.grad if own else emb.grad[rows]
-                where = torch.arange(len(keys), device=device) if own else rows
-                stats.index_put_((where, timestep_bins(t, backbone.num_train_timesteps)), grad.pow(2).flatten(1).sum(1),
-                                 accumulate=True)
-            opt.step()
-            if own:
-                running += losses.detach()
-            else:
-                running[rows] += losses.detach()
-        counted += 1
+    while True:
+        # 3. Refill: waiting images, in order, take the free slots (all are active without early stopping).
+        rows = state.refill(slots)
+        if not rows:
+            break
 
-        # 4. Host syncs only here, every log_every steps: finiteness check and the progress bar.
-        done = step + 1
+        # 4. One gradient per active image at its own step (per slice of the group pattern), then AdamW.
+        running[rows] += _train_step(backbone, moments, keys, groups, state, rows, s)
+        advanced = len(rows)
+
+        # 5. Early stopping: checks on the fixed evaluation draws; else an image is done at ``steps``.
+        advanced += _check(backbone, moments.mean, keys, state, rows, s) if s.early_stop else 0
+        for i in rows:
+            if state.steps[i] >= s.steps:
+                state.status[i] = DONE
+        state.iteration += 1
+
+        # 6. Host syncs only every log_every iterations: the progress bar, and a stop once every image has failed.
         mean_loss = None
-        if done % config.log_every == 0 or done == config.steps:
-            per_image = running / counted
-            finite = torch.isfinite(per_image)
-            if not bool(finite.any()):
-                break  # every image has failed: stop early, the caller retries or reports them
-            mean_loss = per_image[finite].mean().item()
+        if state.iteration % s.log_every == 0 or all(st == DONE for st in state.status):
+            finite = torch.isfinite(running[rows])
+            if not s.early_stop and not bool(finite.any()):
+                break  # the caller retries or reports them
+            mean_loss = (running[rows][finite] / state.since_log).mean().item() if bool(finite.any()) else None
             running.zero_()
-            counted = 0
-        if checkpoint is not None and done % config.checkpoint_every == 0 and done < config.steps:
-            checkpoint(done, {"embeddings": emb.detach(), **({"timestep_stats": stats} if pilot else {})}, opt)
+            state.since_log = 0
+        state.since_log += 1
+        if checkpoint is not None and state.iteration % s.checkpoint_every == 0 and any(st != DONE for st in state.status):
+            checkpoint(state.iteration, *state.saved(s.early_stop))
         if on_step is not None:
-            on_step(done, mean_loss)
+            on_step(state.iteration, mean_loss, advanced)
 
-    # 5. Final deterministic evaluation, same draws as the initial one.
-    loss_final = _evaluate(backbone, moments.mean, emb.detach(), keys, groups, config.eval_timesteps)
-    return emb.detach().float().cpu(), loss_init.cpu(), loss_final.cpu()
-
-
-StreamCheckpoint = Callable[[int, dict[str, torch.Tensor], dict], None]  # (iteration, tensors, meta)
-STREAM_WAITING, STREAM_ACTIVE, STREAM_DONE = 0, 1, 2  # an image's status in invert_stream (and its checkpoint meta)
+    # 7. Final deterministic evaluation, same draws as the initial one (with early stopping: each best checked one).
+    if s.early_stop:
+        return Inverted(state.best_emb.float().cpu(), loss_init.cpu(), torch.tensor(state.best, dtype=torch.float32),
+                        state.steps)
+    loss_final = _evaluate(backbone, moments.mean, state.emb, keys, groups, s.eval_timesteps)
+    return Inverted(state.emb.float().cpu(), loss_init.cpu(), loss_final.cpu(), state.steps)
 
 
 @dataclass
-class Streamed:
-    """What :func:`invert_stream` returns: per image [N] its best checked embedding, losses and steps taken."""
+class _State:
+    """The loop's per-image state: tensors on the device, counters and statuses on the host (no device syncs)."""
 
-    embeddings: torch.Tensor  # [N, K, D] float32, CPU
-    loss_init: torch.Tensor
-    loss_final: torch.Tensor
-    steps: list[int]
+    emb: torch.Tensor  # [B, K, D] float32
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    best_emb: torch.Tensor  # early stopping: the best checked embedding
+    stats: torch.Tensor  # [B, IMPORTANCE_BINS] pilot gradients' second moments (importance-sampled timesteps)
+    steps: list[int]  # gradients taken
+    updates: list[int]  # AdamW updates taken (the group pattern makes several per step)
+    best: list[float]
+    stale: list[int]
+    status: list[int]
+    iteration: int = 0
+    since_log: int = 1  # iterations in the progress bar's running loss (not checkpointed: it restarts on resume)
 
+    @classmethod
+    def start(cls, init: torch.Tensor, loss_init: torch.Tensor, steps: int) -> "_State":
+        n = len(init)
+        return cls(init.clone(), torch.zeros_like(init), torch.zeros_like(init), init.clone(),
+                   torch.zeros(n, IMPORTANCE_BINS, device=init.device), [0] * n, [0] * n, loss_init.tolist(), [0] * n,
+                   [WAITING if steps > 0 else DONE] * n)  # 0 steps: the start is kept as it is
 
-def invert_stream(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys: torch.Tensor, config: InvertConfig, *,
-                  slots: int, resume_from: tuple[dict[str, torch.Tensor], dict] | None = None,
-                  checkpoint: StreamCheckpoint | None = None,
-                  on_step: Callable[[int, float | None, int], None] | None = None,
-                  init: torch.Tensor | None = None) -> Streamed:
-    """Per-image early stopping with refill: at most ``slots`` of the N images are optimised at once.
+    @classmethod
+    def resume(cls, tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> "_State":
+        t = {k: v.to(device, torch.float32).clone() for k, v in tensors.items()}
+        return cls(t["embeddings"], t["exp_avg"], t["exp_avg_sq"], t.get("best", t["embeddings"].clone()), t["timestep_stats"],
+                   list(meta["steps"]), list(meta["updates"]), list(meta["best_loss"]), list(meta["stale"]),
+                   list(meta["status"]), int(meta["iteration"]))
 
-    pixels [N, 3, R, R] (or their latent moments) and keys [N] as for :func:`invert_batch`. Every
-    ``config.check_every`` of its own steps an image's evaluation loss is measured; after
-    ``config.patience`` checks in a row (past its warm-up) that did not lower its best by the
-    fraction ``config.early_stop``, or at ``config.steps``, the image is finished (its best checked
-    embedding is kept) and the next waiting image takes its slot, so the batch stays full. Each image has its own step count, learning-rate schedule, AdamW moments
-    and bias correction, and its draws are keyed by (image, its step): its trajectory, stopping
-    step and result are those it would have alone. An image whose checked loss is not finite is
-    returned as NaN (the caller retries it). ``on_step(iteration, mean loss or None, image-steps
-    done or skipped)``; ``checkpoint`` every ``config.checkpoint_every`` iterations, and
-    ``resume_from`` the (tensors, meta) it saved.
-    """
-    device = backbone.device
-    keys = keys.to(device)
-    n = len(keys)
-    tol, every = config.early_stop, config.check_every
-    warm = min(config.warmup, config.steps // 10)  # no image stops while its learning rate is still rising
+    def saved(self, early_stop: float) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {"embeddings": self.emb, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "timestep_stats": self.stats,
+                   **({"best": self.best_emb} if early_stop else {})}
+        meta = {"steps": self.steps, "updates": self.updates, "best_loss": self.best, "stale": self.stale, "status": self.status,
+                "iteration": self.iteration}
+        return tensors, meta
 
-    # 1. Encode every image once.
-    moments = pixels if isinstance(pixels, LatentMoments) else _encode_in_slices(backbone, pixels)
-
-    # 2. Per-image state: embedding, AdamW moments, best checked embedding and loss, own step, status.
-    init = (_keyed_start(backbone, keys, config) if init is None else init).to(device, torch.float32)
-    loss_init = evaluation_loss(backbone, moments.mean, init, keys, config.eval_timesteps)
-    WAITING, ACTIVE, DONE = STREAM_WAITING, STREAM_ACTIVE, STREAM_DONE
-    pilot = pilot_steps(config.timesteps, config.draws)  # importance-sampled timesteps: see invert_batch
-    stats = torch.zeros(n, IMPORTANCE_BINS, device=device)
-    if resume_from is None:
-        emb, m, v, best_emb = init.clone(), torch.zeros_like(init), torch.zeros_like(init), init.clone()
-        steps, best, stale, status, iteration = [0] * n, loss_init.tolist(), [0] * n, [WAITING] * n, 0
-    else:
-        tensors, meta = resume_from
-        emb, m, v, best_emb = (tensors[k].to(device, torch.float32).clone() for k in ("embeddings", "exp_avg", "exp_avg_sq", "best"))
-        if "timestep_stats" in tensors:
-            stats = tensors["timestep_stats"].to(device, torch.float32).clone()
-        steps, best, stale, status = list(meta["steps"]), list(meta["best_loss"]), list(meta["stale"]), list(meta["status"])
-        iteration = int(meta["iteration"])
-    running, counted = 0.0, 0
-
-    while True:
-        # 3. Refill: the waiting images, in order, take the free slots.
-        active = [i for i in range(n) if status[i] == ACTIVE]
-        for i in range(n):
+    def refill(self, slots: int) -> list[int]:
+        active = [i for i, st in enumerate(self.status) if st == ACTIVE]
+        for i, st in enumerate(self.status):
             if len(active) >= slots:
                 break
-            if status[i] == WAITING:
-                status[i] = ACTIVE
+            if st == WAITING:
+                self.status[i] = ACTIVE
                 active.append(i)
-        if not active:
-            break
-        order = sorted(active)  # host-side lists: indexing them costs no device sync
-        rows = torch.tensor(order, device=device)
-        own_steps = torch.tensor([steps[i] for i in order], device=device)
+        return sorted(active)
 
-        # 4. One gradient per active image at its own step, one AdamW update with its own bias correction.
-        lr = torch.tensor([config.lr * lr_factor(steps[i], config.steps, config.lr_schedule, config.warmup) for i in order],
-                          device=device)
-        proposal = None
-        if pilot:  # uniform (weights 1) for an image still in its pilot steps
-            proposal = torch.where((own_steps >= pilot)[:, None], timestep_proposal(stats[rows]), 1.0 / IMPORTANCE_BINS)
-        x0, noise, t = training_draws(keys[rows], own_steps, LatentMoments(moments.mean[rows], moments.std[rows]),
-                                      backbone.num_train_timesteps, config.latent == "sample", config.timesteps, config.draws,
-                                      proposal)
+
+def _train_step(backbone: Backbone, moments: LatentMoments, keys: torch.Tensor, groups: "_Groups | None", state: _State,
+                rows: list[int], s: InversionSettings) -> torch.Tensor:
+    """One step of the active rows: per slice, the keyed draws, the loss's gradient, an AdamW update. Returns losses [len(rows)].
+
+    "own": one slice, loss = sum of per-image losses, so each image's gradient is its own (a NaN
+    stays in its image). "group": the official loop, one update per slice, loss = the slice's
+    mean, and AdamW moves every image of the group at each update (its momentum and decay).
+    When every image is active at one step (no early stopping) nothing is copied to the device.
+    """
+    full = len(rows) == len(keys)
+    idx = None if full else torch.tensor(rows, device=keys.device)
+    take = (lambda x: x) if full else (lambda x: x[idx])
+    own_steps = [state.steps[i] for i in rows]
+    step = own_steps[0] if len(set(own_steps)) == 1 else torch.tensor(own_steps, device=keys.device)
+    lrs = [s.lr * lr_factor(k, s.steps, s.lr_schedule, warm_up(s)) for k in own_steps]
+    pilot = pilot_steps(s.timesteps, s.draws)
+    mixed = pilot and min(own_steps) < pilot <= max(own_steps)
+    in_pilot = torch.tensor([k < pilot for k in own_steps], device=keys.device) if mixed else None
+    proposal = None  # None: uniform, no weights (every row still in its pilot)
+    if pilot and max(own_steps) >= pilot:
+        proposal = timestep_proposal(take(state.stats))
+        proposal = torch.where(in_pilot[:, None], 1.0 / IMPORTANCE_BINS, proposal) if mixed else proposal
+    emb, exp_avg, exp_avg_sq = take(state.emb), take(state.exp_avg), take(state.exp_avg_sq)
+    losses = torch.zeros(len(rows), device=keys.device)
+    for part in update_slices(len(rows), s):
+        pick = (lambda x: x) if part is None else (lambda x: x[part.to(keys.device)])
+        part_proposal = None if proposal is None else pick(proposal)
+        step_moments = groups.draw(moments, keys, step) if groups is not None else LatentMoments(pick(take(moments.mean)),
+                                                                                                 pick(take(moments.std)))
+        x0, noise, t = training_draws(pick(take(keys)), step if not torch.is_tensor(step) else pick(step), step_moments,
+                                      backbone.num_train_timesteps, s.latent == "sample", s.timesteps, s.draws, part_proposal)
         a = backbone.alphas_cumprod[t]
-        cond = emb[rows].requires_grad_()
-        losses = per_image_loss(backbone.predict_noise(q_sample(x0, noise, a), t, cond),
-                                denoising_target(x0, noise, a, backbone.prediction_type))
-        weighted = losses if proposal is None else losses * importance_weights(t, proposal, backbone.num_train_timesteps)
-        (grad,) = torch.autograd.grad(weighted.sum(), cond)
-        if pilot:  # images past their pilot add 0 (a mask, not a selection: no device sync)
-            in_pilot = (own_steps < pilot).to(grad)
-            stats.index_put_((rows, timestep_bins(t, backbone.num_train_timesteps)), grad.pow(2).flatten(1).sum(1) * in_pilot,
-                             accumulate=True)
-        emb[rows], m[rows], v[rows] = adamw_rows(cond.detach(), grad, m[rows], v[rows], own_steps + 1, lr, config.weight_decay)
-        for i in order:
-            steps[i] += 1
-        iteration += 1
-        advanced = len(order)
-
-        # 5. Checks: an image at a multiple of check_every (or its last step) is evaluated on the fixed draws.
-        due = [i for i in order if steps[i] % every == 0 or steps[i] >= config.steps]
-        if due:
-            d = torch.tensor(due, device=device)
-            checked = evaluation_loss(backbone, moments.mean[d], emb[d], keys[d], config.eval_timesteps).tolist()
-            for j, i in enumerate(due):
-                loss = checked[j]
-                if not math.isfinite(loss):  # failed: NaN out, so the caller retries it at a lower lr
-                    best[i], best_emb[i] = float("nan"), float("nan")
-                    status[i] = DONE
-                    continue
-                stale[i] = 0 if loss < best[i] * (1 - tol) or steps[i] <= warm else stale[i] + 1
-                if loss < best[i]:
-                    best[i], best_emb[i] = loss, emb[i]
-                if stale[i] >= config.patience or steps[i] >= config.steps:
-                    status[i] = DONE
-                    advanced += config.steps - steps[i]  # the steps it did not need
-        running, counted = running + losses.detach().mean(), counted + 1
-
-        if checkpoint is not None and iteration % config.checkpoint_every == 0 and any(s != DONE for s in status):
-            checkpoint(iteration, {"embeddings": emb, "exp_avg": m, "exp_avg_sq": v, "best": best_emb, "timestep_stats": stats},
-                       {"steps": steps, "best_loss": best, "stale": stale, "status": status, "iteration": iteration})
-        if on_step is not None:
-            report = None
-            if iteration % config.log_every == 0:  # the only host sync besides the checks
-                report, running, counted = float(running) / counted, 0.0, 0
-            on_step(iteration, report, advanced)
-
-    return Streamed(best_emb.float().cpu(), loss_init.cpu(), torch.tensor(best, dtype=torch.float32), steps)
+        cond = pick(emb).detach().requires_grad_()
+        part_losses = per_image_loss(backbone.predict_noise(q_sample(x0, noise, a), t, cond),
+                                     denoising_target(x0, noise, a, backbone.prediction_type))
+        weighted = part_losses if part_proposal is None else part_losses * importance_weights(t, part_proposal,
+                                                                                             backbone.num_train_timesteps)
+        (grad,) = torch.autograd.grad(weighted.sum() if part is None else weighted.mean(), cond)
+        if pilot and min(own_steps) < pilot:  # the pilot: each gradient's norm^2 in its timestep's bin
+            g2 = grad.pow(2).flatten(1).sum(1)
+            g2 = g2 * pick(in_pilot).to(g2) if mixed else g2
+            where = pick(torch.arange(len(keys), device=keys.device) if full else idx)
+            state.stats.index_put_((where, timestep_bins(t, backbone.num_train_timesteps)), g2, accumulate=True)
+        if part is not None:  # the whole group moves at each update, with zero gradient outside the slice
+            grad = torch.zeros_like(emb).index_copy_(0, part.to(keys.device), grad)
+            losses = losses.index_copy(0, part.to(keys.device), part_losses.detach())
+        else:
+            losses = part_losses.detach()
+        for i in rows:
+            state.updates[i] += 1
+        emb, exp_avg, exp_avg_sq = adamw_rows(emb, grad, exp_avg, exp_avg_sq, [state.updates[i] for i in rows], lrs,
+                                              s.weight_decay)
+    if full:
+        state.emb, state.exp_avg, state.exp_avg_sq = emb, exp_avg, exp_avg_sq
+    else:
+        state.emb[idx], state.exp_avg[idx], state.exp_avg_sq[idx] = emb, exp_avg, exp_avg_sq
+    for i in rows:
+        state.steps[i] += 1
+    return losses
 
 
-def _keyed_start(backbone: Backbone, keys: torch.Tensor, config: InvertConfig) -> torch.Tensor:
+def _check(backbone: Backbone, latents: torch.Tensor, keys: torch.Tensor, state: _State, rows: list[int],
+           s: InversionSettings) -> int:
+    """Early stopping: evaluate the images at a multiple of check_every (or their last step); returns the steps skipped."""
+    warm = warm_up(s)  # no image stops while its learning rate is still rising
+    due = [i for i in rows if state.steps[i] % s.check_every == 0 or state.steps[i] >= s.steps]
+    if not due:
+        return 0
+    d = torch.tensor(due, device=keys.device)
+    checked = evaluation_loss(backbone, latents[d], state.emb[d], keys[d], s.eval_timesteps).tolist()
+    skipped = 0
+    for i, loss in zip(due, checked):
+        if not math.isfinite(loss):  # failed: NaN out, so the caller retries it at a lower lr
+            state.best[i], state.best_emb[i], state.status[i] = float("nan"), float("nan"), DONE
+            continue
+        state.stale[i] = 0 if loss < state.best[i] * (1 - s.early_stop) or state.steps[i] <= warm else state.stale[i] + 1
+        if loss < state.best[i]:
+            state.best[i], state.best_emb[i] = loss, state.emb[i]
+        if state.stale[i] >= s.patience and state.steps[i] < s.steps:
+            state.status[i] = DONE
+            skipped += s.steps - state.steps[i]  # the steps it did not need
+    return skipped
+
+
+def _keyed_start(backbone: Backbone, keys: torch.Tensor, s: InversionSettings) -> torch.Tensor:
     """Each image's keyed random start [B, K, D]: N(0, init_std^2), or the official nn.Linear start U(+-1/sqrt(group size))."""
-    uniform = config.init == "uniform"
-    return init_embeddings(keys, config.tokens + backbone.extra_tokens, backbone.cond_dim,
-                           config.group_size ** -0.5 if uniform else config.init_std, "uniform" if uniform else "normal")
+    uniform = s.init == "uniform"
+    return init_embeddings(keys, s.tokens + backbone.extra_tokens, backbone.cond_dim,
+                           s.group_size ** -0.5 if uniform else s.init_std, "uniform" if uniform else "normal")
 
 
-def update_slices(n: int, config: InvertConfig) -> list[torch.Tensor | None]:
+def warm_up(s: InversionSettings) -> int:
+    """An image's warm-up steps: at most a tenth of its steps (a short run is not all warm-up)."""
+    return min(s.warmup, s.steps // 10)
+
+
+def update_slices(n: int, s: InversionSettings) -> list[torch.Tensor | None]:
     """The optimiser steps of one step of n images: [None] (all at once), or the group pattern's batches in order."""
-    if config.update == "own":
+    if s.update == "own":
         return [None]
-    return [torch.arange(i, min(i + config.group_batch, n)) for i in range(0, n, config.group_batch)]
+    return [torch.arange(i, min(i + s.group_batch, n)) for i in range(0, n, s.group_batch)]
 
 
 class _Groups:
@@ -334,8 +358,8 @@ def _encode_in_slices(backbone: Backbone, pixels: torch.Tensor, slice_size: int 
 
 
 @dataclass
-class Inverted:
-    """A batch's result: embeddings [B, K, D] (CPU, float32), initial and final evaluation losses [B], each item's lr and steps."""
+class Retried:
+    """:func:`invert_items`'s result: embeddings [B, K, D] (CPU, float32), initial and final evaluation losses [B], each item's lr and steps."""
 
     embeddings: torch.Tensor
     loss_init: torch.Tensor
@@ -347,41 +371,30 @@ class Inverted:
         return bool(torch.isfinite(self.embeddings[j]).all()) and bool(torch.isfinite(self.loss_final[j]))
 
 
-def invert_items(backbone: Backbone, inputs: torch.Tensor | LatentMoments, keys: torch.Tensor, config: InvertConfig, *,
+def invert_items(backbone: Backbone, inputs: torch.Tensor | LatentMoments, keys: torch.Tensor, settings: InversionSettings, *,
                  owners: torch.Tensor | None = None, init: torch.Tensor | None = None,
-                 log: Callable[[str], None] = print, what: str = "batch", **resume) -> Inverted:
+                 log: Callable[[str], None] = print, what: str = "batch", **resume) -> Retried:
     """:func:`invert_batch`, then the items whose loss is not finite again at lr/10, lr/100 ... (``nan_retries`` times).
 
-    ``resume`` passes ``state``, ``start_step``, ``checkpoint`` and ``on_step`` to the first run only
-    (with ``config.early_stop``: ``slots``, ``resume_from``, ``checkpoint`` and ``on_step`` of :func:`invert_stream`).
+    ``resume`` passes ``slots``, ``resume_from``, ``checkpoint`` and ``on_step`` to the first run only.
     """
-    if config.early_stop:
-        slots = resume.pop("slots", len(keys))
-        first = invert_stream(backbone, inputs, keys, config, slots=slots, init=init, **resume)
-        result = Inverted(first.embeddings, first.loss_init, first.loss_final, [config.lr] * len(keys), first.steps)
-    else:
-        emb, loss_init, loss_final = invert_batch(backbone, inputs, keys, config, owners=owners, init=init, **resume)
-        result = Inverted(emb, loss_init, loss_final, [config.lr] * len(keys), [config.steps] * len(keys))
-    for attempt in range(1, config.nan_retries + 1):
+    slots = resume.get("slots")
+    first = invert_batch(backbone, inputs, keys, settings, owners=owners, init=init, **resume)
+    result = Retried(first.embeddings, first.loss_init, first.loss_final, [settings.lr] * len(keys), list(first.steps))
+    for attempt in range(1, settings.nan_retries + 1):
         bad = [j for j in range(len(keys)) if not result.finite(j)]
         if not bad:
             break
-        lr = config.lr * 0.1**attempt
+        lr = settings.lr * 0.1**attempt
         log(f"{len(bad)} item(s) of {what} had a non-finite loss at lr {result.lrs[bad[0]]:g}; retrying at lr {lr:g}")
-        # One image's trajectory does not depend on its batch-mates, so the retry takes only the failed ones
-        # (a class batch is retried whole: its images are laid out by owner).
-        # So is a group of the official update pattern: its images share one optimiser.
-        sel = bad if owners is None and config.update == "own" else list(range(len(keys)))
-        again = dict(pixels=inputs[sel] if owners is None else inputs, keys=keys[sel], config=replace(config, lr=lr),
-                     init=None if init is None else init[sel])
-        if config.early_stop:
-            retry = invert_stream(backbone, slots=slots, **again)
-            retry = (retry.embeddings, retry.loss_init, retry.loss_final, retry.steps)
-        else:
-            retry = (*invert_batch(backbone, owners=owners, **again), [config.steps] * len(sel))
+        # One image's trajectory does not depend on its batch-mates, so the retry takes only the failed ones;
+        # a class batch (its images laid out by owner) and a group of the official pattern (one optimiser) whole.
+        sel = bad if owners is None and settings.update == "own" else list(range(len(keys)))
+        retry = invert_batch(backbone, inputs[sel] if owners is None else inputs, keys[sel], replace(settings, lr=lr),
+                             owners=owners, slots=slots, init=None if init is None else init[sel])
         for r, j in enumerate(sel):
-            result.embeddings[j], result.loss_init[j], result.loss_final[j] = retry[0][r], retry[1][r], retry[2][r]
-            result.lrs[j], result.steps[j] = lr, retry[3][r]
+            result.embeddings[j], result.loss_init[j], result.loss_final[j] = retry.embeddings[r], retry.loss_init[r], retry.loss_final[r]
+            result.lrs[j], result.steps[j] = lr, retry.steps[r]
     return result
 
 

@@ -6,8 +6,6 @@ UNet); nothing here knows about files, configs or stages.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from diffinv import rng
@@ -180,39 +178,34 @@ def training_draws(keys: torch.Tensor, step: int | torch.Tensor, moments: Latent
     return x0, noise, t
 
 
-def lr_factor(step: int, steps: int, schedule: str = "constant", warmup: int = 0) -> float:
-    """Multiplier of the peak learning rate at ``step`` (0-based) of ``steps``: linear warm-up, then constant or cosine to 0.
-
-    The warm-up is at most a tenth of the steps (a short run is not all warm-up). A pure function
-    of the step, so a resumed run sets exactly the rate the uninterrupted one had.
-    """
-    warmup = min(warmup, steps // 10)
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "cosine":
-        progress = (step - warmup) / max(steps - warmup, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return 1.0
-
-
 def adamw_rows(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-               step: torch.Tensor, lr: torch.Tensor, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+               step: list[int], lr: list[float], weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
                eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One AdamW update of rows that are each at their own step, as ``torch.optim.AdamW`` would make it for each alone.
+    """One AdamW update of rows that are each at their own step: ``torch.optim.AdamW``'s arithmetic for each row alone.
 
-    param, grad, exp_avg, exp_avg_sq [B, ...]; step [B] counts this update (1 at the first); lr [B].
-    torch's optimiser keeps one step count per tensor, so images that started at different times
-    (early stopping refills the batch) need their own bias corrections. Returns the new
-    (param, exp_avg, exp_avg_sq).
+    param, grad, exp_avg, exp_avg_sq [B, ...]; step [B] counts this update (1 at the first) and lr [B],
+    on the host: the per-row factors are computed in float64 as torch's optimiser computes its
+    scalars, so a row's result is bit-identical to torch's single-tensor AdamW on CPU (tested).
+    Returns the new (param, exp_avg, exp_avg_sq).
     """
-    view = (-1,) + (1,) * (param.dim() - 1)
-    lr, step = lr.to(param).view(view), step.to(param).view(view)
     beta1, beta2 = betas
-    param = param * (1 - lr * weight_decay)
+    if len(set(step)) == 1 and len(set(lr)) == 1:  # every row at one step: python scalars, nothing copied to the device
+        k, r = float(step[0]), lr[0]
+        exp_avg = exp_avg.lerp(grad, 1 - beta1)
+        exp_avg_sq = torch.addcmul(exp_avg_sq * beta2, grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / ((1 - beta2**k) ** 0.5)).add_(eps)
+        return (param * (1 - r * weight_decay)).addcdiv_(exp_avg, denom, value=-(r / (1 - beta1**k))), exp_avg, exp_avg_sq
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=param.dtype, device=param.device).view((-1,) + (1,) * (param.dim() - 1))
+
+    decay = column([1 - r * weight_decay for r in lr])
+    step_size = column([-(r / (1 - beta1 ** float(k))) for r, k in zip(lr, step)])
+    bias2_sqrt = column([(1 - beta2 ** float(k)) ** 0.5 for k in step])
     exp_avg = exp_avg.lerp(grad, 1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-    denom = exp_avg_sq.sqrt() / (1 - beta2**step).sqrt() + eps
-    return param - (lr / (1 - beta1**step)) * exp_avg / denom, exp_avg, exp_avg_sq
+    exp_avg_sq = torch.addcmul(exp_avg_sq * beta2, grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+    return param * decay + step_size * exp_avg / denom, exp_avg, exp_avg_sq
 
 
 @torch.no_grad()

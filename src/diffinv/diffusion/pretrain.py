@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from diffinv import rng
-from diffinv.config import BETA_SCHEDULES, PretrainConfig
+from diffinv.config import BETA_SCHEDULES
 from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS, Backbone
 from diffinv.diffusion.encoder import TokenEncoder
 from diffinv.diffusion.objective import denoising_target, per_image_loss, q_sample
@@ -32,25 +32,26 @@ class PretrainError(UserError, RuntimeError):
 # ----------------------------------------------------------------------------- parts and pure maths
 
 
-def build_base_unet(config: PretrainConfig, image_channels: int = 3):
-    """A diffusers ``UNet2DConditionModel`` in pixel space with cross-attention at every level."""
+def build_base_unet(channels: list[int] | tuple[int, ...], resolution: int, layers_per_block: int, cross_attention_dim: int,
+                    image_channels: int = 3):
+    """A diffusers ``UNet2DConditionModel`` in pixel space with cross-attention at every level (``channels`` per level)."""
     from diffusers import UNet2DConditionModel
 
-    n = len(config.channels)
+    n = len(channels)
     return UNet2DConditionModel(
-        sample_size=config.resolution, in_channels=image_channels, out_channels=image_channels,
-        layers_per_block=config.layers_per_block,
-        block_out_channels=tuple(config.channels), down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n, cross_attention_dim=config.cross_attention_dim,
-        attention_head_dim=8, norm_num_groups=min(32, config.channels[0] // 2),
+        sample_size=resolution, in_channels=image_channels, out_channels=image_channels,
+        layers_per_block=layers_per_block,
+        block_out_channels=tuple(channels), down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=min(32, channels[0] // 2),
     )
 
 
-def base_scheduler_config(config: PretrainConfig) -> dict[str, Any]:
+def base_scheduler_config(beta_schedule: str, prediction_type: str) -> dict[str, Any]:
     """The diffusers scheduler settings a base is trained with and saved with (SD's unless asked otherwise)."""
-    start, end = BETA_SCHEDULES[config.beta_schedule]
-    return {**SCHEDULER_DEFAULTS, "beta_schedule": config.beta_schedule, "beta_start": start, "beta_end": end,
-            "prediction_type": config.prediction_type}
+    start, end = BETA_SCHEDULES[beta_schedule]
+    return {**SCHEDULER_DEFAULTS, "beta_schedule": beta_schedule, "beta_start": start, "beta_end": end,
+            "prediction_type": prediction_type}
 
 
 def autoencoder_loss(backbone: Backbone, encoder: TokenEncoder, x0: torch.Tensor, keys: torch.Tensor, step: int,
@@ -96,11 +97,6 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float, updates: int 
     torch._foreach_lerp_(list(average.parameters()), [p.detach() for p in model.parameters()], ema_weight(decay, updates))
     for ba, bm in zip(average.buffers(), model.buffers()):
         ba.copy_(bm)
-
-
-def warmup_lr(step: int, warmup: int, base: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant."""
-    return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
 
 
 def pretrain_autoencoder(backbone: Backbone, pixels: torch.Tensor, *, steps: int, tokens: int = 5, batch_size: int = 32,

@@ -22,7 +22,7 @@ from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images
 from diffinv.device import check_precision, halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import Backbone, ModelError, load_backbone
 from diffinv.diffusion.encoder import EncoderError, encoder_tokens, load_encoder
-from diffinv.diffusion.inversion import STREAM_DONE, InversionError, encode_images, invert_items
+from diffinv.diffusion.inversion import DONE, InversionError, InversionSettings, encode_images, invert_items
 from diffinv.diffusion.store import CLASS_PREFIX, MARKER, EmbeddingStore, StoreError, StoreWriter, damage, part_name, read_rows
 from diffinv.runs import RunError, Units, check_free_space, open_output, read_json, read_yaml, remove_temporaries, write_yaml
 from diffinv.shards import Shard
@@ -252,33 +252,28 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
     resumed = writer.load_checkpoint(batch)
     if resumed is not None and resumed[1]["ids"] != ids:
         resumed = None
+    if resumed is not None and "status" not in resumed[1]:
+        log(f"note: the checkpoint of batch {batch_index} is in an older format; the batch starts again")
+        resumed = None
+    if resumed is not None:
+        meta = resumed[1]
+        bar.update(sum(config.steps if st == DONE else k for k, st in zip(meta["steps"], meta["status"])))
 
-    def step_done(step: int, loss: float | None, advanced: int | None = None) -> None:
-        bar.update(len(indices) if advanced is None else advanced)
+    def step_done(iteration: int, loss: float | None, advanced: int) -> None:
+        bar.update(advanced)
         if loss is not None:
             bar.set_postfix(loss=f"{loss:.4f}")
         if on_step is not None:
-            on_step(batch_index, step)
+            on_step(batch_index, iteration)
 
-    if config.early_stop:  # a pool moving through --batch-size slots; per-image state in the checkpoint
-        def stream_checkpoint(iteration: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-            writer.save_checkpoint(batch, tensors, None, {"ids": ids, "step": iteration, **meta})
+    def checkpoint(iteration: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        writer.save_checkpoint(batch, tensors, None, {"ids": ids, "step": iteration, **meta})
 
-        if resumed:
-            done_or_skipped = [config.steps if st == STREAM_DONE else s for s, st in zip(resumed[1]["steps"], resumed[1]["status"])]
-            bar.update(sum(done_or_skipped))
-        resume = dict(slots=config.batch_size, resume_from=resumed, checkpoint=stream_checkpoint, on_step=step_done)
-    else:
-        def checkpoint(step: int, tensors: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer) -> None:
-            writer.save_checkpoint(batch, tensors, optimiser, {"ids": ids, "step": step})
-
-        state, start = (resumed[0], int(resumed[1]["step"])) if resumed else (None, 0)
-        bar.update(start * len(indices))
-        resume = dict(state=state, start_step=start, checkpoint=checkpoint, on_step=step_done)
-
-    # 3. Optimise; items whose loss is not finite are retried at lower learning rates.
-    result = invert_items(backbone, inputs, keys, config, owners=owners, init=start_from, log=log, what=f"batch {batch_index}",
-                          **resume)
+    # 3. Optimise; items whose loss is not finite are retried at lower learning rates. With --early-stop the
+    #    batch is a pool moving through --batch-size slots.
+    result = invert_items(backbone, inputs, keys, InversionSettings.of(config), owners=owners, init=start_from, log=log,
+                          what=f"batch {batch_index}", slots=config.batch_size, resume_from=resumed, checkpoint=checkpoint,
+                          on_step=step_done)
 
     # 4. Rows of the manifest; the failures apart.
     if config.target == "image":

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,8 +24,9 @@ from diffinv.device import resolve_device, slow_bf16_warning
 from diffinv.diffusion.backbone import Backbone, save_folder
 from diffinv.diffusion.encoder import TokenEncoder
 from diffinv.diffusion.pretrain import (PretrainError, autoencoder_loss, base_scheduler_config, build_base_unet, ema_update,
-                                        is_grey, warmup_lr)
+                                        is_grey)
 from diffinv.diffusion.views import denoiser_view, random_views, strong
+from diffinv.schedule import lr_factor
 from diffinv.runs import (RunError, load_optimiser_tensors, open_output, prefixed, read_checkpoint, read_json, save_checkpoint,
                           write_json, write_safetensors, write_text, write_yaml)
 from diffinv.stages import Stage
@@ -42,8 +44,6 @@ def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = Fal
     written every ``checkpoint_every`` steps; ``resume`` continues it to the same weights as an
     uninterrupted run (batches and draws are keyed by (seed, step)).
     """
-    from tqdm import tqdm
-
     out = Path(out)
     device = resolve_device(config.device)
     autocast = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
@@ -64,78 +64,28 @@ def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = Fal
     pixels = (pixels[:, :1] if channels == 1 else pixels).to(device)
 
     # 3. Model, encoder, their average and the optimiser; everything seeded.
-    torch.manual_seed(config.seed)
-    unet = build_base_unet(config, channels).to(device).train()
-    scheduler_config = base_scheduler_config(config)
-    backbone = Backbone(unet, None, scheduler_config, str(out))
-    encoder = TokenEncoder(channels, config.tokens, config.cross_attention_dim).to(device).train()
-    averaged = nn.ModuleDict({"unet": copy.deepcopy(unet), "encoder": copy.deepcopy(encoder)}).requires_grad_(False)
-    trained = nn.ModuleDict({"unet": unet, "encoder": encoder})
-    opt = torch.optim.AdamW(trained.parameters(), lr=config.lr, weight_decay=0.0)
+    models = _Models.build(config, channels, device, out)
 
     # 4. Resume: weights, average, Adam moments, the loss history.
     ckpt = out / "checkpoint.safetensors"
     start, history = 0, []
     if state == "resume" and ckpt.is_file():
-        start, history = _load_checkpoint(ckpt, trained, averaged, opt)
+        start, history = _load_checkpoint(ckpt, models.trained, models.averaged, models.opt)
         log(f"resuming {out} at step {start}/{config.steps}")
 
-    # 5. The loop: keyed batch, loss, step, average; sync with the host only every log_every steps.
-    bar = tqdm(total=config.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
-    window = torch.zeros((), device=device)
-    began = time.time() - (history[-1]["seconds"] if history else 0.0)  # seconds count across resumes
-    # Draws are keyed by (batch position, step): an image drawn twice in one batch still gets two noises.
-    keys = torch.arange(config.batch_size, dtype=torch.int64, device=device) + config.seed * 1_000_003
-    steps, done = config.steps, start
-    for step in range(start, config.steps):
-        # 5a. The step's images: what the UNet denoises, and what the encoder sees (the same, or another view).
-        idx = _batch(config, step, len(pixels)).to(device)
-        x0 = denoiser_view(pixels[idx], keys, step, rng.STREAM_LATENT, config.hflip)
-        seen = None
-        if config.views == "invariant":
-            seen = random_views(pixels[idx], keys, step, rng.STREAM_VIEW, strong(config.view_min_area), config.hflip)
-        for group in opt.param_groups:
-            group["lr"] = warmup_lr(step, config.warmup, config.lr)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = autoencoder_loss(backbone, encoder, x0, keys, step, config.cond_dropout, seen, config.token_noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema_update(averaged, trained, config.ema, step + 1)
-        window += loss.detach()
-        done = step + 1
-        out_of_time = bool(config.max_seconds) and time.time() - began >= config.max_seconds
-        if out_of_time:
-            steps = done  # the run ends here; it is then exactly a run of `done` steps
-        if done % config.log_every == 0 or done == steps:
-            n = done - (history[-1]["step"] if history else 0)
-            mean = float(window) / n
-            if not math.isfinite(mean):
-                raise PretrainError(f"the loss became {mean} before step {done}; lower --lr (now {config.lr}) or use "
-                                    f"--precision fp32; the last checkpoint in {out} is kept")
-            history.append({"step": done, "loss": mean, "seconds": round(time.time() - began, 2)})
-            window.zero_()
-            bar.set_postfix(loss=f"{mean:.4f}")
-        if done % config.checkpoint_every == 0 and done < steps:
-            save_checkpoint(ckpt, {**{f"model.{k}": v for k, v in trained.state_dict().items()},
-                                   **{f"ema.{k}": v for k, v in averaged.state_dict().items()}}, opt,
-                            {"step": done, "history": history})
-        bar.update(1)
-        if out_of_time:
-            log(f"stopping after {done} steps: --max-seconds {config.max_seconds:g} reached")
-            break
-    bar.close()
+    # 5. The loop (its own function); a --max-seconds stop makes the run exactly a run of the steps done.
+    steps = _train(config, models, pixels, autocast, ckpt, start, history, progress, log)
     if steps != config.steps:
         write_yaml(out / "config.yaml", {**config_to_dict(config), "steps": steps})
 
     # 6. Save the averaged weights as a diffusers folder, the curves and the preview grid, then mark done.
-    final = Backbone(averaged["unet"].eval(), None, scheduler_config, str(out))
+    final = Backbone(models.averaged["unet"].eval(), None, models.scheduler_config, str(out))
     save_folder(final, out)
-    write_safetensors(out / "encoder.safetensors", averaged["encoder"].state_dict(),
+    write_safetensors(out / "encoder.safetensors", models.averaged["encoder"].state_dict(),
                       {"tokens": str(config.tokens), "dim": str(config.cross_attention_dim), "in_channels": str(channels)})
     write_text(out / "losses.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     _plot_losses(history, out / "loss.png")
-    _preview(final, averaged["encoder"].eval(), pixels, config, out / "samples.png")
+    _preview(final, models.averaged["encoder"].eval(), pixels, config, out / "samples.png")
     n_params = sum(p.numel() for p in final.unet.parameters())
     write_json(out / MARKER, {
         "status": "complete", "steps": steps, "steps_asked": config.steps, "images": len(pixels), "image_channels": channels,
@@ -145,6 +95,89 @@ def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = Fal
     })
     ckpt.unlink(missing_ok=True)
     return out
+
+
+@dataclass
+class _Models:
+    """What pretraining optimises (UNet and token encoder), their running average and the optimiser."""
+
+    backbone: Backbone
+    encoder: nn.Module
+    trained: nn.ModuleDict
+    averaged: nn.ModuleDict
+    opt: torch.optim.Optimizer
+    scheduler_config: dict
+
+    @classmethod
+    def build(cls, config: PretrainConfig, channels: int, device: torch.device, out: Path) -> "_Models":
+        torch.manual_seed(config.seed)
+        unet = build_base_unet(config.channels, config.resolution, config.layers_per_block, config.cross_attention_dim,
+                               channels).to(device).train()
+        scheduler_config = base_scheduler_config(config.beta_schedule, config.prediction_type)
+        encoder = TokenEncoder(channels, config.tokens, config.cross_attention_dim).to(device).train()
+        averaged = nn.ModuleDict({"unet": copy.deepcopy(unet), "encoder": copy.deepcopy(encoder)}).requires_grad_(False)
+        trained = nn.ModuleDict({"unet": unet, "encoder": encoder})
+        opt = torch.optim.AdamW(trained.parameters(), lr=config.lr, weight_decay=0.0)
+        return cls(Backbone(unet, None, scheduler_config, str(out)), encoder, trained, averaged, opt, scheduler_config)
+
+
+def _train(config: PretrainConfig, models: _Models, pixels: torch.Tensor, autocast: bool, ckpt: Path, start: int,
+           history: list[dict], progress: bool, log: Callable[[str], None]) -> int:
+    """Steps start..steps: keyed batch, loss, step, average; host syncs only every log_every steps. Returns the steps run."""
+    from tqdm import tqdm
+
+    device = pixels.device
+    bar = tqdm(total=config.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
+    window = torch.zeros((), device=device)
+    began = time.time() - (history[-1]["seconds"] if history else 0.0)  # seconds count across resumes
+    # Draws are keyed by (batch position, step): an image drawn twice in one batch still gets two noises.
+    keys = torch.arange(config.batch_size, dtype=torch.int64, device=device) + config.seed * 1_000_003
+    steps = config.steps
+    for step in range(start, config.steps):
+        # a. The step's images: what the UNet denoises, and what the encoder sees (the same, or another view).
+        idx = _batch(config, step, len(pixels)).to(device)
+        x0 = denoiser_view(pixels[idx], keys, step, rng.STREAM_LATENT, config.hflip)
+        seen = None
+        if config.views == "invariant":
+            seen = random_views(pixels[idx], keys, step, rng.STREAM_VIEW, strong(config.view_min_area), config.hflip)
+        # b. Loss, update, running average.
+        for group in models.opt.param_groups:
+            group["lr"] = config.lr * lr_factor(step, config.steps, "constant", config.warmup)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = autoencoder_loss(models.backbone, models.encoder, x0, keys, step, config.cond_dropout, seen, config.token_noise)
+        models.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        models.opt.step()
+        ema_update(models.averaged, models.trained, config.ema, step + 1)
+        window += loss.detach()
+        # c. Out of time, the log line and the checkpoint.
+        done = step + 1
+        out_of_time = bool(config.max_seconds) and time.time() - began >= config.max_seconds
+        if out_of_time:
+            steps = done  # the run ends here; it is then exactly a run of `done` steps
+        if done % config.log_every == 0 or done == steps:
+            _log_window(history, done, float(window), time.time() - began, config.lr, ckpt.parent)
+            window.zero_()
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+        if done % config.checkpoint_every == 0 and done < steps:
+            save_checkpoint(ckpt, {**{f"model.{k}": v for k, v in models.trained.state_dict().items()},
+                                   **{f"ema.{k}": v for k, v in models.averaged.state_dict().items()}}, models.opt,
+                            {"step": done, "history": history})
+        bar.update(1)
+        if out_of_time:
+            log(f"stopping after {done} steps: --max-seconds {config.max_seconds:g} reached")
+            break
+    bar.close()
+    return steps
+
+
+def _log_window(history: list[dict], done: int, total: float, seconds: float, lr: float, out: Path) -> None:
+    """Append the mean loss since the last entry; a non-finite one stops the run (its last checkpoint is kept)."""
+    mean = total / (done - (history[-1]["step"] if history else 0))
+    if not math.isfinite(mean):
+        raise PretrainError(f"the loss became {mean} before step {done}; lower --lr (now {lr}) or use "
+                            f"--precision fp32; the last checkpoint in {out} is kept")
+    history.append({"step": done, "loss": mean, "seconds": round(seconds, 2)})
 
 
 def _training_pixels(config: PretrainConfig, progress: bool) -> torch.Tensor:

@@ -26,11 +26,13 @@ from diffinv.classify.augment import Augmenter
 from diffinv.classify.metrics import channel_stats, evaluate, normalise
 from diffinv.classify.models import build_model, check_arch, load_trained
 from diffinv.classify.pretrained import load_pretrained, param_groups, read_state_dict
-from diffinv.classify.train import TrainingError, eval_steps, load_test_split, load_train_data, lr_at, plan_streams
+from diffinv.classify.batches import eval_steps
+from diffinv.stages.train_data import TrainingError, load_test_split, load_train_data, plan_streams
 from diffinv.config import TrainConfig, config_to_dict
 from diffinv.data.real import DataError
 from diffinv.device import resolve_device, slow_bf16_warning
 from diffinv.rng import key_of
+from diffinv.schedule import lr_factor
 from diffinv.runs import (RunError, load_optimiser_tensors, open_output, prefixed, read_checkpoint, read_json, save_checkpoint,
                           write_json, write_safetensors, write_text, write_yaml)
 from diffinv.stages import Stage
@@ -181,7 +183,7 @@ def _step(config: TrainConfig, run: _Session, step: int) -> float:
     # 3. The step's learning rate and randomness.
     for group in run.optimiser.param_groups:  # pretrained layers wait out the linear probe, then run at their fraction
         probing = group["pretrained"] and step < config.probe_steps
-        group["lr"] = 0.0 if probing else group["scale"] * lr_at(step, run.total, run.warmup_steps, config.lr)
+        group["lr"] = 0.0 if probing else group["scale"] * (config.lr * lr_factor(step, run.total, "cosine", run.warmup_steps))
     if run.pool.device.type == "cpu":  # torch.manual_seed also seeds every accelerator backend: ~1 ms, a tenth of a small CNN's step
         torch.default_generator.manual_seed(key_of(config.seed, f"step/{step}"))
     else:

@@ -248,7 +248,8 @@ def test_runs(units: list[Unit], out: Path, log: Log, pool: Any = None) -> None:
 
 def warn_overlap(plan: Plan, out: Path, log: Log) -> None:
     """Say once, before the test is read, when real training images of any replicate are byte for byte test images."""
-    from diffinv.classify.train import load_test_split, overlap_notes
+    from diffinv.classify.batches import overlap_notes
+    from diffinv.stages.train_data import load_test_split
     from diffinv.data.real import load_uint8, open_images, select, validation_ids
 
     configs = list({(u.config.per_class, u.config.subset_seed): u.config for u in plan.runs()}.values())

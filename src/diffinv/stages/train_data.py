@@ -1,6 +1,7 @@
-"""Stage 3's parts: the data a classifier run holds in memory, its learning-rate schedule and keyed batch streams.
+"""The train stage's data: what a classifier run holds in memory, read from its config, and its batch streams.
 
-The run itself (folder, loop, checkpoints) is :mod:`diffinv.stages.train`.
+The run itself (folder, loop, checkpoints) is :mod:`diffinv.stages.train`; the pure parts
+(batch order, evaluation steps) are :mod:`diffinv.classify.batches`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from diffinv.config import TrainConfig
 from diffinv.data.real import DataError, load_uint8, open_images, select, validation_ids
 from diffinv.data.synthetic import MARKER, open_synthetic, read_manifest
 from diffinv.errors import UserError
+from diffinv.classify.batches import Stream, overlap_notes
 from diffinv.runs import read_json, read_yaml
-from diffinv.rng import key_of
 
 MIN_RESOLUTION = 32  # the smallest side on which every listed architecture keeps a spatial map
 # A study trains many runs in one process on the same evaluation split (CIFAR-10's test split: 10,000
@@ -151,21 +152,6 @@ def _provenance_notes(config: TrainConfig, chosen: set[str]) -> list[str]:
     return notes
 
 
-def overlap_notes(real: torch.Tensor, ids: list[str], test: torch.Tensor, split: str) -> list[str]:
-    """Training images that are byte for byte test images: the test score would partly be a memory test."""
-    import hashlib
-
-    def digest(x: torch.Tensor) -> bytes:
-        return hashlib.blake2b(x.numpy().tobytes(), digest_size=12).digest()
-
-    seen = {digest(t) for t in test}
-    same = [i for i, x in zip(ids, real) if digest(x) in seen]
-    if not same:
-        return []
-    return [f"{len(same)} training image(s) are identical to images of the {split!r} split ({', '.join(same[:3])}"
-            f"{' ...' if len(same) > 3 else ''}): the test split overlaps the training data; remove the duplicates"]
-
-
 def load_test_split(config: TrainConfig, resolution: int, classes: list[str],
                     log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
     """The evaluation split at ``resolution`` (uint8 images, labels) for a run trained on ``classes``."""
@@ -209,31 +195,6 @@ def _use(config: TrainConfig) -> str:
 # ----------------------------------------------------------------------------- pure schedule parts
 
 
-def lr_at(step: int, total: int, warmup_steps: int, base: float) -> float:
-    """Linear warm-up from base/warmup to base over ``warmup_steps``, then cosine to zero at ``total``."""
-    if step < warmup_steps:
-        return base * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total - warmup_steps)
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class Stream:
-    """Batches of ``batch`` indices into ``size`` items: one seeded permutation per pass, last partial batch dropped."""
-
-    def __init__(self, size: int, batch: int, seed: int, name: str):
-        self.size, self.batch, self.seed, self.name = size, min(batch, size), seed, name
-        self.per_pass = size // self.batch
-        self._cached: tuple[int, torch.Tensor] | None = None
-
-    def indices(self, step: int) -> torch.Tensor:
-        """[batch] int64 indices used at ``step`` (a pure function of seed, name and step)."""
-        n_pass, j = divmod(step, self.per_pass)
-        if self._cached is None or self._cached[0] != n_pass:
-            g = torch.Generator().manual_seed(key_of(self.seed, f"order/{self.name}/{n_pass}"))
-            self._cached = (n_pass, torch.randperm(self.size, generator=g))
-        return self._cached[1][j * self.batch:(j + 1) * self.batch]
-
-
 def plan_streams(config: TrainConfig, n_real: int, n_syn: int) -> tuple[list[tuple[str, Stream]], int]:
     """The index streams of a run and its length in steps."""
     use = _use(config)
@@ -250,10 +211,3 @@ def plan_streams(config: TrainConfig, n_real: int, n_syn: int) -> tuple[list[tup
     steps_per_epoch = max(s.per_pass for _, s in streams)
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     return streams, total
-
-
-def eval_steps(total: int, every: int) -> set[int]:
-    """Steps (1-based counts of finished steps) after which to evaluate; always includes the last."""
-    if every:
-        return set(range(every, total + 1, every)) | {total}
-    return {max(1, round(total * k / 10)) for k in range(1, 11)}
