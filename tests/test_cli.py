@@ -52,3 +52,21 @@ def test_config_rejects_unknown_and_mistyped_keys(tmp_path):
     assert config.lr == 1.0 and isinstance(config.lr, float) and config.per_class == 4 and config.steps == 9
     with pytest.raises(ConfigError, match="latent must be one of"):
         InvertConfig(latent="median")
+
+
+def test_every_sub_command_is_a_stage_built_the_same_way(tmp_path, capsys):
+    import argparse
+
+    from diffinv.cli import build_parser
+    from diffinv.launch import STAGES, get_stage
+    from diffinv.runs import RunError
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(action.choices) == list(STAGES)  # nothing added beside the registry
+    for name, spec in STAGES.items():
+        assert spec.cli in ("config", "study", "folder")
+        assert (spec.run is None) == (spec.cli == "folder") and (spec.command is not None) == (spec.cli == "folder")
+    with pytest.raises(RunError, match="unknown stage 'verify'"):  # a tool reads a folder; it is not launched into one
+        get_stage("verify")
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "neither an embedding store" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from diffinv import __version__
-from diffinv.config import STUDY_OWNED, ConfigError, InvertConfig, LaunchConfig, StudyConfig, load_config
+from diffinv.config import STUDY_OWNED, ConfigError, LaunchConfig, StudyConfig, load_config
 
 SHARD_FLAGS = tuple(f.name for f in fields(LaunchConfig))
 NOT_FIELDS = {"out", "config", "resume", "overwrite", "quiet", "func", "command", *SHARD_FLAGS}
@@ -158,52 +158,6 @@ def _config_stage(stage: str):
     return run
 
 
-def _run_experiment(args: argparse.Namespace) -> int:
-    if args.study is None and args.data is None:
-        raise ConfigError("give a study file (diffinv experiment STUDY.yaml --out DIR) or at least --data (the methods "
-                          "then are di and img2img; see diffinv experiment --help)")
-    return _run_stage("experiment", _study_config(args, args.study), args)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from diffinv.stages.demo import DEMO_STUDY
-
-    return _run_stage("demo", _study_config(args, str(DEMO_STUDY)), args)
-
-
-def _run_report(args: argparse.Namespace) -> int:
-    from diffinv.report.build import build_report
-
-    print(f"report {(page := build_report(args.folder))} (and {page.with_suffix('.md')})")
-    return 0
-
-
-def _run_verify(args: argparse.Namespace) -> int:
-    from diffinv.stages.verify import verify
-
-    kind, problems = verify(args.folder)
-    for problem in problems:
-        print(f"{args.folder}: {problem}", file=sys.stderr)
-    print(f"{args.folder}: {kind} {'ok' if not problems else f'has {len(problems)} problem(s)'}")
-    return 2 if problems else 0
-
-
-def _run_inspect(args: argparse.Namespace) -> int:
-    from diffinv.stages.inspect import inspect_model
-
-    for name, value in inspect_model(args.folder, args.data or "", args.resolution, original_config=args.original_config or "",
-                                     prediction_type=args.prediction_type or ""):
-        print(f"{name:>32}: {value}")
-    return 0
-
-
-def _run_merge(args: argparse.Namespace) -> int:
-    from diffinv.launch import merge
-
-    print(f"merged {args.folder}: the {dict(invert='store', generate='dataset', experiment='study')[merge(args.folder)]} is complete")
-    return 0
-
-
 # ----------------------------------------------------------------------------- the parser
 
 
@@ -212,52 +166,56 @@ def build_parser() -> argparse.ArgumentParser:
     from diffinv.diffusion.methods import METHODS
     from diffinv.launch import STAGES
 
-    others = {  # name: (what it does, what its one argument is, handler)
-        "report": ("Markdown + HTML report of a study or a run, from its saved files",
-                   "a study folder (from experiment) or a run folder (from train)", _run_report),
-        "merge": ("final step of a sharded invert / generate / experiment: the manifest, or which shards to re-run",
-                  "the --out of the sharded job", _run_merge),
-        "verify": ("check a store or a synthetic set byte by byte: checksums, finite embeddings, files and manifest",
-                   "a store (from invert) or a synthetic set (from generate)", _run_verify),
-        "inspect": ("what a run would do with a model: family, prediction type, resolution, latent, precision, FLOPs",
-                    "a model (as invert's --model)", _run_inspect)}
-    listing = "\n".join(f"  {name:<13}  {text}" for name, text in [(n, s.help) for n, s in STAGES.items()]
-                        + [(n, o[0]) for n, o in others.items()])
+    listing = "\n".join(f"  {name:<13}  {spec.help}" for name, spec in STAGES.items())
     parser = argparse.ArgumentParser(prog="diffinv", description="Diffusion Inversion: synthetic training data from a frozen diffusion model.",
                                      epilog="stages:\n" + listing, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"diffinv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="STAGE")
     dynamic = {"method": {"choices": tuple(METHODS)},
                "arch": {"help": f"classifier: {', '.join(ARCHS)} or timm:<name>"}}
-
     for name, spec in STAGES.items():
-        usage = {"experiment": "diffinv experiment [STUDY.yaml] --out DIR [study flags] [--invert-X V] [--generate-X V[,V...]] ...",
-                 "demo": "diffinv demo [--out DIR] [study flags] [--invert-X V] [--generate-X V[,V...]] ..."}.get(name)
-        p = sub.add_parser(name, help=spec.help, description=spec.description or spec.help, usage=usage)
-        if name in ("experiment", "demo"):
-            if name == "experiment":
-                p.add_argument("study", nargs="?", help="study YAML (keys: the flags below; see diffinv.study.spec)")
-                p.add_argument("--out", required=True, help="study folder (re-running continues it)")
-            else:
-                p.add_argument("--out", default="runs/demo", help="folder to write (default runs/demo)")
-            p.add_argument("--quiet", action="store_true", help="no progress bars")
-            add_study_flags(p, dynamic)
-            p.set_defaults(func=_run_experiment if name == "experiment" else _run_demo)
-        else:
-            _add_output_flags(p, spec.outputs)
-            add_config_flags(p, spec.config, dynamic)
-            p.set_defaults(func=_config_stage(name))
+        p = sub.add_parser(name, help=spec.help, description=spec.description or spec.help, usage=spec.usage or None)
+        _ARGUMENTS[spec.cli](p, spec, dynamic)
         if spec.shardable:
             add_config_flags(p.add_argument_group("scaling out", "shards of one job write into the same --out; the last one "
                                                   "writes the manifest"), LaunchConfig)
-
-    for name, (text, folder, func) in others.items():
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("folder", help=folder)
-        p.set_defaults(func=func)
-        if name == "inspect":
-            add_config_flags(p, InvertConfig, only=("data", "resolution", "original_config", "prediction_type"))
     return parser
+
+
+def _config_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, dict]) -> None:
+    """A stage whose flags are its config's fields."""
+    _add_output_flags(p, spec.outputs)
+    add_config_flags(p, spec.config, dynamic)
+    p.set_defaults(func=_config_stage(spec.name))
+
+
+def _study_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, dict]) -> None:
+    """A study: a STUDY.yaml argument (or the stage's fixed study), then the study's flags and every stage's."""
+    if spec.study:
+        p.add_argument("--out", default=spec.default_out, help=f"folder to write (default {spec.default_out})")
+    else:
+        p.add_argument("study", nargs="?", help="study YAML (keys: the flags below; see diffinv.study.spec)")
+        p.add_argument("--out", required=True, help="study folder (re-running continues it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_study_flags(p, dynamic)
+
+    def run(args: argparse.Namespace) -> int:
+        if not spec.study and args.study is None and args.data is None:
+            raise ConfigError(f"give a study file (diffinv {spec.name} STUDY.yaml --out DIR) or at least --data (the methods "
+                              f"then are di and img2img; see diffinv {spec.name} --help)")
+        return _run_stage(spec.name, _study_config(args, spec.study or args.study), args)
+    p.set_defaults(func=run)
+
+
+def _folder_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, dict]) -> None:
+    """A tool that reads one folder (verify, inspect, report, merge)."""
+    p.add_argument("folder", help=spec.folder)
+    if spec.flags is not None:
+        add_config_flags(p, spec.flags[0], only=spec.flags[1])
+    p.set_defaults(func=spec.command)
+
+
+_ARGUMENTS = {"config": _config_arguments, "study": _study_arguments, "folder": _folder_arguments}
 
 
 def reference() -> str:

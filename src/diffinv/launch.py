@@ -19,12 +19,23 @@ from tqdm.auto import tqdm
 
 from diffinv.runs import RunError, output_lock, refuse_inside, remove_if_unstarted
 from diffinv.shards import Shard, local_device
-from diffinv.stages import Stage, demo, experiment, finetune, generate, invert, pretrain, tiny, train
+from diffinv.stages import Stage, demo, experiment, finetune, generate, inspect, invert, pretrain, report, tiny, train, verify
 from diffinv.stages import filter as filter_stage
 
-# In the order the pipeline runs them (the CLI lists them so).
+
+def _merge_command(args) -> int:
+    print(f"merged {args.folder}: the {dict(invert='store', generate='dataset', experiment='study')[merge(args.folder)]} is complete")
+    return 0
+
+
+MERGE = Stage(name="merge", cli="folder", command=_merge_command,
+              help="final step of a sharded invert / generate / experiment: the manifest, or which shards to re-run",
+              folder="the --out of the sharded job")
+
+# In the order the pipeline runs them, then the tools that read a folder (the CLI lists them so).
 STAGES: dict[str, Stage] = {s.name: s for s in (demo.STAGE, invert.STAGE, finetune.STAGE, generate.STAGE, filter_stage.STAGE, train.STAGE,
-                                                 experiment.STAGE, pretrain.STAGE, tiny.STAGE)}
+                                                 experiment.STAGE, pretrain.STAGE, tiny.STAGE, report.STAGE, MERGE, verify.STAGE,
+                                                 inspect.STAGE)}
 
 
 class ShardError(RunError):
@@ -32,8 +43,9 @@ class ShardError(RunError):
 
 
 def get_stage(name: str) -> Stage:
-    if name not in STAGES:
-        raise RunError(f"unknown stage {name!r}; one of {', '.join(STAGES)}")
+    """A stage that runs into an output folder (not a tool that reads one)."""
+    if name not in STAGES or STAGES[name].run is None:
+        raise RunError(f"unknown stage {name!r}; one of {', '.join(n for n, s in STAGES.items() if s.run is not None)}")
     return STAGES[name]
 
 

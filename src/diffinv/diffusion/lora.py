@@ -44,7 +44,7 @@ def fit_lora(backbone: Backbone, params: list[torch.nn.Parameter], moments: Late
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress is not None:
             progress(step, losses[-1])
     return losses

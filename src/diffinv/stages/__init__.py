@@ -1,4 +1,5 @@
-"""The pipeline's stages, one module per sub-command, each exporting a :class:`Stage`.
+"""The pipeline's stages, one module per sub-command, each exporting a :class:`Stage` (``merge``'s is in :mod:`diffinv.launch`;
+``train_data`` is the train stage's data). The CLI builds every sub-command from its Stage alone.
 
 real images -> invert -> store -> generate -> synthetic set -> train / experiment -> runs -> report
 
@@ -25,13 +26,19 @@ class Stage:
     ``count_done(out, seen)`` reads (finished, total) units from the folder for progress;
     ``summary(config, out)`` is the line the CLI prints; ``path_fields`` are config fields that
     name local paths (made absolute for Ray workers).
+
+    ``cli`` says how the CLI builds the sub-command, the same way for every stage of a kind:
+    "config" (a flag per field of ``config``, plus --out/--config/--resume/--overwrite), "study"
+    (a study's flags; ``study`` is its fixed study file, else a STUDY.yaml argument) or "folder"
+    (a tool that reads one folder, described by ``folder``, with ``flags`` = (config class, fields)
+    of extra flags, run by ``command(args) -> exit code``; it has no ``run``).
     """
 
     name: str
-    config: type
-    marker: str
-    run: Callable[..., Path | None]
     help: str
+    config: type | None = None
+    marker: str = ""
+    run: Callable[..., Path | None] | None = None
     description: str = ""  # the sub-command's --help text (default: ``help``)
     outputs: tuple[str, str, str] | None = None  # help of --out, --resume, --overwrite (stages with an output folder)
     finish: Callable[..., Path | None] | None = None
@@ -41,3 +48,10 @@ class Stage:
     path_fields: tuple[str, ...] = ()
     shardable: bool = False
     absolute: Callable[[Any], Any] | None = None  # a config with its local paths made absolute, when path_fields cannot say
+    cli: str = "config"
+    usage: str = ""
+    study: str = ""
+    default_out: str = ""
+    folder: str = ""
+    flags: tuple[type, tuple[str, ...]] | None = None
+    command: Callable[[Any], int] | None = None

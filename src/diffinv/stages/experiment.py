@@ -47,7 +47,8 @@ def _count_done(out: Path, seen: dict[str, int]) -> tuple[int, int | None]:
 
 
 STAGE = Stage(name="experiment", config=StudyConfig, marker="study.yaml", run=run, finish=_finish, count_done=_count_done,
-              summary=summary, unit="run", shardable=True, path_fields=("data",),
+              summary=summary, unit="run", shardable=True, path_fields=("data",), cli="study",
+              usage="diffinv experiment [STUDY.yaml] --out DIR [study flags] [--invert-X V] [--generate-X V[,V...]] ...",
               absolute=lambda config: replace(config, workdir=config.workdir or os.getcwd()),
               help="a study: which synthetic data helps, by how much, with which settings (every stage, chosen on validation)",
               description=("Inverts each replicate's real subset, generates every method's candidate sets, trains the "

@@ -11,7 +11,9 @@ import torch
 
 from diffinv.data.real import open_images
 from diffinv.device import resolve_device, resolve_dtype
+from diffinv.config import InvertConfig
 from diffinv.diffusion.backbone import load_backbone
+from diffinv.stages import Stage
 
 
 def inspect_model(model: str, data: str = "", resolution: int | None = None, device: str = "auto", *,
@@ -54,3 +56,16 @@ def inspect_model(model: str, data: str = "", resolution: int | None = None, dev
     lines.append(("FLOPs per inversion image-step", f"{counter.get_total_flops() / 1e9:.1f} GFLOP (UNet forward + backward "
                                                       f"to the conditioning; the paper's loop adds a VAE encode per step)"))
     return lines
+
+
+def _command(args) -> int:
+    for name, value in inspect_model(args.folder, args.data or "", args.resolution, original_config=args.original_config or "",
+                                     prediction_type=args.prediction_type or ""):
+        print(f"{name:>32}: {value}")
+    return 0
+
+
+STAGE = Stage(name="inspect", cli="folder", command=_command,
+              help="what a run would do with a model: family, prediction type, resolution, latent, precision, FLOPs",
+              folder="a model (as invert's --model)",
+              flags=(InvertConfig, ("data", "resolution", "original_config", "prediction_type")))

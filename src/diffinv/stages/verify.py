@@ -5,11 +5,13 @@ Opening a store or set already checks the cheap things (counts, sizes); this rea
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from diffinv.data import synthetic
 from diffinv.diffusion import store
 from diffinv.runs import RunError, file_sha256, read_json
+from diffinv.stages import Stage
 
 
 def verify(path: str | Path) -> tuple[str, list[str]]:
@@ -77,3 +79,16 @@ def _set_problems(root: Path) -> list[str]:
     extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png") if p.relative_to(root).as_posix() not in listed)
     problems += [f"{name} is in no manifest row" for name in extra]
     return problems
+
+
+def _command(args) -> int:
+    kind, problems = verify(args.folder)
+    for problem in problems:
+        print(f"{args.folder}: {problem}", file=sys.stderr)
+    print(f"{args.folder}: {kind} {'ok' if not problems else f'has {len(problems)} problem(s)'}")
+    return 2 if problems else 0
+
+
+STAGE = Stage(name="verify", cli="folder", command=_command,
+              help="check a store or a synthetic set byte by byte: checksums, finite embeddings, files and manifest",
+              folder="a store (from invert) or a synthetic set (from generate)")
