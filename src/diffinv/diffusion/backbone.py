@@ -1,9 +1,11 @@
-"""The one place that imports diffusers: load a frozen generator and expose three operations.
+"""The one place that loads a generator through diffusers: a frozen model behind three operations.
 
 ``encode`` (pixels -> latent moments), ``predict_noise`` (the UNet with a given conditioning in
 place of the text encoder output) and ``decode`` (latents -> pixels). Latent models (Stable
 Diffusion 1.x / 2.x, epsilon or v-prediction) and pixel-space models (a UNet without a VAE) go
 through the same interface, so inversion and sampling never branch on the model kind.
+(New models are built from diffusers' classes in :mod:`~diffinv.diffusion.pretrain` and
+:mod:`~diffinv.diffusion.tiny`; everything else reaches diffusers through this module.)
 
 Accepted model specs:
 
