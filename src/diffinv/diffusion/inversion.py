@@ -129,7 +129,11 @@ def invert_batch(backbone: Backbone, pixels: torch.Tensor | LatentMoments, keys:
             break
 
         # 4. One gradient per active image at its own step (per slice of the group pattern), then AdamW.
-        running[rows] += _train_step(backbone, moments, keys, groups, state, rows, s)
+        losses = _train_step(backbone, moments, keys, groups, state, rows, s)
+        if len(rows) == len(keys):  # the common path indexes nothing (no index copied to the device)
+            running += losses
+        else:
+            running[rows] += losses
         advanced = len(rows)
 
         # 5. Early stopping: checks on the fixed evaluation draws; else an image is done at ``steps``.
