@@ -252,7 +252,7 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
     resumed = writer.load_checkpoint(batch)
     if resumed is not None and resumed[1]["ids"] != ids:
         resumed = None
-    if resumed is not None and "status" not in resumed[1]:
+    if resumed is not None and "updates" not in resumed[1]:  # a checkpoint from before the one loop
         log(f"note: the checkpoint of batch {batch_index} is in an older format; the batch starts again")
         resumed = None
     if resumed is not None:
