@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from diffinv.config import GenerateConfig
 from diffinv.data.pool import cached, nearest, open_pool
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.methods.retrieval import space_features
@@ -42,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
 
     backbone = load_backbone(args.model)
-    features = space_features(GenerateConfig(space=args.space, model=args.model), backbone, args.resolution)
+    features = space_features(args.space, backbone, args.resolution, model=args.model)
     pool = open_pool(args.pool)
     images = pool.images if not args.limit else pool.images.subset(range(min(args.limit, len(pool.images))))
 

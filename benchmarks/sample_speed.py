@@ -23,11 +23,12 @@ import time
 import torch
 
 from diffinv import rng
-from diffinv.config import GenerateConfig, InvertConfig
+from diffinv.config import InvertConfig
 from diffinv.device import resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import Backbone, load_backbone
 from diffinv.diffusion.generation import Conditioning, generate_batch, plan_samples
 from diffinv.diffusion.methods import get_method
+from diffinv.diffusion.methods.base import GenerationSettings
 from diffinv.diffusion.sampling import pixels_to_uint8
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.diffusion.tiny import save_tiny_model
@@ -99,7 +100,7 @@ def main() -> None:
                          device=args.device), f"{tmp}/store", progress=False, log=lambda m: None))
         store = EmbeddingStore.open(store_dir)
         per_image = -(-args.samples // len(store.rows))
-        base = GenerateConfig(store=store_dir, per_image=per_image)
+        base = GenerationSettings(per_image=per_image)
         rows = plan_samples(base, store, model)[: args.samples]
 
         # The paper's sampler, fp32, on the same conditionings and initial noise.
@@ -121,7 +122,7 @@ def main() -> None:
         results = []
         for spec in args.candidates.split(","):
             sampler, steps = spec.split(":")
-            config = GenerateConfig(store=store_dir, per_image=per_image, sampler=sampler, steps=int(steps), precision=args.precision)
+            config = GenerationSettings(per_image=per_image, sampler=sampler, steps=int(steps))
             generate_batch(backbone, rows[:2], source, config)  # warm-up
             ours, t_ours = _timed(lambda: torch.cat([generate_batch(backbone, rows[i:i + b], source, config)
                                                      for i in range(0, len(rows), b)]), device)

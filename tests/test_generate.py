@@ -16,6 +16,7 @@ from diffinv.config import ConfigError, GenerateConfig, InvertConfig, load_confi
 from diffinv.data.synthetic import open_synthetic, read_manifest
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.generation import Conditioning, generate_batch, plan_samples
+from diffinv.diffusion.methods.base import GenerationSettings
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.perturb import lerp, perturb, pick_partners, slerp
 from diffinv.diffusion.sampling import sample_latents, unit_rms
@@ -109,7 +110,7 @@ def test_batch_equals_samples_made_one_by_one(stores):
     backbone = load_backbone(model)
     store = EmbeddingStore.open(store_dir)
     for sampler in ("dpm++2m", "ddim", "euler", "pndm"):
-        config = _gen(store_dir, sampler=sampler, eta=0.5 if sampler == "ddim" else 0.0)
+        config = GenerationSettings.of(_gen(store_dir, sampler=sampler, eta=0.5 if sampler == "ddim" else 0.0))
         rows = plan_samples(config, store, str(model))[:4]
         source = Conditioning(store.embeddings, store.mean_embedding(), resolution=16)
         together = generate_batch(backbone, rows, source, config)
@@ -122,7 +123,7 @@ def test_zero_interp_and_noise_reproduce_the_deterministic_sample_of_c_i(stores)
     model, _, store_dir, _ = stores
     backbone = load_backbone(model)
     store = EmbeddingStore.open(store_dir)
-    config = _gen(store_dir, interp=0.0, noise=0.0, sampler="ddim", guidance=3.0)
+    config = GenerationSettings.of(_gen(store_dir, interp=0.0, noise=0.0, sampler="ddim", guidance=3.0))
     rows = plan_samples(config, store, str(model))[:2]  # two samples of image 0
     source = Conditioning(store.embeddings, store.mean_embedding(), resolution=16)
     made = generate_batch(backbone, rows, source, config)
@@ -165,7 +166,7 @@ def test_unit_noise_rescales_only_the_starting_noise_of_each_sample(stores):
     model, _, store_dir, _ = stores
     backbone = load_backbone(model)
     store = EmbeddingStore.open(store_dir)
-    config = _gen(store_dir, interp=0.0, noise=0.0, sampler="ddim", guidance=1.0, unit_noise=True)
+    config = GenerationSettings.of(_gen(store_dir, interp=0.0, noise=0.0, sampler="ddim", guidance=1.0, unit_noise=True))
     rows = plan_samples(config, store, str(model))[:2]
     assert all(r["unit_noise"] is True for r in rows)
     made = generate_batch(backbone, rows, Conditioning(store.embeddings, store.mean_embedding(), resolution=16), config)

@@ -88,22 +88,29 @@ def test_functions_fit_on_a_screen():
     assert found == {}, f"functions over 80 lines (split them): {found}"
 
 
-# Library modules that still take the generate stage's config; the list only shrinks.
-TAKES_STAGE_CONFIG = {"diffinv.diffusion.generation"} | {
-    f"diffinv.diffusion.methods.{m}" for m in ("base", "di", "di_lora", "img2img", "ddim_inversion", "prompt", "lora",
-                                                "class_inversion", "retrieval")}
+LIBRARY = ("diffinv.diffusion", "diffinv.classify", "diffinv.quality", "diffinv.data")
+
+
+def _library_trees():
+    for path in ROOT.rglob("*.py"):
+        if _module_name(path).startswith(LIBRARY):
+            yield _module_name(path), ast.parse(path.read_text())
 
 
 def test_the_library_takes_plain_settings_not_stage_configs():
     """diffusion/, classify/, quality/, data/ never import a stage's config class (constants and ConfigError are fine)."""
-    found = set()
-    for path in ROOT.rglob("*.py"):
-        module = _module_name(path)
-        if module.startswith(TOP) or module == "diffinv.config":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "diffinv.config":
-                if any(a.name.endswith("Config") for a in node.names):
-                    found.add(module)
-    assert found <= TAKES_STAGE_CONFIG, f"library modules importing a stage config: {sorted(found - TAKES_STAGE_CONFIG)}"
-    assert TAKES_STAGE_CONFIG <= found, f"no longer import one, drop from TAKES_STAGE_CONFIG: {sorted(TAKES_STAGE_CONFIG - found)}"
+    found = sorted(module for module, tree in _library_trees() for node in ast.walk(tree)
+                   if isinstance(node, ast.ImportFrom) and node.module == "diffinv.config"
+                   and any(a.name.endswith("Config") for a in node.names))
+    assert not found, f"library modules importing a stage config (take a settings dataclass instead): {found}"
+
+
+def test_the_library_never_opens_run_folders():
+    """The library never reads a stage's run files (its config.yaml, another stage's marker): the stages hand it what they hold."""
+    run_files = {"config.yaml", "finetune.json", "train.json", "pretrain.json", "study.yaml"}
+    found = sorted(f"{module}: / {node.right.value!r}" for module, tree in _library_trees() for node in ast.walk(tree)
+                   if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+                   and node.right.value in run_files)
+    found += sorted(f"{module} imports read_yaml" for module, tree in _library_trees() for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module == "diffinv.runs" and any(a.name == "read_yaml" for a in node.names))
+    assert not found, f"library modules reading run folders (open them in the stage): {found}"

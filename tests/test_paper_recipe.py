@@ -22,6 +22,7 @@ from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.generation import generate_batch, plan_samples
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.methods import get_method
+from diffinv.diffusion.methods.base import GenerationSettings, Inputs
 from diffinv.diffusion.objective import init_embeddings
 from diffinv.diffusion.perturb import paper_partners
 from diffinv.diffusion.store import EmbeddingStore
@@ -136,9 +137,10 @@ def test_paper_samples_equal_the_official_pipeline(sd15, tmp_path):
     assert read_yaml(store_path / "config.yaml")["update"] == "group"
     store = EmbeddingStore.open(store_path)
     config = load_config(GenerateConfig, None, {"preset": "paper", "store": str(store_path), "steps": 12, "per_image": 2})
+    config = GenerationSettings.of(config)
     backbone = load_backbone(sd15)
     rows = plan_samples(config, store, str(sd15))[:6]
-    source = get_method("di").load(config, store, backbone, rows)
+    source = get_method("di").load(config, store, backbone, rows, Inputs())
     ours = generate_batch(backbone, rows, source, config)
 
     keys = torch.tensor([r["_key"] for r in rows], dtype=torch.int64)

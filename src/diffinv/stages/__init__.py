@@ -1,5 +1,5 @@
 """The pipeline's stages, one module per sub-command, each exporting a :class:`Stage` (``merge``'s is in :mod:`diffinv.launch`;
-``train_data`` is the train stage's data). The CLI builds every sub-command from its Stage alone.
+``train_data`` is the train stage's data, ``generate_inputs`` what the generate stage opens for a method). The CLI builds every sub-command from its Stage alone.
 
 real images -> invert -> store -> generate -> synthetic set -> train / experiment -> runs -> report
 

@@ -24,9 +24,10 @@ from diffinv.data.synthetic import slug
 from diffinv.device import resolve_device
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.lora import fit_lora
+from diffinv.diffusion.methods.base import Adapter
 from diffinv.diffusion.objective import evaluation_loss
 from diffinv.diffusion.store import EmbeddingStore, StoreError
-from diffinv.runs import atomic_write, open_output, read_json, read_yaml, write_json, write_yaml
+from diffinv.runs import atomic_write, file_sha256, open_output, read_json, read_yaml, write_json, write_yaml
 from diffinv.stages import Stage
 
 MARKER = "finetune.json"
@@ -109,6 +110,30 @@ def _save(path: Path, state: dict[str, torch.Tensor], name: str, config: Finetun
     from safetensors.torch import save_file
 
     save_file(state, str(path), metadata={"class": name, "rank": str(config.rank), "alpha": str(alpha)})
+
+
+def read_adapters(folder: str | Path, classes: list[str], fingerprints: set[str] | list[str]) -> tuple[list[Adapter], dict[str, Any]]:
+    """A finished adapter folder's adapters, one per class in class order, checked to be of this model and these
+    classes; and what they are (path, rank, fitting cost, checksums) for the manifest of a set sampled through them."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    marker = folder / MARKER
+    if not marker.is_file() or read_json(marker).get("status") != "complete":
+        raise StoreError(f"--adapters {folder} is not a finished `diffinv finetune` folder (no complete {MARKER})")
+    info = read_json(marker)
+    if info["model_fingerprint"] not in fingerprints:
+        raise StoreError(f"--adapters {folder} were fitted on another model ({info['model']}); fit them on this one")
+    if list(info["classes"]) != list(classes):
+        raise StoreError(f"--adapters {folder} are of the classes {info['classes']}, the store of {classes}")
+    adapters = []
+    for name in classes:
+        with safe_open(str(folder / "adapters" / f"{slug(name)}.safetensors"), framework="pt", device="cpu") as f:
+            meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        adapters.append(Adapter(state, int(meta["rank"]), float(meta["alpha"])))
+    return adapters, {"adapters": str(folder.resolve()), "rank": info["rank"], "fit_seconds": info["seconds"],
+                      "fit_device": info["device"],
+                      "adapters_sha256": {name: file_sha256(folder / "adapters" / f"{slug(name)}.safetensors") for name in classes}}
 
 
 def _run(config: FinetuneConfig, out: Path, *, resume: bool, overwrite: bool, progress: bool, log: Callable[[str], None],

@@ -21,12 +21,14 @@ from diffinv.device import halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import load_backbone
 from diffinv.diffusion.generation import generate_batch, plan_samples, public
 from diffinv.diffusion.methods import get_method
+from diffinv.diffusion.methods.base import GenerationSettings
 from diffinv.diffusion.sampling import grey_of, pixels_to_uint8
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.errors import UserError
 from diffinv.runs import Units, check_free_space, open_output, read_json, read_yaml, refuse_inside, remove_temporaries, write_yaml
 from diffinv.shards import Shard
 from diffinv.stages import Stage
+from diffinv.stages.generate_inputs import open_inputs
 
 
 def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
@@ -39,16 +41,17 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     out = Path(out)
     shard = shard or Shard()
     method = get_method(config.method)
+    settings = GenerationSettings.of(config)
     if not method.samples and not shard.whole:
         raise UserError(f"--method {config.method} finds its images in one pass (no sampling to share out); run it "
                         f"without --shard / --launcher")
 
     # 1. Stores, checked before anything slow happens.
     store = _open_store(config.store, "store")
-    method.check(config, store)
-    for note in method.notes(config):
+    method.check(settings, store)
+    for note in method.notes(settings):
         log(note)
-    extra = {name: _open_store(path, name) for name, path in method.extra_stores(config).items()}
+    extra = {name: _open_store(path, name) for name, path in method.extra_stores(settings).items()}
     # Before the plan, whose rows alone would not fit in memory for an absurd count: the worst-case PNG bytes.
     planned = config.per_image * sum(int(r.get("n_images", 1)) for r in store.rows)
     check_free_space(out, planned * (3 * (config.save_size or store.info["resolution"]) ** 2 + 1024),
@@ -75,8 +78,8 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
                              f"generate with the store's model or invert again with this one")
 
     # 4. The plan and what its conditionings are drawn from.
-    rows = plan_samples(config, store, model)
-    source = method.load(config, store, backbone, rows, extra)
+    rows = plan_samples(settings, store, model)
+    source = method.load(settings, store, backbone, rows, open_inputs(method, settings, store, model, backbone, extra))
     for note in source.extra.get("notes", []):
         log(note)
     writer = SyntheticWriter(out)
@@ -95,7 +98,7 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
         grey = bool(writer.info().get("grey", False))
 
     # 5. This shard's chunks with missing images, generated and written.
-    _generate_chunks(config, out, writer, rows, backbone, source, store, grey, shard, progress, on_batch, log)
+    _generate_chunks(config, settings, out, writer, rows, backbone, source, store, grey, shard, progress, on_batch, log)
 
     # 6. The manifest, once every shard's images exist.
     return _finish(out, writer, rows, log, strict=shard.whole, chunk_size=config.batch_size)
@@ -119,7 +122,7 @@ def _intact(out: Path, log: Callable[[str], None]) -> bool:
     return False
 
 
-def _generate_chunks(config: GenerateConfig, out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], backbone: Any,
+def _generate_chunks(config: GenerateConfig, settings: GenerationSettings, out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], backbone: Any,
                      source: Any, store: Any, grey: bool, shard: Shard, progress: bool,
                      on_batch: Callable[[int], None] | None, log: Callable[[str], None]) -> None:
     """Generate and write this shard's chunks that still miss images, halving a chunk that runs out of memory."""
@@ -137,7 +140,7 @@ def _generate_chunks(config: GenerateConfig, out: Path, writer: SyntheticWriter,
     started = time.perf_counter()
     for b, chunk in enumerate(todo):
         # Out of GPU memory, in halves: each sample is keyed, so the images are the same.
-        for part, pixels in halving_on_oom(lambda part: generate_batch(backbone, list(part), source, config), chunk,
+        for part, pixels in halving_on_oom(lambda part: generate_batch(backbone, list(part), source, settings), chunk,
                                            what="generating", log=log, device=backbone.device):
             for row, image in zip(part, pixels_to_uint8(grey_of(pixels) if grey else pixels, save_size)):
                 if not writer.exists(row):
@@ -168,7 +171,7 @@ def finish_dataset(out: str | Path, log: Callable[[str], None] = print) -> Path:
     config = load_config(GenerateConfig, str(out / "config.yaml"), {})
     writer = SyntheticWriter(out)
     store = _open_store(config.store, "store")
-    rows = plan_samples(config, store, writer.info()["model"])
+    rows = plan_samples(GenerationSettings.of(config), store, writer.info()["model"])
     return _finish(out, writer, rows, log, strict=True, chunk_size=config.batch_size)
 
 

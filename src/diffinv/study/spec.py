@@ -199,6 +199,7 @@ def check_study(study: StudyConfig) -> None:
 def _check_candidate(cand: Candidate) -> None:
     """Each candidate's stage settings as its stages will read them (types, ranges, the method's own rules)."""
     from diffinv.diffusion.methods import get_method
+    from diffinv.diffusion.methods.base import GenerationSettings
     from diffinv.errors import UserError
 
     try:
@@ -210,8 +211,8 @@ def _check_candidate(cand: Candidate) -> None:
                 given["judge"] = "judge"
             if cand.finetune is not None:
                 given["adapters"] = "adapters"
-            get_method(cand.method).check_settings(load_config(GenerateConfig, None, {**cand.generate, "method": cand.method,
-                                                                                      **given}))
+            config = load_config(GenerateConfig, None, {**cand.generate, "method": cand.method, **given})
+            get_method(cand.method).check_settings(GenerationSettings.of(config))
         if cand.filter is not None:
             load_config(FilterConfig, None, {**cand.filter, "set": "set", "judge": "judge"})
         if cand.finetune is not None:

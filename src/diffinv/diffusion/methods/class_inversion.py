@@ -6,8 +6,7 @@ per-image methods make from that class's real images.
 
 from __future__ import annotations
 
-from diffinv.config import GenerateConfig
-from diffinv.diffusion.methods.base import Method, Row, per_class_rows
+from diffinv.diffusion.methods.base import GenerationSettings, Method, Row, per_class_rows
 from diffinv.diffusion.store import CLASS_PREFIX, EmbeddingStore, StoreError
 
 
@@ -19,13 +18,13 @@ class ClassInversion(Method):
         return (f"--method class-inversion needs a per-class store: run `diffinv invert --target class` on the same "
                 f"data and pass it as --store ({store.root} holds one embedding per image)")
 
-    def check_settings(self, config: GenerateConfig) -> None:
-        if config.uncond == "class-mean":
+    def check_settings(self, settings: GenerationSettings) -> None:
+        if settings.uncond == "class-mean":
             raise StoreError("--uncond class-mean with class-inversion would guide a class against itself; use --uncond mean")
 
-    def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
-        return per_class_rows(config, store, common,
-                              lambda c, name, j, first: {"source": CLASS_PREFIX + name, "noise": config.noise, "_src": first})
+    def plan(self, settings: GenerationSettings, store: EmbeddingStore, common: Row) -> list[Row]:
+        return per_class_rows(settings, store, common,
+                              lambda c, name, j, first: {"source": CLASS_PREFIX + name, "noise": settings.noise, "_src": first})
 
 
 METHOD = ClassInversion()

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from diffinv.config import GenerateConfig
 from diffinv.data.real import load_pixels
 from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.methods.base import Conditioning, Method, Row, add_partners, per_image_rows, real_images
+from diffinv.diffusion.methods.base import Conditioning, GenerationSettings, Inputs, Method, Row, add_partners, index_real, per_image_rows
 from diffinv.diffusion.sampling import ddim_invert, slerp
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.errors import UserError
@@ -22,29 +21,30 @@ from diffinv.errors import UserError
 
 class DdimInversion(Method):
     name = "ddim-inversion"
+    needs = frozenset({"real"})
 
-    def check_settings(self, config: GenerateConfig) -> None:
-        if config.sampler != "ddim" or config.eta != 0:
+    def check_settings(self, settings: GenerationSettings) -> None:
+        if settings.sampler != "ddim" or settings.eta != 0:
             raise UserError("--method ddim-inversion runs DDIM's deterministic path backwards: pass --sampler ddim "
                             "(with --eta 0)")
 
-    def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
-        rows = per_image_rows(config, store, common)
-        add_partners(rows, store, config)
+    def plan(self, settings: GenerationSettings, store: EmbeddingStore, common: Row) -> list[Row]:
+        rows = per_image_rows(settings, store, common)
+        add_partners(rows, store, settings)
         return rows
 
-    def load(self, config: GenerateConfig, store: EmbeddingStore, backbone: Backbone, rows: list[Row],
-             extra: dict[str, EmbeddingStore] | None = None) -> Conditioning:
-        source = super().load(config, store, backbone, rows, extra)
+    def load(self, settings: GenerationSettings, store: EmbeddingStore, backbone: Backbone, rows: list[Row],
+             inputs: Inputs) -> Conditioning:
+        source = super().load(settings, store, backbone, rows, inputs)
         # Every store row's start noise: each image's own, and each is some row's partner.
         every = [{"source": image_id} for image_id in store.ids]
-        real = real_images(store, every)
+        real = index_real(inputs.real, every)
         starts = []
-        for first in range(0, len(every), config.batch_size):
-            part = every[first:first + config.batch_size]
+        for first in range(0, len(every), settings.batch_size):
+            part = every[first:first + settings.batch_size]
             latents = backbone.encode(load_pixels(real.subset([r["_real"] for r in part]), source.resolution)).mean
             own = source.embeddings[first:first + len(part)]
-            starts.append(ddim_invert(backbone, latents, own, config.steps))
+            starts.append(ddim_invert(backbone, latents, own, settings.steps))
         source.extra["starts"] = torch.cat(starts)
         return source
 

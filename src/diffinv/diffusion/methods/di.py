@@ -6,17 +6,16 @@ learned embedding (or its class's, ``--uncond class-mean``).
 
 from __future__ import annotations
 
-from diffinv.config import GenerateConfig
-from diffinv.diffusion.methods.base import Method, Row, add_partners, per_image_rows
+from diffinv.diffusion.methods.base import GenerationSettings, Method, Row, add_partners, per_image_rows
 from diffinv.diffusion.store import EmbeddingStore
 
 
 class DiffusionInversion(Method):
     name = "di"
 
-    def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
-        rows = per_image_rows(config, store, common)
-        add_partners(rows, store, config)
+    def plan(self, settings: GenerationSettings, store: EmbeddingStore, common: Row) -> list[Row]:
+        rows = per_image_rows(settings, store, common)
+        add_partners(rows, store, settings)
         return rows
 
 

@@ -7,8 +7,7 @@ to the image's class (``--adapters DIR``, fitted on the same real images).
 
 from __future__ import annotations
 
-from diffinv.config import GenerateConfig
-from diffinv.diffusion.methods.base import Row, add_partners, per_image_rows
+from diffinv.diffusion.methods.base import GenerationSettings, Row, add_partners, per_image_rows
 from diffinv.diffusion.methods.lora import WithAdapters, tag_adapters
 from diffinv.diffusion.store import EmbeddingStore
 
@@ -16,10 +15,10 @@ from diffinv.diffusion.store import EmbeddingStore
 class DiLora(WithAdapters):
     name = "di+lora"
 
-    def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
-        rows = per_image_rows(config, store, common)
-        add_partners(rows, store, config)
-        return tag_adapters(rows, config)
+    def plan(self, settings: GenerationSettings, store: EmbeddingStore, common: Row) -> list[Row]:
+        rows = per_image_rows(settings, store, common)
+        add_partners(rows, store, settings)
+        return tag_adapters(rows, settings)
 
 
 METHOD = DiLora()

@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from diffinv.config import GenerateConfig
 from diffinv.data.real import load_pixels
 from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.methods.base import Conditioning, Method, Row, add_partners, per_image_rows, perturbed, real_images, uncond_for
+from diffinv.diffusion.methods.base import (Conditioning, GenerationSettings, Inputs, Method, Row, add_partners, index_real,
+                                            per_image_rows, perturbed, uncond_for)
 from diffinv.diffusion.sampling import img2img_steps
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.errors import UserError
@@ -21,42 +21,43 @@ from diffinv.errors import UserError
 
 class Img2Img(Method):
     name = "img2img"
+    needs = frozenset({"real"})
 
-    def check_settings(self, config: GenerateConfig) -> None:
-        if config.img2img_embedding == "class" and not config.class_store:
+    def check_settings(self, settings: GenerationSettings) -> None:
+        if settings.img2img_embedding == "class" and not settings.class_store:
             raise StoreError("--img2img-embedding class needs --class-store DIR (from `diffinv invert --target class`)")
-        if img2img_steps(config.steps, config.strength) == 0:
-            raise UserError(f"--strength {config.strength} at --steps {config.steps} runs no denoising step (the real image "
-                            f"would come back noised); raise --steps to at least {math.ceil(1 / config.strength)} or --strength")
+        if img2img_steps(settings.steps, settings.strength) == 0:
+            raise UserError(f"--strength {settings.strength} at --steps {settings.steps} runs no denoising step (the real image "
+                            f"would come back noised); raise --steps to at least {math.ceil(1 / settings.strength)} or --strength")
 
-    def notes(self, config: GenerateConfig) -> list[str]:
+    def notes(self, settings: GenerationSettings) -> list[str]:
         # The schedule is cut at whole steps, so a strength between two of them silently acts as the lower one.
-        n = img2img_steps(config.steps, config.strength)
-        if abs(n / config.steps - config.strength) < 1e-9:
+        n = img2img_steps(settings.steps, settings.strength)
+        if abs(n / settings.steps - settings.strength) < 1e-9:
             return []
-        note = (f"img2img runs {n} of {config.steps} steps: --strength {config.strength} acts as {n / config.steps:g} "
+        note = (f"img2img runs {n} of {settings.steps} steps: --strength {settings.strength} acts as {n / settings.steps:g} "
                 f"(strengths act in multiples of 1 / --steps; more --steps give finer ones)")
         return [note]
 
-    def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
-        rows = per_image_rows(config, store, common)
-        if config.img2img_embedding == "class":
+    def plan(self, settings: GenerationSettings, store: EmbeddingStore, common: Row) -> list[Row]:
+        rows = per_image_rows(settings, store, common)
+        if settings.img2img_embedding == "class":
             for r in rows:
-                r.update(noise=config.noise)
+                r.update(noise=settings.noise)
         else:
-            add_partners(rows, store, config)
+            add_partners(rows, store, settings)
         for r in rows:
-            r.update(strength=config.strength, embedding=config.img2img_embedding)
+            r.update(strength=settings.strength, embedding=settings.img2img_embedding)
         return rows
 
-    def extra_stores(self, config: GenerateConfig) -> dict[str, str]:
-        return {"class store": config.class_store} if config.img2img_embedding == "class" else {}
+    def extra_stores(self, settings: GenerationSettings) -> dict[str, str]:
+        return {"class store": settings.class_store} if settings.img2img_embedding == "class" else {}
 
-    def load(self, config: GenerateConfig, store: EmbeddingStore, backbone: Backbone, rows: list[Row],
-             extra: dict[str, EmbeddingStore] | None = None) -> Conditioning:
-        source = super().load(config, store, backbone, rows)
-        if config.img2img_embedding == "class":
-            class_store = (extra or {})["class store"]
+    def load(self, settings: GenerationSettings, store: EmbeddingStore, backbone: Backbone, rows: list[Row],
+             inputs: Inputs) -> Conditioning:
+        source = super().load(settings, store, backbone, rows, inputs)
+        if settings.img2img_embedding == "class":
+            class_store = inputs.stores["class store"]
             if class_store.classes != store.classes:
                 raise StoreError(f"{class_store.root} has classes {class_store.classes}, the store {store.classes}; "
                                  f"invert both from the same data")
@@ -65,16 +66,16 @@ class Img2Img(Method):
                                  f"the store {store.info['cond_shape']}")
             by_label = {r["label"]: i for i, r in enumerate(class_store.rows)}
             source.extra["class_embeddings"] = class_store.embeddings[[by_label[c] for c in range(len(store.classes))]].to(backbone.device)
-        source.extra["real"] = real_images(store, rows)
+        source.extra["real"] = index_real(inputs.real, rows)
         return source
 
-    def conditioning(self, rows: list[Row], src: Conditioning, config: GenerateConfig,
+    def conditioning(self, rows: list[Row], src: Conditioning, settings: GenerationSettings,
                      keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if config.img2img_embedding == "class":
+        if settings.img2img_embedding == "class":
             own = src.extra["class_embeddings"][torch.tensor([r["label"] for r in rows])]
         else:
             own = src.embeddings[torch.tensor([r["_src"] for r in rows])]
-        return perturbed(rows, own, src, config, keys), uncond_for(rows, src)
+        return perturbed(rows, own, src, settings, keys), uncond_for(rows, src)
 
     def start(self, backbone: Backbone, rows: list[Row], src: Conditioning) -> torch.Tensor:
         real = src.extra["real"].subset([r["_real"] for r in rows])

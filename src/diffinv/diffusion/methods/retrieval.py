@@ -1,9 +1,9 @@
 """Retrieval (the paper's and Burg et al.'s rival): the k nearest pool images of every real image, with its label.
 
-The pool is unlabelled images (``--pool PATH``, several allowed), by default the data the base was
-pretrained on (its ``config.yaml``: ``data`` and ``extra_data``), as the official code queries
-LAION, Stable Diffusion's own training data. Pool images equal in pixels to one of the real data's
-(the real subset, its validation hold-out, any other split such as test) are never returned.
+The pool is unlabelled images (``--pool PATH``, several allowed; the generate stage defaults it to the
+data the base was pretrained on, as the official code queries LAION, Stable Diffusion's own training
+data). Pool images equal in pixels to one of the real data's (the real subset, and what the stage
+hands over as held out: its validation hold-out, any other split such as test) are never returned.
 Distances are Euclidean in the ``--space``: the base's token encoder (the analog of the CLIP
 image space SD comes with; the VAE's latents for a model without one), a trained classifier's
 penultimate features (``--judge RUN``), any image model's given by its local weights
@@ -21,55 +21,55 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from diffinv.config import GenerateConfig
 from diffinv.data.pool import cached, content_hashes, default_cache, nearest, open_pool, signature
-from diffinv.data.real import DataError, LabelledImages, load_pixels, load_uint8, open_images, validation_ids
+from diffinv.data.real import DataError, LabelledImages, load_pixels, load_uint8
 from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.methods.base import Conditioning, Method, Row, per_image_rows, real_images
+from diffinv.diffusion.methods.base import Conditioning, GenerationSettings, Inputs, Method, Row, index_real, per_image_rows
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.errors import UserError
-from diffinv.runs import file_sha256, read_yaml
-
-OTHER_SPLITS = ("test", "val", "validation", "valid")
+from diffinv.runs import file_sha256
 
 
 class Retrieval(Method):
     name = "retrieval"
     uses_embeddings = False
     samples = False  # images are found (once the space's model is loaded), not sampled
+    needs = frozenset({"real", "held_out", "pool", "judge"})
 
-    def check_settings(self, config: GenerateConfig) -> None:
-        if config.space == "judge" and not config.judge:
+    def check_settings(self, settings: GenerationSettings) -> None:
+        if settings.space == "judge" and not settings.judge:
             raise UserError("--space judge needs --judge RUN (a `diffinv train` run, e.g. one on the real images alone)")
-        if config.judge and config.space != "judge":
-            raise UserError(f"--judge is read by --space judge only; drop it, or pass --space judge (not {config.space})")
-        if config.space == "model" and not config.image_model:
+        if settings.judge and settings.space != "judge":
+            raise UserError(f"--judge is read by --space judge only; drop it, or pass --space judge (not {settings.space})")
+        if settings.space == "model" and not settings.image_model:
             raise UserError("--space model needs --image-model PATH (local weights, e.g. a timm or torchvision checkpoint, "
                             "with --image-arch NAME)")
-        if (config.image_model or config.image_arch or config.image_size) and config.space != "model":
-            raise UserError(f"--image-model, --image-arch and --image-size are read by --space model only (not {config.space})")
+        if (settings.image_model or settings.image_arch or settings.image_size) and settings.space != "model":
+            raise UserError(f"--image-model, --image-arch and --image-size are read by --space model only (not {settings.space})")
 
-    def plan(self, config: GenerateConfig, store: EmbeddingStore, common: Row) -> list[Row]:
+    def plan(self, settings: GenerationSettings, store: EmbeddingStore, common: Row) -> list[Row]:
         common = {k: common[k] for k in ("method", "seed", "model", "resolution", "save_size")}
-        rows = per_image_rows(config, store, {**common, "space": config.space})
+        rows = per_image_rows(settings, store, {**common, "space": settings.space})
         for r in rows:  # found by load(): the k-th nearest pool image of the row's real image
             r.update(pool=None, pool_id=None, pool_index=None, pool_class=None, distance=None)
         return rows
 
-    def load(self, config: GenerateConfig, store: EmbeddingStore, backbone: Backbone, rows: list[Row],
-             extra: dict[str, EmbeddingStore] | None = None) -> Conditioning:
+    def load(self, settings: GenerationSettings, store: EmbeddingStore, backbone: Backbone, rows: list[Row],
+             inputs: Inputs) -> Conditioning:
         started = time.perf_counter()
         resolution = int(store.info["resolution"])
-        real = real_images(store, rows)
-        pools = [open_pool(p) for p in pool_paths(config, store, backbone)]
-        features = space_features(config, backbone, resolution)
+        real = index_real(inputs.real, rows)
+        pools = [open_pool(p) for p in inputs.pool]
+        space = dict(model=inputs.model, judge=inputs.judge, image_model=settings.image_model, image_arch=settings.image_arch,
+                     image_size=settings.image_size)
+        features = space_features(settings.space, backbone, resolution, **space)
         notes: list[str] = []
 
         # 1. Pool features and content hashes, cached; the queries' features computed afresh.
-        cache = Path(config.pool_cache) if config.pool_cache else default_cache()
-        space_key = space_identity(config, backbone, resolution)
+        cache = Path(settings.pool_cache) if settings.pool_cache else default_cache()
+        space_key = space_identity(settings.space, backbone, resolution, **space)
         signatures = [signature(p) for p in pools]
-        pool_features = torch.cat([cached(cache, f"{config.space}-{space_key}-{sig}",
+        pool_features = torch.cat([cached(cache, f"{settings.space}-{space_key}-{sig}",
                                           lambda p=p: {"features": features(p.images, f"features of {p.path}")})["features"]
                                    for p, sig in zip(pools, signatures)])
         pool_hashes = torch.cat([cached(cache, f"hashes-{sig}", lambda p=p: {"hashes": content_hashes(p.images, _bar(f"hashing {p.path}"))})["hashes"]
@@ -78,16 +78,16 @@ class Retrieval(Method):
         query_at = {i: j for j, i in enumerate(sorted({r["_real"] for r in rows}))}
 
         # 2. Everything of the real data banned by pixel content: the queries, validation, other splits.
-        banned_hashes, what = excluded_hashes(store, real, queries)
+        banned_hashes, what = excluded_hashes(queries, inputs.held_out)
         banned = torch.isin(pool_hashes, banned_hashes)
         notes.append(f"retrieval: {int(banned.sum())} of {len(banned):,} pool images dropped as equal in pixels to {what}")
-        if int((~banned).sum()) < config.per_image:
+        if int((~banned).sum()) < settings.per_image:
             raise DataError(f"the pool has {int((~banned).sum())} images left after dropping the real data's, fewer than "
-                            f"--per-image {config.per_image}; give a larger --pool")
+                            f"--per-image {settings.per_image}; give a larger --pool")
 
         # 3. Exact search: row k of a real image is its k-th nearest pool image.
-        bar = _bar(f"retrieval ({config.space}): {len(queries)} queries")(total=len(pool_features))
-        dist, index = nearest(features(queries, None), pool_features, config.per_image, banned, progress=bar.update)
+        bar = _bar(f"retrieval ({settings.space}): {len(queries)} queries")(total=len(pool_features))
+        dist, index = nearest(features(queries, None), pool_features, settings.per_image, banned, progress=bar.update)
         bar.close()
         owners = [(p, i) for p in pools for i in range(len(p.images))]
         for r in rows:
@@ -97,7 +97,7 @@ class Retrieval(Method):
             r.update(pool=_shown(pool.path), pool_id=pool.images.ids[i], pool_index=i, pool_class=own,
                      distance=round(float(dist[query_at[r["_real"]], r["index"]]), 6), _pool=(pool, i))
         info = {"retrieval": {"pools": [_shown(p.path) for p in pools], "pool_size": len(banned), "dropped": int(banned.sum()),
-                              "space": config.space, "seconds": round(time.perf_counter() - started, 3),
+                              "space": settings.space, "seconds": round(time.perf_counter() - started, 3),
                               **label_precision(rows, store.classes)}}
         return Conditioning(torch.zeros(0), torch.zeros(0), resolution=resolution, extra={"notes": notes, "info": info})
 
@@ -110,73 +110,43 @@ class Retrieval(Method):
         return out
 
 
-def pool_paths(config: GenerateConfig, store: EmbeddingStore, backbone: Backbone) -> list[str]:
-    """``--pool`` paths, or the train data of the base, read from its ``config.yaml`` (``diffinv pretrain-base``)."""
-    if config.pool:
-        return list(config.pool)
-    base = Path(config.model or store.info.get("model_path", store.info["model"]))
-    made = read_yaml(base / "config.yaml") if (base / "config.yaml").is_file() else None
-    if not made or not made.get("data"):
-        raise UserError(f"{base} records no training data (no config.yaml of `diffinv pretrain-base`); give the pool "
-                        f"to retrieve from with --pool PATH (any image folder or dataset; several allowed)")
-    if made.get("split", "train") != "train":
-        raise UserError(f"{base} was pretrained on the {made['split']!r} split; give --pool PATH explicitly")
-    found = []
-    for path in [made["data"], *(made.get("extra_data") or [])]:
-        beside = base / path
-        found.append(path if path == "digits" or Path(path).exists() or not beside.exists() else str(beside))
-    return found
-
-
-def excluded_hashes(store: EmbeddingStore, real: LabelledImages, queries: LabelledImages) -> tuple[torch.Tensor, str]:
-    """Content hashes no retrieved image may have, and what they are of, in words."""
-    made = read_yaml(Path(store.root) / "config.yaml") or {}
-    banned = [queries]
-    what = [f"the {len(queries)} real images"]
-    held = validation_ids(real, int(made.get("val_per_class") or 0)) if made.get("val_per_class") else set()
-    if held:
-        banned.append(real.subset([i for i, image_id in enumerate(real.ids) if image_id in held]))
-        what.append(f"{len(held)} validation images")
-    for split in OTHER_SPLITS:
-        if split == made.get("split", "train"):
-            continue
-        try:
-            other = open_images(made["data"], made.get("format", "auto"), split)
-        except DataError:
-            continue
-        banned.append(other)
-        what.append(f"{len(other):,} {split} images")
+def excluded_hashes(queries: LabelledImages, held_out: list[tuple[LabelledImages, str]]) -> tuple[torch.Tensor, str]:
+    """Content hashes no retrieved image may have (the queries' and the held-out images'), and what they are, in words."""
+    banned = [queries, *(images for images, _ in held_out)]
+    what = [f"the {len(queries)} real images", *(f"{len(images):,} {name} images" for images, name in held_out)]
     hashes = torch.cat([content_hashes(b, _bar("hashing the real data")) for b in banned])
     return hashes, ", ".join(what)
 
 
-def space_features(config: GenerateConfig, backbone: Backbone, resolution: int) -> Callable[[LabelledImages, str | None], torch.Tensor]:
-    """A function: images -> features [N, F] in ``config.space``, computed in batches with a progress bar."""
-    if config.space == "judge":
+def space_features(space: str, backbone: Backbone, resolution: int, *, model: str = "", judge: str = "", image_model: str = "",
+                   image_arch: str = "", image_size: int = 0) -> Callable[[LabelledImages, str | None], torch.Tensor]:
+    """A function: images -> features [N, F] in ``space``, computed in batches with a progress bar.
+
+    ``model``: the backbone's path (its token encoder, for "encoder"); ``judge``: a trained classifier's weights file;
+    ``image_model`` / ``image_arch`` / ``image_size``: an image model's weights, architecture and input size.
+    """
+    if space == "judge":
         from diffinv.classify.models import load_trained
         from diffinv.quality.measures import judge_features
 
-        weights = Path(config.judge) / "model.safetensors"
-        if not weights.is_file():
-            raise UserError(f"--judge {config.judge} has no model.safetensors; give a finished `diffinv train` run")
-        model, meta = load_trained(weights, backbone.device)
+        net, meta = load_trained(judge, backbone.device)
 
         def embed(uint8: torch.Tensor) -> torch.Tensor:
-            return unit(judge_features(model, uint8, meta["mean"], meta["std"])[0])
+            return unit(judge_features(net, uint8, meta["mean"], meta["std"])[0])
 
         size = meta["resolution"]
-    elif config.space == "model":
+    elif space == "model":
         from diffinv.classify.pretrained import feature_model
         from diffinv.quality.measures import judge_features
 
-        size = config.image_size or resolution
-        model, mean, std, _ = feature_model(config.image_model, config.image_arch, size, backbone.device)
+        size = image_size or resolution
+        net, mean, std, _ = feature_model(image_model, image_arch, size, backbone.device)
 
         def embed(uint8: torch.Tensor) -> torch.Tensor:
-            return unit(judge_features(model, uint8, mean, std)[0])
+            return unit(judge_features(net, uint8, mean, std)[0])
 
-    elif config.space == "encoder":
-        encoder = token_encoder(config, backbone)
+    elif space == "encoder":
+        encoder = token_encoder(model or backbone.source, backbone)
 
         @torch.no_grad()
         def embed(uint8: torch.Tensor) -> torch.Tensor:
@@ -206,29 +176,29 @@ def space_features(config: GenerateConfig, backbone: Backbone, resolution: int) 
     return features
 
 
-def token_encoder(config: GenerateConfig, backbone: Backbone) -> Any:
+def token_encoder(model: str, backbone: Backbone) -> Any:
     """The base's token encoder (``diffinv pretrain-base``), or None: its latents are the space."""
     from diffinv.diffusion.encoder import encoder_tokens, load_encoder
 
-    model = config.model or backbone.source
     if encoder_tokens(model) is None:
         return None
     return load_encoder(model).to(backbone.device)
 
 
-def space_identity(config: GenerateConfig, backbone: Backbone, resolution: int) -> str:
+def space_identity(space: str, backbone: Backbone, resolution: int, *, model: str = "", judge: str = "", image_model: str = "",
+                   image_arch: str = "", image_size: int = 0) -> str:
     """What the features depend on besides the pool: the model behind the space, and the resolution."""
-    if config.space == "judge":
-        model = file_sha256(Path(config.judge) / "model.safetensors")
-    elif config.space == "model":
-        model = f"{file_sha256(config.image_model)}\x1f{config.image_arch}"
-        resolution = config.image_size or resolution
-    elif config.space == "encoder":
-        encoder = Path(config.model or backbone.source) / "encoder.safetensors"
-        model = backbone.fingerprint() + (file_sha256(encoder) if encoder.is_file() else "")
+    if space == "judge":
+        weights = file_sha256(judge)
+    elif space == "model":
+        weights = f"{file_sha256(image_model)}\x1f{image_arch}"
+        resolution = image_size or resolution
+    elif space == "encoder":
+        encoder = Path(model or backbone.source) / "encoder.safetensors"
+        weights = backbone.fingerprint() + (file_sha256(encoder) if encoder.is_file() else "")
     else:
-        model = ""
-    return hashlib.sha256(f"{model}\x1f{resolution}".encode()).hexdigest()[:16]
+        weights = ""
+    return hashlib.sha256(f"{weights}\x1f{resolution}".encode()).hexdigest()[:16]
 
 
 def label_precision(rows: list[Row], classes: list[str]) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""What a generation method reads beyond its store, opened from the run folders that hold it (the generate stage's inputs).
+
+The library's methods take these as :class:`~diffinv.diffusion.methods.base.Inputs`; only this
+module reads the folders: the store's ``config.yaml`` (which real data it was inverted from), the
+base's ``config.yaml`` (the data it was pretrained on: retrieval's default pool), a ``diffinv
+train`` run (retrieval's judge) and a ``diffinv finetune`` folder (the LoRA adapters).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffinv.data.real import DataError, LabelledImages, open_images, validation_ids
+from diffinv.diffusion.methods.base import GenerationSettings, Inputs, Method
+from diffinv.diffusion.store import EmbeddingStore
+from diffinv.errors import UserError
+from diffinv.runs import read_yaml
+from diffinv.stages.finetune import read_adapters
+
+OTHER_SPLITS = ("test", "val", "validation", "valid")
+
+
+def open_inputs(method: Method, settings: GenerationSettings, store: EmbeddingStore, model: str, backbone: Any,
+                stores: dict[str, EmbeddingStore]) -> Inputs:
+    """The fields of :class:`Inputs` that ``method.needs``, read for ``store`` sampled with ``model``."""
+    inputs = Inputs(stores=stores, model=model)
+    made = read_yaml(Path(store.root) / "config.yaml") or {}
+    if "real" in method.needs or "held_out" in method.needs:
+        inputs.real = store_images(made)
+    if "held_out" in method.needs:
+        inputs.held_out = held_out(made, inputs.real)
+    if "pool" in method.needs:
+        inputs.pool = list(settings.pool) or base_pool(model)
+    if "judge" in method.needs and settings.judge:
+        inputs.judge = judge_weights(settings.judge)
+    if "adapters" in method.needs:
+        inputs.adapters, inputs.adapters_info = read_adapters(settings.adapters, store.classes, backbone.fingerprints())
+    return inputs
+
+
+def store_images(made: dict[str, Any]) -> LabelledImages:
+    """The real images a store was inverted from, reopened from its config."""
+    try:
+        return open_images(made["data"], made.get("format", "auto"), made.get("split", "train"))
+    except DataError as exc:
+        raise DataError(f"the method re-reads the store's real images from {made['data']}: {exc}") from exc
+
+
+def held_out(made: dict[str, Any], real: LabelledImages) -> list[tuple[LabelledImages, str]]:
+    """The real data's images besides the store's: its validation hold-out and every other split that exists."""
+    found = []
+    held = validation_ids(real, int(made.get("val_per_class") or 0)) if made.get("val_per_class") else set()
+    if held:
+        found.append((real.subset([i for i, image_id in enumerate(real.ids) if image_id in held]), "validation"))
+    for split in OTHER_SPLITS:
+        if split == made.get("split", "train"):
+            continue
+        try:
+            found.append((open_images(made["data"], made.get("format", "auto"), split), split))
+        except DataError:
+            continue
+    return found
+
+
+def base_pool(model: str) -> list[str]:
+    """The train data a base was pretrained on, read from its ``config.yaml`` (``diffinv pretrain-base``)."""
+    base = Path(model)
+    made = read_yaml(base / "config.yaml") if (base / "config.yaml").is_file() else None
+    if not made or not made.get("data"):
+        raise UserError(f"{base} records no training data (no config.yaml of `diffinv pretrain-base`); give the pool "
+                        f"to retrieve from with --pool PATH (any image folder or dataset; several allowed)")
+    if made.get("split", "train") != "train":
+        raise UserError(f"{base} was pretrained on the {made['split']!r} split; give --pool PATH explicitly")
+    found = []
+    for path in [made["data"], *(made.get("extra_data") or [])]:
+        beside = base / path
+        found.append(path if path == "digits" or Path(path).exists() or not beside.exists() else str(beside))
+    return found
+
+
+def judge_weights(run: str) -> str:
+    """The weights file of a finished ``diffinv train`` run."""
+    weights = Path(run) / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"--judge {run} has no model.safetensors; give a finished `diffinv train` run")
+    return str(weights)
