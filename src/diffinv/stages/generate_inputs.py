@@ -25,8 +25,8 @@ def open_inputs(method: Method, settings: GenerationSettings, store: EmbeddingSt
                 stores: dict[str, EmbeddingStore]) -> Inputs:
     """The fields of :class:`Inputs` that ``method.needs``, read for ``store`` sampled with ``model``."""
     inputs = Inputs(stores=stores, model=model)
-    made = read_yaml(Path(store.root) / "config.yaml") or {}
     if "real" in method.needs or "held_out" in method.needs:
+        made = read_yaml(Path(store.root) / "config.yaml") or {}
         inputs.real = store_images(made)
     if "held_out" in method.needs:
         inputs.held_out = held_out(made, inputs.real)

@@ -115,8 +115,12 @@ class Method:
     text_encoder = False  # needs the model's tokenizer and text encoder
     uses_embeddings = True  # samples from the store's embeddings, so the store must be of the model used
     samples = True  # runs the sampler (retrieval finds its images instead)
-    uses_adapters = False  # samples through per-class LoRA adapters (``--adapters``)
     needs: frozenset[str] = frozenset()  # the fields of Inputs the stage must fill (see Inputs)
+
+    @property
+    def uses_adapters(self) -> bool:
+        """Samples through per-class LoRA adapters (``--adapters``)."""
+        return "adapters" in self.needs
 
     def check(self, settings: GenerationSettings, store: EmbeddingStore) -> None:
         """Refuse, with a message that says what to do, a store or settings this method cannot use."""

@@ -18,7 +18,6 @@ from diffinv.errors import UserError
 class WithAdapters(Method):
     """A method that samples through ``diffinv finetune``'s adapters: refuses to run without them, loads them."""
 
-    uses_adapters = True
     needs = frozenset({"adapters"})
 
     def check_settings(self, settings: GenerationSettings) -> None:
