@@ -25,7 +25,7 @@ import torch
 from diffinv import rng
 from diffinv.data.real import load_pixels, open_images, select
 from diffinv.device import resolve_device, resolve_dtype
-from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.tiny import save_tiny_model
 

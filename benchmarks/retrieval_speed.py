@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from diffinv.data.pool import cached, nearest, open_pool
-from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.methods.retrieval import space_features
 
 ROOT = Path(__file__).resolve().parents[1]

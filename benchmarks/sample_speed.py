@@ -25,7 +25,8 @@ import torch
 from diffinv import rng
 from diffinv.config import InvertConfig
 from diffinv.device import resolve_device, resolve_dtype
-from diffinv.diffusion.backbone import Backbone, load_backbone
+from diffinv.diffusion.backbone import Backbone
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.generation import Conditioning, generate_batch, plan_samples
 from diffinv.diffusion.methods import get_method
 from diffinv.diffusion.methods.base import GenerationSettings
@@ -53,12 +54,12 @@ def paper_sampler(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor, 
 
 def _pretrained(model: str, resolution: int, steps: int, device: torch.device, out: str) -> str:
     from diffinv.data.real import load_pixels, open_images, select
-    from diffinv.diffusion.backbone import save_folder
-    from diffinv.diffusion.pretrain import pretrain_autoencoder
+    from diffinv.diffusion.model_io import save_folder
+    from diffinv.diffusion.tiny import memorise
 
     backbone = load_backbone(model).to(device)
     pixels = load_pixels(select(open_images("digits"), 20, 0), resolution).to(device)
-    pretrain_autoencoder(backbone, pixels, steps=steps, batch_size=32, lr=3e-3)
+    memorise(backbone, pixels, steps=steps, batch_size=32, lr=3e-3)
     return str(save_folder(backbone, out))
 
 

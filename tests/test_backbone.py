@@ -3,7 +3,9 @@ import json
 import pytest
 import torch
 
-from diffinv.diffusion.backbone import ModelError, load_backbone, save_packed
+from diffinv.diffusion.backbone import ModelError
+
+from diffinv.diffusion.model_io import load_backbone, save_packed
 
 
 def _outputs(bb, seed=0):

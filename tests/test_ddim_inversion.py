@@ -8,14 +8,14 @@ from PIL import Image
 
 from diffinv.data.real import load_pixels, open_images
 from diffinv.data.synthetic import read_manifest
-from diffinv.diffusion.sampling import ddim_invert, sample_latents, slerp
+from diffinv.diffusion.sampling import ddim_invert, sample_latents, slerp_noise
 from diffinv.study.plan import embedded_base
 
 QUIET = ["--quiet"]
 
 
 def test_inverted_noise_samples_the_image_back_and_better_with_more_steps():
-    from diffinv.diffusion.backbone import load_backbone
+    from diffinv.diffusion.model_io import load_backbone
     from diffinv.diffusion.encoder import load_encoder
 
     base = load_backbone(embedded_base())  # a trained model: a random one has no smooth path to invert
@@ -36,10 +36,10 @@ def test_inverted_noise_samples_the_image_back_and_better_with_more_steps():
 def test_slerp_gives_the_sources_at_0_and_1_and_keeps_the_size_of_orthogonal_noises():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
-    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
-    mid = slerp(a, b, torch.tensor([0.5, 0.5, 0.5]))
+    assert torch.allclose(slerp_noise(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp_noise(a, b, 1.0), b, atol=1e-5)
+    mid = slerp_noise(a, b, torch.tensor([0.5, 0.5, 0.5]))
     assert torch.allclose(mid.flatten(1).norm(dim=1), a.flatten(1).norm(dim=1), rtol=0.1)  # a lerp would shrink it ~30%
-    assert torch.allclose(slerp(a, a, 0.3), a, atol=1e-5)  # parallel rows: no division by zero
+    assert torch.allclose(slerp_noise(a, a, 0.3), a, atol=1e-5)  # parallel rows: no division by zero
 
 
 def _pixels(path):

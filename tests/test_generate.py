@@ -14,7 +14,7 @@ from diffinv import rng
 from diffinv.cli import main
 from diffinv.config import ConfigError, GenerateConfig, InvertConfig, load_config
 from diffinv.data.synthetic import open_synthetic, read_manifest
-from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.generation import Conditioning, generate_batch, plan_samples
 from diffinv.diffusion.methods.base import GenerationSettings
 from diffinv.diffusion.inversion import InversionSettings, invert_batch

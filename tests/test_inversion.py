@@ -12,10 +12,10 @@ import torch
 from diffinv import rng
 from diffinv.config import ConfigError, InvertConfig
 from diffinv.data.real import load_pixels, open_images, select
-from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.inversion import InversionError, InversionSettings, invert_batch
 from diffinv.diffusion.objective import adamw_rows, denoising_target, evaluation_loss, q_sample
-from diffinv.diffusion.pretrain import pretrain_autoencoder
+from diffinv.diffusion.tiny import memorise
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.diffusion.tiny import save_tiny_model
 from diffinv.runs import RunError, read_json
@@ -54,7 +54,7 @@ def trained_pixel(tmp_path_factory):
     backbone = load_backbone(path)
     images = select(open_images("digits"), 1, seed=0)
     pixels = load_pixels(images, 8)
-    pretrain_autoencoder(backbone, pixels, steps=300, batch_size=20, lr=3e-3)
+    memorise(backbone, pixels, steps=300, batch_size=20, lr=3e-3)
     return backbone, images, pixels
 
 

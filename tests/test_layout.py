@@ -88,6 +88,27 @@ def test_functions_fit_on_a_screen():
     assert found == {}, f"functions over 80 lines (split them): {found}"
 
 
+def _external_imports(path: Path) -> set[str]:
+    """The top-level packages outside diffinv that ``path`` imports, lazily or not."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+DIFFUSERS_ADAPTER = {"diffinv.diffusion.backbone", "diffinv.diffusion.model_io",  # the model interface; reading and writing
+                     "diffinv.diffusion.pretrain", "diffinv.diffusion.tiny"}  # building new models from diffusers' classes
+
+
+def test_one_narrow_adapter_owns_diffusers():
+    users = {_module_name(p) for p in ROOT.rglob("*.py") if "diffusers" in _external_imports(p)}
+    assert "diffinv.diffusion.model_io" in users  # the walker finds lazy imports
+    assert users <= DIFFUSERS_ADAPTER, f"modules importing diffusers outside the adapter (go through Backbone): {sorted(users - DIFFUSERS_ADAPTER)}"
+
+
 LIBRARY = ("diffinv.diffusion", "diffinv.classify", "diffinv.quality", "diffinv.data")
 
 

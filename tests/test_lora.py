@@ -53,7 +53,8 @@ def test_finetune_lowers_each_class_loss_resumes_bit_identically_and_refuses_an_
 
 
 def test_an_adapter_saved_and_loaded_back_gives_equal_outputs(tiny_pixel):
-    from diffinv.diffusion.backbone import LatentMoments, load_backbone
+    from diffinv.diffusion.backbone import LatentMoments
+    from diffinv.diffusion.model_io import load_backbone
     from diffinv.diffusion.lora import fit_lora
 
     trained, fresh = load_backbone(tiny_pixel), load_backbone(tiny_pixel)
@@ -93,10 +94,17 @@ def test_lora_and_di_lora_sample_through_each_class_adapter(stores, tmp_path, ca
     info = read_json(tmp_path / "di+lora" / "generate.json")
     lora, cost = info["lora"], read_json(tmp_path / "di+lora" / "cost.json")
     assert lora["fit_seconds_per_image"] == pytest.approx(lora["fit_seconds"] / len(rows), abs=1e-5)
-    assert cost["images"] == len(rows) and cost["seconds_per_image"] == pytest.approx(
-        cost["seconds"] / len(rows) + lora["fit_seconds_per_image"], abs=1e-5)  # fitting included
+    # Each set's cost per image: sampling, its share of the fits, and of inverting each store it draws on (once).
+    inverted = {name: read_json(store / "cost.json")["seconds"] for name, store in (("images", images), ("classes", classes))}
+    assert all(s > 0 for s in inverted.values())
+    assert cost["images"] == len(rows) and cost["inversion_seconds"] == pytest.approx(sum(inverted.values()), abs=1e-3)
+    assert cost["seconds_per_image"] == pytest.approx(
+        cost["seconds"] / len(rows) + lora["fit_seconds_per_image"] + cost["inversion_seconds"] / len(rows), abs=1e-5)
+    own = read_json(tmp_path / "lora" / "cost.json")  # sampled from the class store its adapters were fitted under
+    assert own["inversion_seconds"] == pytest.approx(inverted["classes"], abs=1e-3)
     plain = read_json(tmp_path / "di" / "cost.json")
-    assert plain["seconds_per_image"] == pytest.approx(plain["seconds"] / plain["images"], abs=1e-5)
+    assert plain["inversion_seconds"] == pytest.approx(inverted["images"], abs=1e-3) and plain["fit_seconds_per_image"] == 0
+    assert plain["seconds_per_image"] == pytest.approx((plain["seconds"] + plain["inversion_seconds"]) / plain["images"], abs=1e-5)
     assert _run(capsys, "verify", tmp_path / "di+lora")[0] == 0
     # A batch of one class at a time gives the same images as mixed batches (the adapter is switched per class).
     code, _ = _run(capsys, "generate", "--store", images, "--method", "di+lora", "--adapters", tmp_path / "ad", *gen,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import diffinv.stages.pretrain as pretrain
 from diffinv.cli import main
 from diffinv.config import ConfigError, PretrainConfig, StudyConfig, load_config
-from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.runs import read_json, read_yaml
 

@@ -5,7 +5,7 @@ import torch
 
 from diffinv.cli import main
 from diffinv.diffusion import inversion
-from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.tiny import save_tiny_model
 from diffinv.runs import read_json
 

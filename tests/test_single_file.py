@@ -10,7 +10,9 @@ import pytest
 import torch
 import yaml
 
-from diffinv.diffusion.backbone import ModelError, ldm_family, load_backbone
+from diffinv.diffusion.backbone import ModelError
+
+from diffinv.diffusion.model_io import ldm_family, load_backbone
 from diffinv.diffusion.store import EmbeddingStore
 
 from ldm_checkpoint import write_ldm_checkpoint

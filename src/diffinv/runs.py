@@ -98,6 +98,25 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+COST = "cost.json"  # seconds and device a run folder's work took: a measurement, kept apart from its marker
+
+
+def add_cost(folder: str | Path, seconds: float, count: int, device: str, noun: str) -> dict[str, Any]:
+    """Count ``seconds`` spent making ``count`` ``noun`` on ``device`` in the folder's ``cost.json`` (a resumed run adds
+    each run's); the record. Not a result: the marker, which a resumed run reproduces byte for byte, never holds it."""
+    path = Path(folder) / COST
+    cost = read_json(path) if path.is_file() else {"seconds": 0.0, noun: 0, "device": device}
+    cost.update({"seconds": round(cost["seconds"] + seconds, 3), noun: cost.get(noun, 0) + count, "device": device})
+    write_json(path, cost)
+    return cost
+
+
+def cost_seconds(folder: str | Path) -> float | None:
+    """The seconds a finished folder's ``cost.json`` records; None where it has none (made in shards, or before costs)."""
+    path = Path(folder) / COST
+    return float(read_json(path)["seconds"]) if path.is_file() else None
+
+
 def read_yaml(path: str | Path) -> Any:
     return yaml.safe_load(Path(path).read_text())
 

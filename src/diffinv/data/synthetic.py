@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 
 from diffinv.data.real import DataError, LabelledImages
-from diffinv.runs import RunError, atomic_write, file_sha256, read_json, write_json, write_text
+from diffinv.runs import COST, RunError, add_cost, atomic_write, file_sha256, read_json, write_json, write_text
 
 SYNTHETIC_FORMAT = "diffinv-synthetic-v1"
 MARKER = "generate.json"
-COST = "cost.json"  # seconds and device of the images made, per image
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -65,14 +65,13 @@ class SyntheticWriter:
         atomic_write(self.root / row["file"], lambda p: p.write_bytes(data))
 
     def add_cost(self, seconds: float, images: int, device: str) -> None:
-        """Count ``seconds`` spent making ``images`` images on ``device`` in ``cost.json`` (a resumed set adds each run's).
+        """Count ``seconds`` spent sampling ``images`` images on ``device`` in ``cost.json`` (a resumed set adds each run's)."""
+        add_cost(self.root, seconds, images, device, "images")
 
-        A measurement of the run, not a result: kept apart from the marker, which a resumed set reproduces byte for byte.
-        """
-        path = self.root / COST
-        cost = read_json(path) if path.is_file() else {"seconds": 0.0, "images": 0, "device": device}
-        cost.update(seconds=round(cost["seconds"] + seconds, 3), images=cost["images"] + images, device=device)
-        write_json(path, cost)
+    def add_preparation(self, inversion_seconds: float | None) -> None:
+        """Record in ``cost.json`` what inverting the stores the set samples from took (None: not known)."""
+        if (self.root / COST).is_file():
+            write_json(self.root / COST, {**read_json(self.root / COST), "inversion_seconds": inversion_seconds})
 
     def finish(self, rows: list[dict[str, Any]]) -> None:
         missing = [r["file"] for r in rows if not self.exists(r)]
@@ -82,12 +81,20 @@ class SyntheticWriter:
         rows = [{**r, "bytes": (self.root / r["file"]).stat().st_size, "sha256": file_sha256(self.root / r["file"])} for r in rows]
         write_text(self.root / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         info = self.info()
-        if (self.root / COST).is_file():  # per image, with what fitting cost (lora's adapters)
-            cost = read_json(self.root / COST)
-            fit = (info.get("lora") or {}).get("fit_seconds_per_image", 0.0)
-            write_json(self.root / COST, {**cost, "fit_seconds_per_image": fit,
-                                          "seconds_per_image": round(cost["seconds"] / max(cost["images"], 1) + fit, 6)})
+        if (self.root / COST).is_file():
+            write_json(self.root / COST, per_image_cost(read_json(self.root / COST), info, len(rows)))
         write_json(self.root / MARKER, {**info, "status": "complete", "n_samples": len(rows)})
+
+
+def per_image_cost(cost: dict[str, Any], info: dict[str, Any], n_samples: int) -> dict[str, Any]:
+    """A set's cost per image: sampling, plus its share of what was prepared for it (the inversions of the stores it
+    samples from, ``cost["inversion_seconds"]``; the LoRA fits, ``info["lora"]``). An unknown part counts as 0 and is None."""
+    fit = (info.get("lora") or {}).get("fit_seconds_per_image", 0.0)
+    inversion = cost.get("inversion_seconds")
+    inversion = None if inversion is None else round(inversion / max(n_samples, 1), 6)
+    sampling = cost["seconds"] / max(cost["images"], 1)
+    return {**cost, "sampling_seconds_per_image": round(sampling, 6), "fit_seconds_per_image": fit,
+            "inversion_seconds_per_image": inversion, "seconds_per_image": round(sampling + fit + (inversion or 0.0), 6)}
 
 
 def read_manifest(root: str | Path) -> list[dict[str, Any]]:

@@ -99,31 +99,6 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float, updates: int 
         ba.copy_(bm)
 
 
-def pretrain_autoencoder(backbone: Backbone, pixels: torch.Tensor, *, steps: int, tokens: int = 5, batch_size: int = 32,
-                         lr: float = 1e-3, cond_dropout: float = 0.1, seed: int = 0) -> tuple[TokenEncoder, list[float]]:
-    """Train ``backbone.unet`` (in place) and a new :class:`TokenEncoder` on images [N, 3, R, R], in memory.
-
-    The quick form used by tests and benchmarks (no EMA, no files). Returns the encoder and the
-    per-step losses; draws are keyed by (seed, step), so a run is reproducible.
-    """
-    device = backbone.device
-    latents = backbone.encode(pixels).mean
-    encoder = TokenEncoder(latents.shape[1], tokens, backbone.cond_dim).to(device)
-    unet = backbone.unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(encoder.parameters()), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    for step in range(steps):
-        idx = torch.randint(len(latents), (batch_size,), generator=gen).to(device)
-        loss = autoencoder_loss(backbone, encoder, latents[idx], idx + seed * 1_000_003, step, cond_dropout)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    unet.eval().requires_grad_(False)
-    return encoder.eval(), losses
-
-
 def is_grey(pixels: torch.Tensor) -> bool:
     """Whether every image of pixels [N, 3, H, W] has R = G = B everywhere."""
     return bool((pixels[:, 0] == pixels[:, 1]).all() and (pixels[:, 1] == pixels[:, 2]).all())

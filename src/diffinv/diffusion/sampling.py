@@ -134,8 +134,9 @@ def ddim_invert(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, s
     return x
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
-    """Spherical interpolation of rows of a and b [B, ...] at weight w (scalar or [B]; 0: a, 1: b): noises keep their size."""
+def slerp_noise(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
+    """Spherical interpolation of whole rows of a and b [B, ...] at weight w (scalar or [B]; 0: a, 1: b): noises keep their
+    size. (:func:`~diffinv.diffusion.perturb.slerp` is the per-token one for embeddings, their norms interpolated.)"""
     fa, fb = a.flatten(1), b.flatten(1)
     w = torch.as_tensor(w, dtype=fa.dtype, device=fa.device).reshape(-1, 1).expand(len(fa), 1)
     cos = (fa * fb).sum(1, keepdim=True) / (fa.norm(dim=1, keepdim=True) * fb.norm(dim=1, keepdim=True)).clamp_min(1e-12)

@@ -1,8 +1,8 @@
-"""Small random models with Stable Diffusion's architecture, saved in diffusers format.
+"""Small models for tests and benchmarks: random ones with Stable Diffusion's architecture, saved in diffusers format.
 
 They exercise exactly the loading and inference code used for real checkpoints, at sizes that
 run in seconds on a CPU. ``sd1_sized`` builds an SD 1.x-sized UNet + VAE (random weights) for
-speed measurements.
+speed measurements; :func:`memorise` trains one in memory on a few images so its conditioning matters.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS
+from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS, Backbone
+from diffinv.diffusion.encoder import TokenEncoder
+from diffinv.diffusion.pretrain import autoencoder_loss
 
 KINDS = ("latent", "pixel", "sd1", "sd15-tiny", "sd21-tiny", "sdxl-tiny")
 # Stable Diffusion's own scheduler configs (as their model folders ship them), for the SD-structured tiny models.
@@ -119,3 +121,29 @@ def save_tiny_model(out: str | Path, kind: str = "latent", seed: int = 0, predic
         build_text_encoder(out, unet.config.cross_attention_dim)
     (out / "model_index.json").write_text(json.dumps({"_class_name": "DiffinvModel", "kind": kind}, indent=2))
     return out
+
+
+def memorise(backbone: Backbone, pixels: torch.Tensor, *, steps: int, tokens: int = 5, batch_size: int = 32,
+                         lr: float = 1e-3, cond_dropout: float = 0.1, seed: int = 0) -> tuple[TokenEncoder, list[float]]:
+    """Train ``backbone.unet`` (in place) with a new :class:`TokenEncoder` as a diffusion autoencoder of images
+    [N, 3, R, R], in memory, so that a tiny model's conditioning matters (what inversion tests need).
+
+    The loss is the base pretraining's (:func:`~diffinv.diffusion.pretrain.autoencoder_loss`), without EMA,
+    views or files. Returns the encoder and the per-step losses; draws are keyed by (seed, step).
+    """
+    device = backbone.device
+    latents = backbone.encode(pixels).mean
+    encoder = TokenEncoder(latents.shape[1], tokens, backbone.cond_dim).to(device)
+    unet = backbone.unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(encoder.parameters()), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for step in range(steps):
+        idx = torch.randint(len(latents), (batch_size,), generator=gen).to(device)
+        loss = autoencoder_loss(backbone, encoder, latents[idx], idx + seed * 1_000_003, step, cond_dropout)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    unet.eval().requires_grad_(False)
+    return encoder.eval(), losses

@@ -22,7 +22,7 @@ from diffinv.config import FinetuneConfig, config_to_dict
 from diffinv.data.real import load_pixels, open_images, select, validation_ids
 from diffinv.data.synthetic import slug
 from diffinv.device import resolve_device
-from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.lora import fit_lora
 from diffinv.diffusion.methods.base import Adapter
 from diffinv.diffusion.objective import evaluation_loss
@@ -132,7 +132,7 @@ def read_adapters(folder: str | Path, classes: list[str], fingerprints: set[str]
             meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         adapters.append(Adapter(state, int(meta["rank"]), float(meta["alpha"])))
     return adapters, {"adapters": str(folder.resolve()), "rank": info["rank"], "fit_seconds": info["seconds"],
-                      "fit_device": info["device"],
+                      "fit_device": info["device"], "store": info["store"],
                       "adapters_sha256": {name: file_sha256(folder / "adapters" / f"{slug(name)}.safetensors") for name in classes}}
 
 

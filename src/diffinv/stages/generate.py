@@ -18,7 +18,7 @@ from diffinv.config import GenerateConfig, config_to_dict, load_config
 from diffinv.data.real import DataError, all_grey, open_images
 from diffinv.data.synthetic import MARKER, SyntheticWriter, damage, read_manifest
 from diffinv.device import halving_on_oom, resolve_device, resolve_dtype
-from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.generation import generate_batch, plan_samples, public
 from diffinv.diffusion.methods import get_method
 from diffinv.diffusion.methods.base import GenerationSettings
@@ -28,7 +28,7 @@ from diffinv.errors import UserError
 from diffinv.runs import Units, check_free_space, open_output, read_json, read_yaml, refuse_inside, remove_temporaries, write_yaml
 from diffinv.shards import Shard
 from diffinv.stages import Stage
-from diffinv.stages.generate_inputs import open_inputs
+from diffinv.stages.generate_inputs import inversion_seconds, open_inputs
 
 
 def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
@@ -79,7 +79,8 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
 
     # 4. The plan and what its conditionings are drawn from.
     rows = plan_samples(settings, store, model)
-    source = method.load(settings, store, backbone, rows, open_inputs(method, settings, store, model, backbone, extra))
+    inputs = open_inputs(method, settings, store, model, backbone, extra)
+    source = method.load(settings, store, backbone, rows, inputs)
     for note in source.extra.get("notes", []):
         log(note)
     writer = SyntheticWriter(out)
@@ -99,6 +100,7 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
 
     # 5. This shard's chunks with missing images, generated and written.
     _generate_chunks(config, settings, out, writer, rows, backbone, source, store, grey, shard, progress, on_batch, log)
+    writer.add_preparation(inversion_seconds(method, store, extra, inputs))
 
     # 6. The manifest, once every shard's images exist.
     return _finish(out, writer, rows, log, strict=shard.whole, chunk_size=config.batch_size)

@@ -15,7 +15,7 @@ from diffinv.data.real import DataError, LabelledImages, open_images, validation
 from diffinv.diffusion.methods.base import GenerationSettings, Inputs, Method
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.errors import UserError
-from diffinv.runs import read_yaml
+from diffinv.runs import cost_seconds, read_yaml
 from diffinv.stages.finetune import read_adapters
 
 OTHER_SPLITS = ("test", "val", "validation", "valid")
@@ -37,6 +37,16 @@ def open_inputs(method: Method, settings: GenerationSettings, store: EmbeddingSt
     if "adapters" in method.needs:
         inputs.adapters, inputs.adapters_info = read_adapters(settings.adapters, store.classes, backbone.fingerprints())
     return inputs
+
+
+def inversion_seconds(method: Method, store: EmbeddingStore, stores: dict[str, EmbeddingStore], inputs: Inputs) -> float | None:
+    """What inverting the stores a set's conditionings come from took (each store once: a LoRA method's adapters were
+    fitted under a class store that may also be its own store); None where one of them has no record of it."""
+    used = [Path(s.root) for s in (store, *stores.values())] if method.uses_embeddings else []
+    if inputs.adapters_info.get("store"):
+        used.append(Path(inputs.adapters_info["store"]))
+    seconds = [cost_seconds(root) for root in {root.resolve() for root in used}]
+    return None if None in seconds else round(sum(seconds), 3)
 
 
 def store_images(made: dict[str, Any]) -> LabelledImages:

@@ -12,7 +12,7 @@ import torch
 from diffinv.data.real import open_images
 from diffinv.device import resolve_device, resolve_dtype
 from diffinv.config import InvertConfig
-from diffinv.diffusion.backbone import load_backbone
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.stages import Stage
 
 

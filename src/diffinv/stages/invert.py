@@ -8,6 +8,7 @@ b % N == I into the one folder; whichever shard finishes last writes the manifes
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -20,11 +21,13 @@ from diffinv import rng
 from diffinv.config import InvertConfig, config_to_dict
 from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images, select, validation_ids
 from diffinv.device import check_precision, halving_on_oom, resolve_device, resolve_dtype
-from diffinv.diffusion.backbone import Backbone, ModelError, load_backbone
+from diffinv.diffusion.backbone import Backbone, ModelError
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.encoder import EncoderError, encoder_tokens, load_encoder
 from diffinv.diffusion.inversion import DONE, InversionError, InversionSettings, encode_images, invert_items
 from diffinv.diffusion.store import CLASS_PREFIX, MARKER, EmbeddingStore, StoreError, StoreWriter, damage, part_name, read_rows
-from diffinv.runs import RunError, Units, check_free_space, open_output, read_json, read_yaml, remove_temporaries, write_yaml
+from diffinv.runs import (RunError, Units, add_cost, check_free_space, open_output, read_json, read_yaml, remove_temporaries,
+                          write_yaml)
 from diffinv.shards import Shard
 from diffinv.stages import Stage
 
@@ -122,7 +125,7 @@ def _invert_batches(config: InvertConfig, out: Path, writer: StoreWriter, backbo
     n_todo = sum(len(todo) for _, todo in work)
     bar = tqdm(total=n_todo * config.steps, unit=f"{unit}-step", disable=not progress, dynamic_ncols=True,
                desc=f"invert {n_todo} {unit}{'es' if unit == 'class' else 's'}" + ("" if shard.whole else f" (shard {shard})"))
-    failed = 0
+    failed, started = 0, time.perf_counter()
     for b, todo in work:
         # Out of GPU memory, a batch is split in two and each half written as its own part; a group of
         # the official update pattern cannot be (its images share an optimiser), so lower --group-batch;
@@ -134,6 +137,8 @@ def _invert_batches(config: InvertConfig, out: Path, writer: StoreWriter, backbo
         else:
             failed += sum(n for _, n in halving_on_oom(run, todo, what="inverting", log=log, device=backbone.device))
     bar.close()
+    if shard.whole and work:  # what a set sampled from this store spends on it (shards would race on the file)
+        add_cost(out, time.perf_counter() - started, n_todo, str(backbone.device), "items")
     if work and failed == n_todo:
         raise InversionError(f"the inversion loss was not finite for every image, even after {config.nan_retries} retries at "
                              f"lower learning rates; lower --lr or use --precision fp32")

@@ -21,7 +21,8 @@ from torch import nn
 from diffinv import rng
 from diffinv.config import PretrainConfig, config_to_dict
 from diffinv.device import resolve_device, slow_bf16_warning
-from diffinv.diffusion.backbone import Backbone, save_folder
+from diffinv.diffusion.backbone import Backbone
+from diffinv.diffusion.model_io import save_folder
 from diffinv.diffusion.encoder import TokenEncoder
 from diffinv.diffusion.pretrain import (PretrainError, autoencoder_loss, base_scheduler_config, build_base_unet, ema_update,
                                         is_grey)

@@ -167,7 +167,7 @@ class _Where:
             self.tokens_trained = encoder_tokens(self.model)  # pretrain-base models: the K their encoder makes
             self.tokens = self.tokens_trained or InvertConfig.tokens
             if "resolution" not in (study.invert or {}):
-                from diffinv.diffusion.backbone import load_backbone
+                from diffinv.diffusion.model_io import load_backbone
 
                 self.resolution = load_backbone(self.model).choose_resolution(self.native)
 

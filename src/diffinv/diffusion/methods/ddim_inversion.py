@@ -14,7 +14,7 @@ import torch
 from diffinv.data.real import load_pixels
 from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.methods.base import Conditioning, GenerationSettings, Inputs, Method, Row, add_partners, index_real, per_image_rows
-from diffinv.diffusion.sampling import ddim_invert, slerp
+from diffinv.diffusion.sampling import ddim_invert, slerp_noise
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.errors import UserError
 
@@ -52,7 +52,7 @@ class DdimInversion(Method):
         starts = src.extra["starts"]
         own = starts[torch.tensor([r["_src"] for r in rows])]
         partner = starts[torch.tensor([r["_partner"] for r in rows])]
-        return slerp(own, partner, torch.tensor([float(r["interp"]) for r in rows]))
+        return slerp_noise(own, partner, torch.tensor([float(r["interp"]) for r in rows]))
 
 
 METHOD = DdimInversion()
