@@ -117,3 +117,49 @@ def test_lora_and_di_lora_sample_through_each_class_adapter(stores, tmp_path, ca
     code, text = _run(capsys, "generate", "--store", images, "--method", "di", "--adapters", tmp_path / "ad", *gen,
                       "--out", tmp_path / "y")
     assert code == 2 and "drop --adapters" in text
+
+
+def test_prompt_adapters_with_a_text_encoder_lora_fit_save_load_and_sample(tiny_text, tmp_path, capsys):
+    """DataDream's way on an SD-structured model: each class's adapters of the UNet and the text encoder, fitted under
+    the class prompt, change the prompt's embedding and load back with equal outputs; lora samples the class prompt
+    through them, di+lora (no text encoder needed) the UNet's alone."""
+    from diffinv.diffusion.model_io import load_backbone
+
+    data = write_image_tree(tmp_path / "d", per_class=3, size=16)
+    common = ["--model", tiny_text, "--data", data, "--resolution", "16", "--steps", "3", *QUIET]
+    assert _run(capsys, "invert", *common, "--out", tmp_path / "images")[0] == 0
+    code, text = _run(capsys, "finetune", "--store", tmp_path / "images", "--text-encoder", *FIT, "--out", tmp_path / "no")
+    assert code == 2 and "give --prompt" in text
+    code, text = _run(capsys, "finetune", "--store", tmp_path / "images", *FIT, "--out", tmp_path / "no")
+    assert code == 2 and "--prompt" in text  # a per-image store conditions nothing without a prompt
+    prompt = ["--prompt", "a photo of a {}", "--text-encoder"]
+    code, text = _run(capsys, "finetune", "--store", tmp_path / "images", *prompt, *FIT, "--out", tmp_path / "ad")
+    assert code == 0, text
+    info = read_json(tmp_path / "ad" / "finetune.json")
+    assert info["prompt"] == "a photo of a {}" and info["text_encoder"] is True
+    assert all(r["loss_after"] < r["loss_before"] for r in info["per_class"].values())
+    state = load_file(str(tmp_path / "ad" / "adapters" / "cat.safetensors"))
+    text_keys = [k for k in state if k.startswith("text_encoder.")]
+    assert text_keys and any(not k.startswith("text_encoder.") for k in state)
+    assert any(state[k].abs().max() > 0 for k in text_keys if ".lora_B." in k)  # the text encoder's adapter was trained
+
+    base, fresh = load_backbone(tiny_text, with_text_encoder=True), load_backbone(tiny_text, with_text_encoder=True)
+    before = base.encode_prompts(["a photo of a cat"])
+    fresh.load_lora("class0", state, 4, 4.0)
+    adapted = fresh.encode_prompts(["a photo of a cat"])
+    assert not torch.allclose(adapted, before)
+    fresh.use_lora(None)
+    assert torch.equal(fresh.encode_prompts(["a photo of a cat"]), before)
+
+    gen = ["--per-image", "2", "--steps", "3", *QUIET]
+    made = {}
+    for method, extra in (("lora", ["--adapters", tmp_path / "ad"]), ("prompt", []), ("di+lora", ["--adapters", tmp_path / "ad"])):
+        code, text = _run(capsys, "generate", "--store", tmp_path / "images", "--method", method, *extra, *gen,
+                          "--out", tmp_path / method)
+        assert code == 0, text
+        made[method] = {r["id"]: (r, _sha(tmp_path / method / r["file"])) for r in read_manifest(tmp_path / method)}
+    assert made["lora"].keys() == made["prompt"].keys()  # the same rows and keyed noise as the prompt method's
+    assert all(r["prompt"] == f"a photo of a {r['class']}" and r["adapter"] == f"adapters/{r['class']}.safetensors"
+               for r, _ in made["lora"].values())
+    assert all(made["lora"][i][1] != made["prompt"][i][1] for i in made["lora"])  # the adapters change every image
+    assert _run(capsys, "verify", tmp_path / "lora")[0] == 0

@@ -608,11 +608,17 @@ class FinetuneConfig:
     """``diffinv finetune``: one LoRA adapter of the UNet per class, fitted on that class's real images (DataDream-style).
 
     Each adapter is trained with the denoising loss under its class's learned embedding, from a
-    per-class store (``diffinv invert --target class``), whose config names the real images; the
-    base model stays frozen. ``generate --method lora|di+lora --adapters OUT`` samples through them.
+    per-class store (``diffinv invert --target class``), whose config names the real images, or
+    under a class prompt through the model's text encoder (``--prompt``, optionally with a LoRA of
+    the text encoder too); the base model stays frozen. ``generate --method lora|di+lora --adapters
+    OUT`` samples through them.
     """
 
-    store: str = opt("", "a per-class store (`diffinv invert --target class`): its class embeddings condition the adapters")
+    store: str = opt("", "a per-class store (`diffinv invert --target class`): its class embeddings condition the adapters "
+                         "(with --prompt any store: it names the real images and the model)")
+    prompt: str = opt("", "condition each class's adapter on this prompt ({} is the class name) through the model's text "
+                          "encoder instead of a class embedding (Stable Diffusion; DataDream's way)")
+    text_encoder: bool = opt(False, "also fit a LoRA of the text encoder's attention projections (needs --prompt)")
     rank: int = opt(4, "LoRA rank of every attention projection (to_q, to_k, to_v, to_out)")
     alpha: float = opt(0.0, "LoRA alpha (0: equal to --rank, a scale of 1)")
     steps: int = opt(200, "AdamW steps per class")
@@ -624,6 +630,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.store), "give --store: a per-class store from `diffinv invert --target class`")
+        _check(not self.prompt or "{}" in self.prompt, "--prompt must contain {} where the class name goes, e.g. 'a photo of a {}'")
+        _check(not self.text_encoder or bool(self.prompt), "--text-encoder fits the text encoder through a prompt: give --prompt")
         _check(self.rank >= 1 and self.alpha >= 0, "rank must be >= 1 and alpha >= 0 (0: alpha = rank)")
         _check(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0, "steps and batch-size must be >= 1, lr > 0")
 

@@ -28,6 +28,7 @@ from diffinv.errors import UserError
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                       "beta_end": 0.012, "prediction_type": "epsilon"}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention's projections, as DataDream adapts
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # the CLIP text encoder's
 
 
 class ModelError(UserError, ValueError):
@@ -261,14 +262,15 @@ class Backbone:
             pixels = pixels.expand(-1, 3, -1, -1)
         return pixels.float().clamp(-1, 1)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text -> conditioning [B, L, D] through the model's own tokenizer and text encoder."""
+    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        """Text -> conditioning [B, L, D] through the model's own tokenizer and text encoder (differentiable with
+        ``grad``: a text encoder's adapter is fitted through it)."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ModelError(f"{self.source} was loaded without a text encoder/tokenizer; prompts need both")
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0].float()
+        with torch.set_grad_enabled(grad):
+            return self.text_encoder(tokens.input_ids.to(self.device))[0].float()
 
     @torch.no_grad()
     def encode_prompt_tokens(self, prompts: list[str], k: int) -> torch.Tensor:
@@ -287,18 +289,25 @@ class Backbone:
         first = (length - k).clamp(min=0)
         return torch.stack([out[b, int(first[b]): int(first[b]) + k] for b in range(len(prompts))])
 
-    # -- LoRA adapters of the UNet's attention projections, through diffusers' peft integration -------------
-    def add_lora(self, name: str, rank: int, alpha: float, seed: int = 0) -> list[torch.nn.Parameter]:
-        """A fresh adapter, made active; its parameters. The down-projections are drawn from ``seed`` (peft would
-        draw them from the global RNG), the up-projections are zero: the UNet is unchanged until trained."""
+    # -- LoRA adapters of the UNet's (and the text encoder's) attention projections, through peft ----------------
+    def add_lora(self, name: str, rank: int, alpha: float, seed: int = 0, text_encoder: bool = False) -> list[torch.nn.Parameter]:
+        """A fresh adapter of the UNet (and, with ``text_encoder``, of the text encoder), made active; its parameters.
+        The down-projections are drawn from ``seed`` (peft would draw them from the global RNG), the up-projections
+        are zero: the model is unchanged until trained."""
         try:
-            from peft import LoraConfig
+            from peft import LoraConfig, inject_adapter_in_model
         except ImportError as exc:
             raise ModelError("LoRA adapters need peft: pip install 'diffusion-inversion[lora]' (or pip install peft)") from exc
         self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS),
                                          init_lora_weights="gaussian"), adapter_name=name)
+        if text_encoder:
+            if self.text_encoder is None:
+                raise ModelError(f"{self.source} was loaded without a text encoder; its LoRA needs one")
+            # peft's own injection: transformers' add_adapter asks for a newer peft than many installs have.
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_LORA_TARGETS),
+                                               init_lora_weights="gaussian"), self.text_encoder, adapter_name=name)
         self.use_lora(name)
-        named = sorted((n, p) for n, p in self.unet.named_parameters() if f".{name}." in n and "lora_" in n)
+        named = self._lora_parameters(name)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for n, p in named:
@@ -308,8 +317,17 @@ class Backbone:
             p.requires_grad_(True)
         return [p for _, p in named]
 
+    def _lora_parameters(self, name: str) -> list[tuple[str, torch.nn.Parameter]]:
+        """Adapter ``name``'s parameters by name: the UNet's, then the text encoder's (prefixed ``text_encoder.``), each
+        sorted, so a UNet adapter starts the same with or without one of the text encoder."""
+        found = sorted((n, p) for n, p in self.unet.named_parameters() if f".{name}." in n and "lora_" in n)
+        if self.text_encoder is not None:
+            found += sorted((f"text_encoder.{n}", p) for n, p in self.text_encoder.named_parameters()
+                            if f".{name}." in n and "lora_" in n)
+        return found
+
     def use_lora(self, name: str | None) -> None:
-        """Run the UNet through adapter ``name``, or through none (the frozen base) with None."""
+        """Run the model through adapter ``name``, or through none (the frozen base) with None."""
         if not getattr(self.unet, "_hf_peft_config_loaded", False):
             if name is not None:
                 raise ModelError(f"the UNet has no LoRA adapter {name!r}")
@@ -319,25 +337,41 @@ class Backbone:
         else:
             self.unet.enable_adapters()
             self.unet.set_adapter(name)
+        if self.text_encoder is not None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for layer in (m for m in self.text_encoder.modules() if isinstance(m, BaseTunerLayer)):
+                layer.enable_adapters(name in layer.lora_A)  # a UNet-only adapter leaves the text encoder as it is
+                if name in layer.lora_A:
+                    layer.set_adapter(name)
 
     def lora_state(self, name: str) -> dict[str, torch.Tensor]:
-        """Adapter ``name``'s tensors, named without the adapter (as peft saves them)."""
+        """Adapter ``name``'s tensors, named without the adapter (as peft saves them); the text encoder's prefixed."""
         from peft.utils import get_peft_model_state_dict
 
-        return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet, adapter_name=name).items()}
+        state = dict(get_peft_model_state_dict(self.unet, adapter_name=name))
+        state.update({n.replace(f".{name}.", "."): p for n, p in self._lora_parameters(name) if n.startswith("text_encoder.")})
+        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
     def load_lora(self, name: str, state: dict[str, torch.Tensor], rank: int, alpha: float) -> None:
-        """Adapter ``name`` with the tensors of :meth:`lora_state`; refuses tensors that do not fit this UNet."""
+        """Adapter ``name`` with the tensors of :meth:`lora_state`; refuses tensors that do not fit this model."""
         from peft.utils import set_peft_model_state_dict
 
-        self.add_lora(name, rank, alpha)
-        result = set_peft_model_state_dict(self.unet, {k: v.to(self.dtype) for k, v in state.items()}, adapter_name=name)
+        text = {k: v for k, v in state.items() if k.startswith("text_encoder.")}
+        self.add_lora(name, rank, alpha, text_encoder=bool(text))
+        unet = {k: v.to(self.dtype) for k, v in state.items() if k not in text}
+        result = set_peft_model_state_dict(self.unet, unet, adapter_name=name)
         unexpected = list(getattr(result, "unexpected_keys", None) or [])
+        own = {n.replace(f".{name}.", "."): p for n, p in self._lora_parameters(name) if n.startswith("text_encoder.")}
+        unexpected += [k for k in text if k not in own or own[k].shape != text[k].shape]
         if unexpected:
-            raise ModelError(f"LoRA adapter {name!r} does not fit this model's UNet (e.g. {unexpected[:2]}); "
-                             f"it was fitted on another model")
-        for p in self.unet.parameters():
-            p.requires_grad_(False)
+            raise ModelError(f"LoRA adapter {name!r} does not fit this model (e.g. {unexpected[:2]}); it was fitted on another model")
+        with torch.no_grad():
+            for k, v in text.items():
+                own[k].copy_(v)
+        for module in (self.unet, self.text_encoder):
+            if module is not None:
+                module.requires_grad_(False)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Backbone":
         """Move every part to ``device``; the UNet (and VAE) run in ``dtype``."""

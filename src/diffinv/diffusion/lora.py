@@ -1,4 +1,4 @@
-"""Fitting a LoRA adapter of the UNet on a few images under one conditioning (DataDream's per-class step).
+"""Fitting a LoRA adapter on a few images under one conditioning (DataDream's per-class step).
 
 Pure tensor code on :class:`~diffinv.diffusion.backbone.Backbone`: the adapter's parameters, the
 images' clean latents and the conditioning come in as arguments; files are ``diffinv finetune``'s.
@@ -14,10 +14,12 @@ from diffinv.diffusion.backbone import Backbone, LatentMoments
 from diffinv.diffusion.objective import denoising_target, per_image_loss, q_sample
 
 
-def fit_lora(backbone: Backbone, params: list[torch.nn.Parameter], moments: LatentMoments, cond: torch.Tensor, *,
+def fit_lora(backbone: Backbone, params: list[torch.nn.Parameter], moments: LatentMoments,
+             cond: torch.Tensor | Callable[[], torch.Tensor], *,
              steps: int, lr: float, batch_size: int, seed: int,
              progress: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``params`` (an active adapter) with the denoising loss of ``moments`` [N, C, h, w] under ``cond`` [K, D].
+    """Train ``params`` (an active adapter) with the denoising loss of ``moments`` [N, C, h, w] under ``cond`` [K, D],
+    or under what ``cond()`` returns each step (a prompt through a text encoder whose adapter is being fitted).
 
     Every draw (the batch's images, timesteps, noise, latent samples) comes from one generator
     seeded by ``seed``, so a fit is repeatable. Returns the loss of every step.
@@ -37,7 +39,8 @@ def fit_lora(backbone: Backbone, params: list[torch.nn.Parameter], moments: Late
         a = alphas[t.to(alphas.device)].to(device)
 
         # 2. The denoising loss of the adapted UNet.
-        pred = backbone.predict_noise(q_sample(x0, noise, a), t.to(device), cond.expand(batch_size, -1, -1))
+        context = cond() if callable(cond) else cond
+        pred = backbone.predict_noise(q_sample(x0, noise, a), t.to(device), context.expand(batch_size, -1, -1))
         loss = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type)).mean()
 
         # 3. One AdamW step of the adapter alone.

@@ -3,7 +3,9 @@
 DataDream's step on our models: each class's adapter (rank ``--rank`` on every attention
 projection) is trained with the denoising loss on the class's real images, conditioned by the
 class's learned embedding from a per-class store (``diffinv invert --target class``), whose
-config names the real images, the model and the resolution. The base stays frozen. Each class's
+config names the real images, the model and the resolution; or, on a model with a text encoder,
+by a class prompt (``--prompt``), the text encoder adapted too with ``--text-encoder``, as
+DataDream fits SD. The base stays frozen. Each class's
 adapter is written atomically when it is done, so a re-run after a kill fits only the missing
 ones. ``generate --method lora`` or ``di+lora`` with ``--adapters OUT`` samples through them.
 """
@@ -38,15 +40,17 @@ def finetune_classes(config: FinetuneConfig, out: str | Path, *, resume: bool = 
     out = Path(out)
     # 1. The class store and what it was inverted from; refused before anything slow.
     store = EmbeddingStore.open(config.store)
-    if store.info.get("target", "image") != "class":
+    if store.info.get("target", "image") != "class" and not config.prompt:
         raise StoreError(f"--store {config.store} holds one embedding per image; finetune conditions each class's adapter on "
-                         f"its class embedding: run `diffinv invert --target class` on the same data and pass that store")
+                         f"its class embedding: run `diffinv invert --target class` on the same data and pass that store "
+                         f"(or condition on a class prompt: --prompt 'a photo of a {{}}', for a model with a text encoder)")
     made = read_yaml(Path(store.root) / "config.yaml") or {}
     if open_output(out, MARKER, config, noun="adapter folder", resume=resume, overwrite=overwrite) == "done":
         return out
     device = resolve_device(config.device)
     model = store.info.get("model_path", store.info["model"])
-    backbone = load_backbone(model, prediction_type=store.info.get("prediction_type", "")).to(device)
+    backbone = load_backbone(model, with_text_encoder=bool(config.prompt),
+                             prediction_type=store.info.get("prediction_type", "")).to(device)
     backbone = backbone.with_prediction_type(store.info.get("prediction_type", ""))  # what the store was inverted against
     if store.info["model_fingerprint"] not in backbone.fingerprints():
         raise StoreError(f"{config.store} was made with another model than the {model} found now; invert again")
@@ -72,8 +76,8 @@ def finetune_classes(config: FinetuneConfig, out: str | Path, *, resume: bool = 
             continue
         own = torch.as_tensor(images.labels) == c
         members = type(moments)(moments.mean[own], moments.std[own])
-        cond = store.embeddings[int(torch.nonzero(store.labels == c)[0])].to(device)  # the class's row
-        record[name] = fit_class(backbone, f"class{c}", members, cond, config, alpha, lambda *_: bar.update(1))
+        record[name] = fit_class(backbone, f"class{c}", members, _condition(backbone, store, config, c, device), config, alpha,
+                                 lambda *_: bar.update(1))
         state = backbone.lora_state(f"class{c}")
         atomic_write(path, lambda p, state=state, name=name: _save(p, state, name, config, alpha))
         write_json(out / "progress.json", record)
@@ -84,24 +88,40 @@ def finetune_classes(config: FinetuneConfig, out: str | Path, *, resume: bool = 
     write_json(out / MARKER, {"status": "complete", "classes": classes, "store": str(Path(config.store).resolve()),
                               "model": model, "model_fingerprint": backbone.fingerprint(), "rank": config.rank,
                               "alpha": alpha, "resolution": resolution, "n_images": len(images), "device": str(device),
+                              "prompt": config.prompt, "text_encoder": config.text_encoder,
                               "seconds": round(sum(r["seconds"] for r in record.values()), 3), "per_class": record})
     return out
 
 
-def fit_class(backbone: Any, adapter: str, moments: Any, cond: torch.Tensor, config: FinetuneConfig, alpha: float,
-              progress: Callable[[int, float], None]) -> dict[str, Any]:
+def _condition(backbone: Any, store: EmbeddingStore, config: FinetuneConfig, c: int,
+               device: torch.device) -> torch.Tensor | Callable[[], torch.Tensor]:
+    """Class ``c``'s conditioning [K, D]: its row of the class store, or its prompt through the text encoder (recomputed
+    each step when the text encoder's adapter is fitted too)."""
+    if not config.prompt:
+        return store.embeddings[int(torch.nonzero(store.labels == c)[0])].to(device)
+    prompt = config.prompt.format(store.classes[c])
+    if config.text_encoder:
+        return lambda: backbone.encode_prompts([prompt], grad=True)[0]
+    return backbone.encode_prompts([prompt])[0]
+
+
+def fit_class(backbone: Any, adapter: str, moments: Any, cond: torch.Tensor | Callable[[], torch.Tensor],
+              config: FinetuneConfig, alpha: float, progress: Callable[[int, float], None]) -> dict[str, Any]:
     """Fit one class's adapter; its denoising loss on fixed draws before and after, and the seconds it took."""
     started = time.perf_counter()
     seed = rng.key_of(config.seed, adapter) % 2**63  # per class: a class's adapter is the same whatever was fitted before
-    params = backbone.add_lora(adapter, config.rank, alpha, seed)
+    params = backbone.add_lora(adapter, config.rank, alpha, seed, text_encoder=config.text_encoder)
     keys = rng.keys_tensor(config.seed, [f"{adapter}|{i}" for i in range(len(moments.mean))]).to(moments.mean.device)
-    condition = cond.expand(len(moments.mean), -1, -1)
-    with torch.no_grad():
-        before = float(evaluation_loss(backbone, moments.mean, condition, keys).mean())
+
+    def loss() -> float:
+        with torch.no_grad():
+            condition = (cond() if callable(cond) else cond).expand(len(moments.mean), -1, -1)
+            return float(evaluation_loss(backbone, moments.mean, condition, keys).mean())
+
+    before = loss()
     losses = fit_lora(backbone, params, moments, cond, steps=config.steps, lr=config.lr, batch_size=config.batch_size,
                       seed=seed, progress=progress)
-    with torch.no_grad():
-        after = float(evaluation_loss(backbone, moments.mean, condition, keys).mean())
+    after = loss()
     return {"images": len(moments.mean), "loss_before": round(before, 6), "loss_after": round(after, 6),
             "last_loss": round(losses[-1], 6), "seconds": round(time.perf_counter() - started, 3)}
 
@@ -109,7 +129,14 @@ def fit_class(backbone: Any, adapter: str, moments: Any, cond: torch.Tensor, con
 def _save(path: Path, state: dict[str, torch.Tensor], name: str, config: FinetuneConfig, alpha: float) -> None:
     from safetensors.torch import save_file
 
-    save_file(state, str(path), metadata={"class": name, "rank": str(config.rank), "alpha": str(alpha)})
+    save_file(state, str(path), metadata={"class": name, "rank": str(config.rank), "alpha": str(alpha), "prompt": config.prompt})
+
+
+def adapter_prompt(folder: str | Path) -> str:
+    """The prompt an adapter folder was fitted under ("": the class embeddings; also for a folder not finished yet,
+    which :func:`read_adapters` then refuses)."""
+    marker = Path(folder) / MARKER
+    return str(read_json(marker).get("prompt", "")) if marker.is_file() else ""
 
 
 def read_adapters(folder: str | Path, classes: list[str], fingerprints: set[str] | list[str]) -> tuple[list[Adapter], dict[str, Any]]:
@@ -132,7 +159,8 @@ def read_adapters(folder: str | Path, classes: list[str], fingerprints: set[str]
             meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         adapters.append(Adapter(state, int(meta["rank"]), float(meta["alpha"])))
     return adapters, {"adapters": str(folder.resolve()), "rank": info["rank"], "fit_seconds": info["seconds"],
-                      "fit_device": info["device"], "store": info["store"],
+                      "fit_device": info["device"], "store": info["store"], "prompt": info.get("prompt", ""),
+                      "text_encoder": bool(info.get("text_encoder", False)),
                       "adapters_sha256": {name: file_sha256(folder / "adapters" / f"{slug(name)}.safetensors") for name in classes}}
 
 

@@ -28,6 +28,7 @@ from diffinv.errors import UserError
 from diffinv.runs import Units, check_free_space, open_output, read_json, read_yaml, refuse_inside, remove_temporaries, write_yaml
 from diffinv.shards import Shard
 from diffinv.stages import Stage
+from diffinv.stages.finetune import adapter_prompt
 from diffinv.stages.generate_inputs import inversion_seconds, open_inputs
 
 
@@ -41,7 +42,7 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     out = Path(out)
     shard = shard or Shard()
     method = get_method(config.method)
-    settings = GenerationSettings.of(config)
+    settings = settings_of(config)
     if not method.samples and not shard.whole:
         raise UserError(f"--method {config.method} finds its images in one pass (no sampling to share out); run it "
                         f"without --shard / --launcher")
@@ -67,7 +68,7 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
 
     # 3. Model on the device, and the check that the stores were made with it.
     device = resolve_device(config.device)
-    backbone = load_backbone(model, with_text_encoder=method.text_encoder, original_config=store.info.get("original_config", ""),
+    backbone = load_backbone(model, with_text_encoder=method.wants_text_encoder(settings), original_config=store.info.get("original_config", ""),
                              prediction_type=store.info.get("prediction_type", "")).to(device, resolve_dtype(config.precision, device))
     backbone.with_prediction_type(store.info.get("prediction_type", ""))  # sample with what the store was inverted against
     backbone.check_supported()
@@ -104,6 +105,11 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
 
     # 6. The manifest, once every shard's images exist.
     return _finish(out, writer, rows, log, strict=shard.whole, chunk_size=config.batch_size)
+
+
+def settings_of(config: GenerateConfig) -> GenerationSettings:
+    """The methods' settings: the config's, and the prompt the adapters it names were fitted under."""
+    return GenerationSettings.of(config, adapter_prompt=adapter_prompt(config.adapters) if config.adapters else "")
 
 
 def _intact(out: Path, log: Callable[[str], None]) -> bool:
@@ -173,7 +179,7 @@ def finish_dataset(out: str | Path, log: Callable[[str], None] = print) -> Path:
     config = load_config(GenerateConfig, str(out / "config.yaml"), {})
     writer = SyntheticWriter(out)
     store = _open_store(config.store, "store")
-    rows = plan_samples(GenerationSettings.of(config), store, writer.info()["model"])
+    rows = plan_samples(settings_of(config), store, writer.info()["model"])
     return _finish(out, writer, rows, log, strict=True, chunk_size=config.batch_size)
 
 

@@ -30,6 +30,7 @@ class GenerationSettings:
 
     ``class_store``, ``adapters`` and ``judge`` name folders only so that a method can refuse
     settings without them; the stage opens them and hands their contents over as :class:`Inputs`.
+    ``adapter_prompt`` is read by the stage from the adapters' folder: it changes the plan.
     """
 
     method: str = "di"
@@ -50,6 +51,7 @@ class GenerationSettings:
     img2img_embedding: str = "own"
     class_store: str = ""
     adapters: str = ""
+    adapter_prompt: str = ""  # the prompt the adapters were fitted under ("": their class's learned embedding)
     pool: tuple[str, ...] = ()
     space: str = "encoder"
     judge: str = ""
@@ -62,8 +64,12 @@ class GenerationSettings:
     batch_size: int = 64
 
     @classmethod
-    def of(cls, source: object) -> "GenerationSettings":
-        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
+    def of(cls, source: object, **from_folders: Any) -> "GenerationSettings":
+        """The settings of ``source``, with the fields the stage read from the folders they name (``from_folders``)."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if f.name not in FROM_FOLDERS}, **from_folders)
+
+
+FROM_FOLDERS = ("adapter_prompt",)
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,10 @@ class Method:
     uses_embeddings = True  # samples from the store's embeddings, so the store must be of the model used
     samples = True  # runs the sampler (retrieval finds its images instead)
     needs: frozenset[str] = frozenset()  # the fields of Inputs the stage must fill (see Inputs)
+
+    def wants_text_encoder(self, settings: GenerationSettings) -> bool:
+        """Whether the model must be loaded with its tokenizer and text encoder for these settings."""
+        return self.text_encoder
 
     @property
     def uses_adapters(self) -> bool:
