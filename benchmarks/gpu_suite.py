@@ -2,8 +2,10 @@
 
 What it measures, at 128 and 256 px (the paper's CIFAR and STL-10 inversion resolutions):
 
-* inversion image-steps/s: diffinv's engine (latents once, whole group per step, bf16 or fp32)
-  and the paper's loop (VAE re-encode every step, fp32, batches of half the group);
+* inversion image-steps/s: diffinv's engine (latents once, whole group per step, bf16 or fp32),
+  eager and through ``torch.compile`` (bf16; CUDA graphs, mode reduce-overhead), and the paper's
+  loop (VAE re-encode every step, fp32, batches of half the group); each figure the median of 3
+  timed repeats, with their spread and the first call's seconds (compiling included);
 * sampling images/s: diffinv's default (DDIM 25, guidance in one batched call, bf16) and the
   paper's (PNDM 100, fp32), VAE decode included;
 * peak GPU memory of each, counted FLOPs per image-step (torch's FlopCounterMode) and the
@@ -103,19 +105,22 @@ def flops_per_image_step(backbone: Backbone, resolution: int) -> float:
     return counter.get_total_flops() / 2
 
 
-def measure_inversion(backbone: Backbone, pixels: torch.Tensor, steps: int) -> dict:
-    """diffinv's steady image-steps/s on a group (one-off encode/eval cost removed as in invert_speed.py)."""
+def measure_inversion(backbone: Backbone, pixels: torch.Tensor, steps: int, repeats: int = 3) -> dict:
+    """diffinv's steady image-steps/s on a group (one-off encode/eval cost removed as in invert_speed.py): the median
+    of ``repeats`` timed runs, each of them, their spread, and the first call's seconds (warm-up and any compiling)."""
     keys = rng.keys_tensor(0, [f"img{i}" for i in range(len(pixels))])
 
     def run(n: int):
         config = InversionSettings(steps=n, log_every=10**9, eval_timesteps=1)
         return lambda: invert_batch(backbone, pixels, keys, config)
 
-    run(1)()  # warm-up (kernels, autotuning)
+    first = timed(run(1))  # warm-up (kernels, autotuning, compiling)
     reset_peak()
-    fixed = timed(run(1))
-    total = timed(run(1 + steps))
-    return {"images": len(pixels), "image_steps_per_s": round(steps * len(pixels) / (total - fixed), 2),
+    fixed = timed(run(1), 3)
+    rates = sorted(steps * len(pixels) / max(timed(run(1 + steps)) - fixed, 1e-9) for _ in range(repeats))
+    median = rates[len(rates) // 2]
+    return {"images": len(pixels), "image_steps_per_s": round(median, 2), "repeats": [round(r, 2) for r in rates],
+            "spread_pct": round(100 * (rates[-1] - rates[0]) / median, 1), "first_call_s": round(first, 1),
             "peak_gib": peak_gib()}
 
 
@@ -126,6 +131,13 @@ def measure_paper_inversion(backbone: Backbone, pixels: torch.Tensor, steps: int
     seconds = timed(lambda: paper_loop(backbone, pixels, steps, batch, 5))
     return {"images": len(pixels), "batch": batch, "image_steps_per_s": round(steps * batch / seconds, 2),
             "peak_gib": peak_gib()}
+
+
+def share(measured: dict, flops: float, peak: float) -> None:
+    """Add the achieved TFLOP/s and its share of the measured bf16 peak to an inversion figure."""
+    rate = measured.get("image_steps_per_s", 0.0)
+    measured["tflops"] = round(rate * flops / 1e12, 1)
+    measured["pct_of_bf16_peak"] = round(100 * rate * flops / 1e12 / peak, 1)
 
 
 def with_halving(measure, backbone: Backbone, pixels: torch.Tensor, steps: int) -> dict:
@@ -183,6 +195,7 @@ def main() -> None:
     ap.add_argument("--samples", default="32,16", help="samples timed per sampler at each resolution")
     ap.add_argument("--out", default="gpu_suite.json")
     ap.add_argument("--cpu-check", action="store_true", help="run every code path on the CPU with a tiny model (no figures)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile figures")
     args = ap.parse_args()
     global DEVICE
     if args.cpu_check:
@@ -204,13 +217,17 @@ def main() -> None:
             flops = flops_per_image_step(backbone, res)
             run = {"precision": precision, "resolution": res, "flops_per_image_step_g": round(flops / 1e9, 1)}
             run["invert_diffinv"] = with_halving(measure_inversion, backbone, pixels, args.steps)
-            rate = run["invert_diffinv"].get("image_steps_per_s", 0.0)
-            run["invert_diffinv"]["tflops"] = round(rate * flops / 1e12, 1)
-            run["invert_diffinv"]["pct_of_bf16_peak"] = round(100 * rate * flops / 1e12 / peak, 1)
+            share(run["invert_diffinv"], flops, peak)
             if precision == "fp32":  # the paper's loop runs in fp32 only
                 run["invert_paper"] = with_halving(measure_paper_inversion, backbone, pixels, args.steps)
                 run["sample_paper"] = measure_sampling(backbone, res, n, paper=True)
             run["sample_diffinv"] = measure_sampling(backbone, res, n, paper=False)
+            if precision == "bf16" and not args.no_compile:  # compiled: the UNet through torch.compile, same shapes
+                backbone.compile(backend="inductor" if DEVICE == "cuda" else "aot_eager")
+                run["invert_compiled"] = with_halving(measure_inversion, backbone, pixels, args.steps)
+                share(run["invert_compiled"], flops, peak)
+                run["sample_compiled"] = measure_sampling(backbone, res, n, paper=False)
+                backbone._compiled = None  # eager again for the next resolution's eager figures
             result["runs"].append(run)
             print(json.dumps(run), flush=True)
         if precision == "fp32":
@@ -227,6 +244,11 @@ def main() -> None:
         if ours and paper and "image_steps_per_s" in ours["invert_diffinv"] and "image_steps_per_s" in paper.get("invert_paper", {}):
             result["speedups"][f"invert_{res}"] = round(ours["invert_diffinv"]["image_steps_per_s"] / paper["invert_paper"]["image_steps_per_s"], 2)
             result["speedups"][f"sample_{res}"] = round(ours["sample_diffinv"]["images_per_s"] / paper["sample_paper"]["images_per_s"], 2)
+            if "image_steps_per_s" in ours.get("invert_compiled", {}):
+                result["speedups"][f"invert_compiled_{res}"] = round(
+                    ours["invert_compiled"]["image_steps_per_s"] / paper["invert_paper"]["image_steps_per_s"], 2)
+                result["speedups"][f"compiled_over_eager_{res}"] = round(
+                    ours["invert_compiled"]["image_steps_per_s"] / ours["invert_diffinv"]["image_steps_per_s"], 2)
     result["seconds"] = round(time.time() - began, 1)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

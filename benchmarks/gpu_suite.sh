@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite (issue 17): diffinv vs the paper's inversion and sampling loops on an SD 1.x-sized
+# The GPU suite: diffinv (eager and compiled) vs the paper's inversion and sampling loops on an SD 1.x-sized
 # random model at 128 and 256 px, bf16 and fp32, peak memory, TFLOP/s, CUDA batch invariance.
 # One command, a few minutes on one H100/H200; writes $RESULTS/gpu_suite.json (default runs/gpu).
 set -uo pipefail

@@ -132,6 +132,9 @@ class InvertConfig:
     target: str = opt("image", "one conditioning per image (Diffusion Inversion) or per class (the class-inversion rival)",
                       choices=("image", "class"))
     batch_size: int = opt(64, "images optimised together; does not change results", execution_only=True)
+    compile: str = opt("auto", "torch.compile the UNet (CUDA graphs on CUDA; the last batch padded to --batch-size): on, off, "
+                               "or auto (on for CUDA runs of 200,000 image-steps or more, off on CPU, where it does not pay)",
+                       choices=("auto", "on", "off"), execution_only=True)
     device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...", execution_only=True)
     checkpoint_every: int = opt(200, "checkpoint the batch in progress every N steps", execution_only=True)
     log_every: int = opt(25, "progress / NaN check interval in steps", execution_only=True)
@@ -232,6 +235,9 @@ class GenerateConfig:
     seed: int = opt(0, "seed of every sample's randomness")
     precision: str = opt("auto", "auto: bf16 on GPU, fp32 on CPU", choices=PRECISIONS)
     batch_size: int = opt(64, "samples per batch; does not change the images", execution_only=True)
+    compile: str = opt("auto", "torch.compile the UNet (CUDA graphs on CUDA; the last batch padded to --batch-size): on, off, "
+                               "or auto (on for CUDA runs of 200,000 UNet passes or more, off on CPU)",
+                       choices=("auto", "on", "off"), execution_only=True)
     device: str = opt("auto", "auto, cpu, cuda, cuda:1 ...", execution_only=True)
 
     def __post_init__(self) -> None:

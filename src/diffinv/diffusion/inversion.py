@@ -374,14 +374,33 @@ class Retried:
     def finite(self, j: int) -> bool:
         return bool(torch.isfinite(self.embeddings[j]).all()) and bool(torch.isfinite(self.loss_final[j]))
 
+    def first(self, n: int) -> "Retried":
+        return Retried(self.embeddings[:n], self.loss_init[:n], self.loss_final[:n], self.lrs[:n], self.steps[:n])
+
+
+def padded(settings: InversionSettings, n: int, pad_to: int | None, owners: torch.Tensor | None) -> int:
+    """How many rows a batch of ``n`` runs as: ``pad_to`` where padding changes no result (every row its own
+    optimiser, all in lock-step: no group pattern, no class batch, no early stopping), else ``n``."""
+    independent = owners is None and settings.update == "own" and not settings.early_stop
+    return max(n, pad_to) if pad_to and independent else n
+
 
 def invert_items(backbone: Backbone, inputs: torch.Tensor | LatentMoments, keys: torch.Tensor, settings: InversionSettings, *,
-                 owners: torch.Tensor | None = None, init: torch.Tensor | None = None,
+                 owners: torch.Tensor | None = None, init: torch.Tensor | None = None, pad_to: int | None = None,
                  log: Callable[[str], None] = print, what: str = "batch", **resume) -> Retried:
     """:func:`invert_batch`, then the items whose loss is not finite again at lr/10, lr/100 ... (``nan_retries`` times).
 
-    ``resume`` passes ``slots``, ``resume_from``, ``checkpoint`` and ``on_step`` to the first run only.
+    ``resume`` passes ``slots``, ``resume_from``, ``checkpoint`` and ``on_step`` to the first run only. ``pad_to``:
+    a shorter batch runs with copies of its last row up to that size (see :func:`padded`), so a compiled UNet sees one
+    shape through a run; the copies are dropped.
     """
+    n = len(keys)
+    size = padded(settings, n, pad_to, owners)
+    if size > n:
+        def pad(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+        inputs = LatentMoments(pad(inputs.mean), pad(inputs.std)) if isinstance(inputs, LatentMoments) else pad(inputs)
+        return invert_items(backbone, inputs, pad(keys), settings, init=pad(init), log=log, what=what, **resume).first(n)
     slots = resume.get("slots")
     first = invert_batch(backbone, inputs, keys, settings, owners=owners, init=init, **resume)
     result = Retried(first.embeddings, first.loss_init, first.loss_final, [settings.lr] * len(keys), list(first.steps))

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from tqdm.auto import tqdm
 
 from diffinv.config import GenerateConfig, config_to_dict, load_config
 from diffinv.data.real import DataError, all_grey, open_images
 from diffinv.data.synthetic import MARKER, SyntheticWriter, damage, read_manifest
-from diffinv.device import halving_on_oom, resolve_device, resolve_dtype
+from diffinv.device import compile_wanted, halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.generation import generate_batch, plan_samples, public
 from diffinv.diffusion.methods import get_method
@@ -84,6 +85,10 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     source = method.load(settings, store, backbone, rows, inputs)
     for note in source.extra.get("notes", []):
         log(note)
+    pad_to = None
+    if method.samples and compile_wanted(config.compile, backbone.device, len(rows) * config.steps):
+        backbone.compile()
+        pad_to = config.batch_size  # one shape through the run: a short chunk is padded with copies of its last row
     writer = SyntheticWriter(out)
     origin = store_origin(store)
     if not (out / MARKER).is_file():
@@ -100,7 +105,7 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
         grey = bool(writer.info().get("grey", False))
 
     # 5. This shard's chunks with missing images, generated and written.
-    _generate_chunks(config, settings, out, writer, rows, backbone, source, store, grey, shard, progress, on_batch, log)
+    _generate_chunks(config, settings, out, writer, rows, backbone, source, store, grey, shard, progress, on_batch, log, pad_to)
     writer.add_preparation(inversion_seconds(method, store, extra, inputs))
 
     # 6. The manifest, once every shard's images exist.
@@ -132,7 +137,7 @@ def _intact(out: Path, log: Callable[[str], None]) -> bool:
 
 def _generate_chunks(config: GenerateConfig, settings: GenerationSettings, out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], backbone: Any,
                      source: Any, store: Any, grey: bool, shard: Shard, progress: bool,
-                     on_batch: Callable[[int], None] | None, log: Callable[[str], None]) -> None:
+                     on_batch: Callable[[int], None] | None, log: Callable[[str], None], pad_to: int | None = None) -> None:
     """Generate and write this shard's chunks that still miss images, halving a chunk that runs out of memory."""
     chunks = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
     units = Units(out, "chunk", len(chunks), lambda b: all(writer.exists(r) for r in chunks[b]), shard.count)
@@ -148,8 +153,11 @@ def _generate_chunks(config: GenerateConfig, settings: GenerationSettings, out: 
     started = time.perf_counter()
     for b, chunk in enumerate(todo):
         # Out of GPU memory, in halves: each sample is keyed, so the images are the same.
-        for part, pixels in halving_on_oom(lambda part: generate_batch(backbone, list(part), source, settings), chunk,
-                                           what="generating", log=log, device=backbone.device):
+        def run(part: list, whole: int = len(chunk)) -> torch.Tensor:  # halves after an out-of-memory are not padded
+            pad = max(0, pad_to - len(part)) if pad_to and len(part) == whole else 0
+            return generate_batch(backbone, list(part) + [part[-1]] * pad, source, settings)[: len(part)]
+
+        for part, pixels in halving_on_oom(run, chunk, what="generating", log=log, device=backbone.device):
             for row, image in zip(part, pixels_to_uint8(grey_of(pixels) if grey else pixels, save_size)):
                 if not writer.exists(row):
                     writer.write_image(row, image)

@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from diffinv import rng
 from diffinv.config import InvertConfig, config_to_dict
 from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images, select, validation_ids
-from diffinv.device import check_precision, halving_on_oom, resolve_device, resolve_dtype
+from diffinv.device import check_precision, compile_wanted, halving_on_oom, resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import Backbone, ModelError
 from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.encoder import EncoderError, encoder_tokens, load_encoder
-from diffinv.diffusion.inversion import DONE, InversionError, InversionSettings, encode_images, invert_items
+from diffinv.diffusion.inversion import DONE, InversionError, InversionSettings, encode_images, invert_items, padded
 from diffinv.diffusion.store import CLASS_PREFIX, MARKER, EmbeddingStore, StoreError, StoreWriter, damage, part_name, read_rows
 from diffinv.runs import (RunError, Units, add_cost, check_free_space, open_output, read_json, read_yaml, remove_temporaries,
                           write_yaml)
@@ -66,6 +66,11 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
 
     # 2. Model, frozen, on the device in the working precision, and where each row's inversion starts.
     backbone, encoder = _frozen_model(config, images, log)
+    n_items = len(images) if config.target == "image" else len(images.classes)
+    pad_to = None
+    if compile_wanted(config.compile, backbone.device, n_items * config.steps):
+        backbone.compile()
+        pad_to = config.batch_size  # one shape through the run: the last batch is padded
 
     # 3. Store: header and resolved config, or a check that the resumed store fits this model.
     #    A store holds one row per image, or one per class with --target class.
@@ -74,7 +79,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     _start_store(config, out, writer, backbone, images, item_ids, shard)
 
     # 4. This shard's batches that are not finished yet.
-    _invert_batches(config, out, writer, backbone, images, item_ids, encoder, shard, progress, on_step, log)
+    _invert_batches(config, out, writer, backbone, images, item_ids, encoder, shard, progress, on_step, log, pad_to)
 
     # 5. The manifest, once every shard's batches are in.
     return finish_store(out, log=log, strict=shard.whole)
@@ -115,7 +120,7 @@ def _frozen_model(config: InvertConfig, images: LabelledImages, log: Callable[[s
 
 def _invert_batches(config: InvertConfig, out: Path, writer: StoreWriter, backbone: Backbone, images: LabelledImages,
                     item_ids: list[str], encoder: Any, shard: Shard, progress: bool, on_step: StepHook | None,
-                    log: Callable[[str], None]) -> None:
+                    log: Callable[[str], None], pad_to: int | None = None) -> None:
     """Invert and write this shard's unfinished batches, halving a batch that runs out of memory."""
     finished = writer.finished_ids()
     batches = plan_batches(len(item_ids), planned_batch(config_to_dict(config)))
@@ -130,8 +135,9 @@ def _invert_batches(config: InvertConfig, out: Path, writer: StoreWriter, backbo
         # Out of GPU memory, a batch is split in two and each half written as its own part; a group of
         # the official update pattern cannot be (its images share an optimiser), so lower --group-batch;
         # nor is an early-stopping pool (its images move through --batch-size slots), so lower --batch-size.
-        def run(part, b=b):
-            return _invert_and_write(backbone, images, list(part), config, writer, bar, b, on_step, log, encoder)
+        def run(part, b=b, whole=len(todo)):  # halves after an out-of-memory are not padded back to the size that failed
+            pad = pad_to if len(part) == whole else None
+            return _invert_and_write(backbone, images, list(part), config, writer, bar, b, on_step, log, encoder, pad)
         if config.update == "group" or config.early_stop:
             failed += run(todo)
         else:
@@ -230,7 +236,7 @@ def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bo
 
 def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[int], config: InvertConfig,
                       writer: StoreWriter, bar, batch_index: int, on_step: StepHook | None,
-                      log: Callable[[str], None], encoder: "torch.nn.Module | _ByLabel | None") -> int:
+                      log: Callable[[str], None], encoder: "torch.nn.Module | _ByLabel | None", pad_to: int | None = None) -> int:
     """Invert one batch of items (images, or classes with ``target == "class"``) and write its part.
 
     Returns how many items were given up on (non-finite loss after every retry).
@@ -260,6 +266,10 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
     if resumed is not None and "updates" not in resumed[1]:  # a checkpoint from before the one loop
         log(f"note: the checkpoint of batch {batch_index} is in an older format; the batch starts again")
         resumed = None
+    rows_run = padded(InversionSettings.of(config), len(ids), pad_to, owners)
+    if resumed is not None and len(resumed[1]["steps"]) != rows_run:  # made with(out) --compile's padding
+        log(f"note: the checkpoint of batch {batch_index} was made with{'out' if pad_to else ''} --compile; the batch starts again")
+        resumed = None
     if resumed is not None:
         meta = resumed[1]
         bar.update(sum(config.steps if st == DONE else k for k, st in zip(meta["steps"], meta["status"])))
@@ -278,7 +288,7 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
     #    batch is a pool moving through --batch-size slots.
     result = invert_items(backbone, inputs, keys, InversionSettings.of(config), owners=owners, init=start_from, log=log,
                           what=f"batch {batch_index}", slots=config.batch_size, resume_from=resumed, checkpoint=checkpoint,
-                          on_step=step_done)
+                          on_step=step_done, pad_to=pad_to)
 
     # 4. Rows of the manifest; the failures apart.
     if config.target == "image":
