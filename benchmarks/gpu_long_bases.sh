@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One lent GPU call (issue 18): the GPU suite alone first (its timings must not share the card;
+# One lent GPU call: the GPU suite alone first (its timings must not share the card;
 # SUITE_STEPS timed inversion steps a figure), then invariant bases (three at once, or one alone) at batches
 # in the thousands (small bases are launch-bound, so three processes lose little). Each stops after
 # $SECONDS_PER_BASE s (or its --steps) and saves its bias-corrected weight average; each comes back

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU base pretraining (issue 18): several `diffinv pretrain-base` runs at once on one GPU. Small
+# GPU base pretraining: several `diffinv pretrain-base` runs at once on one GPU. Small
 # bases are launch-bound (the GPU idles between a step's ~1,000 small kernels), so processes
 # sharing the card lose little. Each stops after $SECONDS_PER_BASE seconds of training and saves
 # its averaged weights (config.yaml then records the steps reached). Data comes packed in

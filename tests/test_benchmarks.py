@@ -45,3 +45,23 @@ def test_paired_differences_average_repeats_then_pair_by_replicate(tmp_path, mon
         paired.main()
 
 
+
+
+def test_the_generalist_base_pretrains_from_a_packed_set_within_its_weight_budget(tmp_path, capsys):
+    from conftest import run_cli
+
+    from diffinv.diffusion.model_io import load_backbone
+
+    pack = load_script("pack_generalist")
+    images, labels, report = pack.pack(tmp_path, 40, 16, 0, ["digits", "mnist"])  # no MNIST under tmp_path: skipped
+    assert images.shape == (40, 16, 16, 3) and images.dtype == np.uint8 and set(labels[:, 0].tolist()) == {0}
+    assert report["digits"] == {"images": 40, "of": report["digits"]["of"]} and "skipped" in report["mnist"]
+    np.savez_compressed(tmp_path / "g.npz", train_images=images, train_labels=labels)
+    code, text = run_cli(capsys, "pretrain-base", "--config", ROOT / "configs/stages/pretrain-generalist-32.yaml",
+                         "--data", tmp_path / "g.npz", "--resolution", "16", "--steps", "2", "--batch-size", "8",
+                         "--max-seconds", "0", "--quiet", "--out", tmp_path / "base")  # 16 px: its preview's attention at 32 px takes minutes on a CPU
+    assert code == 0, text
+    backbone = load_backbone(tmp_path / "base")
+    assert tuple(backbone.unet.config.block_out_channels) == (32, 64, 96) and backbone.cond_dim == 64
+    weights = sum(p.stat().st_size for p in (tmp_path / "base").rglob("*.safetensors"))
+    assert weights < 20 * 2**20  # what may travel back from a GPU machine and be committed
