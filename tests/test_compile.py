@@ -88,3 +88,12 @@ def test_compiled_invert_and_generate_give_the_eager_results(tiny_pixel, tmp_pat
     a, b = _pngs(tmp_path / "set-off"), _pngs(tmp_path / "set-on")
     assert a.keys() == b.keys() and len(a) == 12  # 12 samples in chunks of 5: the last one padded
     assert max(int(np.abs(a[i] - b[i]).max()) for i in a) <= 1  # a rounding step of uint8 at most
+
+
+def test_attention_not_through_a_fused_kernel_is_named(tiny_latent):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    backbone = load_backbone(tiny_latent)
+    assert backbone.unfused_attention() == []  # diffusers' default: PyTorch's scaled_dot_product_attention
+    backbone.unet.set_attn_processor(AttnProcessor())  # the classic einsum path
+    assert backbone.unfused_attention() == ["AttnProcessor"]

@@ -375,6 +375,12 @@ class Backbone:
             if module is not None:
                 module.requires_grad_(False)
 
+    def unfused_attention(self) -> list[str]:
+        """The UNet's attention processors that do not call a fused kernel (PyTorch's SDPA, xFormers): the slow path
+        a custom or old processor leaves in place. Empty when every attention is fused, as diffusers' default is."""
+        names = {type(p).__name__ for p in getattr(self.unet, "attn_processors", {}).values()}
+        return sorted(n for n in names if not (n.endswith("2_0") or "XFormers" in n or "SDPA" in n or "Flash" in n))
+
     def compile(self, backend: str = "inductor") -> "Backbone":
         """Run the UNet through ``torch.compile`` with static shapes (a graph per batch shape: callers keep one); on CUDA
         in mode ``reduce-overhead``, i.e. CUDA graphs, which remove the kernel launches small steps wait on."""

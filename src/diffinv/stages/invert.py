@@ -95,6 +95,9 @@ def _frozen_model(config: InvertConfig, images: LabelledImages, log: Callable[[s
     backbone = backbone.with_prediction_type(config.prediction_type)
     backbone.check_supported()
     backbone.check_resolution(config.resolution, log)
+    if backbone.unfused_attention():
+        log(f"warning: {config.model}'s UNet runs attention through {', '.join(backbone.unfused_attention())}, not a fused "
+            f"kernel (PyTorch's scaled_dot_product_attention): inversion will be slower; load it without a custom processor")
     if backbone.extra_tokens and config.init == "encoder":
         raise ModelError("--init encoder is for pretrain-base models, not SDXL; use --init random or uniform")
     encoder = None
