@@ -10,6 +10,8 @@ What it measures, at 128 and 256 px (the paper's CIFAR and STL-10 inversion reso
   paper's (PNDM 100, fp32), VAE decode included;
 * peak GPU memory of each, counted FLOPs per image-step (torch's FlopCounterMode) and the
   achieved TFLOP/s as a share of this card's measured bf16 matrix-product peak;
+* the group ``invert --batch-size 0`` chooses from the free memory, timed like the others, and
+  channels-last layout (``--channels-last``) against the default, both bf16 eager;
 * CUDA batch invariance of the keyed RNG: a batch's embeddings against the same images inverted
   one at a time, and keyed noise on CUDA against the CPU.
 
@@ -35,6 +37,7 @@ from invert_speed import paper_loop  # noqa: E402  (the benchmarks' own referenc
 from sample_speed import paper_sampler  # noqa: E402
 
 from diffinv import rng  # noqa: E402
+from diffinv.stages.invert import auto_batch  # noqa: E402
 from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS, Backbone  # noqa: E402
 from diffinv.diffusion.inversion import InversionSettings, invert_batch  # noqa: E402
 from diffinv.diffusion.sampling import sample_latents  # noqa: E402
@@ -172,6 +175,20 @@ def measure_sampling(backbone: Backbone, resolution: int, n: int, paper: bool) -
             "peak_gib": peak_gib()}
 
 
+def layout_and_batch(backbone: Backbone, pixels: torch.Tensor, res: int, steps: int, flops: float, peak: float,
+                     cap: int) -> dict:
+    """bf16 eager inversion at the group ``--batch-size 0`` picks (up to ``cap``), and in channels-last layout."""
+    found = {"auto_batch": min(cap, auto_batch(backbone, 5, res, cap, log=lambda _: None))}
+    group = torch.rand(found["auto_batch"], 3, res, res, device=DEVICE) * 2 - 1
+    found["invert_auto_batch"] = with_halving(measure_inversion, backbone, group, steps)
+    share(found["invert_auto_batch"], flops, peak)
+    backbone.channels_last()
+    found["invert_channels_last"] = with_halving(measure_inversion, backbone, pixels, steps)
+    share(found["invert_channels_last"], flops, peak)
+    backbone.channels_last(False)  # the default layout again for the next figures
+    return found
+
+
 def batch_invariance(backbone: Backbone, resolution: int) -> dict:
     """Max |difference| between 4 images inverted together and one at a time (fp32, 3 steps)."""
     pixels = torch.rand(4, 3, resolution, resolution, device=DEVICE) * 2 - 1
@@ -196,10 +213,12 @@ def main() -> None:
     ap.add_argument("--out", default="gpu_suite.json")
     ap.add_argument("--cpu-check", action="store_true", help="run every code path on the CPU with a tiny model (no figures)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile figures")
+    ap.add_argument("--auto-batch-cap", type=int, default=256, help="largest group timed for --batch-size 0")
     args = ap.parse_args()
     global DEVICE
-    if args.cpu_check:
+    if args.cpu_check:  # every code path at toy sizes: the figures mean nothing here
         DEVICE = "cpu"
+        args.resolutions, args.group, args.samples, args.steps = "16,32", "4,4", "2,2", 2
     elif not torch.cuda.is_available():
         sys.exit("gpu_suite: no CUDA GPU is visible; run it on a GPU machine (or --cpu-check)")
 
@@ -228,6 +247,9 @@ def main() -> None:
                 share(run["invert_compiled"], flops, peak)
                 run["sample_compiled"] = measure_sampling(backbone, res, n, paper=False)
                 backbone._compiled = None  # eager again for the next resolution's eager figures
+            if precision == "bf16":
+                run.update(layout_and_batch(backbone, pixels, res, args.steps, flops, peak,
+                                            args.auto_batch_cap if DEVICE == "cuda" else 4))
             result["runs"].append(run)
             print(json.dumps(run), flush=True)
         if precision == "fp32":
@@ -249,6 +271,10 @@ def main() -> None:
                     ours["invert_compiled"]["image_steps_per_s"] / paper["invert_paper"]["image_steps_per_s"], 2)
                 result["speedups"][f"compiled_over_eager_{res}"] = round(
                     ours["invert_compiled"]["image_steps_per_s"] / ours["invert_diffinv"]["image_steps_per_s"], 2)
+            for name in ("invert_auto_batch", "invert_channels_last"):
+                if "image_steps_per_s" in ours.get(name, {}):
+                    result["speedups"][f"{name[7:]}_over_eager_{res}"] = round(
+                        ours[name]["image_steps_per_s"] / ours["invert_diffinv"]["image_steps_per_s"], 2)
     result["seconds"] = round(time.time() - began, 1)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -131,7 +131,10 @@ class InvertConfig:
     # from all of the class's images (textual inversion / DA-Fusion), the rival it must beat.
     target: str = opt("image", "one conditioning per image (Diffusion Inversion) or per class (the class-inversion rival)",
                       choices=("image", "class"))
-    batch_size: int = opt(64, "images optimised together; does not change results", execution_only=True)
+    batch_size: int = opt(0, "images optimised together; does not change results. 0: on a GPU the largest batch that "
+                             "fits its free memory (one step measured), 64 on a CPU", execution_only=True)
+    channels_last: bool = opt(False, "the UNet in channels-last memory layout (faster convolutions on some GPUs; "
+                                     "benchmarks/gpu_suite.py measures it)", execution_only=True)
     compile: str = opt("auto", "torch.compile the UNet (CUDA graphs on CUDA; the last batch padded to --batch-size): on, off, "
                                "or auto (on for CUDA runs of 200,000 image-steps or more, off on CPU, where it does not pay)",
                        choices=("auto", "on", "off"), execution_only=True)
@@ -151,7 +154,7 @@ class InvertConfig:
         _check(self.steps >= 1 or (self.steps == 0 and self.init in ("encoder", "text", "class") and not self.early_stop),
                f"steps must be >= 1 (0 only with --init encoder, text or class: the start kept as it is); got {self.steps}")
         _check(self.resolution is None or self.resolution >= 8, "resolution must be >= 8 pixels")
-        _check(self.batch_size >= 1, "batch-size must be >= 1")
+        _check(self.batch_size >= 0, "batch-size must be >= 1, or 0 for the largest that fits the GPU")
         _check(self.lr > 0, "lr must be > 0")
         _check(self.per_class is None or self.per_class >= 1, "per-class must be >= 1")
         _check(self.eval_timesteps >= 1, "eval-timesteps must be >= 1")
@@ -235,6 +238,8 @@ class GenerateConfig:
     seed: int = opt(0, "seed of every sample's randomness")
     precision: str = opt("auto", "auto: bf16 on GPU, fp32 on CPU", choices=PRECISIONS)
     batch_size: int = opt(64, "samples per batch; does not change the images", execution_only=True)
+    channels_last: bool = opt(False, "the UNet in channels-last memory layout (faster convolutions on some GPUs; "
+                                     "benchmarks/gpu_suite.py measures it)", execution_only=True)
     compile: str = opt("auto", "torch.compile the UNet (CUDA graphs on CUDA; the last batch padded to --batch-size): on, off, "
                                "or auto (on for CUDA runs of 200,000 UNet passes or more, off on CPU)",
                        choices=("auto", "on", "off"), execution_only=True)

@@ -107,3 +107,32 @@ def halving_on_oom(run: Callable[[Sequence[T]], R], items: Sequence[T], *, what:
             torch.cuda.empty_cache()
         return (halving_on_oom(run, items[:half], what=what, log=log, device=device)
                 + halving_on_oom(run, items[half:], what=what, log=log, device=device))
+
+
+def batch_that_fits(peak_bytes: Callable[[int], int], free_bytes: int, *, cap: int, probes: tuple[int, int] = (8, 16),
+                    headroom: float = 0.8) -> int:
+    """The largest batch (at most ``cap``) whose peak memory fits ``headroom`` of ``free_bytes``.
+
+    ``peak_bytes(b)`` measures one step on ``b`` rows; memory is taken as linear in the batch, a
+    fixed part plus a part per row, from the two ``probes``. At 8 rows or more the result is a
+    multiple of 8 (tensor-core tiles); a batch that still runs out of memory is halved as before.
+    """
+    small, large = probes
+    low, high = peak_bytes(small), peak_bytes(large)
+    per_row = max(1.0, (high - low) / (large - small))
+    fixed = max(0.0, low - per_row * small)
+    fits = int((headroom * free_bytes - fixed) // per_row)
+    if fits >= 8:
+        fits -= fits % 8
+    return max(1, min(cap, fits))
+
+
+def peak_cuda_bytes(step: Callable[[], object], device: torch.device) -> int:
+    """Bytes of CUDA memory ``step()`` allocates at its peak beyond what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - before)

@@ -57,6 +57,7 @@ class Backbone:
     _alphas_cumprod: torch.Tensor | None = field(default=None, repr=False)
     _loaded_fingerprint: str | None = field(default=None, repr=False)  # of the weights as loaded, before any precision cast
     _compiled: Any = field(default=None, repr=False)  # the UNet through torch.compile (see :meth:`compile`)
+    _memory_format: torch.memory_format = field(default=torch.contiguous_format, repr=False)  # see :meth:`channels_last`
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -247,7 +248,8 @@ class Backbone:
             extra = {"added_cond_kwargs": {"text_embeds": cond[:, -1, : self.pooled_dim], "time_ids": time_ids}}
             cond = cond[:, :-1]
         unet = self.unet if self._compiled is None else self._compiled
-        out = unet(x_t.to(self.dtype), t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
+        x_t = x_t.to(self.dtype).contiguous(memory_format=self._memory_format)
+        out = unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
         return out.float()
 
     @torch.no_grad()
@@ -380,6 +382,13 @@ class Backbone:
         a custom or old processor leaves in place. Empty when every attention is fused, as diffusers' default is."""
         names = {type(p).__name__ for p in getattr(self.unet, "attn_processors", {}).values()}
         return sorted(n for n in names if not (n.endswith("2_0") or "XFormers" in n or "SDPA" in n or "Flash" in n))
+
+    def channels_last(self, on: bool = True) -> "Backbone":
+        """Run the UNet's weights and inputs in channels-last layout (NHWC), which cuDNN's convolutions prefer on
+        tensor-core GPUs (``on=False``: back to the default layout); the same model, results equal within float rounding."""
+        self._memory_format = torch.channels_last if on else torch.contiguous_format
+        self.unet.to(memory_format=self._memory_format)
+        return self
 
     def compile(self, backend: str = "inductor") -> "Backbone":
         """Run the UNet through ``torch.compile`` with static shapes (a graph per batch shape: callers keep one); on CUDA

@@ -86,6 +86,8 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     for note in source.extra.get("notes", []):
         log(note)
     pad_to = None
+    if config.channels_last:
+        backbone.channels_last()
     if method.samples and compile_wanted(config.compile, backbone.device, len(rows) * config.steps):
         backbone.compile()
         pad_to = config.batch_size  # one shape through the run: a short chunk is padded with copies of its last row

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from diffinv import rng
 from diffinv.config import InvertConfig, config_to_dict
 from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images, select, validation_ids
-from diffinv.device import check_precision, compile_wanted, halving_on_oom, resolve_device, resolve_dtype
+from diffinv.device import (batch_that_fits, check_precision, compile_wanted, halving_on_oom, peak_cuda_bytes, resolve_device,
+                             resolve_dtype)
 from diffinv.diffusion.backbone import Backbone, ModelError
 from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.encoder import EncoderError, encoder_tokens, load_encoder
@@ -49,6 +50,9 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
         backbone = load_backbone(config.model, original_config=config.original_config, prediction_type=config.prediction_type)
         config = replace(config, resolution=backbone.choose_resolution(size))
         log(f"inverting at {config.resolution} px (chosen from the model and the {size} px data; --resolution overrides)")
+    if config.batch_size == AUTO_BATCH and (out / "config.yaml").is_file():
+        # A resumed store keeps the batches it was planned in.
+        config = replace(config, batch_size=int((read_yaml(out / "config.yaml") or {}).get("batch_size") or AUTO_BATCH))
     mode = open_output(out, MARKER, config, noun="store", resume=resume, overwrite=overwrite, shared=not shard.whole)
     if mode == "done":
         problems = damage(out, read_json(out / MARKER), read_rows(out, strict=False))
@@ -67,6 +71,9 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     # 2. Model, frozen, on the device in the working precision, and where each row's inversion starts.
     backbone, encoder = _frozen_model(config, images, log)
     n_items = len(images) if config.target == "image" else len(images.classes)
+    if config.batch_size == AUTO_BATCH:
+        size = auto_batch(backbone, config.tokens, int(config.resolution), n_items, sharded=not shard.whole, log=log)
+        config = replace(config, batch_size=size)
     pad_to = None
     if compile_wanted(config.compile, backbone.device, n_items * config.steps):
         backbone.compile()
@@ -85,6 +92,35 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     return finish_store(out, log=log, strict=shard.whole)
 
 
+AUTO_BATCH = 0  # --batch-size 0: the largest batch that fits the GPU's free memory
+CPU_BATCH = 64  # what --batch-size 0 means off CUDA, where memory is not what limits a batch, and for shards
+MAX_AUTO_BATCH = 4096
+
+
+def auto_batch(backbone: Backbone, tokens: int, resolution: int, cap: int, *, sharded: bool = False,
+               log: Callable[[str], None] = print) -> int:
+    """``--batch-size 0`` resolved: on CUDA the largest batch (at most ``cap``) whose inversion step fits 80% of the
+    free memory, from one step measured at 8 and at 16 rows; ``CPU_BATCH`` elsewhere, and for a shard (every shard
+    must cut the work into the same batches, whatever memory its own GPU has free)."""
+    if backbone.device.type != "cuda" or sharded:
+        return CPU_BATCH
+    cond_shape = (tokens + backbone.extra_tokens, backbone.cond_dim)
+    latent_shape = backbone.latent_shape(resolution)
+
+    def peak(rows: int) -> int:
+        def step() -> None:  # one inversion step's UNet pass, forward and backward to the conditioning
+            cond = torch.zeros(rows, *cond_shape, device=backbone.device, requires_grad=True)
+            x_t = torch.randn(rows, *latent_shape, device=backbone.device)
+            t = torch.full((rows,), backbone.num_train_timesteps // 2, device=backbone.device, dtype=torch.long)
+            backbone.predict_noise(x_t, t, cond).square().mean().backward()
+        return peak_cuda_bytes(step, backbone.device)
+
+    free = torch.cuda.mem_get_info(backbone.device)[0]
+    size = batch_that_fits(peak, free, cap=max(1, min(MAX_AUTO_BATCH, cap)))
+    log(f"--batch-size 0: {size} images a batch (one step measured at 8 and 16 rows; {free / 2**30:.1f} GiB free)")
+    return size
+
+
 def _frozen_model(config: InvertConfig, images: LabelledImages, log: Callable[[str], None]) -> tuple[Backbone, Any]:
     """The frozen generator on its device and precision, and the start of each row (an encoder, per-class starts, or None)."""
     device = resolve_device(config.device)
@@ -93,6 +129,8 @@ def _frozen_model(config: InvertConfig, images: LabelledImages, log: Callable[[s
     backbone = load_backbone(config.model, with_text_encoder=config.init == "text", original_config=config.original_config,
                              prediction_type=config.prediction_type).to(device, dtype)
     backbone = backbone.with_prediction_type(config.prediction_type)
+    if config.channels_last:
+        backbone.channels_last()
     backbone.check_supported()
     backbone.check_resolution(config.resolution, log)
     if backbone.unfused_attention():
