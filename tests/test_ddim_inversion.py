@@ -8,6 +8,7 @@ from PIL import Image
 
 from diffinv.data.real import load_pixels, open_images
 from diffinv.data.synthetic import read_manifest
+from diffinv.runs import read_yaml
 from diffinv.diffusion.sampling import ddim_invert, sample_latents, slerp_noise
 from diffinv.study.plan import embedded_base
 
@@ -51,7 +52,7 @@ def test_ddim_inversion_sets_sample_the_image_at_0_and_its_partner_at_1(tmp_path
     base = str(embedded_base())
     assert _run(capsys, "invert", "--model", base, "--data", "digits", "--per-class", "2", "--steps", "5", "--init", "encoder",
                 "--out", tmp_path / "s", *QUIET)[0] == 0
-    code, text = _run(capsys, "generate", "--store", tmp_path / "s", "--method", "ddim-inversion", "--sampler", "ddim",
+    code, text = _run(capsys, "generate", "--store", tmp_path / "s", "--method", "ddim-inversion",  # DDIM unasked
                       "--steps", "25", "--guidance", "1", "--noise", "0", "--interp", str(interp), "--per-image", "1",
                       "--out", tmp_path / "g", *QUIET)
     assert code == 0, text
@@ -65,5 +66,7 @@ def test_ddim_inversion_sets_sample_the_image_at_0_and_its_partner_at_1(tmp_path
         own, partner = np.sqrt(((made - real[r["source"]]) ** 2).mean()), np.sqrt(((made - real[r["partner"]]) ** 2).mean())
         closer += (own < partner) if interp == 0 else (partner < own)
     assert closer >= 18  # nearly every sample is the image it should be
-    code, text = _run(capsys, "generate", "--store", tmp_path / "s", "--method", "ddim-inversion", "--out", tmp_path / "x", *QUIET)
-    assert code == 2 and "--sampler ddim" in text
+    assert read_yaml(tmp_path / "g" / "config.yaml")["sampler"] == "ddim"
+    code, text = _run(capsys, "generate", "--store", tmp_path / "s", "--method", "ddim-inversion", "--sampler", "euler",
+                      "--out", tmp_path / "x", *QUIET)
+    assert code == 2 and "not --sampler euler" in text and "leave both out" in text

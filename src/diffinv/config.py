@@ -203,8 +203,8 @@ class GenerateConfig:
     uncond: str = opt("mean", "guidance's unconditional input: mean embedding of the store or of the sample's class",
                       choices=("mean", "class-mean"))
     # Chosen by downstream accuracy on validation (configs/studies/digits-k5-sampler.yaml; docs/performance.md).
-    sampler: str = opt("dpm++2m", "dpm++2m (DPM-Solver++ 2M), ddim (deterministic, eta 0), euler or pndm (the paper's)",
-                       choices=tuple(SAMPLERS))
+    sampler: str = opt("dpm++2m", "dpm++2m (DPM-Solver++ 2M), ddim (deterministic, eta 0), euler or pndm (the paper's); "
+                                  "--method ddim-inversion samples with ddim unless told otherwise", choices=tuple(SAMPLERS))
     steps: int = opt(10, "sampling steps (one batched UNet call each, guidance included)")
     eta: float = opt(0.0, "DDIM noise (0 = deterministic)")
     # Pixel-space models: clip every step's predicted clean image to [-1, 1] (DDPM's clip_sample).
@@ -247,6 +247,9 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        if self.method == "ddim-inversion" and self.sampler == "dpm++2m":
+            # It runs DDIM's deterministic path backwards, so DDIM is its sampler; the default one cannot be.
+            object.__setattr__(self, "sampler", "ddim")
         _check(not self.clip_x0 or self.sampler in CLIPPING_SAMPLERS,
                f"clip-x0 needs --sampler {' or '.join(CLIPPING_SAMPLERS)} (the schedulers that can clip x0)")
         _check(self.per_image >= 1, "per-image must be >= 1")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,14 +303,15 @@ class Backbone:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError as exc:
             raise ModelError("LoRA adapters need peft: pip install 'diffusion-inversion[lora]' (or pip install peft)") from exc
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS),
-                                         init_lora_weights="gaussian"), adapter_name=name)
-        if text_encoder:
-            if self.text_encoder is None:
-                raise ModelError(f"{self.source} was loaded without a text encoder; its LoRA needs one")
-            # peft's own injection: transformers' add_adapter asks for a newer peft than many installs have.
-            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_LORA_TARGETS),
-                                               init_lora_weights="gaussian"), self.text_encoder, adapter_name=name)
+        if text_encoder and self.text_encoder is None:
+            raise ModelError(f"{self.source} was loaded without a text encoder; its LoRA needs one")
+        with warnings.catch_warnings():  # one adapter per class is the design: peft's "multiple adapters" warning is not news
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS),
+                                             init_lora_weights="gaussian"), adapter_name=name)
+            if text_encoder:  # peft's own injection: transformers' add_adapter asks for a newer peft than many installs have
+                inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_LORA_TARGETS),
+                                                   init_lora_weights="gaussian"), self.text_encoder, adapter_name=name)
         self.use_lora(name)
         named = self._lora_parameters(name)
         g = torch.Generator().manual_seed(seed)

@@ -4,7 +4,8 @@ Each real image's latent is DDIM-inverted to the start noise from which ``--step
 under its own learned embedding return it; a sample starts from slerp(z_i, z_j, s) of the image
 and a same-class partner (``--interp`` s: 0 gives the image back, 1 its partner) and is
 conditioned by the matching blend of their embeddings, c_i + s (c_j - c_i), plus sigma noise.
-Needs ``--sampler ddim`` (eta 0): the inversion runs that sampler's deterministic path backwards.
+Samples with DDIM at eta 0 (the generate stage's config makes it the method's default sampler): the inversion runs that
+sampler's deterministic path backwards.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ class DdimInversion(Method):
 
     def check_settings(self, settings: GenerationSettings) -> None:
         if settings.sampler != "ddim" or settings.eta != 0:
-            raise UserError("--method ddim-inversion runs DDIM's deterministic path backwards: pass --sampler ddim "
-                            "(with --eta 0)")
+            raise UserError(f"--method ddim-inversion runs DDIM's deterministic path backwards, so it samples with DDIM at "
+                            f"eta 0, not --sampler {settings.sampler} --eta {settings.eta:g}: leave both out")
 
     def plan(self, settings: GenerationSettings, store: EmbeddingStore, common: Row) -> list[Row]:
         rows = per_image_rows(settings, store, common)
