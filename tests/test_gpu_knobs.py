@@ -52,6 +52,14 @@ def test_auto_batch_is_64_on_a_cpu_and_the_measured_size_on_a_gpu(tiny_pixel, mo
     monkeypatch.setattr(invert_stage, "peak_cuda_bytes", lambda step, device: next(probes))
     assert invert_stage.auto_batch(backbone, 5, 16, 1000, log=notes.append) == 200
 
+    def no_room(step, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(invert_stage, "peak_cuda_bytes", no_room)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert invert_stage.auto_batch(backbone, 5, 16, 1000, log=notes.append) == 8  # halving on OOM takes it from there
+    assert "do not fit" in notes[-1]
+
 
 def test_invert_records_the_batch_it_chose_and_a_resume_keeps_it(tiny_pixel, tmp_path, capsys):
     data = write_image_tree(tmp_path / "d", per_class=3, size=16)

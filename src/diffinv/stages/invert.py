@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from diffinv import rng
 from diffinv.config import InvertConfig, config_to_dict
 from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images, select, validation_ids
-from diffinv.device import (batch_that_fits, check_precision, compile_wanted, halving_on_oom, peak_cuda_bytes, resolve_device,
-                             resolve_dtype)
+from diffinv.device import (OUT_OF_MEMORY, batch_that_fits, check_precision, compile_wanted, halving_on_oom, peak_cuda_bytes,
+                             resolve_device, resolve_dtype)
 from diffinv.diffusion.backbone import Backbone, ModelError
 from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.encoder import EncoderError, encoder_tokens, load_encoder
@@ -116,7 +116,12 @@ def auto_batch(backbone: Backbone, tokens: int, resolution: int, cap: int, *, sh
         return peak_cuda_bytes(step, backbone.device)
 
     free = torch.cuda.mem_get_info(backbone.device)[0]
-    size = batch_that_fits(peak, free, cap=max(1, min(MAX_AUTO_BATCH, cap)))
+    try:
+        size = batch_that_fits(peak, free, cap=max(1, min(MAX_AUTO_BATCH, cap)))
+    except OUT_OF_MEMORY:  # not even 16 rows fit: start at 8, and halving on out-of-memory goes lower
+        torch.cuda.empty_cache()
+        log(f"--batch-size 0: 16 images do not fit the {free / 2**30:.1f} GiB free; starting at 8 a batch")
+        return 8
     log(f"--batch-size 0: {size} images a batch (one step measured at 8 and 16 rows; {free / 2**30:.1f} GiB free)")
     return size
 
