@@ -39,6 +39,8 @@ def test_the_largest_batch_that_fits_a_linear_memory_model():
 def test_auto_batch_is_64_on_a_cpu_and_the_measured_size_on_a_gpu(tiny_pixel, monkeypatch):
     backbone = load_backbone(tiny_pixel)
     assert invert_stage.auto_batch(backbone, 5, 16, 1000) == 64
+    cond = invert_stage.probe_step(backbone, 5, 16, 3)()  # what is measured on a GPU: a step reaching the conditioning
+    assert cond.shape == (3, 5, backbone.cond_dim) and cond.grad is not None and cond.grad.abs().sum() > 0
     # On CUDA: the step measured at 8 and 16 rows, the free memory read, their fit returned, capped at the item count.
     fake_cuda = type("D", (), {"type": "cuda"})()
     monkeypatch.setattr(type(backbone), "device", property(lambda self: fake_cuda))

@@ -104,16 +104,9 @@ def auto_batch(backbone: Backbone, tokens: int, resolution: int, cap: int, *, sh
     must cut the work into the same batches, whatever memory its own GPU has free)."""
     if backbone.device.type != "cuda" or sharded:
         return CPU_BATCH
-    cond_shape = (tokens + backbone.extra_tokens, backbone.cond_dim)
-    latent_shape = backbone.latent_shape(resolution)
 
     def peak(rows: int) -> int:
-        def step() -> None:  # one inversion step's UNet pass, forward and backward to the conditioning
-            cond = torch.zeros(rows, *cond_shape, device=backbone.device, requires_grad=True)
-            x_t = torch.randn(rows, *latent_shape, device=backbone.device)
-            t = torch.full((rows,), backbone.num_train_timesteps // 2, device=backbone.device, dtype=torch.long)
-            backbone.predict_noise(x_t, t, cond).square().mean().backward()
-        return peak_cuda_bytes(step, backbone.device)
+        return peak_cuda_bytes(probe_step(backbone, tokens, resolution, rows), backbone.device)
 
     free = torch.cuda.mem_get_info(backbone.device)[0]
     try:
@@ -124,6 +117,17 @@ def auto_batch(backbone: Backbone, tokens: int, resolution: int, cap: int, *, sh
         return 8
     log(f"--batch-size 0: {size} images a batch (one step measured at 8 and 16 rows; {free / 2**30:.1f} GiB free)")
     return size
+
+
+def probe_step(backbone: Backbone, tokens: int, resolution: int, rows: int) -> Callable[[], torch.Tensor]:
+    """One inversion step's UNet pass on ``rows`` rows, forward and backward to the conditioning (which it returns)."""
+    def step() -> torch.Tensor:
+        cond = torch.zeros(rows, tokens + backbone.extra_tokens, backbone.cond_dim, device=backbone.device, requires_grad=True)
+        x_t = torch.randn(rows, *backbone.latent_shape(resolution), device=backbone.device)
+        t = torch.full((rows,), backbone.num_train_timesteps // 2, device=backbone.device, dtype=torch.long)
+        backbone.predict_noise(x_t, t, cond).square().mean().backward()
+        return cond
+    return step
 
 
 def _frozen_model(config: InvertConfig, images: LabelledImages, log: Callable[[str], None]) -> tuple[Backbone, Any]:
