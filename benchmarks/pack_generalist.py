@@ -1,7 +1,9 @@
 """Pack the training images of every dataset we have into one .npz for the generalist base (no labels kept but the
-dataset's index; train splits only, never a test split).
+dataset's index; train splits only, never a test split), or with ``--classes`` a labelled set for pretraining a classifier.
 
     python benchmarks/pack_generalist.py --root ../shared/data --per-dataset 5000 --out .gpu/data/generalist-32.npz
+    python benchmarks/pack_generalist.py --only cifar10 --only imagenette --only mnist --classes --per-dataset 60000 \
+        --out runs/data/generalist-mix-classes-32.npz       # 30 classes, train and held-out splits
 
 Each dataset contributes a seeded random subset of at most ``--per-dataset`` of its training images, resized
 to ``--resolution`` (bicubic, as inversion reads them) and stored as uint8 RGB (grey sets as R = G = B), in the
@@ -24,15 +26,24 @@ SOURCES = (("digits", "digits"), ("mnist", "mnist"), ("fashion-mnist", "fashion-
            ("pneumoniamnist", "pneumoniamnist.npz"), ("cifar10", "cifar10"), ("imagenette", "imagenette-96"))
 
 
-def pack(root: Path, per_dataset: int, resolution: int, seed: int, names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Images [N, R, R, 3] uint8, their dataset index [N, 1], and what each dataset gave (or why it gave nothing)."""
+TEST_SPLITS = {"imagenette": "val"}  # the held-out split of each dataset, where it is not "test"
+
+
+def pack(root: Path, per_dataset: int, resolution: int, seed: int, names: list[str] | None = None, split: str = "train",
+         classes: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Images [N, R, R, 3] uint8, labels [N, 1] and what each dataset gave (or why it gave nothing).
+
+    Labels are the dataset's index, or with ``classes`` its own class labels offset past the datasets before it (the
+    union of their classes: a classifier's pretraining set). ``split`` "test" takes each dataset's held-out split.
+    """
     images, labels, report = [], [], {}
+    offset = 0
     for index, (name, where) in enumerate(SOURCES):
         if names and name not in names:
             continue
         spec = where if where == "digits" else str(root / where)
         try:
-            source = open_images(spec, "auto", "train")
+            source = open_images(spec, "auto", TEST_SPLITS.get(name, "test") if split == "test" else split)
         except DataError as exc:
             report[name] = {"skipped": str(exc)[:200]}
             continue
@@ -43,8 +54,11 @@ def pack(root: Path, per_dataset: int, resolution: int, seed: int, names: list[s
             pixels = load_pixels(source.subset(pick[start:start + 2048].tolist()), resolution)
             chunks.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
         images.append(np.concatenate(chunks))
-        labels.append(np.full((len(pick), 1), index, dtype=np.uint8))
-        report[name] = {"images": int(len(pick)), "of": int(len(source))}
+        own = source.labels[pick][:, None].astype(np.uint8) + offset if classes else np.full((len(pick), 1), index, np.uint8)
+        labels.append(own)
+        report[name] = {"images": int(len(pick)), "of": int(len(source)),
+                        **({"labels": f"{offset}-{offset + len(source.classes) - 1}", "classes": source.classes} if classes else {})}
+        offset += len(source.classes)
     if not images:
         raise SystemExit(f"pack_generalist: no dataset could be read under {root}")
     return np.concatenate(images), np.concatenate(labels), report
@@ -57,12 +71,20 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", action="append", help="pack only these datasets (repeat)")
+    ap.add_argument("--classes", action="store_true", help="keep each dataset's class labels (offset past the datasets before "
+                    "it) and pack the held-out splits too (test_images / test_labels): a classifier's pretraining set")
     ap.add_argument("--out", default=".gpu/data/generalist-32.npz")
     args = ap.parse_args()
-    images, labels, report = pack(Path(args.root), args.per_dataset, args.resolution, args.seed, args.only)
+    images, labels, report = pack(Path(args.root), args.per_dataset, args.resolution, args.seed, args.only, "train", args.classes)
+    arrays = {"train_images": images, "train_labels": labels}
+    if args.classes:
+        test_images, test_labels, test_report = pack(Path(args.root), args.per_dataset, args.resolution, args.seed, args.only,
+                                                     "test", True)
+        arrays.update(test_images=test_images, test_labels=test_labels)
+        report = {name: {**info, "test_images": test_report.get(name, {}).get("images")} for name, info in report.items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, train_images=images, train_labels=labels)
+    np.savez_compressed(out, **arrays)
     result = {"benchmark": "pack_generalist", "out": str(out), "images": int(len(images)), "resolution": args.resolution,
               "mib": round(out.stat().st_size / 2**20, 1), "datasets": report}
     print(json.dumps(result))

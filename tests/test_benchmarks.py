@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,3 +66,20 @@ def test_the_generalist_base_pretrains_from_a_packed_set_within_its_weight_budge
     assert tuple(backbone.unet.config.block_out_channels) == (32, 64, 96) and backbone.cond_dim == 64
     weights = sum(p.stat().st_size for p in (tmp_path / "base").rglob("*.safetensors"))
     assert weights < 20 * 2**20  # what may travel back from a GPU machine and be committed
+
+
+def test_the_one_gpu_script_runs_every_step_at_toy_sizes_on_the_cpu(tmp_path):
+    """`gpu_all.sh --cpu-check`: so that it cannot fail on a lent GPU for a reason a CPU would have caught."""
+    import subprocess
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_all.sh"), "--cpu-check"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    steps = [json.loads(line) for line in (tmp_path / "out" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == ["user_path", "gpu_suite", "pretrain_vae", "pretrain_base"], done.stdout
+    assert all(s["exit"] == 0 for s in steps), (steps, done.stdout[-2000:])
+    user = json.loads((tmp_path / "out" / "user_path.json").read_text())
+    assert [c["command"] for c in user["commands"]] == ["tiny-model", "invert", "generate di", "generate img2img", "train"]
+    assert user["commands"][1]["batch_size_chosen"] == 64  # --batch-size 0 on a CPU
+    assert json.loads((tmp_path / "out" / "pretrain.json").read_text())["space"] == "latent"
+    assert (tmp_path / "out" / "generalist-32-latent.tar.gz").stat().st_size < 60 * 2**20

@@ -306,7 +306,7 @@ def test_a_disk_full_refusal_leaves_no_store_behind(tiny_latent, image_tree, tmp
     monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     out = tmp_path / "s"
     code, text = _run(capsys, "invert", "--model", str(tiny_latent), "--data", str(image_tree), "--out", str(out), *INVERT)
-    assert code == 2 and "MiB are free" in text and not out.exists()  # not a store marked in-progress
+    assert code == 2 and "1,000 bytes are free" in text and not out.exists()  # not a store marked in-progress
 
 
 def test_a_study_yaml_that_is_not_yaml_is_a_clear_error(tmp_path, capsys):

@@ -383,8 +383,8 @@ def test_invariant_views_feed_the_encoder_another_view_than_the_unet(tmp_path, m
             assert (enc - x0).abs().flatten(1).mean(1).min() > 1e-3
             # The UNet's target stays the data itself: the step's training images, untouched (digits are never flipped).
             config = PretrainConfig(**TINY, steps=3, views=views)
-            pixels = pretrain._training_pixels(config, False)[:, :1]
-            assert torch.equal(x0, pixels[pretrain._batch(config, 2, len(pixels))])
+            pixels = pretrain.training_pixels(config, False)[0][:, :1]
+            assert torch.equal(x0, pixels[pretrain.batch_indices(config, 2, len(pixels))])
 
 
 def test_views_are_keyed_and_the_denoiser_view_only_flips():

@@ -48,7 +48,7 @@ def test_retrieval_returns_the_nearest_pool_images_and_none_of_the_real_data(tin
     retrieve = ["generate", "--store", tmp_path / "s", "--method", "retrieval", "--space", "pixels", "--pool", pool,
                 "--per-image", "3", "--pool-cache", tmp_path / "cache", "--out"]
     code, text = _run(capsys, *retrieve, tmp_path / "r")
-    assert code == 0 and "2 of 32 pool images dropped as equal in pixels to the 8 real images, 4 test images" in text
+    assert code == 0 and "2 of 32 pool images dropped, 2 equal in pixels and 0 near-duplicates of the 8 real images, 4 test images" in text
 
     rows = read_manifest(tmp_path / "r")
     assert len(rows) == 24 and {r["pool_id"] for r in rows}.isdisjoint({"copy-of-train.png", "copy-of-test.png"})
@@ -68,7 +68,7 @@ def test_retrieval_returns_the_nearest_pool_images_and_none_of_the_real_data(tin
 
     # The pool's features were cached: a second set reads them back and finds the same neighbours.
     cached = sorted((tmp_path / "cache").iterdir())
-    assert len(cached) == 2  # the features and the hashes
+    assert len(cached) == 3  # the features, the hashes and the near-duplicate signatures
     stamp = [p.stat().st_mtime_ns for p in cached]
     assert _run(capsys, *retrieve, tmp_path / "r2")[0] == 0
     assert [p.stat().st_mtime_ns for p in cached] == stamp

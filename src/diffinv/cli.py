@@ -17,7 +17,7 @@ from diffinv import __version__
 from diffinv.config import STUDY_OWNED, ConfigError, LaunchConfig, StudyConfig, load_config
 
 SHARD_FLAGS = tuple(f.name for f in fields(LaunchConfig))
-NOT_FIELDS = {"out", "config", "resume", "overwrite", "quiet", "func", "command", *SHARD_FLAGS}
+NOT_FIELDS = {"out", "config", "resume", "overwrite", "quiet", "func", "command", "log_format", *SHARD_FLAGS}
 
 
 # ----------------------------------------------------------------------------- flags from config fields
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffinv", description="Diffusion Inversion: synthetic training data from a frozen diffusion model.",
                                      epilog="stages:\n" + listing, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"diffinv {__version__}")
+    parser.add_argument("--log-format", choices=("auto", "bar", "lines", "json"), default=None,
+                        help="progress as a bar (a terminal), plain lines every 10%% or 60 s (a log file: the default when "
+                             "stderr is not a terminal) or JSON lines; also $DIFFINV_LOG_FORMAT")
     sub = parser.add_subparsers(dest="command", metavar="STAGE")
     dynamic = {"method": {"choices": tuple(METHODS)},
                "arch": {"help": f"classifier: {', '.join(ARCHS)} or timm:<name>"}}
@@ -249,16 +252,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from diffinv.errors import UserError
 
+    if args.log_format:
+        import os
+
+        from diffinv.progress import ENV
+
+        os.environ[ENV] = args.log_format  # worker processes inherit it
     try:
         return args.func(args)
     except UserError as exc:
         print(f"diffinv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        advice = _os_advice(exc)
+        if advice is None:
+            raise
+        print(f"diffinv {args.command}: error: {advice}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = "with --resume" if any(a.option_strings == ["--resume"] for a in _subparser(parser, args.command)._actions) else ""
         print(f"diffinv {args.command}: interrupted; finished work is kept: run the same command again {again}".rstrip(),
               file=sys.stderr)
         return 130
+
+
+def _os_advice(exc: OSError) -> str | None:
+    """One line for the operating-system errors a user can fix (a name, the disk, permissions); None for the others."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"a file or folder name is too long for this file system{where[:120]}; use a shorter --out or name"
+    if exc.errno == errno.ENOSPC:
+        return f"the disk is full{where}; free space or write elsewhere; finished work is kept: run the same command again"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}; choose a folder you can write to"
+    return None
 
 
 if __name__ == "__main__":

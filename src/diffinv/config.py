@@ -17,7 +17,7 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
-from diffinv.errors import UserError
+from diffinv.errors import UserError, brief
 
 C = TypeVar("C")
 
@@ -232,6 +232,8 @@ class GenerateConfig:
                              "ImageNet models expect 224)")
     pool_cache: str = opt("", "retrieval: folder caching pool features (default $DIFFINV_CACHE or ~/.cache/diffinv)",
                           execution_only=True)
+    bad_images: str = opt("skip", "retrieval: unreadable pool images are skipped (counted) or stop the run",
+                          choices=BAD_IMAGES, execution_only=True)
     templates: tuple[str, ...] = opt(("a photo of a {}",), "prompt method: a template with {} for the class name; "
                                      "repeat for several", flag="--template", action="append")
     save_size: int | None = opt(None, "resize the saved images to PX x PX (default: the inversion resolution)")
@@ -385,6 +387,10 @@ class PretrainConfig:
     view_min_area: float = opt(0.35, "smallest crop of the encoder's view, as a fraction of the area")
     token_noise: float = opt(0.0, "std of Gaussian noise on the (unit-scale) tokens in training: a lossy bottleneck")
     image_channels: int = opt(0, "0: 1 when every training image is grey (R = G = B), else 3")
+    # Stable Diffusion's way: the UNet denoises a frozen autoencoder's latents (from `diffinv pretrain-vae`), which
+    # is then saved beside it as vae/, so the base is loaded, inverted and sampled exactly as a latent SD model is.
+    vae: str = opt("", "a VAE folder from `diffinv pretrain-vae` (or a model folder with vae/): train in its latent space, "
+                   "as Stable Diffusion is; empty: pixel space")
     seed: int = opt(0, "seed of initialisation, batches and noise")
     precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
     device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
@@ -398,7 +404,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.split != "test", "pretraining never reads a test split; use the training split (--split train)")
-        _check(self.resolution >= 8 and self.resolution % 2 ** (len(self.channels) - 1) == 0,
+        # In latent space the UNet's own size is checked against the VAE's factor when the VAE is read.
+        _check(bool(self.vae) or (self.resolution >= 8 and self.resolution % 2 ** (len(self.channels) - 1) == 0),
                f"resolution must be >= 8 and a multiple of {2 ** (len(self.channels) - 1)} (one halving per extra block)")
         _check(len(self.channels) >= 2 and all(c >= 8 and c % 8 == 0 for c in self.channels),
                "channels: two or more block widths, each a multiple of 8")
@@ -413,6 +420,56 @@ class PretrainConfig:
         _check(self.token_noise >= 0.0, f"token-noise must be >= 0; got {self.token_noise}")
         _check(self.image_channels in (0, 1, 3), "image-channels must be 0 (auto), 1 or 3")
         _check(self.max_seconds >= 0.0, "max-seconds must be >= 0 (0 = no limit)")
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """``diffinv pretrain-vae``: the latent autoencoder of a base, trained on unlabeled images (Stable Diffusion's first stage).
+
+    A diffusers ``AutoencoderKL`` (one halving per block after the first: blocks 32,64,64 make a
+    factor-4 latent, 8 x 8 x ``latent_channels`` at 32 px) trained on the L1 pixel error of its
+    reconstructions plus ``kl_weight`` times the KL term (both summed per image, as SD's VAE loss);
+    its latent scaling factor is measured on the training images afterwards (1 / std of the latent
+    means), as SD's 0.18215 was. Labels are never read, and the test split is refused.
+    """
+
+    data: str = opt("digits", "training images (as for invert; labels ignored)")
+    format: str = opt("auto", "how to read --data", choices=FORMATS)
+    split: str = opt("train", "training split (test is refused)")
+    extra_data: tuple[str, ...] = opt((), "more unlabeled training images (train splits)", action="extend")
+    resolution: int = opt(32, "pixel resolution of the autoencoder")
+    channels: tuple[int, ...] = opt((32, 64, 64), "block widths; each block after the first halves the size (3 blocks: factor 4)")
+    layers_per_block: int = opt(1, "resnet layers per block")
+    latent_channels: int = opt(4, "channels of the latent (Stable Diffusion 1.x/2.x: 4)")
+    kl_weight: float = opt(1e-6, "weight of the KL term against the summed pixel error (Stable Diffusion's VAE: 1e-6)")
+    steps: int = opt(4000, "optimiser steps")
+    batch_size: int = opt(64, "images per step")
+    lr: float = opt(1e-3, "AdamW learning rate after warm-up")
+    warmup: int = opt(100, "steps of linear warm-up")
+    ema: float = opt(0.999, "decay of the saved (bias-corrected) weight average; 0 saves the last weights")
+    hflip: bool = opt(False, "random horizontal flips")
+    seed: int = opt(0, "seed of initialisation, batches and noise")
+    precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=TRAIN_PRECISIONS)
+    device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
+    checkpoint_every: int = opt(250, "steps between checkpoints", execution_only=True)
+    log_every: int = opt(50, "steps per logged loss", execution_only=True)
+    bad_images: str = opt("skip", "unreadable images: skip them (reported) or stop", choices=BAD_IMAGES, execution_only=True)
+    max_seconds: float = opt(0.0, "stop training after this many seconds and save (0: no limit)", execution_only=True)
+
+    def __post_init__(self) -> None:
+        _check(self.split != "test", "pretraining never reads a test split; use the training split (--split train)")
+        factor = 2 ** (len(self.channels) - 1)
+        _check(len(self.channels) >= 2 and all(c >= 8 and c % 8 == 0 for c in self.channels),
+               "channels: two or more block widths, each a multiple of 8")
+        _check(self.resolution % factor == 0 and self.resolution // factor >= 4,
+               f"resolution must be a multiple of the latent factor {factor} and give a latent of at least 4 x 4")
+        _check(self.layers_per_block >= 1 and self.latent_channels >= 1, "layers-per-block and latent-channels must be >= 1")
+        _check(self.kl_weight >= 0, "kl-weight must be >= 0")
+        _check(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0 and self.warmup >= 0, "steps, batch-size, lr must be positive")
+        _check(0.0 <= self.ema < 1.0, "ema must be in [0, 1) (0 = no averaging)")
+        _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
+        _check(self.max_seconds >= 0.0, "max-seconds must be >= 0 (0 = no limit)")
+        _check_choices(self)
 
 
 # What a study sets for every stage itself (from its own fields); its invert:, generate:, train: blocks may not.
@@ -521,10 +578,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        from diffinv import safe_yaml
+
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = safe_yaml.read(path)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {path} is not valid YAML: {brief(' '.join(str(exc).split()), 300)}") from exc
         if loaded is None:
             raise ConfigError(f"config file {path} is empty (or only comments); give the options it should set, or leave "
                               f"--config out to use every default")
@@ -561,11 +620,11 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             # From a flag: "64,128" or "64 128".
             value = [v for part in value for v in part.replace(",", " ").split()]
             if not all(v.isdigit() for v in value):
-                raise ConfigError(f"option {name} must be a list of integers, got {value!r}")
+                raise ConfigError(f"option {name} must be a list of integers, got {brief(value)}")
             value = [int(v) for v in value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             kind = "strings" if item is str else "integers"
-            raise ConfigError(f"option {name} must be a list of {kind}, got {value!r}")
+            raise ConfigError(f"option {name} must be a list of {kind}, got {brief(value)}")
         return tuple(value)
     target = next((a for a in args if a is not type(None)), hint) if args else hint
     if target is float and isinstance(value, str):
@@ -573,12 +632,12 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ConfigError(f"option {name} must be a number, got {value!r}") from None
+            raise ConfigError(f"option {name} must be a number, got {brief(value)}") from None
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     wrong_type = target in (int, str, bool) and not isinstance(value, target)
     if wrong_type or (target is int and isinstance(value, bool)):  # bool is an int subclass; "true" is not a count
-        raise ConfigError(f"option {name} must be {target.__name__}, got {value!r}")
+        raise ConfigError(f"option {name} must be {target.__name__}, got {brief(value)}")
     return value
 
 

@@ -15,11 +15,12 @@ from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from tqdm.auto import tqdm
+from diffinv.progress import bar as progress_bar
 
 from diffinv.runs import RunError, output_lock, refuse_inside, remove_if_unstarted
 from diffinv.shards import Shard, local_device
-from diffinv.stages import Stage, demo, experiment, finetune, generate, inspect, invert, pretrain, report, tiny, train, verify
+from diffinv.stages import (Stage, demo, experiment, finetune, generate, inspect, invert, pretrain, pretrain_vae, report, tiny, train,
+                            verify)
 from diffinv.stages import filter as filter_stage
 
 
@@ -34,7 +35,7 @@ MERGE = Stage(name="merge", cli="folder", command=_merge_command,
 
 # In the order the pipeline runs them, then the tools that read a folder (the CLI lists them so).
 STAGES: dict[str, Stage] = {s.name: s for s in (demo.STAGE, invert.STAGE, finetune.STAGE, generate.STAGE, filter_stage.STAGE, train.STAGE,
-                                                 experiment.STAGE, pretrain.STAGE, tiny.STAGE, report.STAGE, MERGE, verify.STAGE,
+                                                 experiment.STAGE, pretrain_vae.STAGE, pretrain.STAGE, tiny.STAGE, report.STAGE, MERGE, verify.STAGE,
                                                  inspect.STAGE)}
 
 
@@ -138,7 +139,7 @@ def run_on_ray(stage: str, config: Any, out: str | Path, *, workers: int, addres
     # 1. One task per shard; the progress bar follows the finished units in the output folder.
     shards = [Shard(i, workers) for i in range(workers)]
     pending = {task.remote(stage, config, str(out), s, hook): (s, 1) for s in shards}
-    bar = tqdm(total=None, unit=spec.unit, disable=not progress, dynamic_ncols=True, desc=f"{stage} on Ray, {workers} shards")
+    bar = progress_bar(total=None, unit=spec.unit, disable=not progress, dynamic_ncols=True, desc=f"{stage} on Ray, {workers} shards")
     failures: dict[Shard, str] = {}
     seen: dict[str, int] = {}  # finished part -> its images: parts never change, so each is read once
 

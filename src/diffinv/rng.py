@@ -35,6 +35,7 @@ STREAM_SAMPLER = 10  # generation: the sampler's own noise (DDIM eta > 0), offse
 STREAM_VIEW = 11  # pretraining: the encoder's augmented view
 STREAM_TOKEN_NOISE = 12  # pretraining: noise on the encoder's tokens
 STREAM_TIMESTEP_PILOT = 13  # inversion: the order and place of an image's pilot timesteps (importance sampling)
+STREAM_POSTERIOR = 14  # pretraining: the draw from a VAE's latent posterior
 
 
 def mix32(x):

@@ -65,8 +65,10 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_yaml(path: str | Path, obj: Any) -> None:
-    write_text(path, yaml.safe_dump(obj, sort_keys=False))
+def write_yaml(path: str | Path, obj: Any, comment: str = "") -> None:
+    """``obj`` as YAML, atomically; ``comment`` (lines) goes on top as ``#`` comments, which every reader ignores."""
+    header = "".join(f"# {line.lstrip('# ')}\n" if not line.startswith("#") else f"{line}\n" for line in comment.splitlines())
+    write_text(path, header + yaml.safe_dump(obj, sort_keys=False))
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -118,7 +120,10 @@ def cost_seconds(folder: str | Path) -> float | None:
 
 
 def read_yaml(path: str | Path) -> Any:
-    return yaml.safe_load(Path(path).read_text())
+    """A YAML file through the bounded safe loader (:mod:`diffinv.safe_yaml`: no aliases, at most 1 MiB)."""
+    from diffinv import safe_yaml
+
+    return safe_yaml.read(path)
 
 
 def check_same_settings(out: str | Path, config: Any, noun: str, action: str) -> None:
@@ -141,6 +146,15 @@ def check_same_settings(out: str | Path, config: Any, noun: str, action: str) ->
         raise RunError(f"{action} {out} with different settings ({listing}); use the same settings, --overwrite, or a new --out")
 
 
+def check_out_path(out: Path) -> None:
+    """Refuse an --out that can never be a folder: a file, or a symbolic link to nothing."""
+    if out.is_symlink() and not out.exists():
+        raise RunError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist; create that folder, "
+                       f"or give another --out")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is a file; give a folder path")
+
+
 def prepare_output(out: str | Path, marker: str, *, resume: bool, overwrite: bool) -> str:
     """Decide how a stage may use ``out``. Returns ``"fresh"``, ``"resume"`` or ``"done"``.
 
@@ -151,8 +165,7 @@ def prepare_output(out: str | Path, marker: str, *, resume: bool, overwrite: boo
     """
     out = Path(out)
     marker_path = out / marker
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} exists and is a file; give a folder path")
+    check_out_path(out)
     if marker_path.exists():
         status = read_json(marker_path).get("status")
         if overwrite:
@@ -242,8 +255,17 @@ def check_free_space(out: str | Path, need_bytes: int, what: str) -> None:
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free
     if free < need_bytes:
-        raise RunError(f"{what} needs about {need_bytes / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are free "
+        raise RunError(f"{what} needs about {human_bytes(need_bytes)} but only {human_bytes(free)} are free "
                        f"on the disk of {out}; free space or choose another --out")
+
+
+def human_bytes(n: float) -> str:
+    """1,536 -> '1.5 KiB': three significant figures, so two different sizes never read alike."""
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:,.0f} bytes" if i == 0 else f"{n:.3g} {units[i]}" if n < 100 else f"{n:,.0f} {units[i]}"
 
 
 # ----------------------------------------------------------------------------- units of work in one folder
@@ -368,12 +390,12 @@ def output_lock(out: str | Path, shared: bool = False):
         yield
         return
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} exists and is a file; give a folder path")
+    check_out_path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RunError(f"cannot make --out {out} ({exc.strerror or exc}); choose a folder you can write to") from exc
+        advice = "use a shorter name" if exc.errno == errno.ENAMETOOLONG else "choose a folder you can write to"
+        raise RunError(f"cannot make --out {str(out)[:160]} ({exc.strerror or exc}); {advice}") from exc
     path = out / LOCK
     me = f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):

@@ -9,18 +9,39 @@ import torch
 from diffinv.rng import key_of
 
 
-def overlap_notes(real: torch.Tensor, ids: list[str], test: torch.Tensor, split: str) -> list[str]:
-    """Training images that are byte for byte test images: the test score would partly be a memory test."""
+def overlap_notes(real: torch.Tensor, ids: list[str], test: torch.Tensor, split: str, what: str = "training") -> list[str]:
+    """Training images (uint8 [N, 3, R, R]) that are test images, identical or near-duplicates (re-encoded, resized,
+    shifted copies: :mod:`diffinv.data.near_duplicates`): the test score would partly be a memory test."""
+    from diffinv.data.near_duplicates import near_duplicates, signatures
 
     def digest(x: torch.Tensor) -> bytes:
         return hashlib.blake2b(x.numpy().tobytes(), digest_size=12).digest()
 
     seen = {digest(t) for t in test}
     same = [i for i, x in zip(ids, real) if digest(x) in seen]
-    if not same:
+    near = near_duplicates(signatures(real), signatures(test)) if len(real) and len(test) else torch.zeros(len(real), dtype=torch.bool)
+    close = [i for i, x, n in zip(ids, real, near.tolist()) if n and digest(x) not in seen]
+    notes = []
+    for found, how in ((same, "identical to"), (close, "near-duplicates (re-encoded, resized or shifted copies) of")):
+        if found:
+            notes.append(f"{len(found)} {what} image(s) are {how} images of the {split!r} split ({', '.join(found[:3])}"
+                         f"{' ...' if len(found) > 3 else ''}): the test split overlaps the training data; remove them")
+    return notes
+
+def conflicting_labels(images: torch.Tensor, labels, ids: list[str], classes: list[str]) -> list[str]:
+    """One picture (equal pixels) listed under two or more labels: the classifier is taught both answers."""
+    first: dict[bytes, tuple[int, str]] = {}
+    clashes = []
+    for x, label, image_id in zip(images, [int(v) for v in labels], ids):
+        key = hashlib.blake2b(x.numpy().tobytes(), digest_size=12).digest()
+        seen = first.setdefault(key, (label, image_id))
+        if seen[0] != label:
+            clashes.append(f"{seen[1]} ({classes[seen[0]]}) = {image_id} ({classes[label]})")
+    if not clashes:
         return []
-    return [f"{len(same)} training image(s) are identical to images of the {split!r} split ({', '.join(same[:3])}"
-            f"{' ...' if len(same) > 3 else ''}): the test split overlaps the training data; remove the duplicates"]
+    return [f"{len(clashes)} training image(s) appear under two labels ({'; '.join(clashes[:2])}"
+            f"{' ...' if len(clashes) > 2 else ''}): the same picture is taught as two classes; keep it under one"]
+
 
 class Stream:
     """Batches of ``batch`` indices into ``size`` items: one seeded permutation per pass, last partial batch dropped."""

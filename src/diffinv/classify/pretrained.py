@@ -22,12 +22,12 @@ class PretrainedError(UserError):
     pass
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a local weights file, with the wrappers checkpoints often add removed."""
+def read_state_dict(path: str | Path, flag: str = "--pretrained") -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file, with the wrappers checkpoints often add removed (``flag`` names it in messages)."""
     path = Path(path)
     if not path.is_file():
         raise PretrainedError(
-            f"--pretrained {path} does not exist; pass a local .safetensors or .pth state dict (nothing is downloaded: "
+            f"{flag} {path} does not exist; pass a local .safetensors or .pth state dict (nothing is downloaded: "
             f"where there is internet, e.g. `python -c \"import torchvision; torchvision.models.resnet50(weights='DEFAULT')\"` "
             f"leaves it in ~/.cache/torch/hub/checkpoints/, or save `timm.create_model(NAME, pretrained=True).state_dict()`)")
     try:
@@ -38,16 +38,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         elif path.suffix in (".pt", ".pth", ".bin"):
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise PretrainedError(f"--pretrained {path}: weights must be .safetensors, .pt or .pth")
+            raise PretrainedError(f"{flag} {path}: weights must be .safetensors, .pt or .pth")
     except PretrainedError:
         raise
     except Exception as exc:  # a truncated file, a pickle with code in it (refused by weights_only) ...
-        raise PretrainedError(f"--pretrained {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            # torch's own advice (weights_only=False) would run the file's code: never pass it on.
+            raise PretrainedError(f"{flag} {path} is a pickle that holds more than tensors (code or objects), so it was "
+                                  f"not loaded; convert it to .safetensors where you trust it (safetensors.torch.save_file("
+                                  f"model.state_dict(), 'model.safetensors'))") from None
+        raise PretrainedError(f"{flag} {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from exc
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PretrainedError(f"--pretrained {path} holds no state dict of tensors")
+        raise PretrainedError(f"{flag} {path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -90,7 +95,7 @@ def feature_model(path: str | Path, arch: str = "", image_size: int = 224,
     A ``model.safetensors`` of ``diffinv train`` names its own architecture and normalisation; any other
     state dict (a timm or torchvision checkpoint) needs ``arch`` and is normalised as ImageNet.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path, "--image-model")
     meta = _diffinv_metadata(path)
     arch = arch or meta.get("arch", "")
     if not arch:

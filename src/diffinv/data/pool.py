@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffinv.data.real import IMAGE_SUFFIXES, DataError, LabelledImages, open_images
+from diffinv.data.real import IMAGE_SUFFIXES, BadImageError, DataError, LabelledImages, open_images
 
 
 @dataclass
@@ -55,10 +55,39 @@ def content_hash(image: Image.Image) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def content_hashes(images: LabelledImages, progress: Callable | None = None) -> torch.Tensor:
-    """[N] int64 content hashes of every image of ``images``."""
+def content_hashes(images: LabelledImages, progress: Callable | None = None, bad_images: str = "error") -> torch.Tensor:
+    """[N] int64 content hashes of every image of ``images``; with ``bad_images="skip"`` an unreadable one gets -1
+    (content hashes are never negative)."""
     indices = range(len(images)) if progress is None else progress(range(len(images)))
-    return torch.tensor([content_hash(images.image(i)) for i in indices], dtype=torch.int64)
+    hashes = []
+    for i in indices:
+        try:
+            hashes.append(content_hash(images.image(i)))
+        except BadImageError as exc:
+            if bad_images != "skip":
+                raise BadImageError(f"{exc}; remove or fix it, or pass --bad-images skip") from exc
+            hashes.append(-1)
+    return torch.tensor(hashes, dtype=torch.int64)
+
+
+def readable(pool: Pool, hashes: torch.Tensor) -> tuple[Pool, torch.Tensor, list[str]]:
+    """The pool without the images :func:`content_hashes` could not read (-1), their hashes, and their sources."""
+    bad = (hashes < 0).nonzero()[:, 0].tolist()
+    if not bad:
+        return pool, hashes, []
+    keep = (hashes >= 0).nonzero()[:, 0].tolist()
+    return Pool(pool.path, pool.images.subset(keep), pool.labelled), hashes[keep], [pool.images.sources[i] for i in bad]
+
+
+def near_signatures(images: LabelledImages, progress: Callable | None = None, chunk: int = 2048) -> torch.Tensor:
+    """[N, 3, 32, 32] uint8 near-duplicate signatures (:mod:`diffinv.data.near_duplicates`) of every image, in chunks."""
+    from diffinv.data.near_duplicates import SIDE, signatures
+    from diffinv.data.real import load_uint8
+
+    starts = range(0, len(images), chunk)
+    parts = [signatures(load_uint8(images.subset(list(range(s, min(s + chunk, len(images))))), SIDE))
+             for s in (starts if progress is None else progress(starts))]
+    return torch.cat(parts) if parts else torch.empty(0, 3, SIDE, SIDE, dtype=torch.uint8)
 
 
 def signature(pool: Pool) -> str:

@@ -181,9 +181,9 @@ def load_uint8(images: LabelledImages, resolution: int, progress: bool = False, 
     out = torch.empty(len(images), 3, resolution, resolution, dtype=torch.uint8)
     indices = range(len(images))
     if progress and len(images) > 1000:
-        from tqdm import tqdm
+        from diffinv.progress import bar
 
-        indices = tqdm(indices, desc=desc, unit="img", leave=False)
+        indices = bar(indices, desc=desc, unit="img", leave=False)
     for i in indices:
         out[i] = image_to_uint8(images.image(i), resolution)
     return out
@@ -192,8 +192,11 @@ def load_uint8(images: LabelledImages, resolution: int, progress: bool = False, 
 # ----------------------------------------------------------------------------- opening
 
 
-def open_images(path: str | Path, format: str = "auto", split: str = "train") -> LabelledImages:
-    """Open a labelled image source. See the module docstring for the supported layouts."""
+def open_images(path: str | Path, format: str = "auto", split: str = "train", flag: str = "--split") -> LabelledImages:
+    """Open a labelled image source. See the module docstring for the supported layouts.
+
+    ``flag`` is what asked for ``split`` (e.g. ``--val-split``): a missing split's message names it.
+    """
     if format not in FORMATS:
         raise DataError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
     spec = str(path)
@@ -203,7 +206,12 @@ def open_images(path: str | Path, format: str = "auto", split: str = "train") ->
         "folder": _open_folder, "npz": _open_npz, "idx": _open_idx, "csv": _open_csv,
         "digits": _open_digits, "hf": _open_hf,
     }[format]
-    images = opener(spec, split)
+    try:
+        images = opener(spec, split)
+    except DataError as exc:
+        if flag == "--split" or "--split" not in str(exc):
+            raise
+        raise DataError(str(exc).replace("pass --split / --eval-split", f"fix {flag}").replace("--split", flag)) from None
     _check_labels(images, spec)
     return images
 
@@ -293,6 +301,11 @@ def _array_images(arr: np.ndarray, labels: np.ndarray, prefix: str, source: str,
         raise DataError(f"{source}: {len(arr)} images but {len(labels)} labels; they must match")
     if arr.ndim not in (3, 4):
         raise DataError(f"{source}: images must be (N, H, W) or (N, H, W, C); got {arr.shape}")
+    if arr.ndim == 4 and arr.shape[1] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 1, -1)  # channels first (PyTorch's layout): (N, C, H, W) -> (N, H, W, C)
+    if arr.ndim == 4 and arr.shape[-1] not in (1, 3, 4):
+        raise DataError(f"{source}: images of shape {arr.shape[1:]} have no channel axis of 1, 3 or 4; store them as "
+                        f"(N, H, W, C) or (N, C, H, W)")
     if np.issubdtype(labels.dtype, np.floating):
         if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
             odd = [float(v) for v in np.unique(labels[~np.isfinite(labels) | (labels != np.round(labels))])[:3]]

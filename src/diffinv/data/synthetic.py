@@ -125,7 +125,7 @@ def open_synthetic(root: str | Path, classes: list[str] | None = None) -> Labell
     if info.get("status") != "complete":
         raise DataError(f"{root} is unfinished; complete it with `diffinv generate ... --resume`")
     rows = read_manifest(root)
-    problems = damage(root, rows)
+    problems = damage(root, rows, checksums=True)
     if problems:
         raise DataError(f"{root} is damaged: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Run the "
                         f"`diffinv generate` command that made it again: it makes what is missing")
@@ -139,8 +139,11 @@ def open_synthetic(root: str | Path, classes: list[str] | None = None) -> Labell
                           [str(p) for p in paths], lambda i: Image.open(paths[i]))
 
 
-def damage(root: Path, rows: list[dict[str, Any]]) -> list[str]:
-    """What is wrong with a finished set that can be seen cheaply: images missing or of another size than recorded."""
+def damage(root: Path, rows: list[dict[str, Any]], checksums: bool = False) -> list[str]:
+    """What is wrong with a finished set: images missing or of another size than recorded, and with ``checksums`` (what
+    a classifier reads) images whose content is not the one recorded (two images swapped between classes, say)."""
+    from diffinv.runs import file_sha256
+
     problems = []
     for r in rows:
         path = root / r["file"]
@@ -148,4 +151,6 @@ def damage(root: Path, rows: list[dict[str, Any]]) -> list[str]:
             problems.append(f"{r['file']} is missing")
         elif r.get("bytes") is not None and path.stat().st_size != r["bytes"]:
             problems.append(f"{r['file']} has {path.stat().st_size} bytes, {r['bytes']} expected")
+        elif checksums and r.get("sha256") and file_sha256(path) != r["sha256"]:
+            problems.append(f"{r['file']} is not the image its manifest records (its checksum differs)")
     return problems

@@ -74,6 +74,21 @@ def load_backbone(spec: str | Path, *, with_text_encoder: bool = False, original
     return backbone
 
 
+def load_vae(spec: str | Path) -> Any:
+    """A frozen ``AutoencoderKL`` from a VAE folder (``diffinv pretrain-vae``'s ``vae/``, or the folder above it) or a model
+    folder's ``vae/``; safetensors only."""
+    import diffusers
+
+    path = Path(spec)
+    folder = path / "vae" if (path / "vae").is_dir() else path
+    if not path.is_dir():
+        raise ModelError(f"--vae {spec} does not exist; give the folder `diffinv pretrain-vae` wrote (or a model folder with vae/)")
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if config.get("_class_name") != "AutoencoderKL":
+        raise ModelError(f"--vae {spec} holds no AutoencoderKL (vae/config.json); give the folder `diffinv pretrain-vae` wrote")
+    return _freeze(_from_pretrained(diffusers.AutoencoderKL, folder))
+
+
 def _from_pretrained(cls: Any, folder: Path) -> Any:
     """``cls.from_pretrained(folder)``, safetensors weights only, with one clear error for whatever is wrong with the folder."""
     if not (folder / "config.json").is_file():
@@ -222,7 +237,9 @@ def _load_with_original_config(path: Path, yaml_path: Path, with_text_encoder: b
         raise ModelError(f"prompts (--method prompt, --init text) need the text encoder, which diffinv does not read from "
                          f"single-file checkpoints; convert {path} to a diffusers folder, or use di, img2img or class-inversion")
     try:
-        config = yaml.safe_load(yaml_path.read_text())
+        from diffinv import safe_yaml
+
+        config = safe_yaml.read(yaml_path)
         config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
         raise ModelError(f"--original-config {yaml_path} is not a Stable Diffusion inference YAML ({type(exc).__name__}: {exc}); "

@@ -5,9 +5,11 @@ training image into K tokens that the UNet reads through cross-attention, traine
 the denoising loss; with probability ``cond_dropout`` the tokens are zeroed so that the model
 also learns an unconditional mode (needed for classifier-free guidance). Only the UNet is what
 inversion uses: each real image's tokens are then learned directly, as for Stable Diffusion.
-The encoder is saved beside it (``encoder.safetensors``) but nothing downstream needs it.
+The encoder is saved beside it (``encoder.safetensors``); ``invert --init encoder`` starts from its tokens.
 
-Labels are never read; the config refuses a test split.
+A base is in pixel space, or, as Stable Diffusion, in the latent space of an autoencoder
+(:func:`build_vae`, trained first on :func:`vae_loss`): the UNet then denoises latents while the
+token encoder still reads pixels. Labels are never read; the configs refuse a test split.
 """
 
 from __future__ import annotations
@@ -47,6 +49,48 @@ def build_base_unet(channels: list[int] | tuple[int, ...], resolution: int, laye
     )
 
 
+def build_vae(channels: list[int] | tuple[int, ...], layers_per_block: int, latent_channels: int, resolution: int,
+              image_channels: int = 3):
+    """A diffusers ``AutoencoderKL``: one halving per block after the first (factor 2^(n-1)), mid-block attention as SD's."""
+    from diffusers import AutoencoderKL
+
+    n = len(channels)
+    return AutoencoderKL(
+        in_channels=image_channels, out_channels=image_channels, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+        latent_channels=latent_channels, norm_num_groups=min(32, channels[0] // 2), sample_size=resolution,
+    )
+
+
+def vae_loss(vae, x: torch.Tensor, keys: torch.Tensor, step: int, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mean |x - reconstruction|): Stable Diffusion's VAE objective without its perceptual and adversarial terms.
+
+    x [B, C, H, W] pixels in [-1, 1]; the latent is drawn from the posterior with keyed noise (keys [B]
+    with ``step``). Per image, the summed L1 pixel error plus ``kl_weight`` times the summed KL to N(0, I),
+    divided by the pixel count so the loss reads as a mean pixel error.
+    """
+    posterior = vae.encode(x).latent_dist
+    eps = rng.keyed_normal(keys, step, rng.STREAM_POSTERIOR, tuple(posterior.mean.shape[1:])).to(posterior.mean.dtype)
+    recon = vae.decode(posterior.mean + posterior.std * eps, return_dict=False)[0]
+    l1 = (recon.float() - x.float()).abs().flatten(1).sum(1)
+    kl = posterior.kl().float()  # [B], summed over the latent
+    pixels = x[0].numel()
+    return ((l1 + kl_weight * kl) / pixels).mean(), l1.mean().detach() / pixels
+
+
+@torch.no_grad()
+def latent_scale(means: torch.Tensor) -> float:
+    """The scaling factor that gives latents unit variance: 1 / std of latent means [N, C, h, w] (SD's 0.18215 rule)."""
+    return float(1.0 / means.float().std().clamp_min(1e-8))
+
+
+@torch.no_grad()
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[B] peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(4.0 / mse)
+
+
 def base_scheduler_config(beta_schedule: str, prediction_type: str) -> dict[str, Any]:
     """The diffusers scheduler settings a base is trained with and saved with (SD's unless asked otherwise)."""
     start, end = BETA_SCHEDULES[beta_schedule]
@@ -58,7 +102,7 @@ def autoencoder_loss(backbone: Backbone, encoder: TokenEncoder, x0: torch.Tensor
                      cond_dropout: float, encoder_input: torch.Tensor | None = None, token_noise: float = 0.0) -> torch.Tensor:
     """Mean denoising loss (scalar) of the UNet conditioned on the encoder's tokens.
 
-    x0 [B, C, H, W] clean latents (pixels in [-1, 1] for a pixel model) that the UNet denoises;
+    x0 [B, C, h, w] clean latents (pixels in [-1, 1] for a pixel model) that the UNet denoises;
     ``encoder_input`` [B, C, H, W] what the encoder sees (default x0 itself: an autoencoder; another
     view of the same images makes the tokens invariant to what differs between the views);
     ``token_noise`` the std of keyed Gaussian noise added to the tokens. keys [B] int64 key every
@@ -68,7 +112,7 @@ def autoencoder_loss(backbone: Backbone, encoder: TokenEncoder, x0: torch.Tensor
     noise = rng.keyed_normal(keys, step, rng.STREAM_NOISE, shape)
     t = rng.keyed_randint(keys, step, rng.STREAM_TIMESTEP, backbone.num_train_timesteps)
     keep = (rng.keyed_uniform(keys, step, rng.STREAM_DROPOUT, (1,))[:, 0] >= cond_dropout).to(x0.dtype)
-    cond = encoder(x0 if encoder_input is None else encoder_input)
+    cond = encoder(x0 if encoder_input is None else encoder_input)  # a latent base's encoder reads pixels: always given
     if token_noise > 0:
         cond = cond + token_noise * rng.keyed_normal(keys, step, rng.STREAM_TOKEN_NOISE, tuple(cond.shape[1:])).to(cond.dtype)
     cond = cond * keep[:, None, None]

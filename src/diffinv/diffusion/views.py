@@ -86,5 +86,9 @@ def denoiser_view(x: torch.Tensor, keys: torch.Tensor, step: int, stream: int, h
     """
     if not hflip:
         return x
-    flip = rng.keyed_uniform(keys.to(x.device), step, stream, (1,))[:, 0] < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return torch.where(flips(keys.to(x.device), step, stream)[:, None, None, None], x.flip(-1), x)
+
+
+def flips(keys: torch.Tensor, step: int, stream: int) -> torch.Tensor:
+    """[B] bool: which images :func:`denoiser_view` flips (a latent base picks its flipped images' latents with it)."""
+    return rng.keyed_uniform(keys, step, stream, (1,))[:, 0] < 0.5

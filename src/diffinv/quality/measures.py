@@ -123,12 +123,9 @@ def inception_extractor(weights: str | Path | None) -> tuple[Callable[[torch.Ten
         return None, f"FID/KID left out: Inception weights {path} do not exist"
     from torchvision.models import inception_v3
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from diffinv.classify.pretrained import read_state_dict
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict(path, "quality.inception_weights")
     net = inception_v3(weights=None, aux_logits=True, init_weights=False)
     net.load_state_dict(state)
     net.fc = nn.Identity()

@@ -33,13 +33,16 @@ def filter_set(config: FilterConfig, out: str | Path, *, resume: bool = False, o
         raise RunError("--out must be a new folder: the source set is never changed")
     if open_output(out, MARKER, config, noun="filtered set", resume=resume, overwrite=overwrite) == "done":
         return out
-    # 1. The judge, checked to have seen the real subset only.
-    if not (Path(config.judge) / "config.yaml").is_file():
-        raise RunError(f"--judge {config.judge} is not a run of `diffinv train` (no config.yaml)")
-    judge_config = read_yaml(Path(config.judge) / "config.yaml") or {}
+    # 1. The judge, checked to be a classifier run that saw the real subset only, of the data the set was made from.
+    judge_config = _judge_config(config.judge)
     if judge_config.get("synthetic") or judge_config.get("use") == "synthetic":
         raise RunError(f"--judge {config.judge} was trained on synthetic images; train it on the real images alone "
                        f"(`diffinv train` without --synthetic) so it judges with real labels only")
+    made_from = (read_json(source / MARKER) if (source / MARKER).is_file() else {}).get("data")
+    if made_from and judge_config.get("data") and not _same_data(made_from, judge_config["data"]):
+        log(f"warning: --judge {config.judge} was trained on {judge_config['data']}, but {source} was made from "
+            f"{made_from}: it scores the images by another dataset's idea of each class name; train the judge on "
+            f"{made_from} (`diffinv train --data {made_from}` without --synthetic)")
     model, meta = load_classifier(config.judge, resolve_device(config.device))
     # 2. Every image's score: the judge's probability of its own class.
     images = open_synthetic(source, meta["classes"])
@@ -68,6 +71,21 @@ def filter_set(config: FilterConfig, out: str | Path, *, resume: bool = False, o
     dropped = f", dropped {float(scores[~keep].median()):.2f}" if (~keep).any() else ""
     log(f"kept {len(rows)} of {len(keep)} images (median own-class probability: kept {float(scores[keep].median()):.2f}{dropped})")
     return out
+
+
+def _judge_config(judge: str) -> dict[str, Any]:
+    """The saved config of a `diffinv train` run; a folder of another stage is named as what it is."""
+    folder = Path(judge)
+    if not (folder / "train.json").is_file() and not (folder / "model.safetensors").is_file():
+        kinds = {MARKER: "a synthetic set", "store.json": "an embedding store", "study.yaml": "a study folder"}
+        kind = next((what for marker, what in kinds.items() if (folder / marker).is_file()), "not a `diffinv train` run")
+        raise RunError(f"--judge {judge} is {kind}; give the folder of a `diffinv train` run on the real images alone "
+                       f"(no --synthetic), e.g. `diffinv train --data DATA --out {Path(judge).name}-judge`")
+    return read_yaml(folder / "config.yaml") or {}
+
+
+def _same_data(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def _run(config: FilterConfig, out: Path, *, resume: bool, overwrite: bool, log: Callable[[str], None], **_: Any) -> Path:

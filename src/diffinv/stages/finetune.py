@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from diffinv import rng
 from diffinv.config import FinetuneConfig, config_to_dict
@@ -29,6 +28,7 @@ from diffinv.diffusion.lora import fit_lora
 from diffinv.diffusion.methods.base import Adapter
 from diffinv.diffusion.objective import evaluation_loss
 from diffinv.diffusion.store import EmbeddingStore, StoreError
+from diffinv.progress import bar as progress_bar
 from diffinv.runs import atomic_write, file_sha256, open_output, read_json, read_yaml, write_json, write_yaml
 from diffinv.stages import Stage
 
@@ -68,7 +68,7 @@ def finetune_classes(config: FinetuneConfig, out: str | Path, *, resume: bool = 
     # 2. One adapter per class, each written when fitted (a re-run skips those already there).
     classes = list(store.classes)
     record = read_json(out / "progress.json") if (out / "progress.json").is_file() else {}
-    bar = tqdm(total=len(classes) * config.steps, desc="finetune (LoRA per class)", unit="step", disable=not progress or None)
+    bar = progress_bar(total=len(classes) * config.steps, desc="finetune (LoRA per class)", unit="step", disable=not progress)
     for c, name in enumerate(classes):
         path = out / "adapters" / f"{slug(name)}.safetensors"
         if path.is_file() and name in record:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from diffinv.config import GenerateConfig, config_to_dict, load_config
 from diffinv.data.real import DataError, all_grey, open_images
@@ -26,7 +25,8 @@ from diffinv.diffusion.methods.base import GenerationSettings
 from diffinv.diffusion.sampling import grey_of, pixels_to_uint8
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.errors import UserError
-from diffinv.runs import Units, check_free_space, open_output, read_json, read_yaml, refuse_inside, remove_temporaries, write_yaml
+from diffinv.progress import bar as progress_bar
+from diffinv.runs import Units, check_free_space, file_sha256, open_output, read_json, read_yaml, refuse_inside, remove_temporaries, write_yaml
 from diffinv.shards import Shard
 from diffinv.stages import Stage
 from diffinv.stages.finetune import adapter_prompt
@@ -123,16 +123,17 @@ def _intact(out: Path, log: Callable[[str], None]) -> bool:
     """Whether a finished set is whole; if not, its truncated images are removed so that they are made again."""
     try:
         rows_listed = read_manifest(out)
-        problems = damage(out, rows_listed)
+        problems = damage(out, rows_listed, checksums=True)
     except DataError as exc:  # a damaged manifest: the images are checked and the manifest written again
         rows_listed, problems = [], [str(exc)]
     if not problems:
         log(f"{out} is already complete; nothing to do")
         return True
     log(f"{out} is damaged ({'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}); making what is missing")
-    for row in rows_listed:  # a truncated image is made again too
+    for row in rows_listed:  # a truncated or replaced image is made again too
         path = out / row["file"]
-        if path.is_file() and row.get("bytes") not in (None, path.stat().st_size):
+        if path.is_file() and (row.get("bytes") not in (None, path.stat().st_size)
+                               or (row.get("sha256") and file_sha256(path) != row["sha256"])):
             path.unlink()
     return False
 
@@ -150,7 +151,7 @@ def _generate_chunks(config: GenerateConfig, settings: GenerationSettings, out: 
     # Worst case: incompressible PNGs of the missing images.
     check_free_space(out, sum(len(c) for c in todo) * (3 * save_size**2 + 1024), "the generated images")
     mine = sum(len(c) for b, c in enumerate(chunks) if shard.owns(b))
-    bar = tqdm(total=mine, initial=mine - sum(len(c) for c in todo), unit="img", disable=not progress, dynamic_ncols=True,
+    bar = progress_bar(total=mine, initial=mine - sum(len(c) for c in todo), unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"generate ({how(config)})" + ("" if shard.whole else f" shard {shard}"))
     started = time.perf_counter()
     for b, chunk in enumerate(todo):

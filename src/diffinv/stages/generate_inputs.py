@@ -8,6 +8,7 @@ train`` run (retrieval's judge) and a ``diffinv finetune`` folder (the LoRA adap
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from diffinv.data.real import DataError, LabelledImages, open_images, validation
 from diffinv.diffusion.methods.base import GenerationSettings, Inputs, Method
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.errors import UserError
-from diffinv.runs import cost_seconds, read_yaml
+from diffinv.runs import cost_seconds, read_json, read_yaml
 from diffinv.stages.finetune import read_adapters
 
 OTHER_SPLITS = ("test", "val", "validation", "valid")
@@ -82,10 +83,21 @@ def base_pool(model: str) -> list[str]:
                         f"to retrieve from with --pool PATH (any image folder or dataset; several allowed)")
     if made.get("split", "train") != "train":
         raise UserError(f"{base} was pretrained on the {made['split']!r} split; give --pool PATH explicitly")
+    # A relative path is of the folder pretraining ran in, which pretrain.json records relative to the base; older bases
+    # of this repository's layout (bases/NAME, run from the root) are read from two folders up. Never from where we are.
+    info = read_json(base / "pretrain.json") if (base / "pretrain.json").is_file() else {}
+    roots = [base / info["made_in"]] if info.get("made_in") else []
+    roots += [base, base.parent.parent]
     found = []
     for path in [made["data"], *(made.get("extra_data") or [])]:
-        beside = base / path
-        found.append(path if path == "digits" or Path(path).exists() or not beside.exists() else str(beside))
+        if path == "digits" or ":" in path or Path(path).is_absolute():
+            found.append(path)
+            continue
+        where = next((root / path for root in roots if (root / path).exists()), None)
+        if where is None:
+            raise UserError(f"{base} was pretrained on {path}, which is not found beside it (looked in "
+                            f"{', '.join(str(r / path) for r in roots)}); give the pool to retrieve from with --pool PATH")
+        found.append(os.path.normpath(str(where)))
     return found
 
 

@@ -30,7 +30,10 @@ def inspect_model(model: str, data: str = "", resolution: int | None = None, dev
              ("conditioning", f"K tokens x {backbone.cond_dim} (the UNet's cross-attention width)"
                               + (f" + a pooled vector of {backbone.pooled_dim} and size time ids (SDXL; learned per image as "
                                  f"one more row)" if backbone.extra_tokens else "")),
-             ("native resolution", f"{backbone.native_resolution} px")]
+             ("native resolution", f"{backbone.native_resolution} px"),
+             ("space", "pixels (no VAE)" if backbone.vae is None else
+              f"latent: VAE factor {backbone.vae_factor}, {backbone.vae.config.latent_channels} channels, scaling factor "
+              f"{float(backbone.vae.config.scaling_factor):.5g}")]
     backbone.check_supported()
     if resolution is None and data:
         size = min(open_images(data).image(0).size)

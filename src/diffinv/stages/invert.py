@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from diffinv import rng
 from diffinv.config import InvertConfig, config_to_dict
@@ -27,6 +26,7 @@ from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.encoder import EncoderError, encoder_tokens, load_encoder
 from diffinv.diffusion.inversion import DONE, InversionError, InversionSettings, encode_images, invert_items, padded
 from diffinv.diffusion.store import CLASS_PREFIX, MARKER, EmbeddingStore, StoreError, StoreWriter, damage, part_name, read_rows
+from diffinv.progress import bar as progress_bar
 from diffinv.runs import (RunError, Units, add_cost, check_free_space, open_output, read_json, read_yaml, remove_temporaries,
                           write_yaml)
 from diffinv.shards import Shard
@@ -178,7 +178,7 @@ def _invert_batches(config: InvertConfig, out: Path, writer: StoreWriter, backbo
     work = [(b, [i for i in batches[b] if item_ids[i] not in finished]) for b in units.todo(shard)]
     unit = "image" if config.target == "image" else "class"
     n_todo = sum(len(todo) for _, todo in work)
-    bar = tqdm(total=n_todo * config.steps, unit=f"{unit}-step", disable=not progress, dynamic_ncols=True,
+    bar = progress_bar(total=n_todo * config.steps, unit=f"{unit}-step", disable=not progress, dynamic_ncols=True,
                desc=f"invert {n_todo} {unit}{'es' if unit == 'class' else 's'}" + ("" if shard.whole else f" (shard {shard})"))
     failed, started = 0, time.perf_counter()
     for b, todo in work:
@@ -220,9 +220,10 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
         # Grey data (R = G = B) stays grey: generate saves equal-RGB variants, whatever tint an RGB base adds.
         # Looked at once, when the store is started (it reads up to 64 images).
         writer.start({**info, "grey": all_grey(images)})
-    # The whole store's embeddings plus a checkpoint per batch (AdamW keeps two more copies).
+    # The whole store's embeddings, plus one batch's checkpoint (the embeddings and AdamW's two moments) and its files.
     cond_bytes = 4 * (config.tokens + backbone.extra_tokens) * backbone.cond_dim
-    check_free_space(out, len(item_ids) * cond_bytes + 4 * config.batch_size * cond_bytes + (1 << 20), "the store")
+    batch = min(config.batch_size or 64, len(item_ids))
+    check_free_space(out, len(item_ids) * cond_bytes + 3 * batch * cond_bytes + (64 << 10), "the store")
 
 
 _WARNED: set[tuple[str, str]] = set()  # once per (base, data) in a process: a demo inverts several subsets
@@ -241,9 +242,15 @@ def warn_base_mismatch(base: str, data: str, images: LabelledImages, log: Callab
     sources = [trained.get("data")] + list(trained.get("extra_data") or [])
     if data in sources or any(str(Path(data).resolve()) == str(Path(s).resolve()) for s in sources if s):
         return
-    log(f"warning: the base {base} was pretrained on {', '.join(map(str, sources))}, not on {data}: it has not seen images "
-        f"like these, so its variants may look nothing like them and any gain says little about the method. Pretrain a "
-        f"base on your data's training images (diffinv pretrain-base --data {data} ...) and pass it as --base")
+    if len(sources) > 1:  # a generalist, pretrained on a mix: the paper's setting (SD has seen few chest X-rays)
+        log(f"note: the base {base} is a generalist pretrained on {', '.join(map(str, sources))}, never on {data}: the "
+            f"paper's setting, as Stable Diffusion's is for most domains. If its variants look unlike your images (the "
+            f"set's images, the report's grids), a base pretrained on your data may serve better (diffinv pretrain-base "
+            f"--data {data} ..., then --model that folder)")
+        return
+    log(f"warning: the base {base} was pretrained on {sources[0]} alone, not on {data}: a base trained on one other "
+        f"dataset may make variants unlike these images. Pretrain a base on your data's training images (diffinv "
+        f"pretrain-base --data {data} ...) and pass it as --model, or use a generalist base (bases/README.md)")
 
 
 # With --early-stop a planned batch is a pool of this many times --batch-size images: --batch-size of

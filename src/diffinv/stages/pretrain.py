@@ -1,14 +1,17 @@
 """``diffinv pretrain-base``: unlabeled images -> the project's own small base generator (a diffusers folder).
 
 The parts and the loss are in :mod:`diffinv.diffusion.pretrain`; this module owns the run: data,
-the keyed loop, checkpoints (a resumed run ends with the same weights), the saved folder with its
-loss curve and preview grid. Labels are never read; the config refuses a test split.
+the keyed loop (:func:`train_loop`, which ``pretrain-vae`` shares), checkpoints (a resumed run ends
+with the same weights), the saved folder with its loss curve and preview grid. With ``--vae`` the
+UNet learns the autoencoder's latents and the folder gets its ``vae/``: a latent model, loaded as
+Stable Diffusion is. Labels are never read; the config refuses a test split.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import math
 import time
 from dataclasses import dataclass
@@ -22,11 +25,11 @@ from diffinv import rng
 from diffinv.config import PretrainConfig, config_to_dict
 from diffinv.device import resolve_device, slow_bf16_warning
 from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.model_io import save_folder
 from diffinv.diffusion.encoder import TokenEncoder
+from diffinv.diffusion.model_io import load_vae, save_folder
 from diffinv.diffusion.pretrain import (PretrainError, autoencoder_loss, base_scheduler_config, build_base_unet, ema_update,
                                         is_grey)
-from diffinv.diffusion.views import denoiser_view, random_views, strong
+from diffinv.diffusion.views import denoiser_view, flips, random_views, strong
 from diffinv.schedule import lr_factor
 from diffinv.runs import (RunError, load_optimiser_tensors, open_output, prefixed, read_checkpoint, read_json, save_checkpoint,
                           write_json, write_safetensors, write_text, write_yaml)
@@ -59,43 +62,82 @@ def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = Fal
     write_yaml(out / "config.yaml", config_to_dict(config))
     write_json(out / MARKER, {"status": "running", "steps_total": config.steps})
 
-    # 2. Unlabeled training images as pixels in [-1, 1] on the device, one channel for grey data.
-    pixels = _training_pixels(config, progress)
-    channels = config.image_channels or (1 if is_grey(pixels) else 3)
+    # 2. Unlabeled training images as pixels in [-1, 1] on the device, one channel for grey data (a VAE reads its own
+    #    channels); with a VAE, every image's latent posterior, computed once.
+    pixels, mix = training_pixels(config, progress)
+    write_yaml(out / "config.yaml", config_to_dict(config), mix_comment(mix))
+    vae = load_vae(config.vae).to(device) if config.vae else None
+    channels = vae.config.in_channels if vae is not None else config.image_channels or (1 if is_grey(pixels) else 3)
     pixels = (pixels[:, :1] if channels == 1 else pixels).to(device)
+    latents = _Latents.encode(vae, pixels, config.hflip, progress) if vae is not None else None
 
     # 3. Model, encoder, their average and the optimiser; everything seeded.
-    models = _Models.build(config, channels, device, out)
+    models = _Models.build(config, channels, device, out, vae)
 
     # 4. Resume: weights, average, Adam moments, the loss history.
     ckpt = out / "checkpoint.safetensors"
     start, history = 0, []
     if state == "resume" and ckpt.is_file():
-        start, history = _load_checkpoint(ckpt, models.trained, models.averaged, models.opt)
+        start, history = load_checkpoint(ckpt, models.trained, models.averaged, models.opt)
         log(f"resuming {out} at step {start}/{config.steps}")
 
-    # 5. The loop (its own function); a --max-seconds stop makes the run exactly a run of the steps done.
-    steps = _train(config, models, pixels, autocast, ckpt, start, history, progress, log)
+    # 5. The loop; a --max-seconds stop makes the run exactly a run of the steps done.
+    step_loss = _step_loss(config, models, pixels, latents, autocast)
+    steps = train_loop(config, models.trained, models.averaged, models.opt, step_loss, ckpt, start, history, progress, log,
+                       "pretrain")
     if steps != config.steps:
-        write_yaml(out / "config.yaml", {**config_to_dict(config), "steps": steps})
+        write_yaml(out / "config.yaml", {**config_to_dict(config), "steps": steps}, mix_comment(mix))
 
     # 6. Save the averaged weights as a diffusers folder, the curves and the preview grid, then mark done.
-    final = Backbone(models.averaged["unet"].eval(), None, models.scheduler_config, str(out))
+    final = Backbone(models.averaged["unet"].eval(), vae, models.scheduler_config, str(out))
     save_folder(final, out)
     write_safetensors(out / "encoder.safetensors", models.averaged["encoder"].state_dict(),
                       {"tokens": str(config.tokens), "dim": str(config.cross_attention_dim), "in_channels": str(channels)})
     write_text(out / "losses.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    _plot_losses(history, out / "loss.png")
+    plot_losses(history, out / "loss.png", "denoising loss")
     _preview(final, models.averaged["encoder"].eval(), pixels, config, out / "samples.png")
     n_params = sum(p.numel() for p in final.unet.parameters())
     write_json(out / MARKER, {
-        "status": "complete", "steps": steps, "steps_asked": config.steps, "images": len(pixels), "image_channels": channels,
-        "unet_parameters": n_params,
+        "status": "complete", "steps": steps, "steps_asked": config.steps, "images": len(pixels), "mix": mix,
+        "made_in": os.path.relpath(os.getcwd(), out.resolve()),  # where the mix's relative paths start, from here
+        "image_channels": channels, "unet_parameters": n_params, "space": "latent" if vae is not None else "pixel",
         "final_loss": history[-1]["loss"] if history else None, "device": str(device),
         "train_seconds": history[-1]["seconds"] if history else None,
     })
     ckpt.unlink(missing_ok=True)
     return out
+
+
+@dataclass
+class _Latents:
+    """Every training image's latent posterior under a frozen VAE (and its mirror image's, with hflip), on the device."""
+
+    mean: torch.Tensor  # [N, C, h, w], scaled as the UNet sees them
+    std: torch.Tensor
+    flipped: "_Latents | None" = None
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, vae: nn.Module, pixels: torch.Tensor, hflip: bool, progress: bool) -> "_Latents":
+        from diffinv.progress import bar
+
+        # As Backbone.encode scales and shifts them: what inversion and sampling will see.
+        scale, shift = float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+        means, stds = [], []
+        for start in bar(range(0, len(pixels), 512), desc="encoding latents", unit="batch", disable=not progress):
+            dist = vae.encode(pixels[start:start + 512]).latent_dist
+            means.append((dist.mean - shift) * scale)
+            stds.append(dist.std * scale)
+        flipped = cls.encode(vae, pixels.flip(-1), False, progress) if hflip else None
+        return cls(torch.cat(means), torch.cat(stds), flipped)
+
+    def sample(self, idx: torch.Tensor, keys: torch.Tensor, step: int, flip: torch.Tensor | None) -> torch.Tensor:
+        """[B, C, h, w] one keyed draw from each image's posterior (its mirror image's where ``flip``)."""
+        mean, std = self.mean[idx], self.std[idx]
+        if flip is not None and self.flipped is not None:
+            mean = torch.where(flip[:, None, None, None], self.flipped.mean[idx], mean)
+            std = torch.where(flip[:, None, None, None], self.flipped.std[idx], std)
+        return mean + std * rng.keyed_normal(keys, step, rng.STREAM_POSTERIOR, tuple(mean.shape[1:])).to(mean.dtype)
 
 
 @dataclass
@@ -110,48 +152,73 @@ class _Models:
     scheduler_config: dict
 
     @classmethod
-    def build(cls, config: PretrainConfig, channels: int, device: torch.device, out: Path) -> "_Models":
+    def build(cls, config: PretrainConfig, channels: int, device: torch.device, out: Path, vae: nn.Module | None) -> "_Models":
         torch.manual_seed(config.seed)
-        unet = build_base_unet(config.channels, config.resolution, config.layers_per_block, config.cross_attention_dim,
-                               channels).to(device).train()
+        size, unet_channels = config.resolution, channels
+        if vae is not None:
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            size, unet_channels = config.resolution // factor, vae.config.latent_channels
+            if config.resolution % factor or size % 2 ** (len(config.channels) - 1):
+                raise PretrainError(f"--resolution {config.resolution} gives a {config.resolution / factor:g} px latent under "
+                                    f"{config.vae}'s factor-{factor} VAE, which {len(config.channels)} UNet blocks cannot halve "
+                                    f"evenly; use a resolution that is a multiple of {factor * 2 ** (len(config.channels) - 1)}")
+        unet = build_base_unet(config.channels, size, config.layers_per_block, config.cross_attention_dim,
+                               unet_channels).to(device).train()
         scheduler_config = base_scheduler_config(config.beta_schedule, config.prediction_type)
         encoder = TokenEncoder(channels, config.tokens, config.cross_attention_dim).to(device).train()
         averaged = nn.ModuleDict({"unet": copy.deepcopy(unet), "encoder": copy.deepcopy(encoder)}).requires_grad_(False)
         trained = nn.ModuleDict({"unet": unet, "encoder": encoder})
         opt = torch.optim.AdamW(trained.parameters(), lr=config.lr, weight_decay=0.0)
-        return cls(Backbone(unet, None, scheduler_config, str(out)), encoder, trained, averaged, opt, scheduler_config)
+        return cls(Backbone(unet, vae, scheduler_config, str(out)), encoder, trained, averaged, opt, scheduler_config)
 
 
-def _train(config: PretrainConfig, models: _Models, pixels: torch.Tensor, autocast: bool, ckpt: Path, start: int,
-           history: list[dict], progress: bool, log: Callable[[str], None]) -> int:
-    """Steps start..steps: keyed batch, loss, step, average; host syncs only every log_every steps. Returns the steps run."""
-    from tqdm import tqdm
-
+def _step_loss(config: PretrainConfig, models: _Models, pixels: torch.Tensor, latents: _Latents | None,
+               autocast: bool) -> Callable[[int], torch.Tensor]:
+    """The loss of step ``step``: its keyed batch, what the UNet denoises and what the encoder sees."""
     device = pixels.device
-    bar = tqdm(total=config.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
-    window = torch.zeros((), device=device)
-    began = time.time() - (history[-1]["seconds"] if history else 0.0)  # seconds count across resumes
     # Draws are keyed by (batch position, step): an image drawn twice in one batch still gets two noises.
     keys = torch.arange(config.batch_size, dtype=torch.int64, device=device) + config.seed * 1_000_003
-    steps = config.steps
-    for step in range(start, config.steps):
-        # a. The step's images: what the UNet denoises, and what the encoder sees (the same, or another view).
-        idx = _batch(config, step, len(pixels)).to(device)
-        x0 = denoiser_view(pixels[idx], keys, step, rng.STREAM_LATENT, config.hflip)
-        seen = None
+
+    def step_loss(step: int) -> torch.Tensor:
+        idx = batch_indices(config, step, len(pixels)).to(device)
+        # The image itself, mirrored at random; with a VAE its latent, drawn from the posterior (of the mirror image).
+        shown = denoiser_view(pixels[idx], keys, step, rng.STREAM_LATENT, config.hflip)
+        x0 = shown
+        if latents is not None:
+            x0 = latents.sample(idx, keys, step, flips(keys, step, rng.STREAM_LATENT) if config.hflip else None)
+        seen = shown if latents is not None else None  # the encoder reads pixels in either space
         if config.views == "invariant":
             seen = random_views(pixels[idx], keys, step, rng.STREAM_VIEW, strong(config.view_min_area), config.hflip)
-        # b. Loss, update, running average.
-        for group in models.opt.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config.steps, "constant", config.warmup)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = autoencoder_loss(models.backbone, models.encoder, x0, keys, step, config.cond_dropout, seen, config.token_noise)
-        models.opt.zero_grad(set_to_none=True)
+            return autoencoder_loss(models.backbone, models.encoder, x0, keys, step, config.cond_dropout, seen, config.token_noise)
+
+    return step_loss
+
+
+def train_loop(config: Any, trained: nn.Module, averaged: nn.Module, opt: torch.optim.Optimizer,
+               step_loss: Callable[[int], torch.Tensor], ckpt: Path, start: int, history: list[dict], progress: bool,
+               log: Callable[[str], None], desc: str) -> int:
+    """Steps start..steps of a pretraining: loss, update, running average; host syncs only every log_every steps.
+
+    ``config`` gives steps, lr, warmup, ema, log_every, checkpoint_every and max_seconds. Returns the steps run.
+    """
+    from diffinv.progress import bar as progress_bar
+
+    bar = progress_bar(total=config.steps, initial=start, desc=desc, unit="step", disable=not progress)
+    window = torch.zeros(())
+    began = time.time() - (history[-1]["seconds"] if history else 0.0)  # seconds count across resumes
+    steps = config.steps
+    for step in range(start, config.steps):
+        # a. Loss, update, running average.
+        for group in opt.param_groups:
+            group["lr"] = config.lr * lr_factor(step, config.steps, "constant", config.warmup)
+        loss = step_loss(step)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        models.opt.step()
-        ema_update(models.averaged, models.trained, config.ema, step + 1)
-        window += loss.detach()
-        # c. Out of time, the log line and the checkpoint.
+        opt.step()
+        ema_update(averaged, trained, config.ema, step + 1)
+        window = window.to(loss.device) + loss.detach()
+        # b. Out of time, the log line and the checkpoint.
         done = step + 1
         out_of_time = bool(config.max_seconds) and time.time() - began >= config.max_seconds
         if out_of_time:
@@ -161,8 +228,8 @@ def _train(config: PretrainConfig, models: _Models, pixels: torch.Tensor, autoca
             window.zero_()
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         if done % config.checkpoint_every == 0 and done < steps:
-            save_checkpoint(ckpt, {**{f"model.{k}": v for k, v in models.trained.state_dict().items()},
-                                   **{f"ema.{k}": v for k, v in models.averaged.state_dict().items()}}, models.opt,
+            save_checkpoint(ckpt, {**{f"model.{k}": v for k, v in trained.state_dict().items()},
+                                   **{f"ema.{k}": v for k, v in averaged.state_dict().items()}}, opt,
                             {"step": done, "history": history})
         bar.update(1)
         if out_of_time:
@@ -181,26 +248,34 @@ def _log_window(history: list[dict], done: int, total: float, seconds: float, lr
     history.append({"step": done, "loss": mean, "seconds": round(seconds, 2)})
 
 
-def _training_pixels(config: PretrainConfig, progress: bool) -> torch.Tensor:
-    """[N, 3, R, R] float in [-1, 1]: every training image of ``data`` and ``extra_data``, labels ignored."""
+def training_pixels(config: Any, progress: bool) -> tuple[torch.Tensor, dict[str, int]]:
+    """[N, 3, R, R] float in [-1, 1]: every training image of ``data`` and ``extra_data``, labels ignored; and the
+    images each source gave (the pretraining mix)."""
     from diffinv.data.real import load_uint8, open_images, select
 
-    parts = []
+    parts, mix = [], {}
     for spec, fmt in [(config.data, config.format)] + [(extra, "auto") for extra in config.extra_data]:
         images = select(open_images(spec, fmt, config.split), None, 0, config.bad_images)
         if len(images) == 0:
             raise PretrainError(f"{spec} ({config.split} split) holds no readable images to pretrain on")
         parts.append(load_uint8(images, config.resolution, progress=progress, desc=f"loading {Path(spec).name}"))
-    return torch.cat(parts).float().div(127.5).sub(1.0)
+        mix[spec] = len(images)
+    return torch.cat(parts).float().div(127.5).sub(1.0), mix
 
 
-def _batch(config: PretrainConfig, step: int, n: int) -> torch.Tensor:
+def mix_comment(mix: dict[str, int]) -> str:
+    """The pretraining mix as comment lines for the top of config.yaml (what each source gave, never its labels)."""
+    lines = [f"#   {spec}: {n:,} images" for spec, n in mix.items()]
+    return "\n".join([f"pretraining mix, {sum(mix.values()):,} training images (labels unused):"] + lines)
+
+
+def batch_indices(config: Any, step: int, n: int) -> torch.Tensor:
     """[B] image indices of a step: a pure function of (seed, step), so a resumed run sees the same batches."""
     gen = torch.Generator().manual_seed(rng.key_of(config.seed, f"pretrain-step/{step}"))
     return torch.randint(n, (config.batch_size,), generator=gen)
 
 
-def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+def plot_losses(history: list[dict[str, Any]], path: Path, what: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,7 +285,7 @@ def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     ax.plot([h["step"] for h in history], [h["loss"] for h in history])
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel(f"denoising loss (mean of {history[0]['step'] if history else 0} steps)")
+    ax.set_ylabel(f"{what} (mean of {history[0]['step'] if history else 0} steps)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     from diffinv.runs import atomic_write
@@ -231,18 +306,18 @@ def _preview(backbone: Backbone, encoder: TokenEncoder, pixels: torch.Tensor, co
     n = min(n, len(pixels))
     real = pixels[torch.linspace(0, len(pixels) - 1, n).long()]
     keys = torch.arange(n, dtype=torch.int64, device=real.device) + 7_777_777
-    noise = rng.keyed_normal(keys, 0, rng.STREAM_NOISE, tuple(real.shape[1:]))
+    noise = rng.keyed_normal(keys, 0, rng.STREAM_NOISE, backbone.latent_shape(config.resolution))
     cond = encoder(real)
-    recon = sample_latents(backbone, cond, None, noise, sampler="ddim", steps=25, guidance=1.0)
-    uncond = sample_latents(backbone, torch.zeros_like(cond), None, noise, sampler="ddim", steps=25, guidance=1.0)
-    rows = [pixels_to_uint8(x.expand(-1, 3, -1, -1), None) for x in (real, recon.clamp(-1, 1), uncond.clamp(-1, 1))]  # each [n, R, R, 3]
+    recon = backbone.decode(sample_latents(backbone, cond, None, noise, sampler="ddim", steps=25, guidance=1.0))
+    uncond = backbone.decode(sample_latents(backbone, torch.zeros_like(cond), None, noise, sampler="ddim", steps=25, guidance=1.0))
+    rows = [pixels_to_uint8(x.expand(-1, 3, -1, -1), None) for x in (real, recon, uncond)]  # each [n, R, R, 3]
     grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).numpy()
     scale = max(1, 64 // config.resolution)
     img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
     atomic_write(path, lambda p: img.save(p, format="PNG"))
 
 
-def _load_checkpoint(path: Path, trained: nn.Module, averaged: nn.Module,
+def load_checkpoint(path: Path, trained: nn.Module, averaged: nn.Module,
                      opt: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]]]:
     tensors, meta = read_checkpoint(path)
     try:
@@ -257,8 +332,9 @@ def _load_checkpoint(path: Path, trained: nn.Module, averaged: nn.Module,
 def _summary(config: PretrainConfig, out: Path) -> str:
     info = read_json(out / MARKER)
     size = sum(f.stat().st_size for f in (out / "unet").iterdir()) / 2 ** 20
-    return (f"base {out}: {info['unet_parameters'] / 1e6:.2f}M-parameter pixel UNet ({size:.1f} MB) trained {info['steps']} "
-            f"steps on {info['images']} images, final loss {info['final_loss']:.4f}; samples in {out / 'samples.png'}")
+    return (f"base {out}: {info['unet_parameters'] / 1e6:.2f}M-parameter {info.get('space', 'pixel')} UNet ({size:.1f} MB) "
+            f"trained {info['steps']} steps on {info['images']} images, final loss {info['final_loss']:.4f}; samples in "
+            f"{out / 'samples.png'}")
 
 
 def _run(config: PretrainConfig, out: Path, *, resume: bool, overwrite: bool, progress: bool, log: Callable[[str], None],
@@ -268,8 +344,9 @@ def _run(config: PretrainConfig, out: Path, *, resume: bool, overwrite: bool, pr
 
 STAGE = Stage(name="pretrain-base", config=PretrainConfig, marker=MARKER, run=_run, summary=_summary,
               path_fields=("data",), help="train the project's own small base generator on unlabeled images (diffusers format)",
-              description=("A diffusion autoencoder: a pixel-space UNet2DConditionModel reading K tokens that a small encoder "
-                          "makes from the image (dropped 10%% of the time for guidance). Saved as a diffusers folder that "
-                          "invert/generate load like Stable Diffusion. Labels are never read."),
+              description=("A diffusion autoencoder: a UNet2DConditionModel reading K tokens that a small encoder makes from "
+                          "the image (dropped with --cond-dropout, for guidance), in pixel space or, with --vae, in the latent "
+                          "space of an autoencoder from `diffinv pretrain-vae`. Saved as a diffusers folder that invert/generate "
+                          "load like Stable Diffusion. Labels are never read."),
               outputs=("folder to write the base model to", "continue an interrupted pretraining from its last checkpoint",
                       "replace an existing base"))

@@ -146,9 +146,9 @@ def _steps(config: TrainConfig, out: Path, run: _Session, data: Any, start: int,
     """Steps ``start`` .. the end; returns the evaluation rows (metrics.jsonl)."""
     bar = None
     if progress:
-        from tqdm import tqdm
+        from diffinv.progress import bar as progress_bar
 
-        bar = tqdm(total=run.total, initial=start, desc=f"train {config.arch}", unit="step", dynamic_ncols=True)
+        bar = progress_bar(total=run.total, initial=start, desc=f"train {config.arch}", unit="step", dynamic_ncols=True)
     run.model.train()
     for step in range(start, run.total):
         value = _step(config, run, step)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from diffinv.config import TrainConfig
-from diffinv.data.real import DataError, load_uint8, open_images, select, validation_ids
+from diffinv.data.real import DataError, LabelledImages, load_uint8, open_images, select, validation_ids
 from diffinv.data.synthetic import MARKER, open_synthetic, read_manifest
 from diffinv.errors import UserError
-from diffinv.classify.batches import Stream, overlap_notes
+from diffinv.classify.batches import Stream, conflicting_labels, overlap_notes
 from diffinv.runs import read_json, read_yaml
 
 MIN_RESOLUTION = 32  # the smallest side on which every listed architecture keeps a spatial map
@@ -66,10 +67,10 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
     if held_out:
         val_set = source.subset([i for i, image_id in enumerate(source.ids) if image_id in held_out])
     elif config.val_split:
-        val_set = select(open_images(config.data, config.format, config.val_split), None, 0, config.bad_images, warn=log)
-    for name, other in ((config.eval_split, test_set), (config.val_split or "validation", val_set)):
-        if other is not None and other.classes != classes:
-            raise DataError(f"the {name} split has classes {other.classes}, the {config.split} split {classes}")
+        val_set = select(open_images(config.data, config.format, config.val_split, "--val-split"), None, 0, config.bad_images,
+                         warn=log)
+    test_set = _in_classes(test_set, classes, config.eval_split, config.split, log)
+    val_set = _in_classes(val_set, classes, config.val_split or "validation", config.split, log)
     resolution = config.resolution or max(MIN_RESOLUTION, *real_set.image(0).size)
     syn_sets = [open_synthetic(root, classes) for root in (config.synthetic if use != "real" else ())]
     notes = []
@@ -78,12 +79,19 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
     empty = torch.empty(0, 3, resolution, resolution, dtype=torch.uint8)
     real = load_uint8(real_set, resolution, progress, "real images") if use != "synthetic" else empty
     test = _decoded_once(decoded, test_set, resolution, progress, f"{config.eval_split} images") if with_test else empty
+    if use != "synthetic":
+        notes += conflicting_labels(real, real_set.labels, real_set.ids, classes)
     if with_test and use != "synthetic":
         notes += overlap_notes(real, real_set.ids, test, config.eval_split)
     for note in notes:
         log(f"warning: {note}")
     syn = torch.cat([load_uint8(s, resolution, progress, "synthetic images") for s in syn_sets]) if syn_sets else empty
     syn_labels = torch.cat([torch.from_numpy(s.labels) for s in syn_sets]) if syn_sets else torch.empty(0, dtype=torch.int64)
+    if with_test and len(syn):  # a retrieved or filtered set can carry test images back in under other names
+        leaks = overlap_notes(syn, [i for s in syn_sets for i in s.ids], test, config.eval_split, "synthetic")
+        notes += leaks
+        for note in leaks:
+            log(f"warning: {note}")
     return TrainData(
         classes=classes, resolution=resolution,
         real=real, real_labels=torch.from_numpy(real_set.labels) if use != "synthetic" else torch.empty(0, dtype=torch.int64),
@@ -156,8 +164,7 @@ def load_test_split(config: TrainConfig, resolution: int, classes: list[str],
                     log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
     """The evaluation split at ``resolution`` (uint8 images, labels) for a run trained on ``classes``."""
     test_set, decoded = _whole_split(config, config.eval_split, log)
-    if test_set.classes != classes:
-        raise DataError(f"the {config.eval_split} split has classes {test_set.classes}, the run was trained on {classes}")
+    test_set = _in_classes(test_set, classes, config.eval_split, config.split, log)
     return _decoded_once(decoded, test_set, resolution, False, ""), torch.from_numpy(test_set.labels)
 
 
@@ -170,6 +177,27 @@ def _split_key(config: TrainConfig, split: str) -> tuple:
     return (os.path.abspath(config.data), (stat.st_mtime_ns, stat.st_size), config.format, split, config.bad_images)
 
 
+def _in_classes(images: LabelledImages | None, classes: list[str], name: str, train_split: str,
+                log: Callable[[str], None]) -> LabelledImages | None:
+    """A test or validation split with labels in the training split's class order. A split that lacks some classes is
+    scored on those it has (balanced accuracy averages the classes present), and says so; one with other classes is
+    refused."""
+    if images is None or images.classes == classes:
+        return images
+    extra = sorted(set(images.classes) - set(classes))
+    if extra:
+        raise DataError(f"the {name} split has classes {extra} that the {train_split} split has not ({classes}); a classifier "
+                        f"cannot predict them: remove them from the {name} split or add training images of them")
+    missing = [c for c in classes if c not in images.classes]
+    present = sorted({images.classes[int(label)] for label in images.labels})
+    if missing or len(present) < len(classes):
+        absent = [c for c in classes if c not in present]
+        log(f"note: the {name} split has no images of {absent}: it is scored on the {len(classes) - len(absent)} classes "
+            f"it has (balanced accuracy averages those)")
+    index = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
+    return replace(images, labels=index[images.labels], classes=list(classes))
+
+
 def _whole_split(config: TrainConfig, split: str, log: Callable[[str], None]) -> tuple:
     """Every readable image of ``split`` (what a run evaluates on), opened and checked once per process,
     with its pixels decoded so far ({resolution: uint8 tensor}, filled by :func:`_decoded_once`)."""
@@ -177,7 +205,8 @@ def _whole_split(config: TrainConfig, split: str, log: Callable[[str], None]) ->
     if key not in _SPLITS:
         while len(_SPLITS) >= _SPLITS_KEPT:
             _SPLITS.pop(next(iter(_SPLITS)))
-        _SPLITS[key] = (select(open_images(config.data, config.format, split), None, 0, config.bad_images, warn=log), {})
+        flag = "--eval-split" if split == config.eval_split else "--val-split"
+        _SPLITS[key] = (select(open_images(config.data, config.format, split, flag), None, 0, config.bad_images, warn=log), {})
     return _SPLITS[key]
 
 

@@ -24,9 +24,9 @@ from typing import Any, Callable
 from diffinv.config import ConfigError, StudyConfig, config_to_dict, load_config, result_fields
 from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
 from diffinv.shards import Shard
-from diffinv.study.plan import Plan, Trial, Unit, build_plan, data_fingerprint, local_path
+from diffinv.study.plan import Plan, Trial, Unit, build_plan, data_fingerprint, embedded_base, local_path
 from diffinv.study.pool import process_pool, run_all, workers_for
-from diffinv.study.spec import REAL, compare_pairs
+from diffinv.study.spec import REAL, check_files, compare_pairs
 
 Log = Callable[[str], None]
 
@@ -38,6 +38,8 @@ def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None
     out = Path(out)
     shard = shard or Shard()
     plan = build_plan(study, out)
+    check_splits(study)
+    check_files(study)  # hours of units must not run before a file read at the end is found unreadable
     record(study, plan, out, shard)
     mine = [j for j in range(len(plan.jobs)) if shard.owns(j)]
     todo = [j for j in mine if not all(u.done(out) for u in plan.job_units(j))]
@@ -93,8 +95,9 @@ def run_job(units: list[Unit], out: Path, name: str, said: Path | None = None, *
             invert_dataset(unit.config, folder, resume=True, progress=progress, log=stage_log)
         elif unit.kind == "set":
             generate_dataset(unit.config, folder, progress=progress, log=stage_log)
-        elif unit.kind == "filter":
-            filter_set(unit.config, folder, resume=True, log=stage_log)
+        elif unit.kind == "filter":  # not done though finished: an image is missing; filtering again is cheap
+            finished = (folder / "generate.json").is_file() and read_json(folder / "generate.json").get("status") == "complete"
+            filter_set(unit.config, folder, resume=not finished, overwrite=finished, log=stage_log)
         elif unit.kind == "adapters":
             finetune_classes(unit.config, folder, resume=True, progress=progress, log=stage_log)
         else:
@@ -142,23 +145,46 @@ def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool:
     return out
 
 
+def check_splits(study: StudyConfig) -> None:
+    """The validation and test splits the study names exist, before any unit runs (each message names its field)."""
+    from diffinv.data.real import open_images
+
+    data = local_path(study, study.data)
+    for split, field in ((study.val_split, "val_split (--val-split)"), (study.eval_split, "eval_split (--eval-split)")):
+        if split:
+            open_images(data, study.format, split, field)
+
+
 def record(study: StudyConfig, plan: Plan, out: Path, shard: Shard) -> None:
     """Write the study and its plan beside its units; shards of one study must all run the same one."""
     saved = out / "study.yaml"
     if saved.is_file():
         previous = read_study(out)
+        if previous.name != study.name and not _grows(out, plan):
+            raise RunError(f"{out} holds study {previous.name or '(unnamed)'!r}, not {study.name or '(unnamed)'!r}, and this "
+                           f"one does not contain it: its tables and report would be overwritten. Use another --out (a study "
+                           f"run again, or grown by more candidates, sizes or replicates, may come back under any name)")
         if not shard.whole and result_fields(previous) != result_fields(study):
             raise RunError(f"{out} holds a study with other settings; every shard must run the same study file and flags")
     elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         older = " (a demo of an older diffinv: delete it to run the demo again)" if (out / "demo.yaml").is_file() else ""
         raise RunError(f"--out {out} is a non-empty folder that is not a study{older}; choose an empty or new folder")
+    # Units are of the data and the model they were made with: either changed under the folder, they would be mixed.
     data = data_fingerprint(local_path(study, study.data))
-    before = read_json(out / "plan.json").get("data_fingerprint") if (out / "plan.json").is_file() else None
-    if before not in (None, data):
-        raise RunError(f"the data {study.data} changed since {out} was made (files added, removed or rewritten): its "
-                       f"stores, sets and runs are of the old data. Use a new --out (or delete {out})")
+    model = data_fingerprint(local_path(study, study.model) if study.model else str(embedded_base()))
+    before = read_json(out / "plan.json") if (out / "plan.json").is_file() else {}
+    for what, name, now in (("data", study.data, data), ("model", study.model or "(the embedded base)", model)):
+        if before.get(f"{what}_fingerprint") not in (None, now):
+            raise RunError(f"the {what} {name} changed since {out} was made (files added, removed or rewritten): its "
+                           f"stores, sets and runs are of the old {what}. Use a new --out (or delete {out})")
     write_yaml(saved, config_to_dict(study))
-    write_json(out / "plan.json", {**plan.to_json(), "data_fingerprint": data})
+    write_json(out / "plan.json", {**plan.to_json(), "data_fingerprint": data, "model_fingerprint": model})
+
+
+def _grows(out: Path, plan: Plan) -> bool:
+    """Whether ``plan`` holds every unit of the study recorded in ``out``: the same study, grown."""
+    recorded = read_json(out / "plan.json") if (out / "plan.json").is_file() else {}
+    return {u["key"] for u in recorded.get("units", [])} <= set(plan.units)
 
 
 def read_study(out: Path) -> StudyConfig:

@@ -46,11 +46,20 @@ class Unit:
     job: int
 
     def done(self, out: Path) -> bool:
+        """Finished, and for a set: every image of its manifest there (one deleted is made again by the study's re-run)."""
         marker = out / self.folder / KINDS[self.kind][0]
         try:
-            return read_json(marker).get("status") == "complete"
+            complete = read_json(marker).get("status") == "complete"
         except (OSError, ValueError):
             return False
+        if complete and self.kind in ("set", "filter"):
+            from diffinv.data.synthetic import damage, read_manifest
+
+            try:
+                return not damage(out / self.folder, read_manifest(out / self.folder))
+            except ValueError:  # a damaged manifest
+                return False
+        return complete
 
 
 @dataclass(frozen=True)

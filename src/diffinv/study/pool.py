@@ -26,9 +26,11 @@ def process_pool(workers: int) -> Any:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    import os
+
     threads = max(1, _cores() // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                               initargs=(threads,))
+                               initargs=(threads, os.getpid()))
     for _ in range(workers):  # start them all now (the pool starts one per waiting job): their imports take seconds
         pool.submit(int)
     return pool
@@ -57,11 +59,39 @@ def _cores() -> int:
     return torch.get_num_threads()
 
 
-def _start_worker(threads: int) -> None:
+def _start_worker(threads: int, parent: int) -> None:
     import importlib
 
     import torch
 
+    die_with(parent)
     torch.set_num_threads(threads)
     for stage in ("generate", "invert", "train"):  # what every job needs, imported before the first one arrives
         importlib.import_module(f"diffinv.stages.{stage}")
+
+
+def die_with(parent: int, every: float = 1.0) -> None:
+    """End this process when ``parent`` ends, even by ``kill -9`` (which runs no clean-up in the parent): on Linux
+    the kernel sends SIGKILL at once (PR_SET_PDEATHSIG); everywhere a thread checks every ``every`` seconds."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent ended before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)  # an orphan: its results would go to no one
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()

@@ -33,6 +33,7 @@ validation score over the replicates.
 from __future__ import annotations
 
 import itertools
+import os
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ import yaml
 
 from diffinv.config import (STUDY_OWNED, ConfigError, FilterConfig, FinetuneConfig, GenerateConfig, InvertConfig, StudyConfig,
                             TrainConfig, load_config)
+from diffinv.errors import brief
 from diffinv.runs import read_yaml
 
 REAL = "real"  # the baseline's name: real images only
@@ -103,7 +105,7 @@ def arms(study: StudyConfig) -> dict[str, list[dict[str, Any]]]:
             continue
         mappings = spec if isinstance(spec, list) else [spec or {}]
         if not all(isinstance(m, dict) for m in mappings):
-            raise ConfigError(f"method {name}: give a mapping of generate settings, or a list of them; got {spec!r}")
+            raise ConfigError(f"method {name}: give a mapping of generate settings, or a list of them; got {brief(spec)}")
         out[name] = [dict(m) for m in mappings]
     return out
 
@@ -115,6 +117,8 @@ def compare_pairs(study: StudyConfig) -> dict[str, list[str]]:
         return {"di": [a for a in names if a != "di"]} if "di" in names and len(names) > 1 else {}
     pairs = {str(k): [str(v) for v in (vs if isinstance(vs, list) else [vs])] for k, vs in study.compare.items()}
     for method, rivals in pairs.items():
+        if method in rivals:
+            raise ConfigError(f"compare: {method}: {rivals} compares {method} with itself (always 0); name other methods")
         for name in [method, *rivals]:
             if name not in names and name != REAL:
                 raise ConfigError(f"compare: {method}: {rivals} names {name!r}, which is not a method of the study; "
@@ -196,6 +200,22 @@ def check_study(study: StudyConfig) -> None:
     compare_pairs(study)
 
 
+def check_files(study: StudyConfig) -> None:
+    """Every weights file the study names is read now (tensors only), not after its units have run for hours."""
+    from diffinv.classify.pretrained import read_state_dict
+
+    named = {(str((study.quality or {}).get("inception_weights")), "quality.inception_weights")}
+    named.discard(("None", "quality.inception_weights"))
+    for cands in candidates(study).values():
+        for cand in cands:
+            named |= {(str(cand.train["pretrained"]), "train: pretrained")} if cand.train.get("pretrained") else set()
+            named |= {(str(cand.generate["image_model"]), "image_model")} if cand.generate.get("image_model") else set()
+    for path, flag in sorted(named):
+        if not os.path.isabs(path) and study.workdir:
+            path = os.path.join(study.workdir, path)
+        read_state_dict(path, flag)
+
+
 def _check_candidate(cand: Candidate) -> None:
     """Each candidate's stage settings as its stages will read them (types, ranges, the method's own rules)."""
     from diffinv.diffusion.methods import get_method
@@ -241,10 +261,24 @@ def _grid(block: dict[str, Any], cls: type, where: str) -> list[tuple[dict[str, 
         if isinstance(value, list) and (not listed or (value and all(isinstance(v, list) for v in value))):
             if not value:
                 raise ConfigError(f"{where}: {name} is an empty list of candidates; give at least one value")
-            varied[name] = value
+            # One candidate per distinct value as the stage reads it (1 and 1.0 are one guidance), written as first given.
+            seen: dict[str, Any] = {}
+            for v in value:
+                seen.setdefault(repr(_as_read(hints.get(name), v)), v)
+            varied[name] = list(seen.values())
     fixed = {k: v for k, v in block.items() if k not in varied}
     names = list(varied)
     return [({**fixed, **dict(zip(names, values))}, names) for values in itertools.product(*(varied[n] for n in names))]
+
+
+def _as_read(hint: Any, value: Any) -> Any:
+    """``value`` as a config field of type ``hint`` reads it (ints widened to floats); as given where it does not fit."""
+    from diffinv.config import _coerce
+
+    try:
+        return _coerce(hint, value, "") if hint is not None else value
+    except ConfigError:
+        return value
 
 
 def _text(value: Any) -> str:
@@ -262,5 +296,7 @@ def fast(study: StudyConfig) -> StudyConfig:
 
 def parse_candidates(text: str) -> Any:
     """A nested flag's value: "1,2" is two candidates, "0.5" one value (each read as YAML reads it)."""
-    parts = [yaml.safe_load(p) for p in text.split(",")]
+    from diffinv import safe_yaml
+
+    parts = [safe_yaml.load(p, "a flag's value") for p in text.split(",")]
     return parts if len(parts) > 1 else parts[0]

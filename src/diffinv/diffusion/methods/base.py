@@ -59,6 +59,7 @@ class GenerationSettings:
     image_arch: str = ""
     image_size: int = 0
     pool_cache: str = ""
+    bad_images: str = "skip"
     templates: tuple[str, ...] = ("a photo of a {}",)
     save_size: int | None = None
     batch_size: int = 64

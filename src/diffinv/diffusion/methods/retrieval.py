@@ -3,7 +3,8 @@
 The pool is unlabelled images (``--pool PATH``, several allowed; the generate stage defaults it to the
 data the base was pretrained on, as the official code queries LAION, Stable Diffusion's own training
 data). Pool images equal in pixels to one of the real data's (the real subset, and what the stage
-hands over as held out: its validation hold-out, any other split such as test) are never returned.
+hands over as held out: its validation hold-out, any other split such as test), or near-duplicates of
+one (re-encoded, resized or shifted copies: :mod:`diffinv.data.near_duplicates`), are never returned.
 Distances are Euclidean in the ``--space``: the base's token encoder (the analog of the CLIP
 image space SD comes with; the VAE's latents for a model without one), a trained classifier's
 penultimate features (``--judge RUN``), any image model's given by its local weights
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from diffinv.progress import bar
 
-from diffinv.data.pool import cached, content_hashes, default_cache, nearest, open_pool, signature
+from diffinv.data.near_duplicates import near_duplicates
+from diffinv.data.pool import (cached, content_hashes, default_cache, near_signatures, nearest, open_pool, readable,
+                               signature)
 from diffinv.data.real import DataError, LabelledImages, load_pixels, load_uint8
 from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.methods.base import Conditioning, GenerationSettings, Inputs, Method, Row, index_real, per_image_rows
@@ -65,22 +68,38 @@ class Retrieval(Method):
         features = space_features(settings.space, backbone, resolution, **space)
         notes: list[str] = []
 
-        # 1. Pool features and content hashes, cached; the queries' features computed afresh.
+        # 1. Content hashes (which also find the unreadable images), then features, of each pool, cached; the queries'
+        #    features computed afresh.
         cache = Path(settings.pool_cache) if settings.pool_cache else default_cache()
         space_key = space_identity(settings.space, backbone, resolution, **space)
+        hashed = []
+        for p in pools:
+            hashes = cached(cache, f"hashes-{settings.bad_images}-{signature(p)}", lambda p=p: {"hashes": content_hashes(
+                p.images, _bar(f"hashing {p.path}"), settings.bad_images)})["hashes"]
+            p, hashes, unreadable = readable(p, hashes)
+            if unreadable:
+                notes.append(f"retrieval: skipped {len(unreadable)} unreadable pool image(s) of {p.path}: "
+                             f"{', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''}")
+            hashed.append((p, hashes))
+        pools = [p for p, _ in hashed]
+        pool_hashes = torch.cat([h for _, h in hashed])
         signatures = [signature(p) for p in pools]
         pool_features = torch.cat([cached(cache, f"{settings.space}-{space_key}-{sig}",
                                           lambda p=p: {"features": features(p.images, f"features of {p.path}")})["features"]
                                    for p, sig in zip(pools, signatures)])
-        pool_hashes = torch.cat([cached(cache, f"hashes-{sig}", lambda p=p: {"hashes": content_hashes(p.images, _bar(f"hashing {p.path}"))})["hashes"]
-                                 for p, sig in zip(pools, signatures)])
         queries = real.subset(sorted({r["_real"] for r in rows}))
         query_at = {i: j for j, i in enumerate(sorted({r["_real"] for r in rows}))}
 
-        # 2. Everything of the real data banned by pixel content: the queries, validation, other splits.
+        # 2. Everything of the real data banned by content: the queries, validation, other splits, equal in pixels or
+        #    near-duplicates (the same picture re-encoded, resized or shifted a little).
         banned_hashes, what = excluded_hashes(queries, inputs.held_out)
-        banned = torch.isin(pool_hashes, banned_hashes)
-        notes.append(f"retrieval: {int(banned.sum())} of {len(banned):,} pool images dropped as equal in pixels to {what}")
+        equal = torch.isin(pool_hashes, banned_hashes)
+        pool_near = torch.cat([cached(cache, f"near-{sig}", lambda p=p: {"signatures": near_signatures(
+            p.images, _bar(f"near-duplicate signatures of {p.path}"))})["signatures"] for p, sig in zip(pools, signatures)])
+        near = near_duplicates(pool_near, excluded_signatures(queries, inputs.held_out)) & ~equal
+        banned = equal | near
+        notes.append(f"retrieval: {int(banned.sum())} of {len(banned):,} pool images dropped, {int(equal.sum())} equal in "
+                     f"pixels and {int(near.sum())} near-duplicates of {what}")
         if int((~banned).sum()) < settings.per_image:
             raise DataError(f"the pool has {int((~banned).sum())} images left after dropping the real data's, fewer than "
                             f"--per-image {settings.per_image}; give a larger --pool")
@@ -97,6 +116,7 @@ class Retrieval(Method):
             r.update(pool=_shown(pool.path), pool_id=pool.images.ids[i], pool_index=i, pool_class=own,
                      distance=round(float(dist[query_at[r["_real"]], r["index"]]), 6), _pool=(pool, i))
         info = {"retrieval": {"pools": [_shown(p.path) for p in pools], "pool_size": len(banned), "dropped": int(banned.sum()),
+                              "dropped_near_duplicates": int(near.sum()),
                               "space": settings.space, "seconds": round(time.perf_counter() - started, 3),
                               **label_precision(rows, store.classes)}}
         return Conditioning(torch.zeros(0), torch.zeros(0), resolution=resolution, extra={"notes": notes, "info": info})
@@ -108,6 +128,11 @@ class Retrieval(Method):
             pool, i = r["_pool"]
             out[n] = load_pixels(pool.images.subset([i]), src.resolution)[0]
         return out
+
+
+def excluded_signatures(queries: LabelledImages, held_out: list[tuple[LabelledImages, str]]) -> torch.Tensor:
+    """Near-duplicate signatures of the queries and the held-out images (no retrieved image may be a copy of one)."""
+    return torch.cat([near_signatures(images) for images in [queries, *(images for images, _ in held_out)]])
 
 
 def excluded_hashes(queries: LabelledImages, held_out: list[tuple[LabelledImages, str]]) -> tuple[torch.Tensor, str]:
@@ -150,8 +175,10 @@ def space_features(space: str, backbone: Backbone, resolution: int, *, model: st
 
         @torch.no_grad()
         def embed(uint8: torch.Tensor) -> torch.Tensor:
-            latents = backbone.encode(uint8.float().div(127.5).sub(1.0)).mean
-            return unit((encoder(latents.float()) if encoder is not None else latents).flatten(1).float().cpu())
+            pixels = uint8.float().div(127.5).sub(1.0)
+            if encoder is not None:  # a base's token encoder reads pixels, in a pixel or a latent base alike
+                return unit(encoder(pixels.to(backbone.device)).flatten(1).float().cpu())
+            return unit(backbone.encode(pixels).mean.flatten(1).float().cpu())
 
         size = resolution
     else:  # pixels, in [0, 1]
@@ -223,7 +250,7 @@ def _shown(path: str) -> str:
 
 
 def _bar(desc: str | None) -> Callable:
-    return lambda it=None, **kw: tqdm(it, desc=desc, unit="img", leave=False, dynamic_ncols=True, mininterval=1.0, disable=None, **kw)
+    return lambda it=None, **kw: bar(it, desc=desc, unit="img", leave=False, dynamic_ncols=True, mininterval=1.0, **kw)
 
 
 METHOD = Retrieval()

@@ -1,0 +1,102 @@
+"""Near-duplicate images: the same picture re-encoded, resized by a few pixels or shifted a little.
+
+Byte or pixel equality misses a test image re-saved as JPEG under another name; web-scale pools are
+de-duplicated against test sets by near-duplicate search for that reason. An image's signature is
+its RGB thumbnail at 32 x 32 (antialiased, uint8). Two images are near-duplicates when the centre
+26 x 26 of one, standardised, correlates at least ``threshold`` with the best-aligned window of
+the other (whole-pixel shifts of up to 3 pixels): the colours after a brightness / contrast change
+and the re-encoding noise of a JPEG stay within that, two photographs of similar things (two
+Fashion-MNIST shirts, two chest X-rays) do not. A flat image (no variation) is nobody's near-duplicate
+(exact hashes catch those). Every pair cannot be compared at 32 px in a 100,000-image pool, so each
+image is first compared with the few references whose low-frequency amplitude spectra (blind to
+shifts) are closest to its own. What the threshold
+catches and what it drops on a clean pool: ``benchmarks/near_duplicates.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SIDE, SHIFT = 32, 3  # the thumbnail side and the largest shift, in pixels
+THRESHOLD = 0.97
+CANDIDATES = 32  # references per image compared at full size: the closest in low-frequency amplitudes
+PREFILTER = 0.9  # ... and only those whose amplitudes correlate this much (a near-duplicate's: above 0.95)
+
+
+def signatures(uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images [N, C, H, W] -> [N, 3, 32, 32] uint8 RGB thumbnails."""
+    x = uint8.float().expand(-1, 3, -1, -1) if uint8.shape[1] == 1 else uint8.float()
+    if x.shape[-1] != SIDE or x.shape[-2] != SIDE:
+        x = F.interpolate(x, size=(SIDE, SIDE), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def _unit(w: torch.Tensor) -> torch.Tensor:
+    """Rows [..., D] centred and scaled to unit norm (a flat row stays zero)."""
+    w = w - w.mean(-1, keepdim=True)
+    norm = w.norm(dim=-1, keepdim=True)
+    return torch.where(norm > 1e-3 * w.shape[-1] ** 0.5, w / norm.clamp_min(1e-6), torch.zeros_like(w))
+
+
+def _shifted_correlations(centres: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Correlation of each query's standardised centre window [n, 3 C^2] with every window of the same size of its
+    candidates [n, k, 3, S, S]: [n, k, (S - C + 1)^2], by convolution (no window is copied out)."""
+    n, k, c, side, _ = candidates.shape
+    crop = int(round((centres.shape[1] / c) ** 0.5))
+    x = candidates.float()
+    # The centre is zero-mean, so its dot product with a window equals the dot product with the centred window.
+    dots = F.conv2d(x.permute(1, 0, 2, 3, 4).reshape(k, n * c, side, side), centres.view(n, c, crop, crop), groups=n)
+    ones = torch.ones(1, c, crop, crop)
+    flat = x.reshape(n * k, c, side, side)
+    s1, s2 = F.conv2d(flat, ones), F.conv2d(flat * flat, ones)  # [n k, 1, P, P]
+    norm = (s2 - s1 * s1 / ones.numel()).clamp_min(0).sqrt().view(n, k, -1)
+    return torch.where(norm > 1e-3, dots.permute(1, 0, 2, 3).reshape(n, k, -1) / norm.clamp_min(1e-6), torch.zeros_like(norm))
+
+
+def _centre(images: torch.Tensor, shift: int) -> torch.Tensor:
+    crop = images.shape[-1] - 2 * shift
+    return _unit(images[..., shift:shift + crop, shift:shift + crop].flatten(-3).float())
+
+
+def _spectrum(images: torch.Tensor, keep: int = 6) -> torch.Tensor:
+    """[N, 3, S, S] -> [N, 3 (2 keep - 1) keep] standardised amplitudes of the lowest spatial frequencies of each channel.
+
+    A shift changes only the phases of an image's Fourier transform (exactly for circular shifts), so near-duplicates
+    that are shifted copies keep nearly the same amplitudes."""
+    amp = torch.fft.rfft2(images.float() - images.float().mean(dim=(2, 3), keepdim=True)).abs()
+    low = torch.cat([amp[..., :keep, :keep], amp[..., -keep + 1:, :keep]], dim=-2)
+    return _unit(low.flatten(1).sqrt())
+
+
+@torch.no_grad()
+def best_match(query: torch.Tensor, reference: torch.Tensor, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query signature's [N, 3, 32, 32] highest correlation with a reference [M, 3, 32, 32] at any shift, and which
+    reference: ([N] float, [N] int64; -1 and 0 where there is no reference or the image is flat)."""
+    best = torch.full((len(query),), -1.0)
+    which = torch.zeros(len(query), dtype=torch.int64)
+    if len(reference) == 0 or len(query) == 0:
+        return best, which
+    ref_small = _spectrum(reference)
+    k = min(CANDIDATES, len(reference))
+    for start in range(0, len(query), chunk):
+        part = query[start:start + chunk]
+        # 1. Candidates: the references whose low-frequency amplitude spectra (blind to shifts) correlate best; an image
+        #    whose spectrum is far from every reference's is no near-duplicate, and skips step 2.
+        close, cand = (_spectrum(part) @ ref_small.T).topk(k, dim=1)  # [n, k]
+        rows = (close[:, 0] >= PREFILTER).nonzero()[:, 0]
+        if len(rows) == 0:
+            continue
+        # 2. Full size, every whole-pixel shift of each candidate.
+        sims = _shifted_correlations(_centre(part[rows], SHIFT), reference[cand[rows]]).amax(2)  # [r, k]
+        sims[close[rows] < PREFILTER] = -1.0
+        value, at = sims.max(1)
+        flat = _centre(part[rows], SHIFT).abs().sum(1) == 0
+        best[start + rows] = torch.where(flat, torch.full_like(value, -1.0), value)
+        which[start + rows] = cand[rows].gather(1, at[:, None])[:, 0]
+    return best, which
+
+
+def near_duplicates(query: torch.Tensor, reference: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
+    """[N] bool: which query signatures [N, 3, 32, 32] are near-duplicates of some reference signature."""
+    return best_match(query, reference)[0] >= threshold
