@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     dynamic = {"method": {"choices": tuple(METHODS)},
                "arch": {"help": f"classifier: {', '.join(ARCHS)} or timm:<name>"}}
     for name, spec in STAGES.items():
-        p = sub.add_parser(name, help=spec.help, description=spec.description or spec.help, usage=spec.usage or None)
+        # No help= here: the stages are listed once, one line each, in the epilog.
+        p = sub.add_parser(name, description=spec.description or spec.help, usage=spec.usage or None)
         _ARGUMENTS[spec.cli](p, spec, dynamic)
         if spec.shardable:
             add_config_flags(p.add_argument_group("scaling out", "shards of one job write into the same --out; the last one "

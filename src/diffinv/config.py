@@ -394,7 +394,7 @@ class PretrainConfig:
     seed: int = opt(0, "seed of initialisation, batches and noise")
     precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
     device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
-    checkpoint_every: int = opt(250, "steps between checkpoints", execution_only=True)
+    checkpoint_every: int = opt(250, "steps between checkpoints (and a checkpoint at a logged step every 5 minutes)", execution_only=True)
     log_every: int = opt(50, "steps per logged loss", execution_only=True)
     bad_images: str = opt("skip", "unreadable images: skip them (reported) or stop", choices=BAD_IMAGES, execution_only=True)
     # Stop after this many seconds of training (0: never) and save what was reached; the saved
@@ -451,7 +451,7 @@ class VaeConfig:
     seed: int = opt(0, "seed of initialisation, batches and noise")
     precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=TRAIN_PRECISIONS)
     device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
-    checkpoint_every: int = opt(250, "steps between checkpoints", execution_only=True)
+    checkpoint_every: int = opt(250, "steps between checkpoints (and a checkpoint at a logged step every 5 minutes)", execution_only=True)
     log_every: int = opt(50, "steps per logged loss", execution_only=True)
     bad_images: str = opt("skip", "unreadable images: skip them (reported) or stop", choices=BAD_IMAGES, execution_only=True)
     max_seconds: float = opt(0.0, "stop training after this many seconds and save (0: no limit)", execution_only=True)
@@ -515,7 +515,8 @@ class StudyConfig:
     finetune: dict = opt(None, "LoRA fitting of lora / di+lora (FinetuneConfig fields; lists are candidates)", cli=False)
     quality: dict = opt(None, "quality settings, e.g. {inception_weights: PATH} for FID/KID", cli=False)
     fast: bool = opt(False, "every count cut to the bone (2 replicates, few steps): checks the flow, not the method")
-    report: bool = opt(True, "write OUT/report/report.html at the end", flag="--no-report", execution_only=True)
+    report: bool = opt(True, "--no-report skips OUT/report/report.html, written at the end by default (a study file: "
+                       "report: false)", flag="--no-report", execution_only=True)
     device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
     processes: int = opt(0, "processes for the replicates (0: one per torch thread up to 4, 1 on a GPU)", execution_only=True)
     workdir: str = opt("", "folder relative paths are read from (default: the working directory)", execution_only=True,

@@ -66,8 +66,11 @@ def load_backbone(spec: str | Path, *, with_text_encoder: bool = False, original
             backbone = Backbone(_freeze(_from_pretrained(diffusers.UNet2DConditionModel, path)), None, dict(SCHEDULER_DEFAULTS), spec)
         else:
             raise ModelError(f"{spec} is a folder but holds neither unet/ (a diffusers pipeline) nor a UNet config.json")
-    elif spec.count("/") == 1 and not spec.startswith((".", "/")):
+    elif spec.count("/") == 1 and not spec.startswith((".", "/")) and not path.parent.is_dir():
         backbone = _load_hub(spec, with_text_encoder)
+    elif path.parent.is_dir():  # "bases/nope": a folder here, mistyped; never a hub id
+        near = sorted(p.name for p in path.parent.iterdir() if p.is_dir())[:8]
+        raise ModelError(f"--model {spec} does not exist; {path.parent}/ holds {', '.join(near) or 'no folders'}")
     else:
         raise ModelError(f"--model {spec} does not exist; give a diffusers folder, a .safetensors file or a hub id")
     _check_finite(backbone)
@@ -162,9 +165,15 @@ def _load_hub(repo_id: str, with_text_encoder: bool) -> Backbone:
         except Exception as exc:  # no network, no such repo, a gated repo without a token ...
             raise ModelError(
                 f"hub id {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
-                f"({type(exc).__name__}: {str(exc)[:160]}); download it where there is internet "
+                f"({type(exc).__name__}: {_words(str(exc), 160)}); download it where there is internet "
                 f"(huggingface-cli download {repo_id}), log in for a gated model, or pass a local folder") from exc
     return _load_folder(Path(folder), repo_id, with_text_encoder)
+
+
+def _words(text: str, limit: int) -> str:
+    """``text`` on one line, cut at a word boundary near ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _load_single_file(path: Path, with_text_encoder: bool, original_config: str = "", prediction_type: str = "") -> Backbone:

@@ -214,6 +214,8 @@ def _accuracy_plot(rows: list[dict[str, Any]], tag: str):
 
     metric = _metric(rows)
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    if len({r["n_real"] / len(r["classes"]) for r in rows}) == 1:  # one size: a curve would be a column of dots
+        return _accuracy_bars(fig, ax, rows, metric, tag)
     sizes: set[float] = set()
     for m in dict.fromkeys(r["method"] for r in rows):
         # Bands: the 95% t-interval of each mean over its replicates.
@@ -233,6 +235,26 @@ def _accuracy_plot(rows: list[dict[str, Any]], tag: str):
     ax.set_title(f"Accuracy vs real data ({tag})")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _accuracy_bars(fig, ax, rows: list[dict[str, Any]], metric: str, tag: str):
+    """Each method's mean at the study's one size, with its 95% t-interval over replicates."""
+    from scipy.special import stdtrit
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    means = [100 * _value(next(r for r in rows if r["method"] == m), metric) for m in methods]
+    half = [100 * _value(r, metric, "std") * (stdtrit(r["n_seeds"] - 1, 0.975) / math.sqrt(r["n_seeds"]) if r["n_seeds"] > 1
+                                               else 0.0) for r in (next(r for r in rows if r["method"] == m) for m in methods)]
+    ax.bar(range(len(methods)), means, yerr=half, capsize=4, color="#4c72b0", alpha=0.85)
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    low = min(m - h for m, h in zip(means, half))
+    ax.set_ylim(max(0.0, low - 5), min(100.0, max(m + h for m, h in zip(means, half)) + 3))
+    size = rows[0]["n_real"] / len(rows[0]["classes"])
+    ax.set_ylabel(f"test {METRIC_NAMES[metric]} (%), 95% CI")
+    ax.set_title(f"Accuracy at {size:g} real images per class ({tag})")
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
 

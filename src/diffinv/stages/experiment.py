@@ -22,6 +22,8 @@ def run(config: StudyConfig, out: Path, *, shard: Shard, progress: bool, log: Ca
     from diffinv.study.engine import run_study
     from diffinv.study.spec import fast
 
+    if not config.name:  # a study of flags alone is named by its folder (titles, the report, the log)
+        config = replace(config, name=Path(out).resolve().name)
     return run_study(fast(config) if config.fast else config, out, shard=shard, progress=progress, log=log, hook=hook)
 
 

@@ -36,6 +36,7 @@ from diffinv.runs import (RunError, load_optimiser_tensors, open_output, prefixe
 from diffinv.stages import Stage
 
 MARKER = "pretrain.json"
+CHECKPOINT_SECONDS = 300.0
 
 
 def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -207,6 +208,7 @@ def train_loop(config: Any, trained: nn.Module, averaged: nn.Module, opt: torch.
     bar = progress_bar(total=config.steps, initial=start, desc=desc, unit="step", disable=not progress)
     window = torch.zeros(())
     began = time.time() - (history[-1]["seconds"] if history else 0.0)  # seconds count across resumes
+    saved = time.time()
     steps = config.steps
     for step in range(start, config.steps):
         # a. Loss, update, running average.
@@ -227,7 +229,11 @@ def train_loop(config: Any, trained: nn.Module, averaged: nn.Module, opt: torch.
             _log_window(history, done, float(window), time.time() - began, config.lr, ckpt.parent)
             window.zero_()
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-        if done % config.checkpoint_every == 0 and done < steps:
+        # Every checkpoint_every steps, and at a logged step once CHECKPOINT_SECONDS have passed (a slow run killed
+        # early keeps its work; the loss curve stays whole because windows end at logged steps).
+        due = done % config.checkpoint_every == 0 or (done % config.log_every == 0 and time.time() - saved >= CHECKPOINT_SECONDS)
+        if due and done < steps:
+            saved = time.time()
             save_checkpoint(ckpt, {**{f"model.{k}": v for k, v in trained.state_dict().items()},
                                    **{f"ema.{k}": v for k, v in averaged.state_dict().items()}}, opt,
                             {"step": done, "history": history})
