@@ -112,8 +112,10 @@ def test_channels_last_gives_the_same_embeddings_and_samples(model, request, tmp
         code, text = _run(capsys, "generate", "--store", tmp_path / "store-plain", "--per-image", "2", "--steps", "3",
                           *extra, *QUIET, "--out", tmp_path / f"set-{name}")
         assert code == 0, text
+    # NHWC kernels round differently (1e-7); Adam's first steps can grow that to ~5e-4 where the
+    # gradients nearly cancel, while a wrong layout would move embeddings by O(1)
     torch.testing.assert_close(EmbeddingStore.open(tmp_path / "store-nhwc").embeddings,
-                               EmbeddingStore.open(tmp_path / "store-plain").embeddings, rtol=1e-4, atol=1e-4)
+                               EmbeddingStore.open(tmp_path / "store-plain").embeddings, rtol=1e-3, atol=2e-3)
     from PIL import Image
 
     def pngs(folder):

@@ -250,7 +250,7 @@ def test_full_disk_is_refused_before_work_and_during_writes(tiny_latent, data, t
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(RunError, match="MiB are free"):
+    with pytest.raises(RunError, match="1,000 bytes are free"):
         invert_dataset(_invert_config(tiny_latent, data), tmp_path / "s", progress=False)
     assert not list((tmp_path / "s").glob("parts/*"))
     monkeypatch.undo()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 from diffinv import __version__
@@ -163,6 +163,7 @@ def _config_stage(stage: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from diffinv.classify.models import ARCHS
+    from diffinv.data.export import list_formats
     from diffinv.diffusion.methods import METHODS
     from diffinv.launch import STAGES
 
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "stderr is not a terminal) or JSON lines; also $DIFFINV_LOG_FORMAT")
     sub = parser.add_subparsers(dest="command", metavar="STAGE")
     dynamic = {"method": {"choices": tuple(METHODS)},
-               "arch": {"help": f"classifier: {', '.join(ARCHS)} or timm:<name>"}}
+               "arch": {"help": f"classifier: {', '.join(ARCHS)} or timm:<name>"},
+               "to": {"choices": tuple(list_formats())}}
     for name, spec in STAGES.items():
         # No help= here: the stages are listed once, one line each, in the epilog.
         p = sub.add_parser(name, description=spec.description or spec.help, usage=spec.usage or None)
@@ -207,7 +209,16 @@ def _study_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, dict])
         if not spec.study and args.study is None and args.data is None:
             raise ConfigError(f"give a study file (diffinv {spec.name} STUDY.yaml --out DIR) or at least --data (the methods "
                               f"then are di and img2img; see diffinv {spec.name} --help)")
-        return _run_stage(spec.name, _study_config(args, spec.study or args.study), args)
+        config = _study_config(args, spec.study or args.study)
+        if config.plan:
+            from diffinv.study.engine import show_plan
+            from diffinv.study.spec import fast
+
+            if not config.name:
+                config = replace(config, name=Path(args.out).resolve().name)
+            show_plan(fast(config) if config.fast else config, args.out)
+            return 0
+        return _run_stage(spec.name, config, args)
     p.set_defaults(func=run)
 
 

@@ -472,6 +472,8 @@ class VaeConfig:
         _check_choices(self)
 
 
+PLAN_UNITS, PLAN_HOURS = 500, 8  # a study beyond either asks for --yes
+
 # What a study sets for every stage itself (from its own fields); its invert:, generate:, train: blocks may not.
 STUDY_OWNED = {
     "InvertConfig": ("model", "data", "format", "split", "per_class", "subset_seed", "val_per_class", "device"),
@@ -517,6 +519,10 @@ class StudyConfig:
     fast: bool = opt(False, "every count cut to the bone (2 replicates, few steps): checks the flow, not the method")
     report: bool = opt(True, "--no-report skips OUT/report/report.html, written at the end by default (a study file: "
                        "report: false)", flag="--no-report", execution_only=True)
+    plan: bool = opt(False, "print the plan (units to make and to reuse) and its estimated time on this device, then exit",
+                     execution_only=True)
+    yes: bool = opt(False, f"start a study over {PLAN_UNITS} units or {PLAN_HOURS} estimated hours (asked for otherwise)",
+                    execution_only=True)
     device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
     processes: int = opt(0, "processes for the replicates (0: one per torch thread up to 4, 1 on a GPU)", execution_only=True)
     workdir: str = opt("", "folder relative paths are read from (default: the working directory)", execution_only=True,
@@ -726,3 +732,19 @@ class FilterConfig:
         _check((self.min_confidence > 0) != (self.keep_top > 0),
                "give one rule: --min-confidence P (0 < P <= 1) or --keep-top Q (0 < Q <= 1)")
         _check(self.min_confidence <= 1 and 0 <= self.keep_top <= 1, "--min-confidence and --keep-top are fractions in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``diffinv export``: a synthetic set (and the real images it was made from) in a format other training code reads."""
+
+    set: str = opt("", "a synthetic set from `diffinv generate` or `diffinv filter` (read, never changed)")
+    to: str = opt("imagefolder", "imagefolder (class folders), hf (a Hugging Face dataset) or webdataset (tar shards)")
+    with_real: bool = opt(False, "add the real images the set was made from (the store's subset), origin 'real'")
+    shard_size: int = opt(10_000, "images per WebDataset tar shard")
+    push_to_hub: str = opt("", "with --to hf: also push the dataset to this Hugging Face repo id (needs internet and a token)")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.set), "give --set (a generated set to export)")
+        _check(self.shard_size >= 1, "shard-size must be >= 1")
+        _check(not self.push_to_hub or self.to == "hf", "--push-to-hub goes with --to hf")

@@ -19,7 +19,7 @@ from diffinv.progress import bar as progress_bar
 
 from diffinv.runs import RunError, output_lock, refuse_inside, remove_if_unstarted
 from diffinv.shards import Shard, local_device
-from diffinv.stages import (Stage, demo, experiment, finetune, generate, inspect, invert, pretrain, pretrain_vae, report, tiny, train,
+from diffinv.stages import (Stage, demo, experiment, export, finetune, generate, inspect, invert, pretrain, pretrain_vae, report, tiny, train,
                             verify)
 from diffinv.stages import filter as filter_stage
 
@@ -34,7 +34,7 @@ MERGE = Stage(name="merge", cli="folder", command=_merge_command,
               folder="the --out of the sharded job")
 
 # In the order the pipeline runs them, then the tools that read a folder (the CLI lists them so).
-STAGES: dict[str, Stage] = {s.name: s for s in (demo.STAGE, invert.STAGE, finetune.STAGE, generate.STAGE, filter_stage.STAGE, train.STAGE,
+STAGES: dict[str, Stage] = {s.name: s for s in (demo.STAGE, invert.STAGE, finetune.STAGE, generate.STAGE, filter_stage.STAGE, export.STAGE, train.STAGE,
                                                  experiment.STAGE, pretrain_vae.STAGE, pretrain.STAGE, tiny.STAGE, report.STAGE, MERGE, verify.STAGE,
                                                  inspect.STAGE)}
 

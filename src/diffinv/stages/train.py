@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +34,7 @@ from diffinv.data.real import DataError
 from diffinv.device import resolve_device, slow_bf16_warning
 from diffinv.rng import key_of
 from diffinv.schedule import lr_factor
-from diffinv.runs import (RunError, load_optimiser_tensors, open_output, prefixed, read_checkpoint, read_json, save_checkpoint,
+from diffinv.runs import (RunError, add_cost, load_optimiser_tensors, open_output, prefixed, read_checkpoint, read_json, save_checkpoint,
                           write_json, write_safetensors, write_text, write_yaml)
 from diffinv.stages import Stage
 
@@ -103,7 +104,9 @@ def train_classifier(config: TrainConfig, out: str | Path, *, resume: bool = Fal
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     # 3-6. The steps, each evaluated and checkpointed on schedule.
+    started = time.perf_counter()
     rows = _steps(config, out, run, data, start, rows, running, progress, on_step)
+    add_cost(out, time.perf_counter() - started, run.total - start, str(run.pool.device), "steps")
 
     # 7. Final weights (with what is needed to use them), what the run was, then (unless deferred) the test.
     _finish(config, out, run, data, rows, test)

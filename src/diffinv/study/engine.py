@@ -40,15 +40,15 @@ def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None
     plan = build_plan(study, out)
     check_splits(study)
     check_files(study)  # hours of units must not run before a file read at the end is found unreadable
-    record(study, plan, out, shard)
     mine = [j for j in range(len(plan.jobs)) if shard.owns(j)]
     todo = [j for j in mine if not all(u.done(out) for u in plan.job_units(j))]
-    counts = {kind: sum(1 for u in plan.units.values() if u.kind == kind) for kind in ("store", "adapters", "set", "filter", "run")}
-    filtered = f" ({counts['filter']} of them filtered)" if counts["filter"] else ""
-    fitted = f", {counts['adapters']} LoRA adapter sets" if counts["adapters"] else ""
-    log(f"study {study.name}: {len(plan.jobs)} jobs (size x replicate), {counts['store']} stores{fitted}, {counts['set'] + counts['filter']} "
-        f"synthetic sets{filtered}, {counts['run']} classifier runs; {len(mine) - len(todo)} of {len(mine)} jobs finished"
-        + ("" if shard.whole else f" (shard {shard})"))
+    log(plan_line(study, plan, len(mine) - len(todo), len(mine)) + ("" if shard.whole else f" (shard {shard})"))
+    estimate = estimate_units(study, plan, out, [u for j in todo for u in plan.job_units(j)], log) if todo else None
+    if estimate is not None and not study.yes:
+        refuse_large(estimate)
+    record(study, plan, out, shard)
+    if estimate is not None and shard.whole:
+        write_json(out / "estimate.json", estimate)
     workers = min(workers_for(study.processes, study.device), max(1, len(todo)))
     said = out / ".said" / str(os.getpid())  # the notes this invocation printed, shared by its worker processes
     try:
@@ -57,6 +57,84 @@ def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None
         shutil.rmtree(said, ignore_errors=True)
         if said.parent.is_dir() and not any(said.parent.iterdir()):
             said.parent.rmdir()
+
+
+def plan_line(study: StudyConfig, plan: Plan, finished: int, jobs: int) -> str:
+    counts = {kind: sum(1 for u in plan.units.values() if u.kind == kind) for kind in ("store", "adapters", "set", "filter", "run")}
+    filtered = f" ({counts['filter']} of them filtered)" if counts["filter"] else ""
+    fitted = f", {counts['adapters']} LoRA adapter sets" if counts["adapters"] else ""
+    return (f"study {study.name}: {len(plan.jobs)} jobs (size x replicate), {counts['store']} stores{fitted}, "
+            f"{counts['set'] + counts['filter']} synthetic sets{filtered}, {counts['run']} classifier runs; {finished} of {jobs} "
+            f"jobs finished")
+
+
+def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit], log: Log) -> dict[str, Any]:
+    """The estimated time of ``units`` (those not finished) on this device, from a probe timed here; logged."""
+    from diffinv.data.real import open_images
+    from diffinv.device import resolve_device
+    from diffinv.study.estimate import Rates, Work, classifier_rates, human_duration, plan_work, probe
+
+    units = [u for u in units if not u.done(out)]
+    images = open_images(local_path(study, study.data), study.format, study.split)
+    work = plan_work(list(plan.units.values()), len(images.classes), images.image(0).size[0])
+    todo = Work()
+    for unit in units:
+        todo.add(work[unit.key])
+    store = next((u.config for u in plan.units.values() if u.kind == "store"), None)
+    device = resolve_device(study.device)
+    model = store.model if store is not None else ""
+    if model and (todo.inversion or todo.sampling):
+        rates = probe(model, store.resolution, images.image(0).size[0], list(todo.classifier), len(images.classes), str(device))
+    else:  # only classifier runs left
+        rates = Rates(0.0, 0.0, classifier_rates(list(todo.classifier), len(images.classes), str(device)))
+    seconds = rates.seconds(todo)
+    per_kind = {kind: sum(1 for u in units if u.kind == kind) for kind in ("store", "adapters", "set", "filter", "run")}
+    log(f"estimate: about {human_duration(seconds)} of {device.type.upper()} time for {len(units)} unfinished units "
+        f"({', '.join(f'{n} {k}s' for k, n in per_kind.items() if n)}), from a probe timed here: "
+        f"{rates.inversion * 1e3:.1f} ms per inversion image-step, {rates.sampling * 1e3:.1f} ms per sampling image-pass, "
+        f"{_classifier_rates(rates)}; it leaves out data loading, decoding and evaluation, and splits over "
+        f"the processes")
+    return {"seconds": seconds, "units": len(units), "device": device.type, "inversion_image_steps": todo.inversion,
+            "sampling_image_passes": todo.sampling, "classifier_steps": sum(todo.classifier.values()),
+            "seconds_per_inversion_image_step": rates.inversion, "seconds_per_sampling_image_pass": rates.sampling}
+
+
+def _classifier_rates(rates) -> str:
+    parts = [f"{seconds * 1e3:.0f} ms per {arch} step (batch {batch}, {size} px)" for (arch, size, batch), seconds in
+             rates.classifier.items()]
+    return ", ".join(parts) or "no classifier steps"
+
+
+def refuse_large(estimate: dict[str, Any]) -> None:
+    """A study beyond PLAN_UNITS units or PLAN_HOURS hours starts only with --yes."""
+    from diffinv.config import PLAN_HOURS, PLAN_UNITS
+    from diffinv.study.estimate import human_duration
+
+    if estimate["units"] > PLAN_UNITS or estimate["seconds"] > PLAN_HOURS * 3600:
+        raise RunError(f"this study would run {estimate['units']} units, about {human_duration(estimate['seconds'])} here "
+                       f"(more than {PLAN_UNITS} units or {PLAN_HOURS} h): add --yes to start it, --plan to see the plan, "
+                       f"or cut candidates, sizes or replicates")
+
+
+def show_plan(study: StudyConfig, out: str | Path, log: Log = print) -> None:
+    """``--plan``: what the study would make and reuse, and how long that would take here; nothing is written."""
+    out = Path(out)
+    plan = build_plan(study, out)
+    check_splits(study)
+    done = [u for u in plan.units.values() if u.done(out)]
+    finished = sum(1 for j in range(len(plan.jobs)) if all(u.done(out) for u in plan.job_units(j)))
+    log(plan_line(study, plan, finished, len(plan.jobs)))
+    todo = [u for u in plan.units.values() if not u.done(out)]
+    log(f"plan: {len(todo)} units to make, {len(done)} finished to reuse in {out}")
+    for kind in ("store", "adapters", "set", "filter", "run"):
+        mine = [u for u in todo if u.kind == kind]
+        if mine:
+            log(f"  {len(mine):>5} {kind}s to make, e.g. {mine[0].folder}")
+    if todo:
+        estimate = estimate_units(study, plan, out, todo, log)
+        from diffinv.config import PLAN_HOURS, PLAN_UNITS
+        if estimate["units"] > PLAN_UNITS or estimate["seconds"] > PLAN_HOURS * 3600:
+            log(f"starting it will need --yes (more than {PLAN_UNITS} units or {PLAN_HOURS} h)")
 
 
 def _run_jobs(study: StudyConfig, plan: Plan, out: Path, todo: list[int], workers: int, said: Path, shard: Shard,
@@ -138,11 +216,31 @@ def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool:
     chosen = chosen_text(selection)
     write_text(out / "results.md", result_table(summary) + (f"\n\nSettings chosen on validation:\n{chosen}" if chosen else "")
                + f"\n\nOn the test split (95% intervals over {len(study.seeds)} replicates, paired):\n{verdict_lines(summary)}\n")
+    log(time_line(plan, out))
     if study.report:
         from diffinv.report.build import build_report
 
         build_report(out)  # the closing summary names it
     return out
+
+
+def time_line(plan: Plan, out: Path) -> str:
+    """The units' measured time (their cost.json) beside the estimate made before they ran, and each method's cost."""
+    from diffinv.runs import cost_seconds
+    from diffinv.study.estimate import human_duration
+
+    seconds = {u.key: cost_seconds(out / u.folder) or 0.0 for u in plan.units.values()}
+    line = f"time: {human_duration(sum(seconds.values()))} measured in the units (cost.json)"
+    if (out / "estimate.json").is_file():
+        estimate = read_json(out / "estimate.json")
+        line += f"; estimated {human_duration(estimate['seconds'])} on {estimate['device']} before they ran"
+    per_method: dict[str, list[float]] = {}
+    for unit in plan.units.values():
+        if unit.kind == "set":
+            store = next((k for k in plan.units if plan.units[k].kind == "store" and str(unit.config.store).endswith(plan.units[k].folder)), None)
+            per_method.setdefault(unit.config.method, []).append(seconds[unit.key] + (seconds[store] if store else 0.0))
+    costs = [f"{m} {human_duration(statistics.mean(v))}" for m, v in sorted(per_method.items())]
+    return line + (f"; per synthetic set (its inversion included): {', '.join(costs)}" if costs else "")
 
 
 def check_splits(study: StudyConfig) -> None:

@@ -1,0 +1,138 @@
+"""How long a study's unfinished units will take on this device: counts of work times rates from a short probe.
+
+The work of each unit is counted in the step it repeats: image-steps of inversion (UNet forward and
+backward to the conditioning), image-passes of sampling (one UNet forward; two with guidance) and
+classifier steps. The probe times each of those steps here, a few times, at the study's sizes. It is
+an estimate: data loading, VAE decoding, evaluation and process start-up are not in it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+SAMPLING_FREE = {"retrieval", "real"}  # methods that copy images rather than sample them
+
+
+@dataclass
+class Work:
+    """Counts of the repeated steps of some units."""
+
+    inversion: float = 0.0  # image-steps (UNet forward + backward)
+    sampling: float = 0.0  # image-passes (UNet forward)
+    classifier: dict[tuple[str, int, int], float] = field(default_factory=dict)  # (arch, resolution, batch) -> steps
+
+    def add(self, other: "Work") -> None:
+        self.inversion += other.inversion
+        self.sampling += other.sampling
+        for key, steps in other.classifier.items():
+            self.classifier[key] = self.classifier.get(key, 0.0) + steps
+
+
+def plan_work(units: list[Any], n_classes: int, data_size: int) -> dict[str, Work]:
+    """The work of each unit (by key), from its config: the images a set makes follow from its store's."""
+    images: dict[str, int] = {}  # folder name (as configs name it) -> images it holds
+    work = {}
+    for unit in units:
+        w, config = Work(), unit.config
+        if unit.kind == "store":
+            n = (config.per_class or 0) * n_classes
+            images[unit.folder] = n
+            w.inversion = n * config.steps
+        elif unit.kind == "adapters":
+            w.inversion = config.steps * config.batch_size * n_classes
+        elif unit.kind in ("set", "filter"):
+            store = _named(images, getattr(config, "store", "") or getattr(config, "set", ""))
+            n = config.per_image * store if unit.kind == "set" else store
+            images[unit.folder] = n
+            if unit.kind == "set" and config.method not in SAMPLING_FREE:
+                w.sampling = n * config.steps * (2 if config.guidance != 1 else 1)
+        elif unit.kind == "run":
+            n_train = (config.per_class or 0) * n_classes + sum(_named(images, str(s)) for s in config.synthetic)
+            batch = max(1, min(config.batch_size, n_train or 1))
+            steps = config.steps or math.ceil(config.epochs * max(n_train, 1) / batch)
+            w.classifier[(config.arch, config.resolution or max(32, data_size), batch)] = float(steps)
+        work[unit.key] = w
+    return work
+
+
+def _named(images: dict[str, int], path: str) -> int:
+    """Images of the unit whose folder ``path`` ends with (configs name folders absolutely)."""
+    return next((n for folder, n in images.items() if path.rstrip("/").endswith(folder)), 0)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Seconds per repeated step, measured here."""
+
+    inversion: float
+    sampling: float
+    classifier: dict[tuple[str, int, int], float]
+
+    def seconds(self, work: Work) -> float:
+        return (work.inversion * self.inversion + work.sampling * self.sampling
+                + sum(steps * self.classifier[key] for key, steps in work.classifier.items()))
+
+
+def _timed(step: Callable[[], Any], repeats: int = 3) -> float:
+    step()  # warm-up: first calls allocate and pick kernels
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def probe(model: str, resolution: int | None, data_size: int, classifier_keys: list[tuple[str, int, int]], n_classes: int,
+          device: str = "cpu", batch: int = 4) -> Rates:
+    """Time one inversion image-step, one sampling image-pass and one step of each classifier here."""
+    from diffinv.diffusion.model_io import load_backbone
+
+    backbone = load_backbone(model).to(device)
+    resolution = resolution or backbone.choose_resolution(data_size)
+    x = torch.randn(batch, *backbone.latent_shape(resolution), device=device)
+    t = torch.full((batch,), 500, device=device)
+    cond = torch.zeros(batch, 5 + backbone.extra_tokens, backbone.cond_dim, device=device, requires_grad=True)
+
+    def invert_step() -> None:
+        backbone.predict_noise(x, t, cond).square().mean().backward()
+
+    def sample_pass() -> None:
+        with torch.no_grad():
+            backbone.predict_noise(x, t, cond.detach())
+
+    return Rates(_timed(invert_step) / batch, _timed(sample_pass) / batch, classifier_rates(classifier_keys, n_classes, device))
+
+
+def classifier_rates(keys: list[tuple[str, int, int]], n_classes: int, device: str = "cpu") -> dict[tuple[str, int, int], float]:
+    """Seconds per SGD step of each (architecture, resolution, batch), timed here."""
+    from diffinv.classify.models import build_model
+
+    rates = {}
+    for arch, size, batch in keys:
+        net = build_model(arch, n_classes, size).to(device)
+        optimiser = torch.optim.SGD(net.parameters(), lr=0.01)
+        images = torch.randn(batch, 3, size, size, device=device)
+        labels = torch.randint(0, n_classes, (batch,), device=device)
+
+        def step(net=net, optimiser=optimiser, images=images, labels=labels) -> None:
+            optimiser.zero_grad()
+            torch.nn.functional.cross_entropy(net(images), labels).backward()
+            optimiser.step()
+        rates[(arch, size, batch)] = _timed(step, repeats=2)
+    return rates
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,62 @@
+"""experiment --plan and --yes: the work a study will do, its estimated time here, asked for before a large study starts."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import run_cli, write_image_tree
+from diffinv.study.estimate import Rates, Work, plan_work
+
+
+def test_work_is_counted_from_each_units_config():
+    store = SimpleNamespace(kind="store", key="s", folder="stores/k5-r0", config=SimpleNamespace(per_class=5, steps=100))
+    di = SimpleNamespace(kind="set", key="d", folder="sets/di-k5", config=SimpleNamespace(
+        store="/x/stores/k5-r0", method="di", per_image=4, steps=10, guidance=2.0))
+    retrieval = SimpleNamespace(kind="set", key="r", folder="sets/retrieval-k5", config=SimpleNamespace(
+        store="/x/stores/k5-r0", method="retrieval", per_image=4, steps=10, guidance=2.0))
+    run = SimpleNamespace(kind="run", key="t", folder="runs/di", config=SimpleNamespace(
+        per_class=5, synthetic=("/x/sets/di-k5",), batch_size=64, steps=None, epochs=2.0, arch="small-cnn", resolution=None))
+    work = plan_work([store, di, retrieval, run], n_classes=3, data_size=28)
+    assert work["s"].inversion == 5 * 3 * 100
+    assert work["d"].sampling == (5 * 3 * 4) * 10 * 2  # images x steps x 2 (guidance doubles the passes)
+    assert work["r"].sampling == 0  # retrieval copies, it does not sample
+    assert work["t"].classifier == {("small-cnn", 32, 64): 3}  # 2 epochs of 15 real + 60 synthetic, batches of 64: ceil(2.34)
+    total = Work()
+    for w in work.values():
+        total.add(w)
+    rates = Rates(inversion=0.01, sampling=0.002, classifier={("small-cnn", 32, 64): 0.1})
+    assert rates.seconds(total) == pytest.approx(1500 * 0.01 + 1200 * 0.002 + 3 * 0.1)
+
+
+@pytest.fixture
+def split_data(tmp_path):
+    write_image_tree(tmp_path / "data" / "train", per_class=8, size=16)
+    write_image_tree(tmp_path / "data" / "test", per_class=2, size=16, seed=1)
+    return tmp_path / "data"
+
+
+def _argv(model, data, out, *extra):
+    return ["experiment", "--data", data, "--model", model, "--per-class", "2", "--seeds", "0,1", "--fast", "--out", out,
+            "--device", "cpu", "--processes", "1", "--train-arch", "small-cnn", "--val-per-class", "2", "--quiet",
+            "--no-report", *extra]
+
+
+def test_plan_prints_units_and_estimate_and_writes_nothing(tiny_latent, split_data, tmp_path, capsys):
+    code, text = run_cli(capsys, *_argv(tiny_latent, split_data, tmp_path / "s", "--plan"))
+    assert code == 0, text
+    assert "plan: 12 units to make, 0 finished to reuse" in text and "2 stores to make" in text
+    assert "estimate: about" in text and "ms per sampling image-pass" in text and "small-cnn step" in text
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_large_study_asks_for_yes_before_any_unit(tiny_latent, split_data, tmp_path, capsys, monkeypatch):
+    import diffinv.config
+
+    monkeypatch.setattr(diffinv.config, "PLAN_UNITS", 5)
+    code, text = run_cli(capsys, *_argv(tiny_latent, split_data, tmp_path / "s"))
+    assert code != 0 and "add --yes to start it" in text and "12 units" in text
+    assert not (tmp_path / "s" / "stores").exists() and not (tmp_path / "s" / "study.yaml").exists()
+    code, text = run_cli(capsys, *_argv(tiny_latent, split_data, tmp_path / "p", "--plan"))
+    assert code == 0 and "starting it will need --yes" in text
