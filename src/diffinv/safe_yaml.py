@@ -39,6 +39,17 @@ class _BoundedLoader(yaml.SafeLoader):
         finally:
             self._depth = depth
 
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        # A key written twice keeps its last value silently in PyYAML: the first (maybe the one meant) would be lost.
+        seen: set[Any] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    raise YamlError(f"{self.name}: the key {key.value!r} is written twice in one mapping (line "
+                                    f"{key.start_mark.line + 1}); keep one")
+                seen.add(key.value)
+        return super().construct_mapping(node, deep=deep)
+
 
 def expanded_size(node: yaml.Node) -> int:
     """How many values ``node`` stands for with every alias expanded: each node's size computed once (its aliases share

@@ -127,8 +127,11 @@ def open_synthetic(root: str | Path, classes: list[str] | None = None) -> Labell
     rows = read_manifest(root)
     problems = damage(root, rows, checksums=True)
     if problems:
-        raise DataError(f"{root} is damaged: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Run the "
-                        f"`diffinv generate` command that made it again: it makes what is missing")
+        remedy = ("restore its manifest.jsonl, or make the set again (the `diffinv generate` command with --overwrite)"
+                  if any("manifest was edited" in p for p in problems) else
+                  "run the `diffinv generate` command that made it again: it makes what is missing")
+        raise DataError(f"{root} is damaged: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. {remedy[0].upper()}"
+                        f"{remedy[1:]}")
     classes = list(classes or info["classes"])
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({r["class"] for r in rows} - set(index))
@@ -147,7 +150,10 @@ def damage(root: Path, rows: list[dict[str, Any]], checksums: bool = False) -> l
     problems = []
     for r in rows:
         path = root / r["file"]
-        if not path.is_file():
+        if Path(r["file"]).parts[0] != slug(r["class"]):  # every image is written into its class's folder
+            problems.append(f"{r['file']} lies in another class's folder than its manifest row's class {r['class']!r} "
+                            f"(the manifest was edited)")
+        elif not path.is_file():
             problems.append(f"{r['file']} is missing")
         elif r.get("bytes") is not None and path.stat().st_size != r["bytes"]:
             problems.append(f"{r['file']} has {path.stat().st_size} bytes, {r['bytes']} expected")

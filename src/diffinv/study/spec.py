@@ -71,6 +71,9 @@ def load_study(path: str | Path | None, flags: dict[str, Any] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"study file {path} is a folder; give a study YAML (e.g. configs/studies/*.yaml) or use "
+                              f"--data {path} for a study of flags alone")
         if not path.is_file():
             raise ConfigError(f"study file {path} does not exist")
         try:
