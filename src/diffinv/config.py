@@ -293,10 +293,13 @@ class TrainConfig:
     real_batch: int = opt(0, "real images in every batch (with --syn-batch; the paper's fixed split)")
     syn_batch: int = opt(0, "synthetic images in every batch")
     arch: str = opt("resnet18", "a registered architecture (diffinv.classify.models), timm:<name> or torchvision:<name>")
-    pretrained: str = opt("", "local weights to fine-tune from (.safetensors, or a .pth state dict); the head is fitted to "
-                              "the classes")
+    pretrained: str = opt("", "weights to fine-tune from: a local .safetensors (or .pth state dict), or hub / hub:TAG for "
+                              "the published weights of a timm:NAME or torchvision:NAME --arch (downloaded into the hub's "
+                              "cache where online); the head is fitted to the classes")
     backbone_lr: float = opt(1.0, "with --pretrained: the pretrained layers' lr as a fraction of --lr (the new head: all of it)")
     probe_steps: int = opt(0, "with --pretrained: the first steps train the new head only (a linear probe), then all")
+    preset: str = opt("", "few-shot: the usual recipe on a pretrained backbone: a linear probe (100 steps), then all layers "
+                          "at a tenth of --lr; flags and --config override it")
     stem: str = opt("auto", "auto: small-image stem below 64 px", choices=("auto", "cifar", "imagenet"))
     resolution: int | None = opt(None, "train at R x R (default: the data's size, at least 32)")
     epochs: float = opt(30.0, "passes over the training set")
@@ -572,6 +575,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                            "interp_mode": "linear", "noise": 0.1, "per_image": 5, "partners": "paper", "unit_noise": False,
                            "clip_x0": False},
     },
+    # Few-shot fine-tuning of a pretrained classifier: train the new head alone first (so its random
+    # gradients do not wreck the features), then everything with the backbone at a tenth of the rate.
+    "few-shot": {"TrainConfig": {"probe_steps": 100, "backbone_lr": 0.1}},
 }
 
 

@@ -56,6 +56,56 @@ def read_state_dict(path: str | Path, flag: str = "--pretrained") -> dict[str, t
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+HUB = "hub"  # --pretrained hub[:TAG]: the published weights of a timm: or torchvision: architecture
+
+
+def pretrained_state(arch: str, spec: str, flag: str = "--pretrained") -> dict[str, torch.Tensor]:
+    """The tensors ``spec`` names: a local file, or ``hub`` / ``hub:TAG`` (the hubs' own weights and caches)."""
+    if spec == HUB or spec.startswith(HUB + ":"):
+        return hub_state_dict(arch, spec[len(HUB) + 1:], flag)
+    return read_state_dict(spec, flag)
+
+
+def hub_state_dict(arch: str, tag: str = "", flag: str = "--pretrained") -> dict[str, torch.Tensor]:
+    """Published weights of ``timm:NAME`` (its pretrained tag; CLIP image towers are timm models too, e.g.
+    ``vit_base_patch16_clip_224.openai``) or ``torchvision:NAME`` (a weights enum member, default DEFAULT),
+    downloaded into the hub's own cache where there is internet; offline, a refusal saying what to run where there is."""
+    if arch.startswith("timm:"):
+        name = arch[len("timm:"):] + (f".{tag}" if tag else "")
+        fetch = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+        try:
+            import timm
+
+            return _downloaded(lambda: timm.create_model(name, pretrained=True).state_dict(), flag, arch, fetch)
+        except ImportError:
+            raise PretrainedError(f"{flag} {HUB} with {arch} needs timm: pip install 'diffusion-inversion[timm]'") from None
+    if arch.startswith("torchvision:"):
+        import torchvision
+
+        name = arch[len("torchvision:"):]
+        try:
+            weights = torchvision.models.get_model_weights(name)
+            chosen = weights[tag] if tag else weights.DEFAULT
+        except (ValueError, KeyError):
+            raise PretrainedError(f"{flag} {HUB}{':' + tag if tag else ''}: torchvision publishes no such weights for {name} "
+                                  f"(its tags: see torchvision.models.get_model_weights('{name}'))") from None
+        fetch = f"python -c \"import torchvision; torchvision.models.{name}(weights='{chosen.name}')\""
+        return _downloaded(lambda: chosen.get_state_dict(progress=False), flag, arch, fetch)
+    raise PretrainedError(f"{flag} {HUB} takes the published weights of a timm:NAME or torchvision:NAME --arch; {arch} is "
+                          f"trained here only (give a local file instead)")
+
+
+def _downloaded(get, flag: str, arch: str, fetch: str) -> dict[str, torch.Tensor]:
+    try:
+        return get()
+    except PretrainedError:
+        raise
+    except Exception as exc:  # no network: urllib, requests and huggingface_hub each raise their own types
+        raise PretrainedError(f"{flag} {HUB}: the weights of {arch} are not in the local cache and cannot be downloaded here "
+                              f"({type(exc).__name__}); where there is internet run `{fetch}` (it fills the same cache), "
+                              f"or give a local .safetensors file") from None
+
+
 def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the weights") -> list[str]:
     """Copy every tensor of ``state`` whose name and shape match into ``model``, except the head's; returns the names left fresh.
 

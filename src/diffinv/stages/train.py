@@ -26,7 +26,7 @@ from torch import nn
 from diffinv.classify.augment import Augmenter
 from diffinv.classify.metrics import channel_stats, evaluate, normalise
 from diffinv.classify.models import build_model, check_arch, load_trained
-from diffinv.classify.pretrained import load_pretrained, param_groups, read_state_dict
+from diffinv.classify.pretrained import load_pretrained, param_groups, pretrained_state
 from diffinv.classify.batches import eval_steps
 from diffinv.stages.train_data import TrainingError, load_test_split, load_train_data, plan_streams
 from diffinv.config import TrainConfig, config_to_dict
@@ -130,7 +130,7 @@ def _session(config: TrainConfig, data: Any, log: Callable[[str], None]) -> _Ses
     model = build_model(config.arch, num_classes, data.resolution, config.stem)
     fresh = [k for k, _ in model.named_parameters()]
     if config.pretrained:
-        fresh = load_pretrained(model, read_state_dict(config.pretrained), config.pretrained)
+        fresh = load_pretrained(model, pretrained_state(config.arch, config.pretrained), config.pretrained)
         log(f"fine-tuning from {config.pretrained}: {len(fresh)} tensors left fresh (the head)")
     model = model.to(device)
     if config.channels_last:

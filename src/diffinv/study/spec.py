@@ -214,6 +214,8 @@ def check_files(study: StudyConfig) -> None:
             named |= {(str(cand.train["pretrained"]), "train: pretrained")} if cand.train.get("pretrained") else set()
             named |= {(str(cand.generate["image_model"]), "image_model")} if cand.generate.get("image_model") else set()
     for path, flag in sorted(named):
+        if path == "hub" or path.startswith("hub:"):
+            continue  # read (or fetched) by the run itself
         if not os.path.isabs(path) and study.workdir:
             path = os.path.join(study.workdir, path)
         read_state_dict(path, flag)
