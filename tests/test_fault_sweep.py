@@ -28,3 +28,21 @@ def test_a_manifest_row_moved_to_another_class_is_damage(tmp_path):
     row = {"file": "cat/a.png", "class": "cat", "bytes": (tmp_path / "cat" / "a.png").stat().st_size}
     assert damage(tmp_path, [row]) == []
     assert "lies in another class's folder" in damage(tmp_path, [{**row, "class": "dog"}])[0]
+
+
+def test_a_gain_within_noise_says_how_many_replicates_would_decide():
+    from diffinv.report.stats import paired_gain, replicates_to_decide
+    from diffinv.report.table import verdict_lines
+
+    # 5 replicates, gains of 3 points +- 4: the interval spans 0; about 9-10 would exclude it if the mean held.
+    real = [0.50, 0.52, 0.48, 0.51, 0.49]
+    gain = paired_gain([r + d for r, d in zip(real, [0.07, -0.01, 0.03, 0.08, -0.02])], real)
+    assert not gain["beyond_noise"]
+    need = replicates_to_decide(gain["mean"], gain["std"])
+    assert 5 < need < 30
+    row = {"method": "di", "per_class": 5, "setting": "as given", "gain": {"top1": {**gain, "degenerate": False}}}
+    text = verdict_lines([row])
+    assert f"about {need} replicates would decide if the gain is the +3.00 seen here" in text
+    flat = paired_gain([r + d for r, d in zip(real, [0.04, -0.04, 0.001, 0.03, -0.03])], real)
+    assert replicates_to_decide(flat["mean"], flat["std"]) is None
+    assert "would need more than 200 replicates" in verdict_lines([{**row, "gain": {"top1": {**flat, "degenerate": False}}}])

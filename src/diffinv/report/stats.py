@@ -45,6 +45,19 @@ def paired_gain(method: list[float], baseline: list[float], confidence: float = 
             "beyond_noise": bool(len(diffs) >= MIN_REPLICATES and (low > 0 or high < 0))}
 
 
+def replicates_to_decide(mean: float, std: float, confidence: float = 0.95, cap: int = 200) -> int | None:
+    """The fewest replicates whose interval would exclude 0 if the true gain were ``mean`` with paired spread ``std``
+    (the t half-width falls as 1/sqrt(n)); None when even ``cap`` would not (a gain that small is not worth chasing)."""
+    from scipy.special import stdtrit
+
+    if std == 0 or not math.isfinite(std):
+        return None if std != 0 or mean == 0 else MIN_REPLICATES
+    for n in range(MIN_REPLICATES, cap + 1):
+        if float(stdtrit(n - 1, 0.5 + confidence / 2)) * std / math.sqrt(n) < abs(mean):
+            return n
+    return None
+
+
 def headline_metric(class_counts: list[int]) -> str:
     """``balanced_accuracy`` when the test split's classes differ by more than :data:`IMBALANCE`:1, else ``top1``."""
     present = [c for c in class_counts if c > 0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffinv.report.efficiency import worth_text
-from diffinv.report.stats import METRIC_NAMES
+from diffinv.report.stats import METRIC_NAMES, replicates_to_decide
 
 
 def headline(summary: list[dict[str, Any]]) -> str:
@@ -71,6 +71,22 @@ def chosen_text(selection: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def undecided(g: dict[str, Any]) -> str:
+    """Why a gain within noise is not a "no": how wide its interval is, and how many replicates would likely decide."""
+    n, std, mean = g.get("n", 0), g.get("std", 0.0), g.get("mean", 0.0)
+    if n < 2 or not std:
+        return ""
+    need = replicates_to_decide(mean, std)
+    half = (g["high"] - g["low"]) / 2 * 100
+    if need is None:
+        return (f" (undecided: the interval spans +-{half:.1f} points, and a gain of {mean * 100:+.2f} would need more "
+                f"than 200 replicates to tell from noise; if there is a gain it is small)")
+    if need <= n:
+        return ""
+    return (f" (undecided: the interval spans +-{half:.1f} points; about {need} replicates would decide if the gain is the "
+            f"{mean * 100:+.2f} seen here)")
+
+
 def verdict_lines(summary: list[dict[str, Any]]) -> str:
     """One plain sentence per method and size: its gain on the test split, and where it stands against its rivals."""
     metric = headline(summary)
@@ -80,7 +96,8 @@ def verdict_lines(summary: list[dict[str, Any]]) -> str:
         if g is None:
             continue
         setting = "" if r.get("setting") in (None, "as given") else f" ({r['setting']})"
-        word = "degenerate" if g["degenerate"] else ("beyond noise" if g["beyond_noise"] else "within noise")
+        word = "degenerate" if g["degenerate"] else ("beyond noise" if g["beyond_noise"] else "within noise"
+                                                     + undecided(g))
         over = "real only" if r.get("baseline", "real") == "real" else f"real only ({r['baseline']})"
         text = (f"- {r['method']}{setting} at {r['per_class']} per class: {interval_text(g).split(' (')[0]} points of test "
                 f"{METRIC_NAMES[metric]} over {over}, {word}")
