@@ -79,3 +79,41 @@ def test_every_command_of_the_readme_runs_as_written(tiny_latent, tmp_path, monk
         assert code == 0, f"{shlex.join(argv)}: {capsys.readouterr().err[-600:]}"
     assert (tmp_path / "runs" / "mine" / "summary.json").is_file() and (tmp_path / "runs" / "mine-cpu" / "summary.json").is_file()
     assert (tmp_path / "runs" / "mine" / "report" / "report.html").is_file()
+
+
+NAMED_FILE = re.compile(r"(?<![\w/.:-])((?:configs|benchmarks|bases|backbones|docs|src|tests)/[\w./-]*\w\.(?:yaml|py|sh|md|json|png|safetensors))")
+FROM_HISTORY = re.compile(r"\b([0-9a-f]{7,40}):((?:configs|benchmarks)/[\w./-]*\w\.(?:yaml|py|sh))")
+
+
+def test_every_repository_file_the_docs_name_exists():
+    """A file named plainly exists; one of an older commit (``abc1234:configs/x.yaml``) is in that commit."""
+    import subprocess
+
+    missing = sorted({f"{page.relative_to(ROOT)}: {name}" for page in PAGES for name in NAMED_FILE.findall(page.read_text())
+                      if not (ROOT / name).exists() and "NAME" not in name})
+    assert missing == []
+    if not (ROOT / ".git").exists():
+        pytest.skip("no git history here to look the older files up in")
+    gone = sorted({f"{page.relative_to(ROOT)}: {commit}:{name}" for page in PAGES
+                   for commit, name in FROM_HISTORY.findall(page.read_text())
+                   if "NAME" not in name and subprocess.run(["git", "cat-file", "-e", f"{commit}:{name}"], cwd=ROOT, capture_output=True).returncode})
+    assert gone == []
+
+
+def test_every_flag_of_a_documented_command_exists():
+    from diffinv.cli import build_parser
+
+    parser = build_parser()
+    stages = next(a for a in parser._actions if a.dest == "command").choices
+    unknown = []
+    for page in PAGES:
+        text = "\n".join(re.findall(r"```(?:bash|text)?\n(.*?)```", page.read_text(), flags=re.S)).replace("\\\n", " ")
+        for line in text.splitlines():
+            argv = line.split()
+            if len(argv) < 2 or argv[0] not in ("diffinv", ".venv/bin/diffinv") or argv[1] not in stages:
+                continue
+            known = {s for a in stages[argv[1]]._actions for s in a.option_strings}
+            dynamic = ("--invert-", "--generate-", "--train-", "--finetune-", "--filter-")  # a study's per-stage flags
+            unknown += [f"{page.relative_to(ROOT)}: diffinv {argv[1]} {f}" for f in argv[2:] if f.startswith("--")
+                        and f.split("=")[0] not in known and not f.startswith(dynamic)]
+    assert unknown == []
