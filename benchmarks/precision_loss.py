@@ -24,7 +24,7 @@ from diffinv.data.real import load_pixels, open_images, select
 from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.objective import evaluation_loss
-from diffinv.stages.demo import EMBEDDED_BASE
+from diffinv.study.demo import EMBEDDED_BASE
 
 
 def main() -> None:

@@ -224,7 +224,7 @@ def _redraw_errors(base: Path) -> tuple[float, float]:
 
 
 def test_the_embedded_digits_base_loads_like_sd_and_its_tokens_carry_the_digit_not_the_image():
-    from diffinv.stages.demo import embedded_base
+    from diffinv.study.demo import embedded_base
 
     base = embedded_base()
     size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
@@ -293,7 +293,7 @@ def test_zero_steps_from_the_encoder_keep_its_tokens(tmp_path):
     from diffinv.data.real import load_pixels, open_images
     from diffinv.diffusion.encoder import load_encoder
     from diffinv.diffusion.store import EmbeddingStore
-    from diffinv.stages.demo import embedded_base
+    from diffinv.study.demo import embedded_base
     from diffinv.stages.invert import invert_dataset
 
     config = InvertConfig(model=str(embedded_base()), data="digits", per_class=1, resolution=8, steps=0, init="encoder",

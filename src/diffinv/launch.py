@@ -19,9 +19,10 @@ from diffinv.progress import bar as progress_bar
 
 from diffinv.runs import RunError, output_lock, refuse_inside, remove_if_unstarted
 from diffinv.shards import Shard, local_device
-from diffinv.stages import (Stage, demo, experiment, export, finetune, generate, inspect, invert, pretrain, pretrain_vae, report, tiny, train,
+from diffinv.stages import (Stage, export, finetune, generate, inspect, invert, pretrain, pretrain_vae, report, tiny, train,
                             verify)
 from diffinv.stages import filter as filter_stage
+from diffinv.study import demo, experiment
 
 
 def _merge_command(args) -> int:

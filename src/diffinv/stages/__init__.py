@@ -1,4 +1,5 @@
-"""The pipeline's stages, one module per sub-command, each exporting a :class:`Stage` (``merge``'s is in :mod:`diffinv.launch`;
+"""The pipeline's stages, one module per sub-command, each exporting a :class:`Stage` (``merge``'s is in :mod:`diffinv.launch`,
+``experiment``'s and ``demo``'s in :mod:`diffinv.study`, which drives the stages;
 ``train_data`` is the train stage's data, ``generate_inputs`` what the generate stage opens for a method). The CLI builds every sub-command from its Stage alone.
 
 real images -> invert -> store -> generate -> synthetic set -> train / experiment -> runs -> report

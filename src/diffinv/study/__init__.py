@@ -4,7 +4,10 @@ spec    the study file and its candidates (a list value in a settings block is a
 plan    every unit of work (a replicate's store, a candidate's set, a classifier run), keyed by what makes it
 engine  running the units (in this process, in processes, as shards or on Ray), choosing on validation,
         reading the test split for the kept candidates, the tables and the report
+estimate the time of a study's unfinished units on this device, from a probe
+experiment, demo   the two study sub-commands (their Stage objects)
 
-Like :mod:`diffinv.stages`, this is orchestration: it drives the stages' functions and the library never
-imports it.
+Above :mod:`diffinv.stages`: a study drives the stages; no stage imports a study.
+
+Like :mod:`diffinv.stages`, this is orchestration; the library never imports it.
 """

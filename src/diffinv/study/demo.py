@@ -11,7 +11,7 @@ from pathlib import Path
 
 from diffinv.config import StudyConfig
 from diffinv.stages import Stage
-from diffinv.stages.experiment import run, summary
+from diffinv.study.experiment import run, summary
 from diffinv.study.plan import ASSETS, EMBEDDED_BASE, embedded_base
 
 DEMO_STUDY = ASSETS / "studies" / "demo.yaml"
