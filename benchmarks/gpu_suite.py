@@ -37,11 +37,11 @@ from invert_speed import paper_loop  # noqa: E402  (the benchmarks' own referenc
 from sample_speed import paper_sampler  # noqa: E402
 
 from diffinv import rng  # noqa: E402
-from diffinv.stages.invert import auto_batch  # noqa: E402
 from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS, Backbone  # noqa: E402
 from diffinv.diffusion.inversion import InversionSettings, invert_batch  # noqa: E402
 from diffinv.diffusion.sampling import sample_latents  # noqa: E402
 from diffinv.diffusion.tiny import build_unet, build_vae  # noqa: E402
+from diffinv.stages.invert import auto_batch  # noqa: E402
 
 OOM = torch.cuda.OutOfMemoryError
 DEVICE = "cuda"  # --cpu-check runs every code path on the CPU with a tiny model, to catch mistakes before a GPU lease
@@ -224,7 +224,8 @@ def main() -> None:
 
     began = time.time()
     peak = matmul_peak_tflops()
-    result = {"benchmark": "gpu_suite", "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (check only)", "torch": torch.__version__,
+    result = {"benchmark": "gpu_suite", "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (check only)",
+              "torch": torch.__version__,
               "bf16_matmul_peak_tflops_measured": round(peak, 1), "model": "random SD 1.x-sized UNet + VAE", "runs": []}
     resolutions = [int(r) for r in args.resolutions.split(",")]
     groups = [int(g) for g in args.group.split(",")]
@@ -264,7 +265,8 @@ def main() -> None:
     for res in resolutions:
         ours, paper = by.get(("bf16", res)), by.get(("fp32", res))
         if ours and paper and "image_steps_per_s" in ours["invert_diffinv"] and "image_steps_per_s" in paper.get("invert_paper", {}):
-            result["speedups"][f"invert_{res}"] = round(ours["invert_diffinv"]["image_steps_per_s"] / paper["invert_paper"]["image_steps_per_s"], 2)
+            result["speedups"][f"invert_{res}"] = round(ours["invert_diffinv"]["image_steps_per_s"]
+                                                        / paper["invert_paper"]["image_steps_per_s"], 2)
             result["speedups"][f"sample_{res}"] = round(ours["sample_diffinv"]["images_per_s"] / paper["sample_paper"]["images_per_s"], 2)
             if "image_steps_per_s" in ours.get("invert_compiled", {}):
                 result["speedups"][f"invert_compiled_{res}"] = round(

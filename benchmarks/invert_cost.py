@@ -27,8 +27,8 @@ import torch
 from diffinv import rng
 from diffinv.config import InvertConfig, load_config
 from diffinv.data.real import load_pixels, open_images, select
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.objective import evaluation_loss
 
 # Recipe name -> InvertConfig overrides, spelled out in full so that a recipe keeps its meaning when

@@ -25,8 +25,8 @@ import torch
 from diffinv import rng
 from diffinv.data.real import load_pixels, open_images, select
 from diffinv.device import resolve_device, resolve_dtype
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.tiny import save_tiny_model
 
 
@@ -84,7 +84,7 @@ def main() -> None:
 
         baseline = load_backbone(model).to(device, torch.float32)
         paper_loop(baseline, pixels, 1, args.paper_batch, 5)  # warm-up
-        t_paper = _timed(lambda: paper_loop(baseline, pixels, args.steps, args.paper_batch, 5), device)
+        t_paper = _timed(lambda baseline=baseline: paper_loop(baseline, pixels, args.steps, args.paper_batch, 5), device)
         del baseline
 
         ours = load_backbone(model)
@@ -115,7 +115,8 @@ def main() -> None:
     }
     print(json.dumps(result))
     print(f"invert_speed: diffinv {ours_rate:.1f} vs paper loop {paper_rate:.1f} image-steps/s "
-          f"({result['speedup']}x steady, {result['speedup_end_to_end']}x end to end over {args.steps + 1} steps) on {result['device']}, {result['model']} at {args.resolution}px")
+          f"({result['speedup']}x steady, {result['speedup_end_to_end']}x end to end over {args.steps + 1} steps) "
+          f"on {result['device']}, {result['model']} at {args.resolution}px")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import torch
 from diffinv import rng
 from diffinv.config import InvertConfig
 from diffinv.data.real import load_pixels, open_images, select
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.objective import evaluation_loss
 from diffinv.study.demo import EMBEDDED_BASE
 

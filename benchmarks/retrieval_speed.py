@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from diffinv.data.pool import cached, nearest, open_pool
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.methods.retrieval import space_features
+from diffinv.diffusion.model_io import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,10 +26,10 @@ from diffinv import rng
 from diffinv.config import InvertConfig
 from diffinv.device import resolve_device, resolve_dtype
 from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.generation import Conditioning, generate_batch, plan_samples
 from diffinv.diffusion.methods import get_method
 from diffinv.diffusion.methods.base import GenerationSettings
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.sampling import pixels_to_uint8
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.diffusion.tiny import save_tiny_model
@@ -93,7 +93,8 @@ def main() -> None:
 
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(save_tiny_model(f"{tmp}/model", args.kind, sample_size=args.resolution // 8 if args.kind == "sd1" else 16))
+        size = args.resolution // 8 if args.kind == "sd1" else 16
+        model = args.model or str(save_tiny_model(f"{tmp}/model", args.kind, sample_size=size))
         if args.pretrain:
             model = _pretrained(model, args.resolution, args.pretrain, device, f"{tmp}/pretrained")
         store_dir = args.store or str(invert_dataset(
@@ -125,7 +126,7 @@ def main() -> None:
             sampler, steps = spec.split(":")
             config = GenerationSettings(per_image=per_image, sampler=sampler, steps=int(steps))
             generate_batch(backbone, rows[:2], source, config)  # warm-up
-            ours, t_ours = _timed(lambda: torch.cat([generate_batch(backbone, rows[i:i + b], source, config)
+            ours, t_ours = _timed(lambda config=config: torch.cat([generate_batch(backbone, rows[i:i + b], source, config)
                                                      for i in range(0, len(rows), b)]), device)
             rmse = (pixels_to_uint8(ours, None).float() - paper_u8).pow(2).mean().sqrt().item()
             results.append({"sampler": sampler, "steps": int(steps), "images_per_s": round(len(rows) / t_ours, 3),
@@ -145,7 +146,8 @@ def main() -> None:
     head = results[0]
     print(f"sample_speed: diffinv {head['sampler']} {head['steps']} steps {head['images_per_s']} vs paper PNDM {args.paper_steps} "
           f"steps {result['paper']['images_per_s']} images/s ({head['speedup']}x, RMSE {head['rmse_vs_paper_8bit']} levels from "
-          f"the paper's images; different samples are {result['rmse_between_different_samples_8bit']} apart) on {result['device']}, {result['model']} at {result['resolution']}px")
+          f"the paper's images; different samples are {result['rmse_between_different_samples_8bit']} apart) "
+          f"on {result['device']}, {result['model']} at {result['resolution']}px")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ import torch
 from diffinv.config import InvertConfig
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.launch import import_ray, run_on_ray
-from diffinv.study.demo import embedded_base
 from diffinv.stages.invert import invert_dataset
+from diffinv.study.demo import embedded_base
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ import torch
 from diffinv import rng
 from diffinv.config import InvertConfig, load_config
 from diffinv.data.real import load_pixels, open_images, select
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.encoder import encoder_tokens
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.objective import denoising_target, per_image_loss, q_sample, timestep_bin_edges
 
 

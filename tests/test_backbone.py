@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from diffinv.diffusion.backbone import ModelError
-
 from diffinv.diffusion.model_io import load_backbone, save_packed
 
 

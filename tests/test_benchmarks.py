@@ -60,7 +60,7 @@ def test_the_generalist_base_pretrains_from_a_packed_set_within_its_weight_budge
     np.savez_compressed(tmp_path / "g.npz", train_images=images, train_labels=labels)
     code, text = run_cli(capsys, "pretrain-base", "--config", ROOT / "configs/stages/pretrain-generalist-32.yaml",
                          "--data", tmp_path / "g.npz", "--resolution", "16", "--steps", "2", "--batch-size", "8",
-                         "--max-seconds", "0", "--quiet", "--out", tmp_path / "base")  # 16 px: its preview's attention at 32 px takes minutes on a CPU
+                         "--max-seconds", "0", "--quiet", "--out", tmp_path / "base")  # 16 px: a 32 px preview takes minutes on a CPU
     assert code == 0, text
     backbone = load_backbone(tmp_path / "base")
     assert tuple(backbone.unet.config.block_out_channels) == (32, 64, 96) and backbone.cond_dim == 64

@@ -13,9 +13,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO, run_cli, write_image_tree
+
 from diffinv.runs import read_json
 
 INVERT = ["--resolution", "16", "--steps", "2", "--batch-size", "4", "--quiet"]

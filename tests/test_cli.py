@@ -63,7 +63,7 @@ def test_every_sub_command_is_a_stage_built_the_same_way(tmp_path, capsys):
 
     action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert list(action.choices) == list(STAGES)  # nothing added beside the registry
-    for name, spec in STAGES.items():
+    for spec in STAGES.values():
         assert spec.cli in ("config", "study", "folder")
         assert (spec.run is None) == (spec.cli == "folder") and (spec.command is not None) == (spec.cli == "folder")
     with pytest.raises(RunError, match="unknown stage 'verify'"):  # a tool reads a folder; it is not launched into one

@@ -7,8 +7,9 @@ Inductor compiles for minutes on a CPU, so these tests compile with the ``aot_ea
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as _run
+from conftest import write_image_tree
 from PIL import Image
-from conftest import run_cli as _run, write_image_tree
 
 from diffinv import rng
 from diffinv.data.synthetic import read_manifest

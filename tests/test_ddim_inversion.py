@@ -8,16 +8,16 @@ from PIL import Image
 
 from diffinv.data.real import load_pixels, open_images
 from diffinv.data.synthetic import read_manifest
-from diffinv.runs import read_yaml
 from diffinv.diffusion.sampling import ddim_invert, sample_latents, slerp_noise
+from diffinv.runs import read_yaml
 from diffinv.study.plan import embedded_base
 
 QUIET = ["--quiet"]
 
 
 def test_inverted_noise_samples_the_image_back_and_better_with_more_steps():
-    from diffinv.diffusion.model_io import load_backbone
     from diffinv.diffusion.encoder import load_encoder
+    from diffinv.diffusion.model_io import load_backbone
 
     base = load_backbone(embedded_base())  # a trained model: a random one has no smooth path to invert
     latents = base.encode(load_pixels(open_images("digits").subset(range(6)), 8)).mean

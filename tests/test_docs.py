@@ -81,7 +81,8 @@ def test_every_command_of_the_readme_runs_as_written(tiny_latent, tmp_path, monk
     assert (tmp_path / "runs" / "mine" / "report" / "report.html").is_file()
 
 
-NAMED_FILE = re.compile(r"(?<![\w/.:-])((?:configs|benchmarks|bases|backbones|docs|src|tests)/[\w./-]*\w\.(?:yaml|py|sh|md|json|png|safetensors))")
+NAMED_FILE = re.compile(r"(?<![\w/.:-])((?:configs|benchmarks|bases|backbones|docs|src|tests)/"
+                        r"[\w./-]*\w\.(?:yaml|py|sh|md|json|png|safetensors))")
 FROM_HISTORY = re.compile(r"\b([0-9a-f]{7,40}):((?:configs|benchmarks)/[\w./-]*\w\.(?:yaml|py|sh))")
 
 
@@ -96,7 +97,8 @@ def test_every_repository_file_the_docs_name_exists():
         pytest.skip("no git history here to look the older files up in")
     gone = sorted({f"{page.relative_to(ROOT)}: {commit}:{name}" for page in PAGES
                    for commit, name in FROM_HISTORY.findall(page.read_text())
-                   if "NAME" not in name and subprocess.run(["git", "cat-file", "-e", f"{commit}:{name}"], cwd=ROOT, capture_output=True).returncode})
+                   if "NAME" not in name
+                   and subprocess.run(["git", "cat-file", "-e", f"{commit}:{name}"], cwd=ROOT, capture_output=True).returncode})
     assert gone == []
 
 

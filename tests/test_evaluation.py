@@ -74,8 +74,8 @@ def test_head_to_head_is_paired_by_replicate_and_reported(tmp_path):
     from diffinv.report.table import verdict_lines
 
     lines = verdict_lines(list(summary.values())).splitlines()
-    assert lines[0].startswith("- di at 5 per class: +") and lines[0].endswith(f"ahead of img2img ({100 * versus['mean']:+.2f} "
-                                                                               f"[{100 * versus['low']:+.2f}, {100 * versus['high']:+.2f}])")
+    ahead = f"ahead of img2img ({100 * versus['mean']:+.2f} [{100 * versus['low']:+.2f}, {100 * versus['high']:+.2f}])"
+    assert lines[0].startswith("- di at 5 per class: +") and lines[0].endswith(ahead)
     assert "level with" not in lines[0] and lines[1].startswith("- img2img at 5 per class:")
     level_rows = rows[:8] + [row("di", s, v + 0.01 + (0.02 if s % 2 else -0.02)) for s, v in enumerate(level)]
     tied = {r["method"]: r for r in summarise_study(level_rows, {"di": ["img2img"]})}

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_cli, write_image_tree
 from PIL import Image
 
-from conftest import run_cli, write_image_tree
 from diffinv.data.real import open_images
 from diffinv.data.synthetic import read_manifest
 

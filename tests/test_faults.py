@@ -10,11 +10,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as _run
+from conftest import write_image_tree
 from safetensors.torch import load_file, save_file
 
 from diffinv.runs import LOCK, read_json, write_safetensors
-
-from conftest import run_cli as _run, write_image_tree
 
 INVERT = ["--resolution", "16", "--steps", "2", "--batch-size", "4", "--quiet"]
 GENERATE = ["--per-image", "2", "--steps", "2", "--quiet"]

@@ -11,12 +11,12 @@ import os
 
 import numpy as np
 import pytest
+from conftest import run_cli as _run
+from conftest import write_image_tree
 from PIL import Image
 
 from diffinv.data.real import open_images, select
 from diffinv.runs import read_json
-
-from conftest import run_cli as _run, write_image_tree
 
 INVERT = ["--resolution", "16", "--steps", "2", "--batch-size", "4", "--quiet"]
 GENERATE = ["--per-image", "2", "--steps", "2", "--quiet"]

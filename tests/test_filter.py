@@ -3,7 +3,8 @@
 import hashlib
 
 import torch
-from conftest import run_cli as _run, write_image_tree
+from conftest import run_cli as _run
+from conftest import write_image_tree
 
 from diffinv.data.synthetic import read_manifest
 from diffinv.quality.filtering import keep_mask
@@ -36,7 +37,8 @@ def test_filter_keeps_what_the_judge_trusts_and_leaves_the_source_as_it_was(tiny
     before = _digest(tmp_path / "g")
 
     # Every image with its score (keep all), then a threshold: exactly the images scored at or above it.
-    assert _run(capsys, "filter", "--set", tmp_path / "g", "--judge", tmp_path / "judge", "--keep-top", "1", "--out", tmp_path / "all")[0] == 0
+    code, _ = _run(capsys, "filter", "--set", tmp_path / "g", "--judge", tmp_path / "judge", "--keep-top", "1", "--out", tmp_path / "all")
+    assert code == 0
     scored = {r["id"]: r["judge_score"] for r in read_manifest(tmp_path / "all")}
     assert len(scored) == 24 and all(0 <= s <= 1 for s in scored.values())
     cut = sorted(scored.values())[len(scored) // 2]

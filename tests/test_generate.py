@@ -14,10 +14,10 @@ from diffinv import rng
 from diffinv.cli import main
 from diffinv.config import ConfigError, GenerateConfig, InvertConfig, load_config
 from diffinv.data.synthetic import open_synthetic, read_manifest
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.generation import Conditioning, generate_batch, plan_samples
-from diffinv.diffusion.methods.base import GenerationSettings
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
+from diffinv.diffusion.methods.base import GenerationSettings
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.perturb import lerp, perturb, pick_partners, slerp
 from diffinv.diffusion.sampling import sample_latents, unit_rms
 from diffinv.diffusion.store import EmbeddingStore
@@ -263,7 +263,8 @@ def test_every_method_runs_end_to_end_from_the_cli(stores, tmp_path, capsys):
         "class-inversion": ["--store", str(class_dir), "--method", "class-inversion"],
         "prompt": ["--store", str(store_dir), "--method", "prompt", "--template", "a photo of a {}", "--template", "a {} image"],
         "img2img": ["--store", str(store_dir), "--method", "img2img", "--strength", "0.6"],
-        "img2img-class": ["--store", str(store_dir), "--method", "img2img", "--img2img-embedding", "class", "--class-store", str(class_dir)],
+        "img2img-class": ["--store", str(store_dir), "--method", "img2img", "--img2img-embedding", "class",
+                          "--class-store", str(class_dir)],
     }
     for name, argv in runs.items():
         out = tmp_path / name
@@ -354,7 +355,6 @@ def test_single_image_class_falls_back_to_another_class_and_says_so(tmp_path, ti
 
 def test_variants_of_grey_data_are_saved_grey(tmp_path, tiny_latent):
     import numpy as np
-
     from conftest import write_image_tree
 
     data = write_image_tree(tmp_path / "d", per_class=2, classes=("a", "b"))

@@ -7,7 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli as _run, write_image_tree
+from conftest import run_cli as _run
+from conftest import write_image_tree
 
 from diffinv.data.synthetic import read_manifest
 from diffinv.device import batch_that_fits

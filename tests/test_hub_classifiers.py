@@ -6,8 +6,8 @@ import urllib.error
 
 import pytest
 import torch
-
 from conftest import run_cli, write_image_tree
+
 from diffinv.classify.pretrained import PretrainedError, hub_state_dict
 
 

@@ -12,12 +12,11 @@ import torch
 from diffinv import rng
 from diffinv.config import ConfigError, InvertConfig
 from diffinv.data.real import load_pixels, open_images, select
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.inversion import InversionError, InversionSettings, invert_batch
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.objective import adamw_rows, denoising_target, evaluation_loss, q_sample
-from diffinv.diffusion.tiny import memorise
 from diffinv.diffusion.store import EmbeddingStore, StoreError
-from diffinv.diffusion.tiny import save_tiny_model
+from diffinv.diffusion.tiny import memorise, save_tiny_model
 from diffinv.runs import RunError, read_json
 from diffinv.stages.invert import invert_dataset
 
@@ -338,7 +337,7 @@ def test_adamw_rows_is_torch_adamw_for_each_row_at_its_own_step():
     for row, first in ((0, 0), (1, 2)):
         p = torch.nn.Parameter(start[row].clone())
         opt = torch.optim.AdamW([p], lr=0.1, weight_decay=1e-2)
-        for k, it in enumerate(range(first, 6)):
+        for it in range(first, 6):
             p.grad = grads[it][row].clone()
             opt.param_groups[0]["lr"] = lrs[row]
             opt.step()

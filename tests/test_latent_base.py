@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
 import diffinv.stages.pretrain as pretrain
 import diffinv.stages.pretrain_vae as pretrain_vae
-from conftest import run_cli
 from diffinv.config import ConfigError, PretrainConfig, VaeConfig
 from diffinv.diffusion.model_io import load_backbone, load_vae
 from diffinv.diffusion.pretrain import latent_scale, psnr, vae_loss

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 
-import torch
+from conftest import run_cli, write_image_tree
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, write_image_tree
 from diffinv.runs import file_sha256
 
 

@@ -4,8 +4,9 @@ import hashlib
 
 import pytest
 import torch
+from conftest import run_cli as _run
+from conftest import write_image_tree
 from safetensors.torch import load_file
-from conftest import run_cli as _run, write_image_tree
 
 from diffinv.data.synthetic import read_manifest
 from diffinv.runs import read_json
@@ -54,8 +55,8 @@ def test_finetune_lowers_each_class_loss_resumes_bit_identically_and_refuses_an_
 
 def test_an_adapter_saved_and_loaded_back_gives_equal_outputs(tiny_pixel):
     from diffinv.diffusion.backbone import LatentMoments
-    from diffinv.diffusion.model_io import load_backbone
     from diffinv.diffusion.lora import fit_lora
+    from diffinv.diffusion.model_io import load_backbone
 
     trained, fresh = load_backbone(tiny_pixel), load_backbone(tiny_pixel)
     g = torch.Generator().manual_seed(0)

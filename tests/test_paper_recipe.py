@@ -18,11 +18,11 @@ from diffinv import rng
 from diffinv.cli import main
 from diffinv.config import PRESETS, GenerateConfig, InvertConfig, load_config
 from diffinv.data.real import load_pixels, open_images, select
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.generation import generate_batch, plan_samples
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.methods import get_method
 from diffinv.diffusion.methods.base import GenerationSettings, Inputs
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.objective import init_embeddings
 from diffinv.diffusion.perturb import paper_partners
 from diffinv.diffusion.store import EmbeddingStore

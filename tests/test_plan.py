@@ -5,8 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import run_cli, write_image_tree
+
 from diffinv.study.estimate import Rates, Work, plan_work
 
 

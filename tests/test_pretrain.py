@@ -293,8 +293,8 @@ def test_zero_steps_from_the_encoder_keep_its_tokens(tmp_path):
     from diffinv.data.real import load_pixels, open_images
     from diffinv.diffusion.encoder import load_encoder
     from diffinv.diffusion.store import EmbeddingStore
-    from diffinv.study.demo import embedded_base
     from diffinv.stages.invert import invert_dataset
+    from diffinv.study.demo import embedded_base
 
     config = InvertConfig(model=str(embedded_base()), data="digits", per_class=1, resolution=8, steps=0, init="encoder",
                           device="cpu")

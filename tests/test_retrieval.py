@@ -4,7 +4,8 @@ import shutil
 
 import numpy as np
 import torch
-from conftest import run_cli as _run, write_image_tree
+from conftest import run_cli as _run
+from conftest import write_image_tree
 from PIL import Image
 
 from diffinv.data.pool import content_hash, nearest

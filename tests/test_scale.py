@@ -105,7 +105,8 @@ def test_two_shard_processes_with_one_killed_equal_one_process(tiny_latent, data
     _same_store(tmp_path / "ref", out)
 
     # Generation in two shards, the second through the launcher's environment (as under torchrun).
-    gen = ["generate", "--store", str(out), "--out", str(tmp_path / "syn"), "--per-image", "2", "--steps", "3", "--batch-size", "3", "--quiet"]
+    gen = ["generate", "--store", str(out), "--out", str(tmp_path / "syn"), "--per-image", "2", "--steps", "3", "--batch-size", "3",
+           "--quiet"]
     assert main(gen + ["--shard", "0/2"]) == 0 and "not finished yet" in capsys.readouterr().out
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -139,7 +140,7 @@ class KillOnce:
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    import ray.cloudpickle
+    import ray.cloudpickle  # noqa: F811 (the submodule, bound to the same name)
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # KillOnce travels to the workers by value
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=True,

@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ldm_checkpoint import write_ldm_checkpoint
 
 from diffinv.diffusion.backbone import ModelError
-
 from diffinv.diffusion.model_io import ldm_family, load_backbone
 from diffinv.diffusion.store import EmbeddingStore
-
-from ldm_checkpoint import write_ldm_checkpoint
 
 # SD v1-inference.yaml's structure, shrunk: 2 levels of 32/64 channels, 32-wide text, a 2-level VAE.
 ORIGINAL = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {

@@ -170,7 +170,8 @@ def test_a_study_runs_every_stage_from_one_command_and_reads_test_last(tiny_base
     assert len(list(out.glob("runs/*/train.json"))) == 21 + 3  # img2img at strength 0.5, one run per replicate
     assert len(read_json(out / "selection.json")["img2img"]["2"]["candidates"]) == 3
 
-    # The report: the study's name (its file's, unless it says) as its title, the shared table, every candidate on the frontier, the kept sets' grids.
+    # The report: the study's name (its file's, unless it says) as its title, the shared table, every candidate on the
+    # frontier, the kept sets' grids.
     from diffinv.report.build import frontier_points
 
     assert main(["report", str(out)]) == 0
@@ -269,8 +270,8 @@ def test_a_study_from_flags_alone_and_the_demo_share_the_engine(tiny_base_model,
 
 
 def test_plan_json_lists_every_unit_for_progress(tiny_base_model, tmp_path):
-    from diffinv.study.engine import count_done, record
     from diffinv.shards import Shard
+    from diffinv.study.engine import count_done, record
 
     study = load_study(_write(tmp_path, SMALL.format(model=tiny_base_model)))
     out = tmp_path / "s"

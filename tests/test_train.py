@@ -13,15 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 from diffinv.classify.augment import Augmenter
+from diffinv.classify.batches import Stream, eval_steps
 from diffinv.classify.metrics import confusion_matrix, evaluate, metrics_of
 from diffinv.classify.models import ARCHS, build_model, penultimate
-from diffinv.classify.batches import Stream, eval_steps
-from diffinv.schedule import lr_factor
 from diffinv.cli import main
 from diffinv.config import AUGS, ConfigError, GenerateConfig, InvertConfig, TrainConfig, load_config
 from diffinv.quality.measures import frechet_distance, kernel_distance, nearest_distances, synthetic_quality
 from diffinv.report.efficiency import efficiency_factor, equivalent_real
 from diffinv.runs import RunError, read_json
+from diffinv.schedule import lr_factor
 from diffinv.stages.train import load_classifier, train_classifier
 
 # A few digits at 32 px on a small network: a run takes a few seconds on two cores.

@@ -1,8 +1,8 @@
 """Hostile or malformed files a user may be handed: YAML bombs, oversized configs, pickles with code in them."""
 
 import pytest
-
 from conftest import run_cli
+
 from diffinv.config import ConfigError, InvertConfig, load_config
 
 # "Billion laughs": each level lists the previous one nine times; six levels are 531,441 strings once expanded,

@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     from diffinv.launch import STAGES
 
     listing = "\n".join(f"  {name:<13}  {spec.help}" for name, spec in STAGES.items())
-    parser = argparse.ArgumentParser(prog="diffinv", description="Diffusion Inversion: synthetic training data from a frozen diffusion model.",
+    parser = argparse.ArgumentParser(prog="diffinv",
+                                     description="Diffusion Inversion: synthetic training data from a frozen diffusion model.",
                                      epilog="stages:\n" + listing, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"diffinv {__version__}")
     parser.add_argument("--log-format", choices=("auto", "bar", "lines", "json"), default=None,

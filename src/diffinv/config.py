@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -336,7 +337,8 @@ class TrainConfig:
         _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1")
         _check(self.split != self.eval_split, f"the evaluation split cannot be the training split ({self.split!r})")
         _check(self.real_batch >= 0 and self.syn_batch >= 0, "real-batch and syn-batch must be >= 0")
-        _check((self.real_batch > 0) == (self.syn_batch > 0), "give both --real-batch and --syn-batch (the split of every batch), or neither")
+        _check((self.real_batch > 0) == (self.syn_batch > 0),
+               "give both --real-batch and --syn-batch (the split of every batch), or neither")
         _check(self.lr > 0 and 0.0 <= self.warmup < 1.0, "lr must be > 0 and warmup a fraction in [0, 1)")
         _check(self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix are Beta alphas >= 0 (0 = off)")
         _check(0.0 <= self.label_smoothing < 1.0, "label-smoothing must be in [0, 1)")

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from diffinv.progress import bar as progress_bar
-
 from diffinv.runs import RunError, output_lock, refuse_inside, remove_if_unstarted
 from diffinv.shards import Shard, local_device
-from diffinv.stages import (Stage, export, finetune, generate, inspect, invert, pretrain, pretrain_vae, report, tiny, train,
-                            verify)
+from diffinv.stages import Stage, export, finetune, generate, inspect, invert, pretrain, pretrain_vae, report, tiny, train, verify
 from diffinv.stages import filter as filter_stage
 from diffinv.study import demo, experiment
 
@@ -35,9 +34,9 @@ MERGE = Stage(name="merge", cli="folder", command=_merge_command,
               folder="the --out of the sharded job")
 
 # In the order the pipeline runs them, then the tools that read a folder (the CLI lists them so).
-STAGES: dict[str, Stage] = {s.name: s for s in (demo.STAGE, invert.STAGE, finetune.STAGE, generate.STAGE, filter_stage.STAGE, export.STAGE, train.STAGE,
-                                                 experiment.STAGE, pretrain_vae.STAGE, pretrain.STAGE, tiny.STAGE, report.STAGE, MERGE, verify.STAGE,
-                                                 inspect.STAGE)}
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    demo.STAGE, invert.STAGE, finetune.STAGE, generate.STAGE, filter_stage.STAGE, export.STAGE, train.STAGE, experiment.STAGE,
+    pretrain_vae.STAGE, pretrain.STAGE, tiny.STAGE, report.STAGE, MERGE, verify.STAGE, inspect.STAGE)}
 
 
 class ShardError(RunError):

@@ -13,7 +13,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 FORMATS = ("auto", "bar", "lines", "json")
 ENV = "DIFFINV_LOG_FORMAT"
@@ -68,7 +69,7 @@ class LineProgress:
             self.update(1)
         self.close()
 
-    def __enter__(self) -> "LineProgress":
+    def __enter__(self) -> LineProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:

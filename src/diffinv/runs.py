@@ -9,9 +9,10 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -132,9 +133,9 @@ def check_same_settings(out: str | Path, config: Any, noun: str, action: str) ->
     A field added after the folder was made counts as its default. ``noun`` names the folder in
     the message ("store"), ``action`` what was refused ("cannot resume").
     """
-    from diffinv.config import config_to_dict, result_fields
-
     from dataclasses import fields
+
+    from diffinv.config import config_to_dict, result_fields
 
     saved = read_yaml(Path(out) / "config.yaml") or {}
     # From the fields, not an instance: a config may refuse to be made without its required paths.
@@ -277,7 +278,8 @@ def missing_message(missing: list[int], count: int, unit: str, total: int | None
     ``count`` 0: the number of shards is not known (then no shard is named).
     """
     plural = "es" if unit.endswith("ch") else "s"
-    what = f"{len(missing)} of {total} {unit}{plural}" if total is not None else f"{len(missing)} {unit}{'' if len(missing) == 1 else plural}"
+    what = (f"{len(missing)} of {total} {unit}{plural}" if total is not None
+            else f"{len(missing)} {unit}{'' if len(missing) == 1 else plural}")
     if count <= 0:
         return f"{what} not finished yet; run the remaining shards (or the same command without --shard), then `diffinv merge`"
     shards = sorted({u % count for u in missing})

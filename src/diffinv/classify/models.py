@@ -9,8 +9,9 @@ literature - while every block stays torchvision's own code. ``timm:NAME`` build
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 from diffinv.runs import RunError, atomic_write, write_text
 

@@ -20,9 +20,10 @@ import functools
 import gzip
 import hashlib
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ class LabelledImages:
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             raise BadImageError(f"cannot read image {self.sources[i]}: {exc}") from exc
 
-    def subset(self, indices: Sequence[int]) -> "LabelledImages":
+    def subset(self, indices: Sequence[int]) -> LabelledImages:
         indices = np.asarray(indices, dtype=np.int64)
         base = self._index if self._index is not None else np.arange(len(self.ids))
         return LabelledImages(
@@ -296,7 +297,8 @@ def _array_images(arr: np.ndarray, labels: np.ndarray, prefix: str, source: str,
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:
-        raise DataError(f"{source}: labels must be one per image (shape (N,) or (N, 1)); got {labels.shape} (multi-label data is not supported)")
+        raise DataError(f"{source}: labels must be one per image (shape (N,) or (N, 1)); got {labels.shape} "
+                        f"(multi-label data is not supported)")
     if len(arr) != len(labels):
         raise DataError(f"{source}: {len(arr)} images but {len(labels)} labels; they must match")
     if arr.ndim not in (3, 4):

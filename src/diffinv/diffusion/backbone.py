@@ -103,7 +103,7 @@ class Backbone:
             return "pixel"
         return {768: "sd1", 1024: "sd2"}.get(self.cond_dim, "latent")
 
-    def with_prediction_type(self, prediction_type: str) -> "Backbone":
+    def with_prediction_type(self, prediction_type: str) -> Backbone:
         """Use ``prediction_type`` (epsilon or v_prediction) instead of the scheduler config's; "" keeps it."""
         if prediction_type:
             self.scheduler_config = {**self.scheduler_config, "prediction_type": prediction_type}
@@ -385,21 +385,21 @@ class Backbone:
         names = {type(p).__name__ for p in getattr(self.unet, "attn_processors", {}).values()}
         return sorted(n for n in names if not (n.endswith("2_0") or "XFormers" in n or "SDPA" in n or "Flash" in n))
 
-    def channels_last(self, on: bool = True) -> "Backbone":
+    def channels_last(self, on: bool = True) -> Backbone:
         """Run the UNet's weights and inputs in channels-last layout (NHWC), which cuDNN's convolutions prefer on
         tensor-core GPUs (``on=False``: back to the default layout); the same model, results equal within float rounding."""
         self._memory_format = torch.channels_last if on else torch.contiguous_format
         self.unet.to(memory_format=self._memory_format)
         return self
 
-    def compile(self, backend: str = "inductor") -> "Backbone":
+    def compile(self, backend: str = "inductor") -> Backbone:
         """Run the UNet through ``torch.compile`` with static shapes (a graph per batch shape: callers keep one); on CUDA
         in mode ``reduce-overhead``, i.e. CUDA graphs, which remove the kernel launches small steps wait on."""
         mode = "reduce-overhead" if self.device.type == "cuda" and backend == "inductor" else None
         self._compiled = torch.compile(self.unet, mode=mode, backend=backend, dynamic=False)
         return self
 
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Backbone":
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Backbone:
         """Move every part to ``device``; the UNet (and VAE) run in ``dtype``."""
         if self._loaded_fingerprint is None:
             self._loaded_fingerprint = self._weights_fingerprint()

@@ -13,8 +13,9 @@ in bf16/fp16 on GPU; the host is only synchronised every ``log_every`` steps.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -74,7 +75,7 @@ class InversionSettings:
     nan_retries: int = 2
 
     @classmethod
-    def of(cls, source: object) -> "InversionSettings":
+    def of(cls, source: object) -> InversionSettings:
         return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
 
 
@@ -184,14 +185,14 @@ class _State:
     since_log: int = 1  # iterations in the progress bar's running loss (not checkpointed: it restarts on resume)
 
     @classmethod
-    def start(cls, init: torch.Tensor, loss_init: torch.Tensor, steps: int) -> "_State":
+    def start(cls, init: torch.Tensor, loss_init: torch.Tensor, steps: int) -> _State:
         n = len(init)
         return cls(init.clone(), torch.zeros_like(init), torch.zeros_like(init), init.clone(),
                    torch.zeros(n, IMPORTANCE_BINS, device=init.device), [0] * n, [0] * n, loss_init.tolist(), [0] * n,
                    [WAITING if steps > 0 else DONE] * n)  # 0 steps: the start is kept as it is
 
     @classmethod
-    def resume(cls, tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> "_State":
+    def resume(cls, tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> _State:
         t = {k: v.to(device, torch.float32).clone() for k, v in tensors.items()}
         return cls(t["embeddings"], t["exp_avg"], t["exp_avg_sq"], t.get("best", t["embeddings"].clone()), t["timestep_stats"],
                    list(meta["steps"]), list(meta["updates"]), list(meta["best_loss"]), list(meta["stale"]),
@@ -215,7 +216,7 @@ class _State:
         return sorted(active)
 
 
-def _train_step(backbone: Backbone, moments: LatentMoments, keys: torch.Tensor, groups: "_Groups | None", state: _State,
+def _train_step(backbone: Backbone, moments: LatentMoments, keys: torch.Tensor, groups: _Groups | None, state: _State,
                 rows: list[int], s: InversionSettings) -> torch.Tensor:
     """One step of the active rows: per slice, the keyed draws, the loss's gradient, an AdamW update. Returns losses [len(rows)].
 
@@ -240,7 +241,7 @@ def _train_step(backbone: Backbone, moments: LatentMoments, keys: torch.Tensor, 
     emb, exp_avg, exp_avg_sq = take(state.emb), take(state.exp_avg), take(state.exp_avg_sq)
     losses = torch.zeros(len(rows), device=keys.device)
     for part in update_slices(len(rows), s):
-        pick = (lambda x: x) if part is None else (lambda x: x[part.to(keys.device)])
+        pick = (lambda x: x) if part is None else (lambda x, part=part: x[part.to(keys.device)])
         part_proposal = None if proposal is None else pick(proposal)
         step_moments = groups.draw(moments, keys, step) if groups is not None else LatentMoments(pick(take(moments.mean)),
                                                                                                  pick(take(moments.std)))
@@ -363,7 +364,8 @@ def _encode_in_slices(backbone: Backbone, pixels: torch.Tensor, slice_size: int 
 
 @dataclass
 class Retried:
-    """:func:`invert_items`'s result: embeddings [B, K, D] (CPU, float32), initial and final evaluation losses [B], each item's lr and steps."""
+    """:func:`invert_items`'s result: embeddings [B, K, D] (CPU, float32), initial and final evaluation losses [B],
+    each item's lr and steps."""
 
     embeddings: torch.Tensor
     loss_init: torch.Tensor
@@ -374,7 +376,7 @@ class Retried:
     def finite(self, j: int) -> bool:
         return bool(torch.isfinite(self.embeddings[j]).all()) and bool(torch.isfinite(self.loss_final[j]))
 
-    def first(self, n: int) -> "Retried":
+    def first(self, n: int) -> Retried:
         return Retried(self.embeddings[:n], self.loss_init[:n], self.loss_final[:n], self.lrs[:n], self.steps[:n])
 
 

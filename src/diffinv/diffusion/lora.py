@@ -6,7 +6,7 @@ images' clean latents and the conditioning come in as arguments; files are ``dif
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -103,7 +103,8 @@ def pixels_to_uint8(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def eps_and_x0(out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor | float, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def eps_and_x0(out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor | float,
+               prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet output at x_t read as (noise, clean latent), for epsilon or v prediction."""
     a = torch.as_tensor(alpha_bar, dtype=x.dtype, device=x.device)
     if prediction_type == "v_prediction":

@@ -62,7 +62,7 @@ class EmbeddingStore:
         return self.embeddings.mean(dim=0)
 
     @classmethod
-    def open(cls, root: str | Path, allow_partial: bool = False) -> "EmbeddingStore":
+    def open(cls, root: str | Path, allow_partial: bool = False) -> EmbeddingStore:
         root = Path(root)
         if not (root / MARKER).is_file():
             raise StoreError(f"{root} is not an embedding store (no {MARKER}); make one with `diffinv invert`")

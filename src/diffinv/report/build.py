@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def _write_report(root: Path) -> Path:
         if figure is not None:
             name = f"{_slug(heading)}.png"
             png = _png(figure)
-            atomic_write(out / name, lambda p: p.write_bytes(png))
+            atomic_write(out / name, lambda p, png=png: p.write_bytes(png))
             md.append(f"![{heading}]({name})\n")
             body.append(f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
     write_text(out / "report.md", "\n".join(md))

@@ -1,6 +1,7 @@
 """The pipeline's stages, one module per sub-command, each exporting a :class:`Stage` (``merge``'s is in :mod:`diffinv.launch`,
 ``experiment``'s and ``demo``'s in :mod:`diffinv.study`, which drives the stages;
-``train_data`` is the train stage's data, ``generate_inputs`` what the generate stage opens for a method). The CLI builds every sub-command from its Stage alone.
+``train_data`` is the train stage's data, ``generate_inputs`` what the generate stage opens for a method).
+The CLI builds every sub-command from its Stage alone.
 
 real images -> invert -> store -> generate -> synthetic set -> train / experiment -> runs -> report
 
@@ -12,9 +13,10 @@ as one shard, or as shards on Ray, by name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

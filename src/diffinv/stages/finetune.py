@@ -13,8 +13,9 @@ ones. ``generate --method lora`` or ``di+lora`` with ``--adapters OUT`` samples 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -23,9 +24,9 @@ from diffinv.config import FinetuneConfig, config_to_dict
 from diffinv.data.real import load_pixels, open_images, select, validation_ids
 from diffinv.data.synthetic import slug
 from diffinv.device import resolve_device
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.lora import fit_lora
 from diffinv.diffusion.methods.base import Adapter
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.objective import evaluation_loss
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.progress import bar as progress_bar

@@ -9,8 +9,9 @@ finish writes the manifest.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -18,15 +19,25 @@ from diffinv.config import GenerateConfig, config_to_dict, load_config
 from diffinv.data.real import DataError, all_grey, open_images
 from diffinv.data.synthetic import MARKER, SyntheticWriter, damage, read_manifest
 from diffinv.device import compile_wanted, halving_on_oom, resolve_device, resolve_dtype
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.generation import generate_batch, plan_samples, public
 from diffinv.diffusion.methods import get_method
 from diffinv.diffusion.methods.base import GenerationSettings
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.sampling import grey_of, pixels_to_uint8
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.errors import UserError
 from diffinv.progress import bar as progress_bar
-from diffinv.runs import Units, check_free_space, file_sha256, open_output, read_json, read_yaml, refuse_inside, remove_temporaries, write_yaml
+from diffinv.runs import (
+    Units,
+    check_free_space,
+    file_sha256,
+    open_output,
+    read_json,
+    read_yaml,
+    refuse_inside,
+    remove_temporaries,
+    write_yaml,
+)
 from diffinv.shards import Shard
 from diffinv.stages import Stage
 from diffinv.stages.finetune import adapter_prompt
@@ -69,7 +80,8 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
 
     # 3. Model on the device, and the check that the stores were made with it.
     device = resolve_device(config.device)
-    backbone = load_backbone(model, with_text_encoder=method.wants_text_encoder(settings), original_config=store.info.get("original_config", ""),
+    backbone = load_backbone(model, with_text_encoder=method.wants_text_encoder(settings),
+                             original_config=store.info.get("original_config", ""),
                              prediction_type=store.info.get("prediction_type", "")).to(device, resolve_dtype(config.precision, device))
     backbone.with_prediction_type(store.info.get("prediction_type", ""))  # sample with what the store was inverted against
     backbone.check_supported()
@@ -138,7 +150,8 @@ def _intact(out: Path, log: Callable[[str], None]) -> bool:
     return False
 
 
-def _generate_chunks(config: GenerateConfig, settings: GenerationSettings, out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], backbone: Any,
+def _generate_chunks(config: GenerateConfig, settings: GenerationSettings, out: Path, writer: SyntheticWriter,
+                     rows: list[dict[str, Any]], backbone: Any,
                      source: Any, store: Any, grey: bool, shard: Shard, progress: bool,
                      on_batch: Callable[[int], None] | None, log: Callable[[str], None], pad_to: int | None = None) -> None:
     """Generate and write this shard's chunks that still miss images, halving a chunk that runs out of memory."""
@@ -240,7 +253,8 @@ def _summary(config: GenerateConfig, out: Path) -> str:
         per_class[r["class"]] = per_class.get(r["class"], 0) + 1
     fallbacks = sum(1 for r in rows if r.get("partner_fallback"))
     note = f"; {fallbacks} partners from another class (class had a single image)" if fallbacks else ""
-    return (f"dataset {out}: {len(rows)} images ({how(config)}) in {len(per_class)} classes, {min(per_class.values())}-{max(per_class.values())} per class{note}")
+    return (f"dataset {out}: {len(rows)} images ({how(config)}) in {len(per_class)} classes, "
+            f"{min(per_class.values())}-{max(per_class.values())} per class{note}")
 
 
 def how(config: GenerateConfig) -> str:
@@ -256,9 +270,11 @@ def _run(config: GenerateConfig, out: Path, *, shard: Shard, resume: bool, overw
 
 
 STAGE = Stage(name="generate", config=GenerateConfig, marker=MARKER, run=_run, finish=finish_dataset, count_done=_count_done,
-              summary=_summary, unit="img", path_fields=("model", "store", "class_store", "adapters", "pool", "judge", "image_model", "pool_cache"), shardable=True,
+              summary=_summary, unit="img", shardable=True,
+              path_fields=("model", "store", "class_store", "adapters", "pool", "judge", "image_model", "pool_cache"),
               help="sample a synthetic dataset around the learned conditionings (stage 2)",
               description=("Diffusion Inversion stage 2: c = c_i + s (c_j - c_i) + sigma * eps, guided by the mean embedding; "
-                          "or a rival method (prompt, class-inversion, img2img) through the same sampler, or retrieval of the nearest pool images."),
+                          "or a rival method (prompt, class-inversion, img2img) through the same sampler, or retrieval of the "
+                          "nearest pool images."),
               outputs=("dataset folder to write: OUT/<class>/<id>.png + manifest.jsonl",
                       "complete an unfinished set (re-running does the same)", "replace an existing generated set"))

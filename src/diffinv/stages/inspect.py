@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from diffinv.config import InvertConfig
 from diffinv.data.real import open_images
 from diffinv.device import resolve_device, resolve_dtype
-from diffinv.config import InvertConfig
 from diffinv.diffusion.model_io import load_backbone
 from diffinv.stages import Stage
 

@@ -9,9 +9,10 @@ b % N == I into the one folder; whichever shard finishes last writes the manifes
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,16 +20,23 @@ import torch
 from diffinv import rng
 from diffinv.config import InvertConfig, config_to_dict
 from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images, select, validation_ids
-from diffinv.device import (OUT_OF_MEMORY, batch_that_fits, check_precision, compile_wanted, halving_on_oom, peak_cuda_bytes,
-                             resolve_device, resolve_dtype)
+from diffinv.device import (
+    OUT_OF_MEMORY,
+    batch_that_fits,
+    check_precision,
+    compile_wanted,
+    halving_on_oom,
+    peak_cuda_bytes,
+    resolve_device,
+    resolve_dtype,
+)
 from diffinv.diffusion.backbone import Backbone, ModelError
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.encoder import EncoderError, encoder_tokens, load_encoder
 from diffinv.diffusion.inversion import DONE, InversionError, InversionSettings, encode_images, invert_items, padded
+from diffinv.diffusion.model_io import load_backbone
 from diffinv.diffusion.store import CLASS_PREFIX, MARKER, EmbeddingStore, StoreError, StoreWriter, damage, part_name, read_rows
 from diffinv.progress import bar as progress_bar
-from diffinv.runs import (RunError, Units, add_cost, check_free_space, open_output, read_json, read_yaml, remove_temporaries,
-                          write_yaml)
+from diffinv.runs import RunError, Units, add_cost, check_free_space, open_output, read_json, read_yaml, remove_temporaries, write_yaml
 from diffinv.shards import Shard
 from diffinv.stages import Stage
 
@@ -185,7 +193,9 @@ def _invert_batches(config: InvertConfig, out: Path, writer: StoreWriter, backbo
         # Out of GPU memory, a batch is split in two and each half written as its own part; a group of
         # the official update pattern cannot be (its images share an optimiser), so lower --group-batch;
         # nor is an early-stopping pool (its images move through --batch-size slots), so lower --batch-size.
-        def run(part, b=b, whole=len(todo)):  # halves after an out-of-memory are not padded back to the size that failed
+        whole = len(todo)
+
+        def run(part, b=b, whole=whole):  # halves after an out-of-memory are not padded back to the size that failed
             pad = pad_to if len(part) == whole else None
             return _invert_and_write(backbone, images, list(part), config, writer, bar, b, on_step, log, encoder, pad)
         if config.update == "group" or config.early_stop:
@@ -205,7 +215,8 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
     # The absolute path lets `generate` find the model from any working directory.
     model_path = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
     info = {"model": config.model, "model_path": model_path, "model_fingerprint": backbone.fingerprint(),
-            "cond_shape": [config.tokens + backbone.extra_tokens, backbone.cond_dim], "classes": images.classes, "resolution": config.resolution,
+            "cond_shape": [config.tokens + backbone.extra_tokens, backbone.cond_dim], "classes": images.classes,
+            "resolution": config.resolution,
             "latent_shape": list(backbone.latent_shape(config.resolution)), "n_images": len(item_ids), "n_items": len(item_ids),
             "target": config.target, "shards": shard.count, "dtype": str(backbone.dtype).replace("torch.", ""),
             "prediction_type": backbone.prediction_type,
@@ -293,7 +304,7 @@ def finish_store(out: str | Path, log: Callable[[str], None] = print, strict: bo
 
 def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[int], config: InvertConfig,
                       writer: StoreWriter, bar, batch_index: int, on_step: StepHook | None,
-                      log: Callable[[str], None], encoder: "torch.nn.Module | _ByLabel | None", pad_to: int | None = None) -> int:
+                      log: Callable[[str], None], encoder: torch.nn.Module | _ByLabel | None, pad_to: int | None = None) -> int:
     """Invert one batch of items (images, or classes with ``target == "class"``) and write its part.
 
     Returns how many items were given up on (non-finite loss after every retry).

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,12 +28,22 @@ from diffinv.device import resolve_device, slow_bf16_warning
 from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.encoder import TokenEncoder
 from diffinv.diffusion.model_io import load_vae, save_folder
-from diffinv.diffusion.pretrain import (PretrainError, autoencoder_loss, base_scheduler_config, build_base_unet, ema_update,
-                                        is_grey)
+from diffinv.diffusion.pretrain import PretrainError, autoencoder_loss, base_scheduler_config, build_base_unet, ema_update, is_grey
 from diffinv.diffusion.views import denoiser_view, flips, random_views, strong
+from diffinv.runs import (
+    RunError,
+    load_optimiser_tensors,
+    open_output,
+    prefixed,
+    read_checkpoint,
+    read_json,
+    save_checkpoint,
+    write_json,
+    write_safetensors,
+    write_text,
+    write_yaml,
+)
 from diffinv.schedule import lr_factor
-from diffinv.runs import (RunError, load_optimiser_tensors, open_output, prefixed, read_checkpoint, read_json, save_checkpoint,
-                          write_json, write_safetensors, write_text, write_yaml)
 from diffinv.stages import Stage
 
 MARKER = "pretrain.json"
@@ -115,11 +126,11 @@ class _Latents:
 
     mean: torch.Tensor  # [N, C, h, w], scaled as the UNet sees them
     std: torch.Tensor
-    flipped: "_Latents | None" = None
+    flipped: _Latents | None = None
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, vae: nn.Module, pixels: torch.Tensor, hflip: bool, progress: bool) -> "_Latents":
+    def encode(cls, vae: nn.Module, pixels: torch.Tensor, hflip: bool, progress: bool) -> _Latents:
         from diffinv.progress import bar
 
         # As Backbone.encode scales and shifts them: what inversion and sampling will see.
@@ -153,7 +164,7 @@ class _Models:
     scheduler_config: dict
 
     @classmethod
-    def build(cls, config: PretrainConfig, channels: int, device: torch.device, out: Path, vae: nn.Module | None) -> "_Models":
+    def build(cls, config: PretrainConfig, channels: int, device: torch.device, out: Path, vae: nn.Module | None) -> _Models:
         torch.manual_seed(config.seed)
         size, unet_channels = config.resolution, channels
         if vae is not None:
@@ -306,7 +317,7 @@ def _preview(backbone: Backbone, encoder: TokenEncoder, pixels: torch.Tensor, co
     """Three rows of ``n``: real training images, their reconstructions from the encoder's tokens, unconditional samples."""
     from PIL import Image
 
-    from diffinv.diffusion.sampling import sample_latents, pixels_to_uint8
+    from diffinv.diffusion.sampling import pixels_to_uint8, sample_latents
     from diffinv.runs import atomic_write
 
     n = min(n, len(pixels))

@@ -16,27 +16,40 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from diffinv.classify.augment import Augmenter
+from diffinv.classify.batches import eval_steps
 from diffinv.classify.metrics import channel_stats, evaluate, normalise
 from diffinv.classify.models import build_model, check_arch, load_trained
 from diffinv.classify.pretrained import load_pretrained, param_groups, pretrained_state
-from diffinv.classify.batches import eval_steps
-from diffinv.stages.train_data import TrainingError, load_test_split, load_train_data, plan_streams
 from diffinv.config import TrainConfig, config_to_dict
 from diffinv.data.real import DataError
 from diffinv.device import resolve_device, slow_bf16_warning
 from diffinv.rng import key_of
+from diffinv.runs import (
+    RunError,
+    add_cost,
+    load_optimiser_tensors,
+    open_output,
+    prefixed,
+    read_checkpoint,
+    read_json,
+    save_checkpoint,
+    write_json,
+    write_safetensors,
+    write_text,
+    write_yaml,
+)
 from diffinv.schedule import lr_factor
-from diffinv.runs import (RunError, add_cost, load_optimiser_tensors, open_output, prefixed, read_checkpoint, read_json, save_checkpoint,
-                          write_json, write_safetensors, write_text, write_yaml)
 from diffinv.stages import Stage
+from diffinv.stages.train_data import TrainingError, load_test_split, load_train_data, plan_streams
 
 MARKER = "train.json"
 TRAINED = "trained.json"  # what the run was (sizes, validation), written before any test

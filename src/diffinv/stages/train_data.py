@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from diffinv.classify.batches import Stream, conflicting_labels, overlap_notes
 from diffinv.config import TrainConfig
 from diffinv.data.real import DataError, LabelledImages, load_uint8, open_images, select, validation_ids
 from diffinv.data.synthetic import MARKER, open_synthetic, read_manifest
 from diffinv.errors import UserError
-from diffinv.classify.batches import Stream, conflicting_labels, overlap_notes
 from diffinv.runs import read_json, read_yaml
 
 MIN_RESOLUTION = 32  # the smallest side on which every listed architecture keeps a spatial map

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 import shutil
-
 import statistics
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from diffinv.config import ConfigError, StudyConfig, config_to_dict, load_config, result_fields
 from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
@@ -237,7 +237,7 @@ def time_line(plan: Plan, out: Path) -> str:
     per_method: dict[str, list[float]] = {}
     for unit in plan.units.values():
         if unit.kind == "set":
-            store = next((k for k in plan.units if plan.units[k].kind == "store" and str(unit.config.store).endswith(plan.units[k].folder)), None)
+            store = next((k for k, u in plan.units.items() if u.kind == "store" and str(unit.config.store).endswith(u.folder)), None)
             per_method.setdefault(unit.config.method, []).append(seconds[unit.key] + (seconds[store] if store else 0.0))
     costs = [f"{m} {human_duration(statistics.mean(v))}" for m, v in sorted(per_method.items())]
     return line + (f"; per synthetic set (its inversion included): {', '.join(costs)}" if costs else "")
@@ -373,8 +373,8 @@ def test_runs(units: list[Unit], out: Path, log: Log, pool: Any = None) -> None:
 def warn_overlap(plan: Plan, out: Path, log: Log) -> None:
     """Say once, before the test is read, when real training images of any replicate are byte for byte test images."""
     from diffinv.classify.batches import overlap_notes
-    from diffinv.stages.train_data import load_test_split
     from diffinv.data.real import load_uint8, open_images, select, validation_ids
+    from diffinv.stages.train_data import load_test_split
 
     configs = list({(u.config.per_class, u.config.subset_seed): u.config for u in plan.runs()}.values())
     trained = read_json(out / plan.runs()[0].folder / "trained.json")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ class Work:
     sampling: float = 0.0  # image-passes (UNet forward)
     classifier: dict[tuple[str, int, int], float] = field(default_factory=dict)  # (arch, resolution, batch) -> steps
 
-    def add(self, other: "Work") -> None:
+    def add(self, other: Work) -> None:
         self.inversion += other.inversion
         self.sampling += other.sampling
         for key, steps in other.classifier.items():

@@ -7,9 +7,10 @@ split and resumed: :mod:`diffinv.study.engine`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from diffinv.config import StudyConfig
 from diffinv.runs import read_json

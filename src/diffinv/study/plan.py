@@ -18,8 +18,17 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from diffinv.config import (FilterConfig, FinetuneConfig, GenerateConfig, InvertConfig, StudyConfig, TrainConfig, config_to_dict,
-                            load_config, result_fields)
+from diffinv.config import (
+    FilterConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    InvertConfig,
+    StudyConfig,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    result_fields,
+)
 from diffinv.runs import RunError, read_json
 from diffinv.study.spec import REAL, Candidate, candidates
 
@@ -144,7 +153,7 @@ def build_plan(study: StudyConfig, out: str | Path) -> Plan:
     return plan
 
 
-def adapters(plan: Plan, where: "_Where", cand: Candidate, k: int, r: int, job: int, out: Path) -> Unit:
+def adapters(plan: Plan, where: _Where, cand: Candidate, k: int, r: int, job: int, out: Path) -> Unit:
     """The replicate's per-class LoRA adapters, fitted on its class store (made here: di+lora's store is per image)."""
     config = _invert_config(where, cand, k, r, target="class")
     classes = _add(plan, "store", f"k{k}-r{r}-class", config, job, where.written)
@@ -153,7 +162,7 @@ def adapters(plan: Plan, where: "_Where", cand: Candidate, k: int, r: int, job: 
     return _add(plan, "adapters", f"k{k}-r{r}", fit, job, {"store": classes.key})
 
 
-def real_judge(plan: Plan, where: "_Where", k: int, r: int, job: int) -> Unit:
+def real_judge(plan: Plan, where: _Where, k: int, r: int, job: int) -> Unit:
     """The replicate's first real-only run: the judge of its filters and of retrieval's ``space: judge`` (never val or test)."""
     return _add(plan, "run", f"real-k{k}-r{r}-c0", _train_config(where, plan.candidates[REAL][0], k, r, 0, []), job,
                 {**where.written, "synthetic": []})

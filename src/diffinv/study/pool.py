@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def workers_for(processes: int, device: str) -> int:
@@ -24,9 +25,8 @@ def workers_for(processes: int, device: str) -> int:
 def process_pool(workers: int) -> Any:
     """``workers`` fresh (spawned) processes sharing this process's torch threads (at least one each)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     import os
+    from concurrent.futures import ProcessPoolExecutor
 
     threads = max(1, _cores() // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,

@@ -41,8 +41,17 @@ from typing import Any
 
 import yaml
 
-from diffinv.config import (STUDY_OWNED, ConfigError, FilterConfig, FinetuneConfig, GenerateConfig, InvertConfig, StudyConfig,
-                            TrainConfig, load_config)
+from diffinv.config import (
+    STUDY_OWNED,
+    ConfigError,
+    FilterConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    InvertConfig,
+    StudyConfig,
+    TrainConfig,
+    load_config,
+)
 from diffinv.errors import brief
 from diffinv.runs import read_yaml
 

@@ -65,7 +65,7 @@ class GenerationSettings:
     batch_size: int = 64
 
     @classmethod
-    def of(cls, source: object, **from_folders: Any) -> "GenerationSettings":
+    def of(cls, source: object, **from_folders: Any) -> GenerationSettings:
         """The settings of ``source``, with the fields the stage read from the folders they name (``from_folders``)."""
         return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if f.name not in FROM_FOLDERS}, **from_folders)
 

@@ -12,8 +12,18 @@ import torch
 
 from diffinv.data.real import load_pixels
 from diffinv.diffusion.backbone import Backbone
-from diffinv.diffusion.methods.base import (Conditioning, GenerationSettings, Inputs, Method, Row, add_partners, index_real,
-                                            per_image_rows, perturbed, uncond_for)
+from diffinv.diffusion.methods.base import (
+    Conditioning,
+    GenerationSettings,
+    Inputs,
+    Method,
+    Row,
+    add_partners,
+    index_real,
+    per_image_rows,
+    perturbed,
+    uncond_for,
+)
 from diffinv.diffusion.sampling import img2img_steps
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.errors import UserError

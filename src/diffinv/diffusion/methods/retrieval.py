@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from diffinv.progress import bar
 
 from diffinv.data.near_duplicates import near_duplicates
-from diffinv.data.pool import (cached, content_hashes, default_cache, near_signatures, nearest, open_pool, readable,
-                               signature)
+from diffinv.data.pool import cached, content_hashes, default_cache, near_signatures, nearest, open_pool, readable, signature
 from diffinv.data.real import DataError, LabelledImages, load_pixels, load_uint8
 from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.methods.base import Conditioning, GenerationSettings, Inputs, Method, Row, index_real, per_image_rows
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.errors import UserError
+from diffinv.progress import bar
 from diffinv.runs import file_sha256
 
 
