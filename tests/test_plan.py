@@ -60,3 +60,19 @@ def test_a_large_study_asks_for_yes_before_any_unit(tiny_latent, split_data, tmp
     assert not (tmp_path / "s" / "stores").exists() and not (tmp_path / "s" / "study.yaml").exists()
     code, text = run_cli(capsys, *_argv(tiny_latent, split_data, tmp_path / "p", "--plan"))
     assert code == 0 and "starting it will need --yes" in text
+
+
+def test_what_makes_a_study_uninformative_is_said_before_the_work():
+    from diffinv.study.estimate import uninformative
+
+    short = {"t": Work(classifier={("resnet18", 32, 64): 30.0})}
+    notes = uninformative(short, data_size=96, native=16, n_classes=3)
+    assert any("30 SGD steps, too few to learn 3 classes" in n for n in notes)
+    assert any("16 px images and the data is 96 px" in n and "6x upsampled" in n for n in notes)
+    assert uninformative({"t": Work(classifier={("resnet18", 32, 64): 300.0})}, 32, 32, 10) == []
+
+
+def test_study_progress_says_the_time_left():
+    from diffinv.study.engine import eta_line
+
+    assert eta_line(2, 10, 600.0) == "study: 2 of 10 jobs done in 10 min, about 40 min left"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -59,6 +60,14 @@ def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None
             said.parent.rmdir()
 
 
+def eta_line(done: int, total: int, elapsed: float) -> str:
+    """The study's progress over its jobs, with the time left if the rest go as those done did."""
+    from diffinv.study.estimate import human_duration
+
+    return (f"study: {done} of {total} jobs done in {human_duration(elapsed)}, about "
+            f"{human_duration(elapsed / done * (total - done))} left")
+
+
 def plan_line(study: StudyConfig, plan: Plan, finished: int, jobs: int) -> str:
     counts = {kind: sum(1 for u in plan.units.values() if u.kind == kind) for kind in ("store", "adapters", "set", "filter", "run")}
     filtered = f" ({counts['filter']} of them filtered)" if counts["filter"] else ""
@@ -72,7 +81,8 @@ def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit],
     """The estimated time of ``units`` (those not finished) on this device, from a probe timed here; logged."""
     from diffinv.data.real import open_images
     from diffinv.device import resolve_device
-    from diffinv.study.estimate import Rates, Work, classifier_rates, human_duration, plan_work, probe
+    from diffinv.diffusion.model_io import load_backbone
+    from diffinv.study.estimate import Rates, Work, classifier_rates, human_duration, plan_work, probe, uninformative
 
     units = [u for u in units if not u.done(out)]
     images = open_images(local_path(study, study.data), study.format, study.split)
@@ -82,9 +92,13 @@ def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit],
         todo.add(work[unit.key])
     store = next((u.config for u in plan.units.values() if u.kind == "store"), None)
     device = resolve_device(study.device)
-    model = store.model if store is not None else ""
-    if model and (todo.inversion or todo.sampling):
-        rates = probe(model, store.resolution, images.image(0).size[0], list(todo.classifier), len(images.classes), str(device))
+    backbone = load_backbone(store.model) if store is not None and store.model else None
+    data_size = images.image(0).size[0]
+    native = backbone.native_resolution if backbone is not None else None
+    for note in uninformative({u.key: work[u.key] for u in units}, data_size, native, len(images.classes)):
+        log(f"warning: {note}")
+    if backbone is not None and (todo.inversion or todo.sampling):
+        rates = probe(backbone, store.resolution, data_size, list(todo.classifier), len(images.classes), str(device))
     else:  # only classifier runs left
         rates = Rates(0.0, 0.0, classifier_rates(list(todo.classifier), len(images.classes), str(device)))
     seconds = rates.seconds(todo)
@@ -144,8 +158,11 @@ def _run_jobs(study: StudyConfig, plan: Plan, out: Path, todo: list[int], worker
             log(f"running {len(todo)} jobs in {workers} processes")
             run_all(pool, run_job, [(plan.job_units(j), out, _job_name(plan, j), said) for j in todo])
         else:
-            for j in todo:
+            started = time.monotonic()
+            for done, j in enumerate(todo, 1):
                 run_job(plan.job_units(j), out, _job_name(plan, j), said, progress=progress, log=log, hook=hook)
+                if done < len(todo):
+                    log(eta_line(done, len(todo), time.monotonic() - started))
         if not _units(plan, out, shard.count).complete(strict=shard.whole, log=log):
             return None
         return finish(study, plan, out, log=log, pool=pool)

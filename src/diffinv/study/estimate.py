@@ -91,12 +91,10 @@ def _timed(step: Callable[[], Any], repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def probe(model: str, resolution: int | None, data_size: int, classifier_keys: list[tuple[str, int, int]], n_classes: int,
+def probe(backbone: Any, resolution: int | None, data_size: int, classifier_keys: list[tuple[str, int, int]], n_classes: int,
           device: str = "cpu", batch: int = 4) -> Rates:
-    """Time one inversion image-step, one sampling image-pass and one step of each classifier here."""
-    from diffinv.diffusion.model_io import load_backbone
-
-    backbone = load_backbone(model).to(device)
+    """Time one inversion image-step, one sampling image-pass (of ``backbone``) and one step of each classifier here."""
+    backbone = backbone.to(device)
     resolution = resolution or backbone.choose_resolution(data_size)
     x = torch.randn(batch, *backbone.latent_shape(resolution), device=device)
     t = torch.full((batch,), 500, device=device)
@@ -129,6 +127,24 @@ def classifier_rates(keys: list[tuple[str, int, int]], n_classes: int, device: s
             optimiser.step()
         rates[(arch, size, batch)] = _timed(step, repeats=2)
     return rates
+
+
+MIN_CLASSIFIER_STEPS = 100  # fewer SGD steps and a classifier's accuracy is mostly its initialisation's
+
+
+def uninformative(work: dict[str, Work], data_size: int, native: int | None, n_classes: int) -> list[str]:
+    """What makes a study unable to answer, known before any unit runs: classifier runs too short to learn the data,
+    a generator whose images are far smaller than the data's (every synthetic image is an upsampled thumbnail)."""
+    notes = []
+    steps = [s for w in work.values() for s in w.classifier.values()]
+    if steps and min(steps) < MIN_CLASSIFIER_STEPS:
+        notes.append(f"some classifier runs take {min(steps):.0f} SGD steps, too few to learn {n_classes} classes (their "
+                     f"accuracy is mostly noise, and so are the gains): give train: {{steps: 300}} or more epochs")
+    if native is not None and data_size > 2 * native:
+        notes.append(f"the model makes {native} px images and the data is {data_size} px: every synthetic image is a "
+                     f"{data_size / native:.0f}x upsampled thumbnail; use a model made at {data_size // 2} px or more (or "
+                     f"train the classifiers at --train-resolution {native})")
+    return notes
 
 
 def human_duration(seconds: float) -> str:
