@@ -86,8 +86,10 @@ def test_a_study_reads_every_weights_file_it_names_before_it_starts(split_tree, 
 
 def _study(tmp_path, data, body: str, name: str = "s") -> str:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(f"data: {data}\nper_class: [2]\nseeds: [0]\nval_per_class: 1\nreport: false\nprocesses: 1\n"
-                    f"train: {{arch: small-cnn, steps: 1, resolution: 16}}\n" + body)
+    base = f"data: {data}\nper_class: [2]\nseeds: [0]\nval_per_class: 1\nreport: false\nprocesses: 1\n" \
+           f"train: {{arch: small-cnn, steps: 1, resolution: 16}}\n"
+    own = {line.split(":")[0] for line in body.splitlines()}  # the body's keys replace the defaults (a key twice is refused)
+    path.write_text("".join(line + "\n" for line in base.splitlines() if line.split(":")[0] not in own) + body)
     return str(path)
 
 
