@@ -222,7 +222,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
     found = {}
     for path in sorted(out.rglob("*")):
         wanted = path.suffix in (".safetensors", ".png", ".json", ".jsonl", ".md", ".csv") and path.name != "checkpoint.safetensors"
-        if not path.is_file() or not wanted or "report" in path.parts or path.name == "cost.json":  # timings, not results
+        if not path.is_file() or not wanted or "report" in path.parts or path.name in ("cost.json", "estimate.json"):  # timings
             continue
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as fh:
