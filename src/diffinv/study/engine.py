@@ -30,6 +30,7 @@ from diffinv.study.pool import process_pool, run_all, workers_for
 from diffinv.study.spec import REAL, check_files, compare_pairs
 
 Log = Callable[[str], None]
+PLURAL = {"store": "stores", "adapters": "LoRA adapter sets", "set": "sets", "filter": "filtered sets", "run": "runs"}
 
 
 def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None, progress: bool = True, log: Log = print,
@@ -104,7 +105,7 @@ def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit],
     seconds = rates.seconds(todo)
     per_kind = {kind: sum(1 for u in units if u.kind == kind) for kind in ("store", "adapters", "set", "filter", "run")}
     log(f"estimate: about {human_duration(seconds)} of {device.type.upper()} time for {len(units)} unfinished units "
-        f"({', '.join(f'{n} {k}s' for k, n in per_kind.items() if n)}), from a probe timed here: "
+        f"({', '.join(f'{n} {PLURAL[k]}' for k, n in per_kind.items() if n)}), from a probe timed here: "
         f"{rates.inversion * 1e3:.1f} ms per inversion image-step, {rates.sampling * 1e3:.1f} ms per sampling image-pass, "
         f"{_classifier_rates(rates)}; it leaves out data loading, decoding and evaluation, and splits over "
         f"the processes")
@@ -143,7 +144,7 @@ def show_plan(study: StudyConfig, out: str | Path, log: Log = print) -> None:
     for kind in ("store", "adapters", "set", "filter", "run"):
         mine = [u for u in todo if u.kind == kind]
         if mine:
-            log(f"  {len(mine):>5} {kind}s to make, e.g. {mine[0].folder}")
+            log(f"  {len(mine):>5} {PLURAL[kind]} to make, e.g. {mine[0].folder}")
     if todo:
         estimate = estimate_units(study, plan, out, todo, log)
         from diffinv.config import PLAN_HOURS, PLAN_UNITS
