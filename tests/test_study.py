@@ -137,6 +137,7 @@ def test_a_study_runs_every_stage_from_one_command_and_reads_test_last(tiny_base
     # The plan's estimate came first, from a probe; the measured time sits beside it at the end.
     assert printed.index("estimate: about") < printed.index("[job 1/3") and "ms per inversion image-step" in printed
     assert "measured in the units (cost.json); estimated" in printed and read_json(out / "estimate.json")["units"] > 0
+    assert "cost: di at 2 per class:" in printed and "points per CPU-hour" in printed  # accuracy bought per hour
     assert printed.count("the store's images are grey") == 1 and not (out / ".said").exists()  # a note once, not per set
     inversions = [e for e in events if e[0] == "invert_dataset"]
     assert len(inversions) == 3 and len({p for _, p in inversions}) == 3  # exactly one per replicate and size

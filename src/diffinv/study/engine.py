@@ -235,6 +235,8 @@ def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool:
     write_text(out / "results.md", result_table(summary) + (f"\n\nSettings chosen on validation:\n{chosen}" if chosen else "")
                + f"\n\nOn the test split (95% intervals over {len(study.seeds)} replicates, paired):\n{verdict_lines(summary)}\n")
     log(time_line(plan, out))
+    for line in gain_per_hour(plan, out, summary):
+        log(line)
     if study.report:
         from diffinv.report.build import build_report
 
@@ -259,6 +261,33 @@ def time_line(plan: Plan, out: Path) -> str:
             per_method.setdefault(unit.config.method, []).append(seconds[unit.key] + (seconds[store] if store else 0.0))
     costs = [f"{m} {human_duration(statistics.mean(v))}" for m, v in sorted(per_method.items())]
     return line + (f"; per synthetic set (its inversion included): {', '.join(costs)}" if costs else "")
+
+
+def gain_per_hour(plan: Plan, out: Path, summary: list[dict[str, Any]]) -> list[str]:
+    """Each kept method's gain over real only per hour of the device that made its data (its sets and their stores, from
+    cost.json, per replicate): accuracy bought per GPU- or CPU-hour."""
+    from diffinv.runs import cost_seconds
+
+    lines = []
+    for row in summary:
+        gain = (row.get("gain") or {}).get(row.get("headline", "top1"))
+        if gain is None or row.get("baseline", "real") != "real":
+            continue
+        trials = [t for t in plan.trials_of(row["method"], row["setting"], row["per_class"]) if t.sets]
+        per_replicate = []
+        for trial in trials:
+            units = {key for key in trial.sets} | {k for key in trial.sets for k, u in plan.units.items() if u.kind == "store"
+                                                   and str(getattr(plan.units[key].config, "store", "")).endswith(u.folder)}
+            per_replicate.append(sum(cost_seconds(out / plan.units[k].folder) or 0.0 for k in units))
+        hours = statistics.mean(per_replicate) / 3600 if per_replicate else 0.0
+        device = next((read_json(out / plan.units[k].folder / "cost.json").get("device", "cpu") for t in trials for k in t.sets
+                       if (out / plan.units[k].folder / "cost.json").is_file()), "cpu")
+        if hours > 0:
+            kind = "GPU" if device.startswith("cuda") else device.upper()
+            lines.append(f"cost: {row['method']} at {row['per_class']} per class: {gain['mean'] * 100:+.2f} points over real only "
+                         f"for {hours * 3600:.0f} s of {kind} per replicate, {gain['mean'] * 100 / hours:+.1f} points per "
+                         f"{kind}-hour")
+    return lines
 
 
 def check_splits(study: StudyConfig) -> None:
