@@ -45,6 +45,7 @@ def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None
     mine = [j for j in range(len(plan.jobs)) if shard.owns(j)]
     todo = [j for j in mine if not all(u.done(out) for u in plan.job_units(j))]
     log(plan_line(study, plan, len(mine) - len(todo), len(mine)) + ("" if shard.whole else f" (shard {shard})"))
+    check_sizes(study)  # a size the data cannot give is said before any estimate or unit
     estimate = estimate_units(study, plan, out, [u for j in todo for u in plan.job_units(j)], log) if todo else None
     if estimate is not None and not study.yes:
         refuse_large(estimate)
@@ -288,6 +289,22 @@ def gain_per_hour(plan: Plan, out: Path, summary: list[dict[str, Any]]) -> list[
                          f"for {hours * 3600:.0f} s of {kind} per replicate, {gain['mean'] * 100 / hours:+.1f} points per "
                          f"{kind}-hour")
     return lines
+
+
+def check_sizes(study: StudyConfig) -> None:
+    """Every class has the largest real size asked for, beside its validation hold-out (counted from labels: no image read)."""
+    import numpy as np
+
+    from diffinv.data.real import DataError, open_images
+
+    images = open_images(local_path(study, study.data), study.format, study.split)
+    counts = np.bincount(images.labels, minlength=len(images.classes))
+    largest = max(study.per_class + study.real_sizes)
+    for name, count in zip(images.classes, counts.tolist()):
+        if count - study.val_per_class < largest:
+            held = f" (after the {study.val_per_class} held out for validation)" if study.val_per_class else ""
+            raise DataError(f"class {name!r} has only {count - study.val_per_class} image(s){held}, fewer than --per-class "
+                            f"{largest}; lower --per-class / real_sizes{' or --val-per-class' if study.val_per_class else ''}")
 
 
 def check_splits(study: StudyConfig) -> None:
