@@ -66,18 +66,13 @@ def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = Fal
     if autocast and (warning := slow_bf16_warning(torch.bfloat16, device)):
         log(f"warning: {warning}")
 
-    # 1. The output folder: fresh, resumed (same settings only) or already done.
-    state = open_output(out, MARKER, config, noun="base", resume=resume, overwrite=overwrite)
-    if state == "done":
-        log(f"{out} is already complete")
+    # 1-2. The output folder (fresh, resumed with the same settings only, or done) and the unlabeled training images as
+    #      pixels in [-1, 1]; on the device one channel for grey data (a VAE reads its own channels); with a VAE, every
+    #      image's latent posterior, computed once.
+    opened = open_pretraining(config, out, MARKER, "base", resume=resume, overwrite=overwrite, progress=progress, log=log)
+    if opened is None:
         return out
-    write_yaml(out / "config.yaml", config_to_dict(config))
-    write_json(out / MARKER, {"status": "running", "steps_total": config.steps})
-
-    # 2. Unlabeled training images as pixels in [-1, 1] on the device, one channel for grey data (a VAE reads its own
-    #    channels); with a VAE, every image's latent posterior, computed once.
-    pixels, mix = training_pixels(config, progress)
-    write_yaml(out / "config.yaml", config_to_dict(config), mix_comment(mix))
+    state, pixels, mix = opened
     vae = load_vae(config.vae).to(device) if config.vae else None
     channels = vae.config.in_channels if vae is not None else config.image_channels or (1 if is_grey(pixels) else 3)
     pixels = (pixels[:, :1] if channels == 1 else pixels).to(device)
@@ -263,6 +258,21 @@ def _log_window(history: list[dict], done: int, total: float, seconds: float, lr
         raise PretrainError(f"the loss became {mean} before step {done}; lower --lr (now {lr}) or use "
                             f"--precision fp32; the last checkpoint in {out} is kept")
     history.append({"step": done, "loss": mean, "seconds": round(seconds, 2)})
+
+
+def open_pretraining(config: Any, out: Path, marker: str, noun: str, *, resume: bool, overwrite: bool, progress: bool,
+                     log: Callable[[str], None]) -> tuple[str, torch.Tensor, dict[str, int]] | None:
+    """Every pretraining stage's opening: the folder (fresh / resume / None when done), its config and running marker,
+    then the training images (pixels, mix), the mix written at the top of config.yaml."""
+    state = open_output(out, marker, config, noun=noun, resume=resume, overwrite=overwrite)
+    if state == "done":
+        log(f"{out} is already complete")
+        return None
+    write_yaml(out / "config.yaml", config_to_dict(config))
+    write_json(out / marker, {"status": "running", "steps_total": config.steps})
+    pixels, mix = training_pixels(config, progress)
+    write_yaml(out / "config.yaml", config_to_dict(config), mix_comment(mix))
+    return state, pixels, mix
 
 
 def training_pixels(config: Any, progress: bool) -> tuple[torch.Tensor, dict[str, int]]:

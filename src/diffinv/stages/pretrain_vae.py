@@ -24,9 +24,9 @@ from diffinv.config import VaeConfig, config_to_dict
 from diffinv.device import resolve_device
 from diffinv.diffusion.pretrain import build_vae, latent_scale, psnr, vae_loss
 from diffinv.diffusion.views import denoiser_view
-from diffinv.runs import open_output, read_json, write_json, write_text, write_yaml
+from diffinv.runs import read_json, write_json, write_text, write_yaml
 from diffinv.stages import Stage
-from diffinv.stages.pretrain import batch_indices, load_checkpoint, mix_comment, plot_losses, train_loop, training_pixels
+from diffinv.stages.pretrain import batch_indices, load_checkpoint, mix_comment, open_pretraining, plot_losses, train_loop
 
 MARKER = "pretrain-vae.json"
 SCALE_IMAGES = 10_000  # images whose latents set the scaling factor (SD measured it on a batch of its data)
@@ -39,17 +39,12 @@ def pretrain_vae(config: VaeConfig, out: str | Path, *, resume: bool = False, ov
     device = resolve_device(config.device)
     autocast = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
-    # 1. The output folder: fresh, resumed (same settings only) or already done.
-    state = open_output(out, MARKER, config, noun="autoencoder", resume=resume, overwrite=overwrite)
-    if state == "done":
-        log(f"{out} is already complete")
+    # 1-2. The output folder (fresh, resumed with the same settings only, or done) and the unlabeled training images in
+    #      [-1, 1], always RGB (grey sources as R = G = B): one VAE for every domain.
+    opened = open_pretraining(config, out, MARKER, "autoencoder", resume=resume, overwrite=overwrite, progress=progress, log=log)
+    if opened is None:
         return out
-    write_yaml(out / "config.yaml", config_to_dict(config))
-    write_json(out / MARKER, {"status": "running", "steps_total": config.steps})
-
-    # 2. Unlabeled training images in [-1, 1], always RGB (grey sources as R = G = B): one VAE for every domain.
-    pixels, mix = training_pixels(config, progress)
-    write_yaml(out / "config.yaml", config_to_dict(config), mix_comment(mix))
+    state, pixels, mix = opened
     pixels = pixels.to(device)
 
     # 3. The model, its average and the optimiser; seeded.
