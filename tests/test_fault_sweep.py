@@ -46,3 +46,23 @@ def test_a_gain_within_noise_says_how_many_replicates_would_decide():
     flat = paired_gain([r + d for r, d in zip(real, [0.04, -0.04, 0.001, 0.03, -0.03])], real)
     assert replicates_to_decide(flat["mean"], flat["std"]) is None
     assert "would need more than 200 replicates" in verdict_lines([{**row, "gain": {"top1": {**flat, "degenerate": False}}}])
+
+
+def test_a_per_class_methods_class_sources_are_not_called_outside_the_subset(tmp_path):
+    import json
+
+    from diffinv.config import TrainConfig
+    from diffinv.stages.train_data import _provenance_notes
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "generate.json").write_text(json.dumps({"data": str((tmp_path / "data").resolve())}))
+
+    def notes(sources):
+        rows = [{"file": f"0/{i}.png", "class": "0", "source": s} for i, s in enumerate(sources)]
+        (tmp_path / "set" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = TrainConfig(data=str(tmp_path / "data"), synthetic=(str(tmp_path / "set"),), per_class=2)
+        return _provenance_notes(config, {"0/a.png"})
+
+    assert notes(["class:0", "class:1", "0/a.png"]) == []  # a LoRA set's rows name their class: no false alarm
+    assert "1 synthetic source image(s)" in notes(["class:0", "0/b.png"])[0]  # a real image outside the subset still is

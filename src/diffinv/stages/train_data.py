@@ -19,6 +19,7 @@ from diffinv.classify.batches import Stream, conflicting_labels, overlap_notes
 from diffinv.config import TrainConfig
 from diffinv.data.real import DataError, LabelledImages, load_uint8, open_images, select, validation_ids
 from diffinv.data.synthetic import MARKER, open_synthetic, read_manifest
+from diffinv.diffusion.store import CLASS_PREFIX
 from diffinv.errors import UserError
 from diffinv.runs import read_json, read_yaml
 
@@ -153,7 +154,9 @@ def _provenance_notes(config: TrainConfig, chosen: set[str]) -> list[str]:
             notes.append(f"the synthetic set {root} was made from the images of {made_from}, not of {config.data} (this run's "
                          f"data): its sources are other images than this run's subset")
             continue
-        outside = {r["source"] for r in read_manifest(root) if r.get("source") and r["source"] not in chosen}
+        # A per-class row's source names its class ("class:NAME", a class store's row), not one real image.
+        outside = {r["source"] for r in read_manifest(root)
+                   if r.get("source") and r["source"] not in chosen and not r["source"].startswith(CLASS_PREFIX)}
         if outside:
             notes.append(f"{len(outside)} synthetic source image(s) of {root} are not in the real subset (per-class "
                          f"{config.per_class}, subset-seed {config.subset_seed}); pass the settings the store was inverted with")
