@@ -266,6 +266,7 @@ def test_a_failed_command_leaves_no_empty_output(tmp_path, capsys):
     assert code == 2 and not out.exists()
 
 
+@pytest.mark.slow
 def test_train_resume_after_a_kill_gives_the_same_metrics_file(tmp_path):
     from diffinv.config import TrainConfig
     from diffinv.stages.train import train_classifier
@@ -286,12 +287,14 @@ def test_train_resume_after_a_kill_gives_the_same_metrics_file(tmp_path):
 
 
 def test_write_safetensors_reports_a_full_disk_as_such(tmp_path, monkeypatch):
+    import safetensors.torch
+
     import diffinv.runs as runs
 
     def full(*args, **kwargs):
         raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
 
-    monkeypatch.setattr(runs, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(runs.RunError, match="disk is full"):
         write_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)})
     assert not list(tmp_path.iterdir())

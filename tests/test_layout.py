@@ -1,6 +1,7 @@
 """The package's shape: no import circles, and the library never imports the orchestration above it."""
 
 import ast
+import re
 from pathlib import Path
 
 import diffinv
@@ -15,7 +16,7 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """Every diffinv module ``path`` imports, at the top or inside a function (a lazy import is still a dependency)."""
+    """Every diffinv module ``path`` imports, at the top, inside a function or by name (a lazy import is still a dependency)."""
     found = set()
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
@@ -27,6 +28,8 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             names = [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"diffinv(\.\w+)+:\w+", node.value):
+            names = [node.value.partition(":")[0]]  # "module:attribute", imported by name when used (the stage catalog)
         for name in names:
             # "from diffinv import rng" names a module; "from diffinv.config import X" names its module.
             while name and name not in modules:

@@ -76,3 +76,49 @@ def test_study_progress_says_the_time_left():
     from diffinv.study.engine import eta_line
 
     assert eta_line(2, 10, 600.0) == "study: 2 of 10 jobs done in 10 min, about 40 min left"
+
+
+def test_the_wiener_estimate_is_the_best_per_value_guess_and_an_oracle_beats_it():
+    import torch
+
+    from diffinv.diffusion.objective import gain_over_wiener_db, q_sample, wiener_estimate
+
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.3 + 0.5 * torch.randn(64, 2, 8, 8, generator=g)  # per-value Gaussian: no structure to learn
+    a = torch.full((64,), 0.4)
+    x_t = q_sample(x0, torch.randn(x0.shape, generator=g), a)
+    wiener = wiener_estimate(x_t, a, torch.full((2,), 0.3), torch.full((2,), 0.25))
+    theory = 0.25 * 0.6 / (0.4 * 0.25 + 0.6)  # v (1 - a) / (a v + 1 - a)
+    assert (wiener - x0).pow(2).mean().item() == pytest.approx(theory, rel=0.05)
+    assert abs(gain_over_wiener_db(x0, wiener * 1.2 - 0.06, wiener)) < 1.0  # another per-value guess: no better
+    assert gain_over_wiener_db(x0, x0 + 0.01 * torch.randn(x0.shape, generator=g), wiener) > 20  # one that knows x0
+
+
+def test_a_base_that_learned_nothing_is_named_before_the_work(tiny_pixel, split_data, tmp_path, capsys):
+    from diffinv.data.real import open_images
+    from diffinv.diffusion.model_io import load_backbone
+    from diffinv.study.estimate import NOISE_DB, denoising_gain, noise_note, sample_pixels
+
+    backbone = load_backbone(str(tiny_pixel))
+    images = open_images(split_data, "auto", "train")
+    pixels = sample_pixels(images, 16)
+    assert pixels.shape == (16, 3, 16, 16) and pixels.min() >= -1 and pixels.max() <= 1
+    assert len(sample_pixels(images, 16, n=5)) == 5 and len({float(p.sum()) for p in pixels}) == 16  # spread, each once
+    gain = denoising_gain(backbone, pixels)
+    assert gain < NOISE_DB and gain == denoising_gain(backbone, pixels)  # random weights; seeded noise
+    assert noise_note(backbone, images, 16)[1] is not None
+
+    class Oracle:  # a "model" that predicts the true noise: it knows the images
+        device, extra_tokens, cond_dim, num_train_timesteps, prediction_type = "cpu", 0, 4, 1000, "epsilon"
+        alphas_cumprod = backbone.alphas_cumprod
+
+        def encode(self, px):
+            return SimpleNamespace(mean=px)
+
+        def predict_noise(self, x_t, t, cond):
+            a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+            return (x_t - a.sqrt() * pixels) / (1 - a).sqrt()
+
+    assert denoising_gain(Oracle(), pixels) > 20 and noise_note(Oracle(), images, 16) == (denoising_gain(Oracle(), pixels), None)
+    code, text = run_cli(capsys, *_argv(tiny_pixel, split_data, tmp_path / "s", "--plan"))
+    assert code == 0 and f"only {gain:+.1f} dB better than a filter that sees one value at a time" in text

@@ -117,6 +117,7 @@ def test_units_are_shared_where_their_results_are_the_same(tiny_base_model, tmp_
     assert sum(u.kind == "store" for u in bigger.units.values()) == 4
 
 
+@pytest.mark.slow
 def test_a_study_runs_every_stage_from_one_command_and_reads_test_last(tiny_base_model, tmp_path, monkeypatch, capsys):
     import diffinv.stages.invert as invert_stage
     import diffinv.stages.train as train_stage
@@ -187,6 +188,15 @@ def test_a_study_runs_every_stage_from_one_command_and_reads_test_last(tiny_base
     assert "Study: more" in seen and "Settings chosen on validation" in seen and "real + di" in seen
     assert [m for m in ("**", "`", "](", "<br", "&lt;", "&gt;", "<strong>", "|---") if m in seen] == []
     assert "<strong>di</strong>" in (out / "report" / "report.html").read_text()
+    # What the data cost: the report's table is the log's cost lines, from costs.json; the gain is the summary's.
+    costs = read_json(out / "costs.json")
+    di_gain = next(g for g in costs["gains"] if g["method"] == "di")
+    row = next(r for r in read_json(out / "summary.json") if r["method"] == "di" and r.get("baseline", "real") == "real")
+    assert di_gain["gain_points"] == pytest.approx(row["gain"][row.get("headline", "top1")]["mean"] * 100)
+    assert di_gain["seconds_per_replicate"] > 0 and di_gain["device"] == "CPU"
+    per_hour = di_gain["gain_points"] / (di_gain["seconds_per_replicate"] / 3600)
+    assert f"| di | 2 | {di_gain['gain_points']:+.2f} |" in md and f"| {per_hour:+.1f} |" in md
+    assert "## Cost" in md and (out / "report" / "cost.png").is_file() and "points per device-hour" in seen
 
 
 def _visible_text(page: str) -> str:
@@ -221,9 +231,10 @@ def _outputs(out: Path) -> dict[str, bytes]:
     from safetensors import safe_open
 
     found = {}
+    timings = ("cost.json", "estimate.json", "costs.json")
     for path in sorted(out.rglob("*")):
         wanted = path.suffix in (".safetensors", ".png", ".json", ".jsonl", ".md", ".csv") and path.name != "checkpoint.safetensors"
-        if not path.is_file() or not wanted or "report" in path.parts or path.name in ("cost.json", "estimate.json"):  # timings
+        if not path.is_file() or not wanted or "report" in path.parts or path.name in timings:
             continue
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as fh:
@@ -235,6 +246,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return found
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_point_then_the_same_command_gives_identical_outputs(tiny_base_model, tmp_path):
     text = SMALL.format(model=tiny_base_model).replace("seeds: [0, 1, 2]", "seeds: [0, 1]")
     study = _write(tmp_path, text.replace("noise: [0.1, 0.5]", "noise: 0.1").replace("[0.25, 0.75]", "0.5"))
@@ -304,6 +316,7 @@ def test_every_committed_study_is_one_command_and_plans(path, monkeypatch):
     assert f"configs/studies/{path.name}" in referenced  # every study is listed with its command
 
 
+@pytest.mark.slow
 def test_retrieval_and_filtering_are_settings_of_a_study(tiny_base_model, tmp_path, capsys):
     from diffinv.data.real import open_images, validation_ids
     from diffinv.data.synthetic import read_manifest
@@ -392,6 +405,7 @@ device: cpu
     assert "| real only (real-ft) | 3 | 30 |" in (tmp_path / "s" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_lora_methods_in_a_study_fit_one_adapter_set_per_replicate_shared_by_both(tiny_base_model, tmp_path):
     pytest.importorskip("peft")
     study = _write(tmp_path, f"""

@@ -23,18 +23,19 @@ NOT_FIELDS = {"out", "config", "resume", "overwrite", "quiet", "func", "command"
 # ----------------------------------------------------------------------------- flags from config fields
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, dynamic: dict[str, dict] | None = None,
+def add_config_flags(parser: argparse._ActionsContainer, cls: type, dynamic: dict[str, typing.Callable[[], dict]] | None = None,
                      only: tuple[str, ...] | None = None) -> None:
     """One flag per field of ``cls`` (or of the fields in ``only``): type, choices, help and default from the field.
 
-    ``dynamic`` adds what only the running program knows, e.g. the registered methods as choices.
+    ``dynamic`` adds what only the running program knows, e.g. the registered methods as choices (called for
+    the fields ``cls`` has).
     """
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         meta = dict(f.metadata)
         if "help" not in meta or not meta.get("cli", True) or (only is not None and f.name not in only):
             continue
-        meta.update((dynamic or {}).get(f.name, {}))
+        meta.update((dynamic or {}).get(f.name, dict)())
         hint = hints[f.name]
         optional = [a for a in typing.get_args(hint) if a is not type(None)]  # int | None -> int
         base = optional[0] if optional and typing.get_origin(hint) is not tuple else hint
@@ -65,7 +66,7 @@ def _help(text: str, f) -> str:
     return f"{text} (default {shown})".replace("%", "%%")
 
 
-def add_study_flags(parser: argparse.ArgumentParser, dynamic: dict[str, dict]) -> None:
+def add_study_flags(parser: argparse.ArgumentParser, dynamic: dict[str, typing.Callable[[], dict]]) -> None:
     """A study's own flags, then one per field of each stage it runs: ``--invert-steps``, ``--generate-guidance`` ...
 
     A stage flag's value may be a comma list, which makes candidates (``--generate-guidance 1,2``).
@@ -106,8 +107,10 @@ def _study_config(args: argparse.Namespace, path: str | None):
     return load_study(path, flags)
 
 
-def _stage_config(cls: type, args: argparse.Namespace):
+def _stage_config(cls: type | None, args: argparse.Namespace):
     """The stage's config: defaults < --config YAML < flags (flags left unset are None and do not count)."""
+    if cls is None:
+        raise RuntimeError("a stage built from its config's fields has a config class")
     return load_config(cls, args.config, {k: v for k, v in vars(args).items() if k not in NOT_FIELDS})
 
 
@@ -129,6 +132,7 @@ def _run_stage(stage: str, config, args: argparse.Namespace) -> int:
     from diffinv.shards import Shard, resolve_shard
 
     spec = get_stage(stage)
+    out: Path | None
     launch = load_config(LaunchConfig, None, {k: getattr(args, k, None) for k in SHARD_FLAGS})
     if launch.backend == "ray":
         if launch.shard or getattr(args, "overwrite", False):
@@ -161,13 +165,15 @@ def _config_stage(stage: str):
 # ----------------------------------------------------------------------------- the parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from diffinv.classify.models import ARCHS
-    from diffinv.data.export import list_formats
-    from diffinv.diffusion.methods import METHODS
-    from diffinv.launch import STAGES
+def build_parser(stages: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the flags of ``stages`` (default: every stage); the others are names only.
 
-    listing = "\n".join(f"  {name:<13}  {spec.help}" for name, spec in STAGES.items())
+    ``main`` builds the flags of the one stage on its command line: a stage's module (and torch) is
+    imported only when that stage is used, so ``diffinv --help`` and ``diffinv verify`` start at once.
+    """
+    from diffinv.launch import CATALOG, STAGES
+
+    listing = "\n".join(f"  {name:<13}  {line}" for name, (_, line) in CATALOG.items())
     parser = argparse.ArgumentParser(prog="diffinv",
                                      description="Diffusion Inversion: synthetic training data from a frozen diffusion model.",
                                      epilog="stages:\n" + listing, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,27 +182,61 @@ def build_parser() -> argparse.ArgumentParser:
                         help="progress as a bar (a terminal), plain lines every 10%% or 60 s (a log file: the default when "
                              "stderr is not a terminal) or JSON lines; also $DIFFINV_LOG_FORMAT")
     sub = parser.add_subparsers(dest="command", metavar="STAGE")
-    dynamic = {"method": {"choices": tuple(METHODS)},
-               "arch": {"help": f"classifier: {', '.join(ARCHS)} or timm:<name>"},
-               "to": {"choices": tuple(list_formats())}}
-    for name, spec in STAGES.items():
+    for name, (_, line) in CATALOG.items():
         # No help= here: the stages are listed once, one line each, in the epilog.
-        p = sub.add_parser(name, description=spec.description or spec.help, usage=spec.usage or None)
-        _ARGUMENTS[spec.cli](p, spec, dynamic)
+        if stages is not None and name not in stages:
+            sub.add_parser(name, add_help=False)  # a name only, so that a mistyped stage is still told the choices
+            continue
+        spec = STAGES[name]
+        p = sub.add_parser(name, description=spec.description or line, usage=spec.usage or None)
+        _ARGUMENTS[spec.cli](p, spec, DYNAMIC)
         if spec.shardable:
             add_config_flags(p.add_argument_group("scaling out", "shards of one job write into the same --out; the last one "
                                                   "writes the manifest"), LaunchConfig)
     return parser
 
 
-def _config_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, dict]) -> None:
+def _method_choices() -> dict:
+    from diffinv.diffusion.methods import METHODS
+
+    return {"choices": tuple(METHODS)}
+
+
+def _arch_help() -> dict:
+    from diffinv.classify.models import ARCHS
+
+    return {"help": f"classifier: {', '.join(ARCHS)} or timm:<name>"}
+
+
+def _format_choices() -> dict:
+    from diffinv.data.export import list_formats
+
+    return {"choices": tuple(list_formats())}
+
+
+# What only the running program knows, by field: looked up (importing the registry) only when a stage has that field.
+DYNAMIC: dict[str, typing.Callable[[], dict]] = {"method": _method_choices, "arch": _arch_help, "to": _format_choices}
+
+
+def _chosen_stage(argv: list[str]) -> str | None:
+    """The sub-command named on the command line (the first word that is neither a top-level option nor its value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-format":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _config_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, typing.Callable[[], dict]]) -> None:
     """A stage whose flags are its config's fields."""
     _add_output_flags(p, spec.outputs)
     add_config_flags(p, spec.config, dynamic)
     p.set_defaults(func=_config_stage(spec.name))
 
 
-def _study_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, dict]) -> None:
+def _study_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, typing.Callable[[], dict]]) -> None:
     """A study: a STUDY.yaml argument (or the stage's fixed study), then the study's flags and every stage's."""
     if spec.study:
         p.add_argument("--out", default=spec.default_out, help=f"folder to write (default {spec.default_out})")
@@ -223,7 +263,7 @@ def _study_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, dict])
     p.set_defaults(func=run)
 
 
-def _folder_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, dict]) -> None:
+def _folder_arguments(p: argparse.ArgumentParser, spec, dynamic: dict[str, typing.Callable[[], dict]]) -> None:
     """A tool that reads one folder (verify, inspect, report, merge)."""
     p.add_argument("folder", help=spec.folder)
     if spec.flags is not None:
@@ -258,7 +298,8 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(stages=tuple(filter(None, [_chosen_stage(argv)])))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,7 @@ from typing import Any
 from diffinv.progress import bar as progress_bar
 from diffinv.runs import RunError, output_lock, refuse_inside, remove_if_unstarted
 from diffinv.shards import Shard, local_device
-from diffinv.stages import Stage, export, finetune, generate, inspect, invert, pretrain, pretrain_vae, report, tiny, train, verify
-from diffinv.stages import filter as filter_stage
-from diffinv.study import demo, experiment
+from diffinv.stages import Stage
 
 
 def _merge_command(args) -> int:
@@ -29,14 +27,65 @@ def _merge_command(args) -> int:
     return 0
 
 
-MERGE = Stage(name="merge", cli="folder", command=_merge_command,
-              help="final step of a sharded invert / generate / experiment: the manifest, or which shards to re-run",
-              folder="the --out of the sharded job")
+MERGE = Stage(name="merge", cli="folder", command=_merge_command, folder="the --out of the sharded job")
 
-# In the order the pipeline runs them, then the tools that read a folder (the CLI lists them so).
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    demo.STAGE, invert.STAGE, finetune.STAGE, generate.STAGE, filter_stage.STAGE, export.STAGE, train.STAGE, experiment.STAGE,
-    pretrain_vae.STAGE, pretrain.STAGE, tiny.STAGE, report.STAGE, MERGE, verify.STAGE, inspect.STAGE)}
+# Every sub-command: its Stage ("module:attribute") and its line in `diffinv --help`, in the order the pipeline runs them,
+# then the tools that read a folder. A stage's module (and torch with it) is imported only when that stage is used.
+CATALOG: dict[str, tuple[str, str]] = {
+    "demo": ("diffinv.study.demo:STAGE", "the whole method on a few-shot split of digits, offline on CPU: table + report"),
+    "invert": ("diffinv.stages.invert:STAGE", "learn one conditioning per real image (stage 1) -> embedding store"),
+    "finetune": ("diffinv.stages.finetune:STAGE",
+                 "fit one LoRA adapter of the UNet per class on its real images (DataDream-style) -> adapters"),
+    "generate": ("diffinv.stages.generate:STAGE", "sample a synthetic dataset around the learned conditionings (stage 2)"),
+    "filter": ("diffinv.stages.filter:STAGE",
+               "keep the synthetic images a real-only classifier trusts, as a new set (the source is left as it is)"),
+    "export": ("diffinv.stages.export:STAGE",
+               "a synthetic set (optionally with its real subset) as ImageFolder, Hugging Face dataset or WebDataset shards"),
+    "train": ("diffinv.stages.train:STAGE",
+              "train a classifier on real, synthetic or both; evaluate on the real test split (stage 3)"),
+    "experiment": ("diffinv.study.experiment:STAGE",
+                   "a study: which synthetic data helps, by how much, with which settings (every stage, chosen on validation)"),
+    "pretrain-vae": ("diffinv.stages.pretrain_vae:STAGE",
+                     "train a latent autoencoder on unlabeled images, for a latent base (pretrain-base --vae)"),
+    "pretrain-base": ("diffinv.stages.pretrain:STAGE",
+                      "train the project's own small base generator on unlabeled images (diffusers format)"),
+    "tiny-model": ("diffinv.stages.tiny:STAGE", "save a small random SD-architecture model (for trying the pipeline offline)"),
+    "report": ("diffinv.stages.report:STAGE", "Markdown + HTML report of a study or a run, from its saved files"),
+    "merge": ("diffinv.launch:MERGE", "final step of a sharded invert / generate / experiment: the manifest, or which shards to re-run"),
+    "verify": ("diffinv.stages.verify:STAGE",
+               "check a store or a synthetic set byte by byte: checksums, finite embeddings, files and manifest"),
+    "inspect": ("diffinv.stages.inspect:STAGE",
+                "what a run would do with a model: family, prediction type, resolution, latent, precision, FLOPs"),
+}
+
+
+def load_stage(name: str) -> Stage:
+    """The Stage of sub-command ``name``, importing its module."""
+    import importlib
+
+    module, _, attribute = CATALOG[name][0].partition(":")
+    stage = getattr(importlib.import_module(module), attribute)
+    if stage.name != name:
+        raise RuntimeError(f"{CATALOG[name][0]} is the stage {stage.name!r}, listed as {name!r}")
+    return stage
+
+
+class _Stages(Mapping[str, Stage]):
+    """The catalog's stages by name, each module imported when its stage is first looked up."""
+
+    def __getitem__(self, name: str) -> Stage:
+        if name not in CATALOG:
+            raise KeyError(name)
+        return load_stage(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(CATALOG)
+
+    def __len__(self) -> int:
+        return len(CATALOG)
+
+
+STAGES: Mapping[str, Stage] = _Stages()
 
 
 class ShardError(RunError):
@@ -58,8 +107,8 @@ def run_shard(stage: str, config: Any, out: str | Path, shard: Shard, hook: Call
     What the CLI, every ``--shard`` process and every Ray task call. Returns ``out``, or None
     while other shards' work is missing.
     """
-    if is_dataclass(config) and "device" in {f.name for f in fields(config)}:
-        config = replace(config, device=local_device(config.device))
+    if is_dataclass(config) and not isinstance(config, type) and "device" in {f.name for f in fields(config)}:
+        config = replace(config, device=local_device(getattr(config, "device")))  # noqa: B009 (a field only some configs have)
     spec, out = get_stage(stage), Path(out)
     paths = {name: getattr(config, name, None) for name in spec.path_fields}
     refuse_inside(out, {f"--{name.replace('_', '-')} {v}" if isinstance(value, tuple) else name: v
@@ -67,6 +116,7 @@ def run_shard(stage: str, config: Any, out: str | Path, shard: Shard, hook: Call
     existed = out.exists()
     with output_lock(out, shared=not shard.whole):
         try:
+            assert spec.run is not None  # get_stage returns runnable stages only
             return spec.run(config, out, shard=shard, resume=resume, overwrite=overwrite, progress=progress, log=log, hook=hook)
         except BaseException:
             if not existed and shard.whole:  # nothing of this command's is worth keeping if no unit finished
@@ -177,7 +227,7 @@ def absolute_paths(stage: str, config: Any) -> Any:
     spec = get_stage(stage)
     if spec.absolute is not None:
         return spec.absolute(config)
-    changes = {}
+    changes: dict[str, str | tuple[str, ...]] = {}
     for name in spec.path_fields:
         value = getattr(config, name, None)
         if isinstance(value, str) and value and Path(value).exists() and str(Path(value).resolve()) != value:

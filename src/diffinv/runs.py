@@ -12,20 +12,21 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from safetensors.torch import save_file
 
 from diffinv.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are written: `diffinv --help` and verify start without it
+    import torch
 
 
 class RunError(UserError, RuntimeError):
     """An output folder is in a state that does not allow the requested action."""
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary sibling of ``path`` and rename it into place.
 
     A kill at any moment leaves either the old file or the complete new one, never a partial
@@ -62,6 +63,10 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda p: p.write_bytes(data))
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -73,6 +78,8 @@ def write_yaml(path: str | Path, obj: Any, comment: str = "") -> None:
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     def write(p: Path) -> None:
@@ -108,7 +115,7 @@ def add_cost(folder: str | Path, seconds: float, count: int, device: str, noun: 
     """Count ``seconds`` spent making ``count`` ``noun`` on ``device`` in the folder's ``cost.json`` (a resumed run adds
     each run's); the record. Not a result: the marker, which a resumed run reproduces byte for byte, never holds it."""
     path = Path(folder) / COST
-    cost = read_json(path) if path.is_file() else {"seconds": 0.0, noun: 0, "device": device}
+    cost: dict[str, Any] = read_json(path) if path.is_file() else {"seconds": 0.0, noun: 0, "device": device}
     cost.update({"seconds": round(cost["seconds"] + seconds, 3), noun: cost.get(noun, 0) + count, "device": device})
     write_json(path, cost)
     return cost
@@ -328,6 +335,8 @@ class Units:
 
 def optimiser_tensors(optimiser: torch.optim.Optimizer, prefix: str = "opt") -> dict[str, torch.Tensor]:
     """Every per-parameter state tensor of ``optimiser`` (Adam's moments and step, SGD's momentum) by name."""
+    import torch
+
     tensors = {}
     for i, p in enumerate(p for group in optimiser.param_groups for p in group["params"]):
         for name, value in optimiser.state.get(p, {}).items():

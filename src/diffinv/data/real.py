@@ -23,13 +23,15 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffinv.errors import UserError
+
+if TYPE_CHECKING:  # imported where tensors are made, so that opening a folder (verify, report) needs no torch
+    import torch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}
@@ -74,15 +76,15 @@ class LabelledImages:
             raise BadImageError(f"cannot read image {self.sources[i]}: {exc}") from exc
 
     def subset(self, indices: Sequence[int]) -> LabelledImages:
-        indices = np.asarray(indices, dtype=np.int64)
+        picked = np.asarray(indices, dtype=np.int64)
         base = self._index if self._index is not None else np.arange(len(self.ids))
         return LabelledImages(
-            ids=[self.ids[i] for i in indices],
-            labels=self.labels[indices],
+            ids=[self.ids[i] for i in picked],
+            labels=self.labels[picked],
             classes=self.classes,
-            sources=[self.sources[i] for i in indices],
+            sources=[self.sources[i] for i in picked],
             _read=self._read,
-            _index=base[indices],
+            _index=base[picked],
             top=self.top,
         )
 
@@ -162,6 +164,8 @@ def _oriented(path: Path) -> Image.Image:
 
 def image_to_uint8(img: Image.Image, resolution: int) -> torch.Tensor:
     """RGB image -> uint8 tensor [3, R, R]: centre square crop, bicubic resize."""
+    import torch
+
     w, h = img.size
     if w != h:
         side = min(w, h)
@@ -179,6 +183,8 @@ def load_pixels(images: LabelledImages, resolution: int) -> torch.Tensor:
 
 def load_uint8(images: LabelledImages, resolution: int, progress: bool = False, desc: str = "loading") -> torch.Tensor:
     """All images of ``images`` as one uint8 tensor [N, 3, R, R] (4x smaller in memory than floats)."""
+    import torch
+
     out = torch.empty(len(images), 3, resolution, resolution, dtype=torch.uint8)
     indices = range(len(images))
     if progress and len(images) > 1000:
@@ -454,12 +460,16 @@ def _open_digits(spec: str, split: str) -> LabelledImages:
                          ids=[f"digits/{i:04d}" for i in keep])
 
 
+DIGITS = Path(__file__).resolve().parents[1] / "assets" / "digits" / "digits.npz"
+
+
 @functools.cache
 def _load_digits() -> Any:
-    """sklearn's digits, parsed once per process (a study opens them for every run; read-only from here)."""
-    from sklearn.datasets import load_digits
+    """The UCI digits scikit-learn ships (assets/digits), read once per process: images 0..16 as floats, as sklearn's."""
+    from types import SimpleNamespace
 
-    return load_digits()
+    with np.load(DIGITS) as data:
+        return SimpleNamespace(images=data["images"].astype(np.float64), target=data["target"].astype(np.int64))
 
 
 def _open_hf(spec: str, split: str) -> LabelledImages:
@@ -537,7 +547,7 @@ def select(images: LabelledImages, per_class: int | None, seed: int, bad_images:
     skipped: list[str] = []
     sides: dict[int, int] = {}
     for label, name in enumerate(images.classes):
-        members = sorted((i for i in np.flatnonzero(images.labels == label) if images.ids[i] not in exclude),
+        members = sorted((int(i) for i in np.flatnonzero(images.labels == label) if images.ids[i] not in exclude),
                          key=lambda i: images.ids[i])
         order = [members[j] for j in rng.permutation(len(members))] if per_class else members
         got = 0

@@ -19,13 +19,16 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from diffinv.data.real import DataError, LabelledImages
+
+if TYPE_CHECKING:  # imported where tensors are made, so that opening a folder (verify, report) needs no torch
+    import torch
+
 from diffinv.runs import COST, RunError, add_cost, atomic_write, file_sha256, read_json, write_json, write_text
 
 SYNTHETIC_FORMAT = "diffinv-synthetic-v1"

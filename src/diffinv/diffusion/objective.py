@@ -225,3 +225,17 @@ def evaluation_loss(backbone: Backbone, latents: torch.Tensor, cond: torch.Tenso
         pred = backbone.predict_noise(q_sample(latents, noise, a), t, cond)
         total += per_image_loss(pred, denoising_target(latents, noise, a, backbone.prediction_type))
     return total / n_timesteps
+
+
+def wiener_estimate(x_t: torch.Tensor, alpha_bar: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """The best clean estimate from x_t that treats every value alone: the linear MMSE (Wiener) estimate of x0 given
+    x0's per-channel ``mean`` and ``var`` [C]. A denoiser that learned images' structure beats it; one that learned
+    nothing does not. x_t [B, C, h, w], alpha_bar [B]."""
+    a = alpha_bar.view(-1, 1, 1, 1)
+    m, v = mean.view(1, -1, 1, 1), var.view(1, -1, 1, 1)
+    return m + a.sqrt() * v / (a * v + 1 - a) * (x_t - a.sqrt() * m)
+
+
+def gain_over_wiener_db(x0: torch.Tensor, x0_model: torch.Tensor, x0_wiener: torch.Tensor) -> float:
+    """10 log10 of the Wiener estimate's squared error over the model's (> 0: the model knows something of these images)."""
+    return float(10 * torch.log10((x0_wiener - x0).pow(2).mean() / (x0_model - x0).pow(2).mean().clamp_min(1e-12)))

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 from diffinv.errors import UserError
 from diffinv.runs import file_sha256, read_checkpoint, read_json, save_checkpoint, write_json, write_safetensors, write_text
+
+if TYPE_CHECKING:  # imported where tensors are made, so that opening a folder (verify, report) needs no torch
+    import torch
 
 STORE_FORMAT = "diffinv-store-v1"
 CLASS_PREFIX = "class:"  # the id of a per-class row (``invert --target class``): "class:<name>"
@@ -51,6 +52,8 @@ class EmbeddingStore:
 
     @property
     def labels(self) -> torch.Tensor:
+        import torch
+
         return torch.tensor([r["label"] for r in self.rows], dtype=torch.int64)
 
     @property
@@ -80,6 +83,9 @@ class EmbeddingStore:
         if edits:
             raise StoreError(f"{root} changed since it was made: {'; '.join(edits)}. Which version is right cannot be told: "
                              f"make it again (the `diffinv invert` command that made it, with --overwrite)")
+        import torch
+        from safetensors.torch import load_file
+
         parts = {}
         for name in {r["part"] for r in rows}:
             try:
@@ -196,7 +202,7 @@ class StoreWriter:
         """Mark a finished store unfinished again, so that what is missing from it can be redone."""
         write_json(self.root / MARKER, {**self.info(), "status": "in-progress"})
 
-    def write_part(self, embeddings: torch.Tensor, rows: list[dict[str, Any]], failed: list[dict[str, Any]] = ()) -> str:
+    def write_part(self, embeddings: torch.Tensor, rows: list[dict[str, Any]], failed: Sequence[dict[str, Any]] = ()) -> str:
         """Atomically add embeddings [n, K, D] with their manifest rows (and the batch's failed images)."""
         name = part_name([r["id"] for r in rows] + [r["id"] for r in failed])
         if failed:
@@ -216,7 +222,7 @@ class StoreWriter:
     def _checkpoint_path(self, batch: str) -> Path:
         return self.root / "checkpoints" / f"{batch}.safetensors"
 
-    def save_checkpoint(self, batch: str, tensors: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer,
+    def save_checkpoint(self, batch: str, tensors: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer | None,
                         meta: dict[str, Any]) -> None:
         save_checkpoint(self._checkpoint_path(batch), tensors, optimiser, meta)
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from diffinv.report.cost import cost_table
 from diffinv.report.efficiency import worth_text
 from diffinv.report.stats import METRIC_NAMES
-from diffinv.runs import RunError, atomic_write, read_json, read_yaml, write_text
+from diffinv.runs import RunError, read_json, read_yaml, write_bytes, write_text
 
 GRID_SOURCES = 6  # real images per grid
 GRID_VARIANTS = 5  # synthetic variants beside each
@@ -68,7 +69,7 @@ def _write_report(root: Path) -> Path:
         if figure is not None:
             name = f"{_slug(heading)}.png"
             png = _png(figure)
-            atomic_write(out / name, lambda p, png=png: p.write_bytes(png))
+            write_bytes(out / name, png)
             md.append(f"![{heading}]({name})\n")
             body.append(f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
     write_text(out / "report.md", "\n".join(md))
@@ -103,6 +104,9 @@ def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
     points = frontier_points(quality, selection)
     if len(points) >= 2:
         sections.append(("Fidelity / diversity frontier", _frontier_text(points), _frontier_plot(points)))
+    if (root / "costs.json").is_file():
+        costs = read_json(root / "costs.json")
+        sections.append(("Cost", cost_table(costs), _cost_plot(costs["gains"]) if costs["gains"] else None))
     shown = set()
     for key, q in kept.items():
         if (q["method"], q["per_class"]) in shown:
@@ -322,7 +326,7 @@ def frontier_points(quality: dict[str, Any], selection: dict[str, Any]) -> list[
     points = []
     for (method, setting, k), qs in sets.items():
         entry = (selection.get(method) or {}).get(str(k)) or {}
-        cand = next((c for c in entry.get("candidates", []) if c["label"] == setting), {})
+        cand: dict[str, Any] = next((c for c in entry.get("candidates", []) if c["label"] == setting), {})
         gain = (cand.get("validation_gain") or {}).get("mean")
         several = len(entry.get("candidates", [])) > 1
         points.append({"method": method, "setting": setting, "label": f"{method} {setting}" if several else method,
@@ -344,6 +348,26 @@ def _frontier_text(points: list[dict[str, Any]]) -> str:
             "within-class spread of the judge's features, synthetic over real), means over replicates, with the "
             "method's gain over real only on the validation split: settings are chosen on that column, never on "
             "test.\n\n" + "\n".join(lines))
+
+
+def _cost_plot(gains: list[dict[str, Any]]):
+    """Gain over real only against the device time that made it: up and to the left is accuracy bought cheaply."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for g in gains:
+        hours = g["seconds_per_replicate"] / 3600
+        ax.scatter(hours, g["gain_points"], s=30)
+        ax.annotate(f"{g['method']} k{_k(g['per_class'])}", (hours, g["gain_points"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    device = "/".join(sorted({g["device"] for g in gains}))
+    ax.set_xlabel(f"{device}-hours to make one replicate's synthetic data (log)")
+    ax.set_ylabel("test gain over real only (points)")
+    ax.set_title("What each method's data cost and bought", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def _frontier_plot(points: list[dict[str, Any]]):
@@ -409,7 +433,7 @@ def _grid_figure(synthetic: str, dataset: dict[str, Any], title: str):
     for row, src in zip(axes, sources):
         for ax in row:
             ax.axis("off")
-        if src in real_by_id:
+        if real is not None and src in real_by_id:
             row[0].imshow(real.image(real_by_id[src]))
             row[0].set_title("real", fontsize=7)
         for ax, r in zip(row[1:], by_source[src][:GRID_VARIANTS]):
@@ -488,7 +512,8 @@ def _slug(text: str) -> str:
 
 def _markdown_table_to_html(text: str) -> str:
     """The small subset of Markdown these sections use: paragraphs, bullet lists and pipe tables."""
-    out, table = [], []
+    out: list[str] = []
+    table: list[str] = []
 
     def flush() -> None:
         if table:

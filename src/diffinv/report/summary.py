@@ -114,8 +114,9 @@ def paired(mine: list[dict[str, Any]], theirs: list[dict[str, Any]], split: str 
 
     out = {}
     for metric in ("top1", "balanced_accuracy"):
-        if seeds and all(value(a[s], metric) is not None and value(b[s], metric) is not None for s in seeds):
-            gain = paired_gain([value(a[s], metric) for s in seeds], [value(b[s], metric) for s in seeds])
+        first, second = [value(a[s], metric) for s in seeds], [value(b[s], metric) for s in seeds]
+        if seeds and None not in first and None not in second:
+            gain = paired_gain([float(v or 0.0) for v in first], [float(v or 0.0) for v in second])
             # A degenerate run (one class predicted) on either side is not evidence of anything.
             gain["degenerate"] = split == "test" and any(a[s].get("degenerate") or b[s].get("degenerate") for s in seeds)
             gain["beyond_noise"] = gain["beyond_noise"] and not gain["degenerate"]

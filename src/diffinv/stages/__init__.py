@@ -1,7 +1,8 @@
 """The pipeline's stages, one module per sub-command, each exporting a :class:`Stage` (``merge``'s is in :mod:`diffinv.launch`,
 ``experiment``'s and ``demo``'s in :mod:`diffinv.study`, which drives the stages;
 ``train_data`` is the train stage's data, ``generate_inputs`` what the generate stage opens for a method).
-The CLI builds every sub-command from its Stage alone.
+The CLI builds every sub-command from its Stage alone; :data:`diffinv.launch.CATALOG` lists them
+(and imports a stage's module only when it is used).
 
 real images -> invert -> store -> generate -> synthetic set -> train / experiment -> runs -> report
 
@@ -38,11 +39,10 @@ class Stage:
     """
 
     name: str
-    help: str
     config: type | None = None
     marker: str = ""
     run: Callable[..., Path | None] | None = None
-    description: str = ""  # the sub-command's --help text (default: ``help``)
+    description: str = ""  # the sub-command's --help text (default: its line in the catalog)
     outputs: tuple[str, str, str] | None = None  # help of --out, --resume, --overwrite (stages with an output folder)
     finish: Callable[..., Path | None] | None = None
     count_done: Callable[[Path, dict[str, int]], tuple[int, int | None]] | None = None

@@ -149,5 +149,4 @@ def _summary(config: ExportConfig, out: Path) -> str:
 
 
 STAGE = Stage(name="export", config=ExportConfig, marker=MARKER, run=_run, summary=_summary, path_fields=("set",),
-              help="a synthetic set (optionally with its real subset) as ImageFolder, Hugging Face dataset or WebDataset shards",
               outputs=("folder to write (a new one)", "finish an interrupted export", "replace an existing export"))

@@ -22,7 +22,7 @@ from diffinv.data.synthetic import MARKER, open_synthetic, read_manifest
 from diffinv.device import resolve_device
 from diffinv.quality.filtering import keep_mask, own_class_scores
 from diffinv.quality.measures import judge_probabilities
-from diffinv.runs import RunError, atomic_write, file_sha256, open_output, read_json, read_yaml, write_json, write_text, write_yaml
+from diffinv.runs import RunError, file_sha256, open_output, read_json, read_yaml, write_bytes, write_json, write_text, write_yaml
 from diffinv.stages import Stage
 from diffinv.stages.train import load_classifier
 
@@ -60,8 +60,7 @@ def filter_set(config: FilterConfig, out: str | Path, *, resume: bool = False, o
     rows = []
     for row, kept, score, best in zip(read_manifest(source), keep.tolist(), scores.tolist(), probabilities.argmax(1).tolist()):
         if kept:
-            data = (source / row["file"]).read_bytes()
-            atomic_write(out / row["file"], lambda p, data=data: p.write_bytes(data))
+            write_bytes(out / row["file"], (source / row["file"]).read_bytes())
             rows.append({**row, "judge_score": round(score, 6), "judge_class": meta["classes"][best]})
     write_text(out / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     info = read_json(source / MARKER)
@@ -99,5 +98,4 @@ def _summary(config: FilterConfig, out: Path) -> str:
 
 
 STAGE = Stage(name="filter", config=FilterConfig, marker=MARKER, run=_run, summary=_summary, path_fields=("set", "judge"),
-              help="keep the synthetic images a real-only classifier trusts, as a new set (the source is left as it is)",
               outputs=("filtered set to write (a new folder)", "finish an interrupted filter", "replace an existing filtered set"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def finetune_classes(config: FinetuneConfig, out: str | Path, *, resume: bool = 
         record[name] = fit_class(backbone, f"class{c}", members, _condition(backbone, store, config, c, device), config, alpha,
                                  lambda *_: bar.update(1))
         state = backbone.lora_state(f"class{c}")
-        atomic_write(path, lambda p, state=state, name=name: _save(p, state, name, config, alpha))
+        atomic_write(path, partial(_save, state=state, name=name, config=config, alpha=alpha))
         write_json(out / "progress.json", record)
         backbone.use_lora(None)
     bar.close()
@@ -180,5 +181,4 @@ def _summary(config: FinetuneConfig, out: Path) -> str:
 
 
 STAGE = Stage(name="finetune", config=FinetuneConfig, marker=MARKER, run=_run, summary=_summary, path_fields=("store",),
-              help="fit one LoRA adapter of the UNet per class on its real images (DataDream-style) -> adapters",
               outputs=("adapter folder to write", "fit the classes an interrupted run left", "replace an existing adapter folder"))

@@ -9,7 +9,7 @@ finish writes the manifest.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,7 @@ def _generate_chunks(config: GenerateConfig, settings: GenerationSettings, out: 
     started = time.perf_counter()
     for b, chunk in enumerate(todo):
         # Out of GPU memory, in halves: each sample is keyed, so the images are the same.
-        def run(part: list, whole: int = len(chunk)) -> torch.Tensor:  # halves after an out-of-memory are not padded
+        def run(part: Sequence[dict[str, Any]], whole: int = len(chunk)) -> torch.Tensor:  # halves after an out-of-memory are not padded
             pad = max(0, pad_to - len(part)) if pad_to and len(part) == whole else 0
             return generate_batch(backbone, list(part) + [part[-1]] * pad, source, settings)[: len(part)]
 
@@ -197,7 +197,7 @@ def _finish(out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], log:
     return out
 
 
-def finish_dataset(out: str | Path, log: Callable[[str], None] = print) -> Path:
+def finish_dataset(out: str | Path, log: Callable[[str], None] = print) -> Path | None:
     """``diffinv merge`` for a generated set: its plan is rebuilt from the saved config and store."""
     out = Path(out)
     config = load_config(GenerateConfig, str(out / "config.yaml"), {})
@@ -272,7 +272,6 @@ def _run(config: GenerateConfig, out: Path, *, shard: Shard, resume: bool, overw
 STAGE = Stage(name="generate", config=GenerateConfig, marker=MARKER, run=_run, finish=finish_dataset, count_done=_count_done,
               summary=_summary, unit="img", shardable=True,
               path_fields=("model", "store", "class_store", "adapters", "pool", "judge", "image_model", "pool_cache"),
-              help="sample a synthetic dataset around the learned conditionings (stage 2)",
               description=("Diffusion Inversion stage 2: c = c_i + s (c_j - c_i) + sigma * eps, guided by the mean embedding; "
                           "or a rival method (prompt, class-inversion, img2img) through the same sampler, or retrieval of the "
                           "nearest pool images."),

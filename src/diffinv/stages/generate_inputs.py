@@ -28,9 +28,9 @@ def open_inputs(method: Method, settings: GenerationSettings, store: EmbeddingSt
     inputs = Inputs(stores=stores, model=model)
     if "real" in method.needs or "held_out" in method.needs:
         made = read_yaml(Path(store.root) / "config.yaml") or {}
-        inputs.real = store_images(made)
-    if "held_out" in method.needs:
-        inputs.held_out = held_out(made, inputs.real)
+        inputs.real = real = store_images(made)
+        if "held_out" in method.needs:
+            inputs.held_out = held_out(made, real)
     if "pool" in method.needs:
         inputs.pool = list(settings.pool) or base_pool(model)
     if "judge" in method.needs and settings.judge:
@@ -47,7 +47,7 @@ def inversion_seconds(method: Method, store: EmbeddingStore, stores: dict[str, E
     if inputs.adapters_info.get("store"):
         used.append(Path(inputs.adapters_info["store"]))
     seconds = [cost_seconds(root) for root in {root.resolve() for root in used}]
-    return None if None in seconds else round(sum(seconds), 3)
+    return None if None in seconds else round(sum(s or 0.0 for s in seconds), 3)
 
 
 def store_images(made: dict[str, Any]) -> LabelledImages:

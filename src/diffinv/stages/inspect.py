@@ -7,19 +7,19 @@ image-step; and the checks invert and generate run at their start.
 
 from __future__ import annotations
 
-import torch
-
 from diffinv.config import InvertConfig
-from diffinv.data.real import open_images
-from diffinv.device import resolve_device, resolve_dtype
-from diffinv.diffusion.model_io import load_backbone
 from diffinv.stages import Stage
 
 
 def inspect_model(model: str, data: str = "", resolution: int | None = None, device: str = "auto", *,
                   original_config: str = "", prediction_type: str = "") -> list[tuple[str, str]]:
     """(field, value) lines describing ``model`` as ``diffinv invert`` would use it on ``data``."""
+    import torch  # here, not above: `diffinv inspect --help` should not wait for torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    from diffinv.data.real import open_images
+    from diffinv.device import resolve_device, resolve_dtype
+    from diffinv.diffusion.model_io import load_backbone
 
     backbone = load_backbone(model, original_config=original_config, prediction_type=prediction_type)
     backbone = backbone.with_prediction_type(prediction_type)
@@ -69,6 +69,5 @@ def _command(args) -> int:
 
 
 STAGE = Stage(name="inspect", cli="folder", command=_command,
-              help="what a run would do with a model: family, prediction type, resolution, latent, precision, FLOPs",
               folder="a model (as invert's --model)",
               flags=(InvertConfig, ("data", "resolution", "original_config", "prediction_type")))

@@ -30,7 +30,7 @@ from diffinv.device import (
     resolve_device,
     resolve_dtype,
 )
-from diffinv.diffusion.backbone import Backbone, ModelError
+from diffinv.diffusion.backbone import Backbone, LatentMoments, ModelError
 from diffinv.diffusion.encoder import EncoderError, encoder_tokens, load_encoder
 from diffinv.diffusion.inversion import DONE, InversionError, InversionSettings, encode_images, invert_items, padded
 from diffinv.diffusion.model_io import load_backbone
@@ -80,7 +80,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
     backbone, encoder = _frozen_model(config, images, log)
     n_items = len(images) if config.target == "image" else len(images.classes)
     if config.batch_size == AUTO_BATCH:
-        size = auto_batch(backbone, config.tokens, int(config.resolution), n_items, sharded=not shard.whole, log=log)
+        size = auto_batch(backbone, config.tokens, resolution_of(config), n_items, sharded=not shard.whole, log=log)
         config = replace(config, batch_size=size)
     pad_to = None
     if compile_wanted(config.compile, backbone.device, n_items * config.steps):
@@ -138,6 +138,13 @@ def probe_step(backbone: Backbone, tokens: int, resolution: int, rows: int) -> C
     return step
 
 
+def resolution_of(config: InvertConfig) -> int:
+    """The inversion resolution, which the stage's start sets when the config leaves it to the model and data (None)."""
+    if config.resolution is None:
+        raise RuntimeError("the resolution is chosen at the stage's start, before any image is inverted")
+    return config.resolution
+
+
 def _frozen_model(config: InvertConfig, images: LabelledImages, log: Callable[[str], None]) -> tuple[Backbone, Any]:
     """The frozen generator on its device and precision, and the start of each row (an encoder, per-class starts, or None)."""
     device = resolve_device(config.device)
@@ -149,13 +156,13 @@ def _frozen_model(config: InvertConfig, images: LabelledImages, log: Callable[[s
     if config.channels_last:
         backbone.channels_last()
     backbone.check_supported()
-    backbone.check_resolution(config.resolution, log)
+    backbone.check_resolution(resolution_of(config), log)
     if backbone.unfused_attention():
         log(f"warning: {config.model}'s UNet runs attention through {', '.join(backbone.unfused_attention())}, not a fused "
             f"kernel (PyTorch's scaled_dot_product_attention): inversion will be slower; load it without a custom processor")
     if backbone.extra_tokens and config.init == "encoder":
         raise ModelError("--init encoder is for pretrain-base models, not SDXL; use --init random or uniform")
-    encoder = None
+    encoder: Any = None  # a TokenEncoder, per-class starts (_ByLabel) or None
     trained_tokens = encoder_tokens(config.model)  # pretrain-base models only; None for SD
     if config.init == "encoder":
         encoder = load_encoder(config.model).to(device)
@@ -217,7 +224,7 @@ def _start_store(config: InvertConfig, out: Path, writer: StoreWriter, backbone:
     info = {"model": config.model, "model_path": model_path, "model_fingerprint": backbone.fingerprint(),
             "cond_shape": [config.tokens + backbone.extra_tokens, backbone.cond_dim], "classes": images.classes,
             "resolution": config.resolution,
-            "latent_shape": list(backbone.latent_shape(config.resolution)), "n_images": len(item_ids), "n_items": len(item_ids),
+            "latent_shape": list(backbone.latent_shape(resolution_of(config))), "n_images": len(item_ids), "n_items": len(item_ids),
             "target": config.target, "shards": shard.count, "dtype": str(backbone.dtype).replace("torch.", ""),
             "prediction_type": backbone.prediction_type,
             "original_config": str(Path(config.original_config).resolve()) if config.original_config else "",
@@ -310,19 +317,21 @@ def _invert_and_write(backbone: Backbone, images: LabelledImages, indices: list[
     Returns how many items were given up on (non-finite loss after every retry).
     """
     # 1. Inputs: pixels per image, or latents of every image of each class with its owner.
+    inputs: torch.Tensor | LatentMoments
+    owners: torch.Tensor | None
     if config.target == "image":
         subset = images.subset(indices)
-        ids, inputs, owners = subset.ids, load_pixels(subset, config.resolution), None
+        ids, inputs, owners = subset.ids, load_pixels(subset, resolution_of(config)), None
     else:
         ids = [CLASS_PREFIX + images.classes[c] for c in indices]
         members = [np.flatnonzero(images.labels == c).tolist() for c in indices]
-        inputs = encode_images(backbone, images.subset([i for m in members for i in m]), config.resolution)
+        inputs = encode_images(backbone, images.subset([i for m in members for i in m]), resolution_of(config))
         owners = torch.cat([torch.full((len(m),), b, dtype=torch.long) for b, m in enumerate(members)])
     keys = rng.keys_tensor(config.seed, ids)
     start_from = None
     if isinstance(encoder, _ByLabel):
         start_from = encoder.starts[torch.as_tensor(subset.labels if config.target == "image" else indices)]
-    elif encoder is not None:
+    elif encoder is not None and isinstance(inputs, torch.Tensor):  # the config allows an encoder for image targets only
         with torch.no_grad():
             start_from = encoder(inputs.to(backbone.device, torch.float32)).float()
 
@@ -443,6 +452,5 @@ def _run(config: InvertConfig, out: Path, *, shard: Shard, resume: bool, overwri
 
 STAGE = Stage(name="invert", config=InvertConfig, marker=MARKER, run=_run, finish=finish_store, count_done=_count_done,
               summary=_summary, unit="img", path_fields=("model", "data", "init_store", "original_config"), shardable=True,
-              help="learn one conditioning per real image (stage 1) -> embedding store",
               description="Diffusion Inversion stage 1: a learned K x D conditioning per image, UNet and VAE frozen.",
               outputs=("store folder to write", "continue an unfinished store, skipping finished images", "replace an existing store"))

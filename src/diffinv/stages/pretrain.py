@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -83,7 +83,7 @@ def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = Fal
 
     # 4. Resume: weights, average, Adam moments, the loss history.
     ckpt = out / "checkpoint.safetensors"
-    start, history = 0, []
+    start, history = 0, list[dict[str, Any]]()
     if state == "resume" and ckpt.is_file():
         start, history = load_checkpoint(ckpt, models.trained, models.averaged, models.opt)
         log(f"resuming {out} at step {start}/{config.steps}")
@@ -102,7 +102,7 @@ def pretrain_base(config: PretrainConfig, out: str | Path, *, resume: bool = Fal
                       {"tokens": str(config.tokens), "dim": str(config.cross_attention_dim), "in_channels": str(channels)})
     write_text(out / "losses.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     plot_losses(history, out / "loss.png", "denoising loss")
-    _preview(final, models.averaged["encoder"].eval(), pixels, config, out / "samples.png")
+    _preview(final, models.encoder_average(), pixels, config, out / "samples.png")
     n_params = sum(p.numel() for p in final.unet.parameters())
     write_json(out / MARKER, {
         "status": "complete", "steps": steps, "steps_asked": config.steps, "images": len(pixels), "mix": mix,
@@ -125,7 +125,7 @@ class _Latents:
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, vae: nn.Module, pixels: torch.Tensor, hflip: bool, progress: bool) -> _Latents:
+    def encode(cls, vae: Any, pixels: torch.Tensor, hflip: bool, progress: bool) -> _Latents:
         from diffinv.progress import bar
 
         # As Backbone.encode scales and shifts them: what inversion and sampling will see.
@@ -152,14 +152,18 @@ class _Models:
     """What pretraining optimises (UNet and token encoder), their running average and the optimiser."""
 
     backbone: Backbone
-    encoder: nn.Module
+    encoder: TokenEncoder
     trained: nn.ModuleDict
     averaged: nn.ModuleDict
     opt: torch.optim.Optimizer
     scheduler_config: dict
 
+    def encoder_average(self) -> TokenEncoder:
+        """The averaged token encoder, in eval mode."""
+        return cast(TokenEncoder, self.averaged["encoder"].eval())
+
     @classmethod
-    def build(cls, config: PretrainConfig, channels: int, device: torch.device, out: Path, vae: nn.Module | None) -> _Models:
+    def build(cls, config: PretrainConfig, channels: int, device: torch.device, out: Path, vae: Any | None) -> _Models:
         torch.manual_seed(config.seed)
         size, unet_channels = config.resolution, channels
         if vae is not None:
@@ -340,7 +344,7 @@ def _preview(backbone: Backbone, encoder: TokenEncoder, pixels: torch.Tensor, co
     rows = [pixels_to_uint8(x.expand(-1, 3, -1, -1), None) for x in (real, recon, uncond)]  # each [n, R, R, 3]
     grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).numpy()
     scale = max(1, 64 // config.resolution)
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
     atomic_write(path, lambda p: img.save(p, format="PNG"))
 
 
@@ -370,7 +374,7 @@ def _run(config: PretrainConfig, out: Path, *, resume: bool, overwrite: bool, pr
 
 
 STAGE = Stage(name="pretrain-base", config=PretrainConfig, marker=MARKER, run=_run, summary=_summary,
-              path_fields=("data",), help="train the project's own small base generator on unlabeled images (diffusers format)",
+              path_fields=("data",),
               description=("A diffusion autoencoder: a UNet2DConditionModel reading K tokens that a small encoder makes from "
                           "the image (dropped with --cond-dropout, for guidance), in pixel space or, with --vae, in the latent "
                           "space of an autoencoder from `diffinv pretrain-vae`. Saved as a diffusers folder that invert/generate "

@@ -55,7 +55,7 @@ def pretrain_vae(config: VaeConfig, out: str | Path, *, resume: bool = False, ov
 
     # 4. Resume, then the loop (pretrain-base's).
     ckpt = out / "checkpoint.safetensors"
-    start, history = 0, []
+    start, history = 0, list[dict[str, Any]]()
     if state == "resume" and ckpt.is_file():
         start, history = load_checkpoint(ckpt, trained, averaged, opt)
         log(f"resuming {out} at step {start}/{config.steps}")
@@ -72,7 +72,7 @@ def pretrain_vae(config: VaeConfig, out: str | Path, *, resume: bool = False, ov
         write_yaml(out / "config.yaml", {**config_to_dict(config), "steps": steps}, mix_comment(mix))
 
     # 5. The averaged weights, with the scaling factor that gives unit-variance latents; the curve and the figures.
-    final = averaged["vae"].eval()
+    final: Any = averaged["vae"].eval()  # a diffusers AutoencoderKL
     scale, figures = _measure(final, pixels, out / "reconstructions.png")
     final.register_to_config(scaling_factor=scale)
     final.save_pretrained(out / "vae")
@@ -91,7 +91,7 @@ def pretrain_vae(config: VaeConfig, out: str | Path, *, resume: bool = False, ov
 
 
 @torch.no_grad()
-def _measure(vae: nn.Module, pixels: torch.Tensor, grid_path: Path, n: int = 16) -> tuple[float, dict[str, Any]]:
+def _measure(vae: Any, pixels: torch.Tensor, grid_path: Path, n: int = 16) -> tuple[float, dict[str, Any]]:
     """The scaling factor (from up to SCALE_IMAGES evenly spaced training images), their reconstruction PSNR from the latent
     means, and a grid of real images over their reconstructions."""
     from PIL import Image
@@ -109,7 +109,7 @@ def _measure(vae: nn.Module, pixels: torch.Tensor, grid_path: Path, n: int = 16)
     show = pixels[pick[torch.linspace(0, len(pick) - 1, min(n, len(pick))).long()].to(pixels.device)]
     recon = vae.decode(vae.encode(show).latent_dist.mean, return_dict=False)[0].clamp(-1, 1)
     grid = torch.cat([torch.cat(list(pixels_to_uint8(r, None)), dim=1) for r in (show, recon)], dim=0).numpy()
-    img = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
+    img = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.Resampling.NEAREST)
     atomic_write(grid_path, lambda p: img.save(p, format="PNG"))
     all_means = torch.cat(means)
     return latent_scale(all_means), {"train_psnr_db": round(float(torch.cat(scores).mean()), 2),
@@ -130,7 +130,6 @@ def _run(config: VaeConfig, out: Path, *, resume: bool, overwrite: bool, progres
 
 
 STAGE = Stage(name="pretrain-vae", config=VaeConfig, marker=MARKER, run=_run, summary=_summary, path_fields=("data",),
-              help="train a latent autoencoder on unlabeled images, for a latent base (pretrain-base --vae)",
               description=("Stable Diffusion's first stage in miniature: a diffusers AutoencoderKL trained on the L1 pixel error "
                            "plus a small KL term, its latent scaling factor measured on the training images. Saved as vae/ "
                            "for `diffinv pretrain-base --vae OUT`. Labels are never read."),

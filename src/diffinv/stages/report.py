@@ -13,5 +13,4 @@ def _command(args) -> int:
 
 
 STAGE = Stage(name="report", cli="folder", command=_command,
-              help="Markdown + HTML report of a study or a run, from its saved files",
               folder="a study folder (from experiment) or a run folder (from train)")

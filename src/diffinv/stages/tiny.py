@@ -24,5 +24,4 @@ def _run(config: TinyModelConfig, out: Path, *, overwrite: bool, **_: Any) -> Pa
 
 STAGE = Stage(name="tiny-model", config=TinyModelConfig, marker="model_index.json", run=_run,
               summary=lambda config, out: f"saved a random {config.kind} model to {out}",
-              help="save a small random SD-architecture model (for trying the pipeline offline)",
               outputs=("folder to write", "(not used: a model is written whole)", "replace a model previously written by tiny-model"))

@@ -297,7 +297,6 @@ def _run(config: TrainConfig, out: Path, *, resume: bool, overwrite: bool, progr
 
 
 STAGE = Stage(name="train", config=TrainConfig, marker=MARKER, run=_run, summary=_summary, path_fields=("data",),
-              help="train a classifier on real, synthetic or both; evaluate on the real test split (stage 3)",
               description=("Train a classifier with all images in memory and augmentation on the device; evaluates on the real "
                           "test split and writes metrics, a confusion matrix and safetensors weights."),
               outputs=("run folder to write", "continue an interrupted run from its last checkpoint", "replace an existing run"))

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -180,6 +181,11 @@ def _split_key(config: TrainConfig, split: str) -> tuple:
     return (os.path.abspath(config.data), (stat.st_mtime_ns, stat.st_size), config.format, split, config.bad_images)
 
 
+@overload
+def _in_classes(images: LabelledImages, classes: list[str], name: str, train_split: str,
+                log: Callable[[str], None]) -> LabelledImages: ...
+@overload
+def _in_classes(images: None, classes: list[str], name: str, train_split: str, log: Callable[[str], None]) -> None: ...
 def _in_classes(images: LabelledImages | None, classes: list[str], name: str, train_split: str,
                 log: Callable[[str], None]) -> LabelledImages | None:
     """A test or validation split with labels in the training split's class order. A split that lacks some classes is

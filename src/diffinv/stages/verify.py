@@ -90,5 +90,4 @@ def _command(args) -> int:
 
 
 STAGE = Stage(name="verify", cli="folder", command=_command,
-              help="check a store or a synthetic set byte by byte: checksums, finite embeddings, files and manifest",
               folder="a store (from invert) or a synthetic set (from generate)")

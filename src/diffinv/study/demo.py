@@ -21,7 +21,6 @@ __all__ = ["DEMO_STUDY", "EMBEDDED_BASE", "STAGE", "embedded_base"]
 STAGE = Stage(name="demo", config=StudyConfig, marker="study.yaml", run=run, summary=summary, path_fields=("data",),
               cli="study", study=str(DEMO_STUDY), default_out="runs/demo",
               usage="diffinv demo [--out DIR] [study flags] [--invert-X V] [--generate-X V[,V...]] ...",
-              help="the whole method on a few-shot split of digits, offline on CPU: table + report",
               description=("The packaged study: 2 digits per class into the base model shipped with the package, 8 "
                            "replicates, 10 Diffusion Inversion and 10 img2img variants per image, a seeded classifier "
                            "on real, real + DI and real + img2img; prints mean ± std test accuracy with paired intervals "

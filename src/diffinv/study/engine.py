@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from diffinv.config import ConfigError, StudyConfig, config_to_dict, load_config, result_fields
+from diffinv.report.cost import cost_lines, human_duration
 from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
 from diffinv.shards import Shard
 from diffinv.study.plan import Plan, Trial, Unit, build_plan, data_fingerprint, embedded_base, local_path
@@ -64,8 +65,6 @@ def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None
 
 def eta_line(done: int, total: int, elapsed: float) -> str:
     """The study's progress over its jobs, with the time left if the rest go as those done did."""
-    from diffinv.study.estimate import human_duration
-
     return (f"study: {done} of {total} jobs done in {human_duration(elapsed)}, about "
             f"{human_duration(elapsed / done * (total - done))} left")
 
@@ -84,7 +83,7 @@ def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit],
     from diffinv.data.real import open_images
     from diffinv.device import resolve_device
     from diffinv.diffusion.model_io import load_backbone
-    from diffinv.study.estimate import Rates, Work, classifier_rates, human_duration, plan_work, probe, uninformative
+    from diffinv.study.estimate import Rates, Work, classifier_rates, noise_note, plan_work, probe, uninformative
 
     units = [u for u in units if not u.done(out)]
     images = open_images(local_path(study, study.data), study.format, study.split)
@@ -95,12 +94,18 @@ def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit],
     store = next((u.config for u in plan.units.values() if u.kind == "store"), None)
     device = resolve_device(study.device)
     backbone = load_backbone(store.model) if store is not None and store.model else None
+    resolution = store.resolution if store is not None else None
     data_size = images.image(0).size[0]
     native = backbone.native_resolution if backbone is not None else None
-    for note in uninformative({u.key: work[u.key] for u in units}, data_size, native, len(images.classes)):
+    notes = uninformative({u.key: work[u.key] for u in units}, data_size, native, len(images.classes))
+    gain_db = None
+    if backbone is not None and (todo.inversion or todo.sampling):
+        gain_db, note = noise_note(backbone.to(device), images, resolution or backbone.choose_resolution(data_size))
+        notes += [note] if note else []
+    for note in notes:
         log(f"warning: {note}")
     if backbone is not None and (todo.inversion or todo.sampling):
-        rates = probe(backbone, store.resolution, data_size, list(todo.classifier), len(images.classes), str(device))
+        rates = probe(backbone, resolution, data_size, list(todo.classifier), len(images.classes), str(device))
     else:  # only classifier runs left
         rates = Rates(0.0, 0.0, classifier_rates(list(todo.classifier), len(images.classes), str(device)))
     seconds = rates.seconds(todo)
@@ -110,7 +115,8 @@ def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit],
         f"{rates.inversion * 1e3:.1f} ms per inversion image-step, {rates.sampling * 1e3:.1f} ms per sampling image-pass, "
         f"{_classifier_rates(rates)}; it leaves out data loading, decoding and evaluation, and splits over "
         f"the processes")
-    return {"seconds": seconds, "units": len(units), "device": device.type, "inversion_image_steps": todo.inversion,
+    return {"seconds": seconds, "units": len(units), "device": device.type, "denoising_gain_db": gain_db,
+            "inversion_image_steps": todo.inversion,
             "sampling_image_passes": todo.sampling, "classifier_steps": sum(todo.classifier.values()),
             "seconds_per_inversion_image_step": rates.inversion, "seconds_per_sampling_image_pass": rates.sampling}
 
@@ -124,7 +130,6 @@ def _classifier_rates(rates) -> str:
 def refuse_large(estimate: dict[str, Any]) -> None:
     """A study beyond PLAN_UNITS units or PLAN_HOURS hours starts only with --yes."""
     from diffinv.config import PLAN_HOURS, PLAN_UNITS
-    from diffinv.study.estimate import human_duration
 
     if estimate["units"] > PLAN_UNITS or estimate["seconds"] > PLAN_HOURS * 3600:
         raise RunError(f"this study would run {estimate['units']} units, about {human_duration(estimate['seconds'])} here "
@@ -235,8 +240,9 @@ def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool:
     chosen = chosen_text(selection)
     write_text(out / "results.md", result_table(summary) + (f"\n\nSettings chosen on validation:\n{chosen}" if chosen else "")
                + f"\n\nOn the test split (95% intervals over {len(study.seeds)} replicates, paired):\n{verdict_lines(summary)}\n")
-    log(time_line(plan, out))
-    for line in gain_per_hour(plan, out, summary):
+    costs = study_costs(plan, out, summary)
+    write_json(out / "costs.json", costs)
+    for line in cost_lines(costs):
         log(line)
     if study.report:
         from diffinv.report.build import build_report
@@ -245,50 +251,39 @@ def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool:
     return out
 
 
-def time_line(plan: Plan, out: Path) -> str:
-    """The units' measured time (their cost.json) beside the estimate made before they ran, and each method's cost."""
+def study_costs(plan: Plan, out: Path, summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the study cost, from its units' cost.json: the measured total beside the estimate made before, each method's
+    time per synthetic set (its inversion included), and each kept method's gain over real only per hour of the device
+    that made its data (accuracy bought per GPU- or CPU-hour). Written as costs.json; the log and the report show it."""
     from diffinv.runs import cost_seconds
-    from diffinv.study.estimate import human_duration
 
     seconds = {u.key: cost_seconds(out / u.folder) or 0.0 for u in plan.units.values()}
-    line = f"time: {human_duration(sum(seconds.values()))} measured in the units (cost.json)"
-    if (out / "estimate.json").is_file():
-        estimate = read_json(out / "estimate.json")
-        line += f"; estimated {human_duration(estimate['seconds'])} on {estimate['device']} before they ran"
+    estimate = read_json(out / "estimate.json") if (out / "estimate.json").is_file() else None
     per_method: dict[str, list[float]] = {}
     for unit in plan.units.values():
         if unit.kind == "set":
-            store = next((k for k, u in plan.units.items() if u.kind == "store" and str(unit.config.store).endswith(u.folder)), None)
-            per_method.setdefault(unit.config.method, []).append(seconds[unit.key] + (seconds[store] if store else 0.0))
-    costs = [f"{m} {human_duration(statistics.mean(v))}" for m, v in sorted(per_method.items())]
-    return line + (f"; per synthetic set (its inversion included): {', '.join(costs)}" if costs else "")
-
-
-def gain_per_hour(plan: Plan, out: Path, summary: list[dict[str, Any]]) -> list[str]:
-    """Each kept method's gain over real only per hour of the device that made its data (its sets and their stores, from
-    cost.json, per replicate): accuracy bought per GPU- or CPU-hour."""
-    from diffinv.runs import cost_seconds
-
-    lines = []
+            per_method.setdefault(unit.config.method, []).append(seconds[unit.key] + seconds.get(_store_of(plan, unit.key), 0.0))
+    gains = []
     for row in summary:
         gain = (row.get("gain") or {}).get(row.get("headline", "top1"))
         if gain is None or row.get("baseline", "real") != "real":
             continue
         trials = [t for t in plan.trials_of(row["method"], row["setting"], row["per_class"]) if t.sets]
-        per_replicate = []
-        for trial in trials:
-            units = {key for key in trial.sets} | {k for key in trial.sets for k, u in plan.units.items() if u.kind == "store"
-                                                   and str(getattr(plan.units[key].config, "store", "")).endswith(u.folder)}
-            per_replicate.append(sum(cost_seconds(out / plan.units[k].folder) or 0.0 for k in units))
-        hours = statistics.mean(per_replicate) / 3600 if per_replicate else 0.0
+        per_replicate = [sum(seconds[k] + seconds.get(_store_of(plan, k), 0.0) for k in t.sets) for t in trials]
         device = next((read_json(out / plan.units[k].folder / "cost.json").get("device", "cpu") for t in trials for k in t.sets
                        if (out / plan.units[k].folder / "cost.json").is_file()), "cpu")
-        if hours > 0:
-            kind = "GPU" if device.startswith("cuda") else device.upper()
-            lines.append(f"cost: {row['method']} at {row['per_class']} per class: {gain['mean'] * 100:+.2f} points over real only "
-                         f"for {hours * 3600:.0f} s of {kind} per replicate, {gain['mean'] * 100 / hours:+.1f} points per "
-                         f"{kind}-hour")
-    return lines
+        if per_replicate and statistics.mean(per_replicate) > 0:
+            gains.append({"method": row["method"], "per_class": row["per_class"], "gain_points": gain["mean"] * 100,
+                          "seconds_per_replicate": statistics.mean(per_replicate),
+                          "device": "GPU" if device.startswith("cuda") else device.upper()})
+    return {"measured_seconds": sum(seconds.values()), "estimate": estimate,
+            "seconds_per_set": {m: statistics.mean(v) for m, v in sorted(per_method.items())}, "gains": gains}
+
+
+def _store_of(plan: Plan, set_key: str) -> str:
+    """The key of the store a set unit was generated from ('' for a method that needs none)."""
+    store = str(getattr(plan.units[set_key].config, "store", "") or "")
+    return next((k for k, u in plan.units.items() if u.kind == "store" and store and store.endswith(u.folder)), "")
 
 
 def check_sizes(study: StudyConfig) -> None:
@@ -401,7 +396,7 @@ def select_candidates(plan: Plan, out: Path, log: Log) -> dict[str, dict[str, An
     for arm, cands in plan.candidates.items():  # real first: the others' validation gains are over its choice
         for k in plan.sizes(arm):
             means = {c.label: statistics.fmean(scores[(arm, c.label, k)].values()) for c in cands}
-            best = max(means, key=means.get)
+            best = max(means, key=lambda label: means[label])
             real = scores.get((REAL, selection.get(REAL, {}).get(str(k), {}).get("chosen"), k))
             listed = []
             for c in cands:

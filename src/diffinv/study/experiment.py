@@ -53,7 +53,6 @@ STAGE = Stage(name="experiment", config=StudyConfig, marker="study.yaml", run=ru
               summary=summary, unit="run", shardable=True, path_fields=("data",), cli="study",
               usage="diffinv experiment [STUDY.yaml] --out DIR [study flags] [--invert-X V] [--generate-X V[,V...]] ...",
               absolute=lambda config: replace(config, workdir=config.workdir or os.getcwd()),
-              help="a study: which synthetic data helps, by how much, with which settings (every stage, chosen on validation)",
               description=("Inverts each replicate's real subset, generates every method's candidate sets, trains the "
                            "classifiers, keeps each method's candidate with the best validation score, scores the kept ones "
                            "on the test split and writes the table and the report. Re-running continues a killed study and "

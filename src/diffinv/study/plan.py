@@ -157,7 +157,7 @@ def adapters(plan: Plan, where: _Where, cand: Candidate, k: int, r: int, job: in
     """The replicate's per-class LoRA adapters, fitted on its class store (made here: di+lora's store is per image)."""
     config = _invert_config(where, cand, k, r, target="class")
     classes = _add(plan, "store", f"k{k}-r{r}-class", config, job, where.written)
-    fit = _build(FinetuneConfig, {**cand.finetune, "store": str(out / classes.folder), "device": where.study.device}, cand,
+    fit = _build(FinetuneConfig, {**(cand.finetune or {}), "store": str(out / classes.folder), "device": where.study.device}, cand,
                  "finetune")
     return _add(plan, "adapters", f"k{k}-r{r}", fit, job, {"store": classes.key})
 
@@ -198,7 +198,7 @@ def _invert_config(where: _Where, cand: Candidate, k: int, r: int, target: str =
     values = {"tokens": where.tokens, "resolution": where.resolution, **cand.invert,
               "model": where.model, "data": where.data, "format": s.format, "split": s.split, "per_class": k,
               "subset_seed": s.subset_seed + r, "val_per_class": 0 if s.val_split else s.val_per_class, "device": s.device}
-    if target == "class" or get_method(cand.method).store_target == "class":
+    if target == "class" or (cand.method is not None and get_method(cand.method).store_target == "class"):
         values["target"] = "class"
         if values.get("init") == "encoder":  # the base's encoder starts an image's tokens; a class starts at random
             values["init"] = "random"

@@ -47,7 +47,7 @@ def run_all(pool: Any, fn: Callable[..., Any], jobs: list[tuple]) -> list[Any]:
     if failed:
         for f in futures:
             f.cancel()
-        raise failed[0].exception()
+        raise failed[0].exception() or RuntimeError("a job failed")
     return [f.result() for f in futures]
 
 

@@ -56,7 +56,7 @@ from diffinv.errors import brief
 from diffinv.runs import read_yaml
 
 REAL = "real"  # the baseline's name: real images only
-DEFAULT_METHODS = {"di": {}, "img2img": {}}
+DEFAULT_METHODS: dict[str, dict[str, Any]] = {"di": {}, "img2img": {}}
 BLOCKS = {"invert": InvertConfig, "generate": GenerateConfig, "train": TrainConfig, "finetune": FinetuneConfig}
 OWN_BLOCKS = ("invert", "train", "finetune")  # the blocks a method's mapping may hold besides its generate fields
 
@@ -160,7 +160,7 @@ def candidates(study: StudyConfig) -> dict[str, list[Candidate]]:
             label_of = {b: list(v) for b, v in blocks.items()}  # fields the method's mapping sets: always in its label
             merged = {b: {**((getattr(study, b) or {}) if _reads(b, method, adapted) else {}), **blocks[b]} for b in BLOCKS}
             grids = {b: _grid(merged[b], BLOCKS[b], f"{arm}: {b}") for b in BLOCKS}
-            rules = _grid(rule, FilterConfig, f"{arm}: filter") if rule else [(None, [])]
+            rules: list[tuple[dict[str, Any] | None, list[str]]] = [*_grid(rule, FilterConfig, f"{arm}: filter")] if rule else [(None, [])]
             for (inv, inv_var), (gen, gen_var), (trn, trn_var), (fit, fit_var), (flt, _) in itertools.product(
                     grids["invert"], grids["generate"], grids["train"], grids["finetune"], rules):
                 shown = {**{f"invert.{k}": inv[k] for k in dict.fromkeys(label_of["invert"] + inv_var)},
