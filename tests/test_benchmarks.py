@@ -48,6 +48,7 @@ def test_paired_differences_average_repeats_then_pair_by_replicate(tmp_path, mon
 
 
 
+@pytest.mark.slow
 def test_the_generalist_base_pretrains_from_a_packed_set_within_its_weight_budget(tmp_path, capsys):
     from conftest import run_cli
 
@@ -68,6 +69,7 @@ def test_the_generalist_base_pretrains_from_a_packed_set_within_its_weight_budge
     assert weights < 20 * 2**20  # what may travel back from a GPU machine and be committed
 
 
+@pytest.mark.slow
 def test_the_one_gpu_script_runs_every_step_at_toy_sizes_on_the_cpu(tmp_path):
     """`gpu_all.sh --cpu-check`: so that it cannot fail on a lent GPU for a reason a CPU would have caught."""
     import subprocess

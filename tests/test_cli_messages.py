@@ -29,6 +29,7 @@ def test_a_mistyped_local_folder_is_not_taken_for_a_hub_id(tmp_path, capsys, mon
     assert code == 2 and "bases/ holds mine" in text and "hub" not in text
 
 
+@pytest.mark.slow
 def test_a_study_of_flags_alone_is_named_by_its_folder(tmp_path, capsys):
     data = tmp_path / "d"
     from conftest import write_image_tree

@@ -53,6 +53,7 @@ def _pngs(folder):
     return {r["id"]: np.asarray(Image.open(folder / r["file"])).astype(int) for r in read_manifest(folder)}
 
 
+@pytest.mark.slow
 def test_compiled_invert_and_generate_give_the_eager_results(tiny_pixel, tmp_path, capsys, monkeypatch):
     compiled, shapes = [], []
     original = Backbone.compile

@@ -150,3 +150,21 @@ def test_hugging_face_dataset_saved_to_disk(tmp_path):
     assert load_pixels(ds, 8).shape == (4, 3, 8, 8)
     with pytest.raises(DataError, match="offline"):
         open_images(f"hf:{tmp_path / 'hfds'}", split="test")
+
+
+def test_the_shipped_digits_are_scikit_learns_and_need_no_scikit_learn(monkeypatch):
+    import sys
+
+    from diffinv.data import real
+
+    sklearn = pytest.importorskip("sklearn.datasets")
+    theirs = sklearn.load_digits()
+    real._load_digits.cache_clear()
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # the loader must not import it
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    ours = real._load_digits()
+    assert np.array_equal(ours.images, theirs.images) and ours.images.dtype == theirs.images.dtype
+    assert np.array_equal(ours.target, theirs.target)
+    train = real.open_images("digits", "digits", "train")
+    assert len(train) + len(real.open_images("digits", "digits", "test")) == 1797 and len(train.classes) == 10
+    real._load_digits.cache_clear()

@@ -15,6 +15,7 @@ from diffinv.study.plan import embedded_base
 QUIET = ["--quiet"]
 
 
+@pytest.mark.slow
 def test_inverted_noise_samples_the_image_back_and_better_with_more_steps():
     from diffinv.diffusion.encoder import load_encoder
     from diffinv.diffusion.model_io import load_backbone
@@ -47,6 +48,7 @@ def _pixels(path):
     return np.asarray(Image.open(path).convert("L"), dtype=np.float64) / 255.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interp", [0.0, 1.0])
 def test_ddim_inversion_sets_sample_the_image_at_0_and_its_partner_at_1(tmp_path, capsys, interp):
     base = str(embedded_base())

@@ -63,6 +63,7 @@ def test_the_command_reference_is_generated_from_the_cli(capsys, monkeypatch):
     assert capsys.readouterr().out.strip() in reference()
 
 
+@pytest.mark.slow
 def test_every_command_of_the_readme_runs_as_written(tiny_latent, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 

@@ -135,6 +135,7 @@ def test_a_constant_predictor_is_flagged_and_never_a_gain():
     assert di["gain"]["top1"]["degenerate"]
 
 
+@pytest.mark.slow
 def test_selection_reads_validation_only_and_the_test_metrics_after(tmp_path, monkeypatch):
     import diffinv.study.engine as engine
 

@@ -272,6 +272,7 @@ def test_a_flipped_byte_in_a_store_part_is_caught_by_generate(store, tmp_path, c
     assert code == 2 and "does not match its checksum" in text
 
 
+@pytest.mark.slow
 def test_an_unknown_device_is_one_line(capsys, tmp_path):
     code, text = _run(capsys, "train", "--data", "digits", *TRAIN, "--device", "tpu", "--out", tmp_path / "r")
     assert code == 2 and "--device 'tpu'" in text

@@ -52,6 +52,7 @@ def test_torchvision_models_build_by_name(capsys):
         build_model("torchvision:no_such_net", 3, 32)
 
 
+@pytest.mark.slow
 def test_train_fine_tunes_with_a_linear_probe_from_the_cli(tmp_path, capsys):
     path, state = _saved(tmp_path)
     argv = ["train", "--data", "digits", "--arch", "small-cnn", "--resolution", "8", "--quiet", "--pretrained", str(path)]

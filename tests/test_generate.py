@@ -235,6 +235,7 @@ def test_interrupt_then_rerun_completes_with_identical_images(stores, tmp_path):
     assert (tmp_path / "run" / "manifest.jsonl").read_text() == (tmp_path / "ref" / "manifest.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_same_images(stores, tmp_path):
     _, _, store_dir, _ = stores
     args = ["--store", str(store_dir), "--per-image", "8", "--steps", "6", "--batch-size", "2", "--quiet"]

@@ -64,6 +64,7 @@ def test_auto_batch_is_64_on_a_cpu_and_the_measured_size_on_a_gpu(tiny_pixel, mo
     assert "do not fit" in notes[-1]
 
 
+@pytest.mark.slow
 def test_invert_records_the_batch_it_chose_and_a_resume_keeps_it(tiny_pixel, tmp_path, capsys):
     data = write_image_tree(tmp_path / "d", per_class=3, size=16)
     common = ["--model", tiny_pixel, "--data", data, "--resolution", "16", "--steps", "2", *QUIET]

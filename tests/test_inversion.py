@@ -58,6 +58,7 @@ def trained_pixel(tmp_path_factory):
     return backbone, images, pixels
 
 
+@pytest.mark.slow
 def test_inverted_embeddings_explain_their_own_image(trained_pixel):
     backbone, images, pixels = trained_pixel
     keys = rng.keys_tensor(0, images.ids)
@@ -114,6 +115,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tiny_latent, image_tree, tmp
     assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted(tiny_latent, image_tree, tmp_path):
     args = ["--model", str(tiny_latent), "--data", str(image_tree), "--resolution", "16", "--steps", "40",
             "--batch-size", "4", "--checkpoint-every", "3", "--quiet"]
@@ -131,6 +133,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tiny_latent, image_tree, tmp_pa
     _same_store(tmp_path / "ref", tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_finished_store_is_protected_and_mismatches_refused(tiny_latent, tiny_pixel, image_tree, tmp_path):
     out = tmp_path / "store"
     invert_dataset(_config(tiny_latent, image_tree), out, progress=False)
@@ -280,6 +283,7 @@ def test_importance_timesteps_pilot_every_bin_then_follow_the_proposal_with_unbi
         == (20, 10, 0)
 
 
+@pytest.mark.slow
 def test_importance_sampled_inversion_resumes_exactly_inside_and_after_the_pilot(tiny_latent, image_tree, tmp_path):
     kw = {"timesteps": "importance", "steps": 26, "checkpoint_every": 3, "log_every": 1}  # pilot: 20 steps (antithetic pairs)
     invert_dataset(_config(tiny_latent, image_tree, **kw), tmp_path / "ref", progress=False)
@@ -356,6 +360,7 @@ def _refill_schedule(steps: list[int], slots: int) -> list[int]:
     return sizes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("timesteps", ["stratified", "importance"])
 def test_early_stopped_images_leave_the_batch_and_equal_running_alone(trained_pixel, timesteps):
     backbone, images, pixels = trained_pixel
@@ -386,6 +391,7 @@ def test_early_stopped_images_leave_the_batch_and_equal_running_alone(trained_pi
         assert float(alone.loss_final[0]) == pytest.approx(float(pooled.loss_final[i]), rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("timesteps", ["stratified", "importance"])
 def test_early_stop_pool_resumes_exactly_and_records_steps(trained_pixel, tmp_path, timesteps):
     backbone, images, pixels = trained_pixel

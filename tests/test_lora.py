@@ -30,6 +30,7 @@ def stores(tiny_pixel, tmp_path, capsys):
     return tmp_path / "images", tmp_path / "classes"
 
 
+@pytest.mark.slow
 def test_finetune_lowers_each_class_loss_resumes_bit_identically_and_refuses_an_image_store(stores, tmp_path, capsys):
     images, classes = stores
     code, text = _run(capsys, "finetune", "--store", classes, *FIT, "--out", tmp_path / "ad")
@@ -75,6 +76,7 @@ def test_an_adapter_saved_and_loaded_back_gives_equal_outputs(tiny_pixel):
     assert torch.equal(fresh.predict_noise(*probe).detach(), base)  # without the adapter: the frozen base
 
 
+@pytest.mark.slow
 def test_lora_and_di_lora_sample_through_each_class_adapter(stores, tmp_path, capsys):
     images, classes = stores
     assert _run(capsys, "finetune", "--store", classes, *FIT, "--out", tmp_path / "ad")[0] == 0

@@ -26,6 +26,7 @@ def tiny_base(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_the_loss_and_loads_like_sd(tiny_base):
     losses = [json.loads(line)["loss"] for line in (tiny_base / "losses.jsonl").read_text().splitlines()]
     assert len(losses) == 12
@@ -139,6 +140,7 @@ def _store(out: Path, k: int, r: int) -> Path:
                 if u["kind"] == "store" and u["folder"].startswith(f"stores/k{k}-r{r}-"))
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(tiny_base), "--per-class", "2", "--out", str(out), "--fast", "--device", "cpu", "--quiet"]
@@ -172,6 +174,7 @@ def test_demo_runs_end_to_end_in_fast_mode(tiny_base, tmp_path, capsys):
     assert table.strip() in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_in_two_processes_makes_the_files_one_process_makes_at_the_same_threads(tiny_base, tmp_path, monkeypatch):
     # --processes 2 spawns two processes (this one's torch threads // 2, at least 1, each) for the jobs and then the test
     # of the kept runs; at that thread count one process must give the same numbers. The 2-process demo is first run
@@ -319,6 +322,7 @@ def test_demo_on_a_model_without_a_base_encoder_says_to_start_from_noise(tiny_la
     assert not out.exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_demo_with_several_sizes_is_a_sample_efficiency_study(tiny_base, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(tiny_base), "--per-class", "1,2", "--real-sizes", "4", "--out", str(out), "--fast",

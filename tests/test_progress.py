@@ -3,6 +3,8 @@
 import io
 import json
 
+import pytest
+
 from diffinv import progress
 
 
@@ -39,6 +41,7 @@ def test_the_format_follows_the_terminal_and_the_setting(monkeypatch):
     assert progress.log_format() == "bar" and not isinstance(progress.bar(total=3), progress.LineProgress)
 
 
+@pytest.mark.slow
 def test_a_study_log_in_a_file_is_lines_not_carriage_returns(tmp_path, tiny_latent):
     import subprocess
     import sys

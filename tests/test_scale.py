@@ -77,6 +77,7 @@ def test_shard_ids_from_flags_and_launchers():
     assert shard_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None and shard_from_env({}) is None
 
 
+@pytest.mark.slow
 def test_two_shard_processes_with_one_killed_equal_one_process(tiny_latent, data, tmp_path, one_thread, capsys, monkeypatch):
     """Two `--shard` processes started by hand; shard 0 is killed -9 mid-batch and re-run."""
     invert_dataset(_invert_config(tiny_latent, data, steps=30, checkpoint_every=3, log_every=3), tmp_path / "ref", progress=False)
@@ -149,6 +150,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_workers_killed_mid_shard_are_retried_and_equal_one_process(local_ray, tiny_latent, data, tmp_path, one_thread):
     from diffinv.launch import run_on_ray
 

@@ -96,6 +96,7 @@ def test_bad_yaml_and_misplaced_flag_are_clear(tmp_path, tiny_latent):
         load_backbone(tiny_latent, original_config=str(sd2_yaml))
 
 
+@pytest.mark.slow
 def test_invert_and_generate_from_a_single_file_with_its_yaml(tmp_path, image_tree):
     path, config, _, _ = _checkpoint(tmp_path, "sd1v", v=True)
     cli = [sys.executable, "-m", "diffinv.cli"]

@@ -1,4 +1,4 @@
-"""The maintainers' tools run here, so they cannot rot: the lint rules of pyproject.toml hold on the whole tree."""
+"""The maintainers' tools run here, so they cannot rot: the lint rules and the type checks of pyproject.toml hold."""
 
 import shutil
 import subprocess
@@ -16,4 +16,11 @@ def test_ruff_finds_nothing():
         pytest.skip("ruff is not installed (pip install -e '.[test]' brings it)")
     done = subprocess.run([ruff, "check", "--no-cache", "src", "tests", "benchmarks", "docs"], cwd=ROOT, capture_output=True,
                           text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_mypy_finds_nothing_in_the_library():
+    """mypy at its default strictness (pyproject.toml's [tool.mypy]) on src/diffinv: the annotations are checked, not decor."""
+    pytest.importorskip("mypy", reason="mypy is not installed (pip install -e '.[test]' brings it)")
+    done = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]

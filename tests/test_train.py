@@ -181,6 +181,7 @@ def test_train_writes_a_complete_run_whose_model_reproduces_its_accuracy(tmp_pat
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_another_seed_differs(tmp_path):
     runs = [train_classifier(TrainConfig(**FAST, steps=3, seed=s), tmp_path / f"r{i}", progress=False)
             for i, s in enumerate([0, 0, 1])]
@@ -189,6 +190,7 @@ def test_same_seed_same_run_and_another_seed_differs(tmp_path):
     assert not all(torch.equal(w[0][k], w[2][k]) for k in w[0])
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     config = TrainConfig(**FAST, steps=6, checkpoint_every=2, aug="randaugment", mixup=0.4, cutmix=1.0)
     ref = train_classifier(config, tmp_path / "ref", progress=False)
@@ -211,6 +213,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert read_json(ref / "final.json")["top1"] == read_json(tmp_path / "run" / "final.json")["top1"]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_same_model(tmp_path):
     args = ["--data", "digits", "--per-class", "3", "--arch", "shufflenetv2", "--resolution", "32", "--batch-size", "10",
             "--steps", "12", "--checkpoint-every", "2", "--eval-every", "12", "--quiet"]

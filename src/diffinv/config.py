@@ -14,13 +14,16 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from diffinv.errors import UserError, brief
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # autocast: fp16 would need a gradient scaler

@@ -50,7 +50,7 @@ class LineProgress:
     """tqdm's interface, written as a line per 10% of the total (``gap`` seconds apart at least) or per ``every`` seconds,
     whichever comes first, and a last line at the end."""
 
-    def __init__(self, iterable: Iterable | None = None, *, total: float | None = None, initial: int = 0, desc: str = "",
+    def __init__(self, iterable: Iterable | None = None, *, total: float | None = None, initial: float = 0, desc: str = "",
                  unit: str = "it", json_lines: bool = False, every: float = 60.0, gap: float = 5.0, stream: Any = None):
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):

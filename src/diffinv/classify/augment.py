@@ -7,6 +7,8 @@ it and a resumed run augments exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -39,7 +41,7 @@ class Augmenter(nn.Module):
                 K.RandomCrop((size, size), padding=max(1, size // 8), padding_mode="reflect"),
                 K.RandomHorizontalFlip(),
             )
-        self.policy = None
+        self.policy: Any = None  # kornia's AutoAugment or RandAugment
         if aug == "autoaugment":
             from kornia.augmentation.auto import AutoAugment
 

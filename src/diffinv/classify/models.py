@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -161,7 +161,7 @@ def _torchvision_model(name: str, num_classes: int) -> nn.Module:
 
 def classification_head(net: nn.Module) -> nn.Module:
     """The module that maps features to logits (timm's ``get_classifier``, else ``fc`` / ``classifier`` / ``head``)."""
-    head = net.get_classifier() if hasattr(net, "get_classifier") else next(
+    head = cast(Any, net).get_classifier() if hasattr(net, "get_classifier") else next(
         (getattr(net, a) for a in ("fc", "classifier", "head") if isinstance(getattr(net, a, None), nn.Module)), None)
     if head is None:
         raise ModelConfigError(f"cannot find the classification head of {type(net).__name__}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ def read_state_dict(path: str | Path, flag: str = "--pretrained") -> dict[str, t
             f"{flag} {path} does not exist; pass a local .safetensors or .pth state dict (nothing is downloaded: "
             f"where there is internet, e.g. `python -c \"import torchvision; torchvision.models.resnet50(weights='DEFAULT')\"` "
             f"leaves it in ~/.cache/torch/hub/checkpoints/, or save `timm.create_model(NAME, pretrained=True).state_dict()`)")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from diffinv.runs import RunError, atomic_write, write_text
+from diffinv.runs import RunError, atomic_write, write_bytes, write_text
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def write_imagefolder(records: Iterable[Record], out: Path, classes: list[str], 
     lines = []
     for i, record in enumerate(records):
         name = _file_name(record, i)
-        atomic_write(out / name, lambda p, data=record.png: p.write_bytes(data))
+        write_bytes(out / name, record.png)
         lines.append(json.dumps({"file_name": name, **record.columns()}, sort_keys=True) + "\n")
     write_text(out / "metadata.jsonl", "".join(lines))
     return {"images": len(lines), "files": "<class>/*.png, metadata.jsonl"}

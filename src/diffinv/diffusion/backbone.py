@@ -307,10 +307,13 @@ class Backbone:
             raise ModelError(f"{self.source} was loaded without a text encoder; its LoRA needs one")
         with warnings.catch_warnings():  # one adapter per class is the design: peft's "multiple adapters" warning is not news
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS),
+            # peft annotates lora_alpha as int and takes any number.
+            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS),  # type: ignore[arg-type]
                                              init_lora_weights="gaussian"), adapter_name=name)
-            if text_encoder:  # peft's own injection: transformers' add_adapter asks for a newer peft than many installs have
-                inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_LORA_TARGETS),
+            if text_encoder and self.text_encoder is not None:  # peft's own injection: transformers' add_adapter asks for
+                # a newer peft than many installs have
+                inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]
+                                                   target_modules=list(TEXT_LORA_TARGETS),
                                                    init_lora_weights="gaussian"), self.text_encoder, adapter_name=name)
         self.use_lora(name)
         named = self._lora_parameters(name)
@@ -347,8 +350,9 @@ class Backbone:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             for layer in (m for m in self.text_encoder.modules() if isinstance(m, BaseTunerLayer)):
-                layer.enable_adapters(name in layer.lora_A)  # a UNet-only adapter leaves the text encoder as it is
-                if name in layer.lora_A:
+                adapters = getattr(layer, "lora_A", {})  # a LoRA layer's adapters by name
+                layer.enable_adapters(name in adapters)  # a UNet-only adapter leaves the text encoder as it is
+                if name is not None and name in adapters:
                     layer.set_adapter(name)
 
     def lora_state(self, name: str) -> dict[str, torch.Tensor]:

@@ -237,11 +237,12 @@ def _train_step(backbone: Backbone, moments: LatentMoments, keys: torch.Tensor, 
     proposal = None  # None: uniform, no weights (every row still in its pilot)
     if pilot and max(own_steps) >= pilot:
         proposal = timestep_proposal(take(state.stats))
-        proposal = torch.where(in_pilot[:, None], 1.0 / IMPORTANCE_BINS, proposal) if mixed else proposal
+        proposal = torch.where(in_pilot[:, None], 1.0 / IMPORTANCE_BINS, proposal) if in_pilot is not None else proposal
     emb, exp_avg, exp_avg_sq = take(state.emb), take(state.exp_avg), take(state.exp_avg_sq)
     losses = torch.zeros(len(rows), device=keys.device)
     for part in update_slices(len(rows), s):
-        pick = (lambda x: x) if part is None else (lambda x, part=part: x[part.to(keys.device)])
+        def pick(x: torch.Tensor, part: torch.Tensor | None = part) -> torch.Tensor:
+            return x if part is None else x[part.to(keys.device)]
         part_proposal = None if proposal is None else pick(proposal)
         step_moments = groups.draw(moments, keys, step) if groups is not None else LatentMoments(pick(take(moments.mean)),
                                                                                                  pick(take(moments.std)))
@@ -256,8 +257,8 @@ def _train_step(backbone: Backbone, moments: LatentMoments, keys: torch.Tensor, 
         (grad,) = torch.autograd.grad(weighted.sum() if part is None else weighted.mean(), cond)
         if pilot and min(own_steps) < pilot:  # the pilot: each gradient's norm^2 in its timestep's bin
             g2 = grad.pow(2).flatten(1).sum(1)
-            g2 = g2 * pick(in_pilot).to(g2) if mixed else g2
-            where = pick(torch.arange(len(keys), device=keys.device) if full else idx)
+            g2 = g2 * pick(in_pilot).to(g2) if in_pilot is not None else g2
+            where = pick(idx if idx is not None else torch.arange(len(keys), device=keys.device))
             state.stats.index_put_((where, timestep_bins(t, backbone.num_train_timesteps)), g2, accumulate=True)
         if part is not None:  # the whole group moves at each update, with zero gradient outside the slice
             grad = torch.zeros_like(emb).index_copy_(0, part.to(keys.device), grad)
@@ -334,7 +335,7 @@ class _Groups:
         self.evaluated = position < self.EVAL_MEMBERS
         self.position = position
 
-    def draw(self, moments: LatentMoments, keys: torch.Tensor, step: int) -> LatentMoments:
+    def draw(self, moments: LatentMoments, keys: torch.Tensor, step: int | torch.Tensor) -> LatentMoments:
         """The one image [B] each conditioning trains on at ``step``, keyed by the conditioning."""
         u = rng.keyed_uniform(keys, step, rng.STREAM_PICK, (1,))[:, 0]
         idx = self.start + (u * self.count).long().clamp(max=self.count - 1)
@@ -399,10 +400,11 @@ def invert_items(backbone: Backbone, inputs: torch.Tensor | LatentMoments, keys:
     n = len(keys)
     size = padded(settings, n, pad_to, owners)
     if size > n:
-        def pad(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
         inputs = LatentMoments(pad(inputs.mean), pad(inputs.std)) if isinstance(inputs, LatentMoments) else pad(inputs)
-        return invert_items(backbone, inputs, pad(keys), settings, init=pad(init), log=log, what=what, **resume).first(n)
+        return invert_items(backbone, inputs, pad(keys), settings, init=None if init is None else pad(init), log=log, what=what,
+                            **resume).first(n)
     slots = resume.get("slots")
     first = invert_batch(backbone, inputs, keys, settings, owners=owners, init=init, **resume)
     result = Retried(first.embeddings, first.loss_init, first.loss_final, [settings.lr] * len(keys), list(first.steps))
@@ -415,12 +417,19 @@ def invert_items(backbone: Backbone, inputs: torch.Tensor | LatentMoments, keys:
         # One image's trajectory does not depend on its batch-mates, so the retry takes only the failed ones;
         # a class batch (its images laid out by owner) and a group of the official pattern (one optimiser) whole.
         sel = bad if owners is None and settings.update == "own" else list(range(len(keys)))
-        retry = invert_batch(backbone, inputs[sel] if owners is None else inputs, keys[sel], replace(settings, lr=lr),
+        retry = invert_batch(backbone, _select(inputs, sel) if owners is None else inputs, keys[sel], replace(settings, lr=lr),
                              owners=owners, slots=slots, init=None if init is None else init[sel])
         for r, j in enumerate(sel):
             result.embeddings[j], result.loss_init[j], result.loss_final[j] = retry.embeddings[r], retry.loss_init[r], retry.loss_final[r]
             result.lrs[j], result.steps[j] = lr, retry.steps[r]
     return result
+
+
+def _select(inputs: torch.Tensor | LatentMoments, rows: list[int]) -> torch.Tensor | LatentMoments:
+    """The given rows of a batch's pixels or latent moments."""
+    if isinstance(inputs, LatentMoments):
+        return LatentMoments(inputs.mean[rows], inputs.std[rows])
+    return inputs[rows]
 
 
 def encode_images(backbone: Backbone, images: LabelledImages, resolution: int, slice_size: int = 64) -> LatentMoments:

@@ -76,6 +76,7 @@ def sample_latents(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor 
         out = guided_prediction(backbone, scheduler.scale_model_input(x, t), t, cond, uncond, guidance)
         extra = {}
         if stochastic:
+            assert keys is not None, "a stochastic sampler draws its noise from the images' keys"
             extra = {"eta": eta, "variance_noise": rng.keyed_normal(keys.to(device), 1 + i, rng.STREAM_SAMPLER, tuple(x.shape[1:]))}
         x = scheduler.step(out, t, x, return_dict=False, **extra)[0]
     return x

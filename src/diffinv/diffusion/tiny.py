@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -116,7 +117,8 @@ def save_tiny_model(out: str | Path, kind: str = "latent", seed: int = 0, predic
         config = SD21_SCHEDULER if kind == "sd21-tiny" else SD15_SCHEDULER
         (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
     else:
-        DDPMScheduler(**{**SCHEDULER_DEFAULTS, "prediction_type": prediction_type}).save_pretrained(out / "scheduler")
+        scheduler: Any = DDPMScheduler(**{**SCHEDULER_DEFAULTS, "prediction_type": prediction_type})  # ConfigMixin's save_pretrained
+        scheduler.save_pretrained(out / "scheduler")
     if with_text_encoder:
         build_text_encoder(out, unet.config.cross_attention_dim)
     (out / "model_index.json").write_text(json.dumps({"_class_name": "DiffinvModel", "kind": kind}, indent=2))

@@ -80,9 +80,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to feature sets [N, F] and [M, F] (the FID formula)."""
     from scipy import linalg
 
-    a, b = a.double().numpy(), b.double().numpy()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    x, y = a.double().numpy(), b.double().numpy()
+    mu_a, mu_b = x.mean(0), y.mean(0)
+    cov_a, cov_b = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(cov_a @ cov_b)

@@ -275,8 +275,10 @@ def uncond_for(rows: list[Row], src: Conditioning) -> torch.Tensor:
     return src.uncond.expand(len(rows), -1, -1)
 
 
-def index_real(real: LabelledImages, rows: list[Row]) -> LabelledImages:
+def index_real(real: LabelledImages | None, rows: list[Row]) -> LabelledImages:
     """Set each row's ``_real``, the index of its source image in ``real`` (the images the store was inverted from)."""
+    if real is None:
+        raise RuntimeError("the method reads the real images but does not list 'real' in its needs")
     index = {image_id: i for i, image_id in enumerate(real.ids)}
     missing = sorted({r["source"] for r in rows} - set(index))
     if missing:

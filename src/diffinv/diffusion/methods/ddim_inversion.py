@@ -38,7 +38,7 @@ class DdimInversion(Method):
              inputs: Inputs) -> Conditioning:
         source = super().load(settings, store, backbone, rows, inputs)
         # Every store row's start noise: each image's own, and each is some row's partner.
-        every = [{"source": image_id} for image_id in store.ids]
+        every: list[Row] = [{"source": image_id} for image_id in store.ids]
         real = index_real(inputs.real, every)
         starts = []
         for first in range(0, len(every), settings.batch_size):

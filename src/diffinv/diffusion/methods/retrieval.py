@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffinv.data.near_duplicates import near_duplicates
-from diffinv.data.pool import cached, content_hashes, default_cache, near_signatures, nearest, open_pool, readable, signature
+from diffinv.data.pool import Pool, cached, content_hashes, default_cache, near_signatures, nearest, open_pool, readable, signature
 from diffinv.data.real import DataError, LabelledImages, load_pixels, load_uint8
 from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.methods.base import Conditioning, GenerationSettings, Inputs, Method, Row, index_real, per_image_rows
@@ -63,8 +64,8 @@ class Retrieval(Method):
         resolution = int(store.info["resolution"])
         real = index_real(inputs.real, rows)
         pools = [open_pool(p) for p in inputs.pool]
-        space = dict(model=inputs.model, judge=inputs.judge, image_model=settings.image_model, image_arch=settings.image_arch,
-                     image_size=settings.image_size)
+        space: dict[str, Any] = dict(model=inputs.model, judge=inputs.judge, image_model=settings.image_model,
+                                     image_arch=settings.image_arch, image_size=settings.image_size)
         features = space_features(settings.space, backbone, resolution, **space)
         notes: list[str] = []
 
@@ -74,8 +75,7 @@ class Retrieval(Method):
         space_key = space_identity(settings.space, backbone, resolution, **space)
         hashed = []
         for p in pools:
-            hashes = cached(cache, f"hashes-{settings.bad_images}-{signature(p)}", lambda p=p: {"hashes": content_hashes(
-                p.images, _bar(f"hashing {p.path}"), settings.bad_images)})["hashes"]
+            hashes = cached(cache, f"hashes-{settings.bad_images}-{signature(p)}", partial(_hashes, p, settings.bad_images))["hashes"]
             p, hashes, unreadable = readable(p, hashes)
             if unreadable:
                 notes.append(f"retrieval: skipped {len(unreadable)} unreadable pool image(s) of {p.path}: "
@@ -84,8 +84,7 @@ class Retrieval(Method):
         pools = [p for p, _ in hashed]
         pool_hashes = torch.cat([h for _, h in hashed])
         signatures = [signature(p) for p in pools]
-        pool_features = torch.cat([cached(cache, f"{settings.space}-{space_key}-{sig}",
-                                          lambda p=p: {"features": features(p.images, f"features of {p.path}")})["features"]
+        pool_features = torch.cat([cached(cache, f"{settings.space}-{space_key}-{sig}", partial(_features, features, p))["features"]
                                    for p, sig in zip(pools, signatures)])
         queries = real.subset(sorted({r["_real"] for r in rows}))
         query_at = {i: j for j, i in enumerate(sorted({r["_real"] for r in rows}))}
@@ -94,8 +93,7 @@ class Retrieval(Method):
         #    near-duplicates (the same picture re-encoded, resized or shifted a little).
         banned_hashes, what = excluded_hashes(queries, inputs.held_out)
         equal = torch.isin(pool_hashes, banned_hashes)
-        pool_near = torch.cat([cached(cache, f"near-{sig}", lambda p=p: {"signatures": near_signatures(
-            p.images, _bar(f"near-duplicate signatures of {p.path}"))})["signatures"] for p, sig in zip(pools, signatures)])
+        pool_near = torch.cat([cached(cache, f"near-{sig}", partial(_signatures, p))["signatures"] for p, sig in zip(pools, signatures)])
         near = near_duplicates(pool_near, excluded_signatures(queries, inputs.held_out)) & ~equal
         banned = equal | near
         notes.append(f"retrieval: {int(banned.sum())} of {len(banned):,} pool images dropped, {int(equal.sum())} equal in "
@@ -249,8 +247,20 @@ def _shown(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
+def _hashes(pool: Pool, bad_images: str) -> dict[str, torch.Tensor]:
+    return {"hashes": content_hashes(pool.images, _bar(f"hashing {pool.path}"), bad_images)}
+
+
+def _features(features: Callable[[LabelledImages, str | None], torch.Tensor], pool: Pool) -> dict[str, torch.Tensor]:
+    return {"features": features(pool.images, f"features of {pool.path}")}
+
+
+def _signatures(pool: Pool) -> dict[str, torch.Tensor]:
+    return {"signatures": near_signatures(pool.images, _bar(f"near-duplicate signatures of {pool.path}"))}
+
+
 def _bar(desc: str | None) -> Callable:
-    return lambda it=None, **kw: bar(it, desc=desc, unit="img", leave=False, dynamic_ncols=True, mininterval=1.0, **kw)
+    return lambda it=None, **kw: bar(it, desc=desc or "", unit="img", leave=False, dynamic_ncols=True, mininterval=1.0, **kw)
 
 
 METHOD = Retrieval()
