@@ -53,6 +53,7 @@ def test_one_size_is_drawn_as_bars_not_a_column_of_dots():
     assert "5 real images per class" in ax.get_title()
 
 
+@pytest.mark.slow
 def test_a_slow_pretraining_checkpoints_on_time_not_only_every_n_steps(tmp_path, monkeypatch):
     import diffinv.stages.pretrain as pretrain
     from diffinv.config import PretrainConfig

@@ -22,6 +22,7 @@ from diffinv.diffusion.store import EmbeddingStore
 QUIET = ["--quiet"]
 
 
+@pytest.mark.slow
 def test_padding_a_batch_changes_no_row_and_is_refused_where_rows_share_an_optimiser(tiny_pixel):
     backbone = load_backbone(tiny_pixel)
     g = torch.Generator().manual_seed(0)

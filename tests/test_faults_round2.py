@@ -102,6 +102,7 @@ def test_a_generated_set_inside_a_class_folder_is_not_read_as_real_images(store,
         assert code == 2 and "is a diffinv output (generate.json) inside the real data's class folder" in text
 
 
+@pytest.mark.slow
 def test_a_set_is_never_repaired_from_a_store_made_again_at_its_path(store, tiny_latent, image_tree, tmp_path, capsys):
     assert _run(capsys, "generate", "--store", store, "--out", tmp_path / "g", *GENERATE)[0] == 0
     assert _run(capsys, "invert", "--model", tiny_latent, "--data", image_tree, "--out", store, *INVERT, "--overwrite",

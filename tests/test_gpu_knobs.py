@@ -92,6 +92,7 @@ def test_invert_records_the_batch_it_chose_and_a_resume_keeps_it(tiny_pixel, tmp
     assert code == 2 and "batch-size must be >= 1, or 0" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny_pixel", "tiny_latent"])
 def test_channels_last_gives_the_same_embeddings_and_samples(model, request, tmp_path, capsys):
     model = request.getfixturevalue(model)

@@ -40,6 +40,7 @@ def latent_base(tiny_vae, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_autoencoder_learns_and_its_scale_gives_unit_variance_latents(tiny_vae):
     info = read_json(tiny_vae / "pretrain-vae.json")
     assert info["status"] == "complete" and info["factor"] == 4 and info["latent_shape"] == [4, 4, 4]
@@ -76,6 +77,7 @@ def test_vae_maths():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.slow
 def test_a_latent_base_is_inspected_inverted_generated_and_decoded_like_sd(latent_base, tmp_path, capsys):
     info = read_json(latent_base / "pretrain.json")
     assert info["space"] == "latent" and info["status"] == "complete"

@@ -122,6 +122,7 @@ def test_lora_and_di_lora_sample_through_each_class_adapter(stores, tmp_path, ca
     assert code == 2 and "drop --adapters" in text
 
 
+@pytest.mark.slow
 def test_prompt_adapters_with_a_text_encoder_lora_fit_save_load_and_sample(tiny_text, tmp_path, capsys):
     """DataDream's way on an SD-structured model: each class's adapters of the UNet and the text encoder, fitted under
     the class prompt, change the prompt's embedding and load back with equal outputs; lora samples the class prompt

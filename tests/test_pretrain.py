@@ -47,6 +47,7 @@ def test_pretraining_lowers_the_loss_and_loads_like_sd(tiny_base):
     assert decoded.shape == (2, 3, 8, 8) and torch.equal(decoded[:, 0], decoded[:, 2])
 
 
+@pytest.mark.slow
 def test_the_saved_weights_are_the_average(tiny_base, tmp_path):
     # ema = 0 saves the trained weights themselves: they differ from the averaged ones.
     plain = tmp_path / "plain"
@@ -56,6 +57,7 @@ def test_the_saved_weights_are_the_average(tiny_base, tmp_path):
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_identical_weights(tmp_path, monkeypatch):
     config = PretrainConfig(**TINY, steps=20)
     whole = tmp_path / "whole"

@@ -270,6 +270,7 @@ def test_full_disk_is_refused_before_work_and_during_writes(tiny_latent, data, t
     assert (tmp_path / "x.json").read_text() == "kept"
 
 
+@pytest.mark.slow
 def test_sharded_experiment_and_merge(tmp_path, capsys):
     study = tmp_path / "study.yaml"
     study.write_text("data: digits\nper_class: [3]\nseeds: [0, 1]\nval_per_class: 3\nmethods: {}\nreport: false\n"

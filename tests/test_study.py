@@ -269,6 +269,7 @@ def test_kill_9_at_any_point_then_the_same_command_gives_identical_outputs(tiny_
     assert [k for k in whole if whole[k] != killed[k]] == []
 
 
+@pytest.mark.slow
 def test_a_study_from_flags_alone_and_the_demo_share_the_engine(tiny_base_model, tmp_path, capsys):
     out = tmp_path / "flags"
     argv = ["experiment", "--data", "digits", "--model", str(tiny_base_model), "--per-class", "1", "--seeds", "0,1",

@@ -43,6 +43,7 @@ def _patterns(n: int, classes: int, size: int = 32, seed: int = 0) -> tuple[torc
 # ----------------------------------------------------------------------------- architectures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_trains_and_its_loss_falls(arch):
     torch.manual_seed(0)
@@ -261,6 +262,7 @@ def digits_di(tmp_path_factory):
     return generate_dataset(GenerateConfig(store=str(store), per_image=2, steps=2, save_size=8), root / "di", progress=False)
 
 
+@pytest.mark.slow
 def test_real_plus_synthetic_with_a_fixed_split_of_every_batch(digits_di, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", "digits", "--per-class", "2", "--synthetic", str(digits_di), "--real-batch", "4",
