@@ -253,7 +253,7 @@ def test_study_workers_die_with_a_killed_parent(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import multiprocessing, time\n"
-        "from diffinv.study.pool import process_pool\n"
+        "from diffinv.study.workers import process_pool\n"
         "if __name__ == '__main__':\n"
         "    pool = process_pool(2)\n"
         "    futures = [pool.submit(time.sleep, 600) for _ in range(2)]  # two jobs running when the parent dies\n"

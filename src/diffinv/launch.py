@@ -54,7 +54,7 @@ CATALOG: dict[str, tuple[str, str]] = {
     "merge": ("diffinv.launch:MERGE", "final step of a sharded invert / generate / experiment: the manifest, or which shards to re-run"),
     "verify": ("diffinv.stages.verify:STAGE",
                "check a store or a synthetic set byte by byte: checksums, finite embeddings, files and manifest"),
-    "inspect": ("diffinv.stages.inspect:STAGE",
+    "inspect": ("diffinv.stages.inspect_model:STAGE",
                 "what a run would do with a model: family, prediction type, resolution, latent, precision, FLOPs"),
 }
 

@@ -532,6 +532,13 @@ def validation_ids(images: LabelledImages, per_class: int) -> set[str]:
     return held
 
 
+def real_subset(source: LabelledImages, per_class: int | None, seed: int, bad_images: str = "skip", val_per_class: int = 0,
+                warn: Callable[[str], None] = print) -> LabelledImages:
+    """The real images a store, run or study trains on: ``per_class`` per class drawn by ``seed`` from what the
+    validation hold-out of ``val_per_class`` per class leaves (the one rule every stage and the study share)."""
+    return select(source, per_class, seed, bad_images, warn=warn, exclude=validation_ids(source, val_per_class))
+
+
 def select(images: LabelledImages, per_class: int | None, seed: int, bad_images: str = "skip",
            warn: Callable[[str], None] = print, exclude: set[str] | frozenset[str] = frozenset()) -> LabelledImages:
     """Readable images, optionally a seeded subset of ``per_class`` per class, never one of ``exclude``.

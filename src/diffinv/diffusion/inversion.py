@@ -225,57 +225,87 @@ def _train_step(backbone: Backbone, moments: LatentMoments, keys: torch.Tensor, 
     mean, and AdamW moves every image of the group at each update (its momentum and decay).
     When every image is active at one step (no early stopping) nothing is copied to the device.
     """
-    full = len(rows) == len(keys)
-    idx = None if full else torch.tensor(rows, device=keys.device)
-    take = (lambda x: x) if full else (lambda x: x[idx])
+    # 1. The active rows (idx None: all of them), their steps, learning rates and timestep proposal.
+    device = keys.device
+    idx = None if len(rows) == len(keys) else torch.tensor(rows, device=device)
     own_steps = [state.steps[i] for i in rows]
-    step = own_steps[0] if len(set(own_steps)) == 1 else torch.tensor(own_steps, device=keys.device)
+    step = own_steps[0] if len(set(own_steps)) == 1 else torch.tensor(own_steps, device=device)
     lrs = [s.lr * lr_factor(k, s.steps, s.lr_schedule, warm_up(s)) for k in own_steps]
     pilot = pilot_steps(s.timesteps, s.draws)
-    mixed = pilot and min(own_steps) < pilot <= max(own_steps)
-    in_pilot = torch.tensor([k < pilot for k in own_steps], device=keys.device) if mixed else None
-    proposal = None  # None: uniform, no weights (every row still in its pilot)
-    if pilot and max(own_steps) >= pilot:
-        proposal = timestep_proposal(take(state.stats))
-        proposal = torch.where(in_pilot[:, None], 1.0 / IMPORTANCE_BINS, proposal) if in_pilot is not None else proposal
-    emb, exp_avg, exp_avg_sq = take(state.emb), take(state.exp_avg), take(state.exp_avg_sq)
-    losses = torch.zeros(len(rows), device=keys.device)
+    in_pilot = torch.tensor([k < pilot for k in own_steps], device=device) if pilot and min(own_steps) < pilot <= max(own_steps) else None
+    proposal = _proposal(_at(state.stats, idx), pilot, max(own_steps), in_pilot)
+    emb, exp_avg, exp_avg_sq = _at(state.emb, idx), _at(state.exp_avg, idx), _at(state.exp_avg_sq, idx)
+    losses = torch.zeros(len(rows), device=device)
+
+    # 2. One AdamW update per slice ("own": one slice of every row); the pilot's gradient statistics on the way.
     for part in update_slices(len(rows), s):
-        def pick(x: torch.Tensor, part: torch.Tensor | None = part) -> torch.Tensor:
-            return x if part is None else x[part.to(keys.device)]
-        part_proposal = None if proposal is None else pick(proposal)
-        step_moments = groups.draw(moments, keys, step) if groups is not None else LatentMoments(pick(take(moments.mean)),
-                                                                                                 pick(take(moments.std)))
-        x0, noise, t = training_draws(pick(take(keys)), step if not torch.is_tensor(step) else pick(step), step_moments,
-                                      backbone.num_train_timesteps, s.latent == "sample", s.timesteps, s.draws, part_proposal)
-        a = backbone.alphas_cumprod[t]
-        cond = pick(emb).detach().requires_grad_()
-        part_losses = per_image_loss(backbone.predict_noise(q_sample(x0, noise, a), t, cond),
-                                     denoising_target(x0, noise, a, backbone.prediction_type))
-        weighted = part_losses if part_proposal is None else part_losses * importance_weights(t, part_proposal,
-                                                                                             backbone.num_train_timesteps)
-        (grad,) = torch.autograd.grad(weighted.sum() if part is None else weighted.mean(), cond)
-        if pilot and min(own_steps) < pilot:  # the pilot: each gradient's norm^2 in its timestep's bin
-            g2 = grad.pow(2).flatten(1).sum(1)
-            g2 = g2 * pick(in_pilot).to(g2) if in_pilot is not None else g2
-            where = pick(idx if idx is not None else torch.arange(len(keys), device=keys.device))
-            state.stats.index_put_((where, timestep_bins(t, backbone.num_train_timesteps)), g2, accumulate=True)
+        part = None if part is None else part.to(device)
+        part_losses, grad, t = _slice_gradient(backbone, moments, keys, groups, idx, part, step, emb, proposal, s)
+        if pilot and min(own_steps) < pilot:
+            rows_of_keys = idx if idx is not None else torch.arange(len(keys), device=device)
+            _record_pilot(state.stats, grad, t, _at(rows_of_keys, part), None if in_pilot is None else _at(in_pilot, part),
+                          backbone.num_train_timesteps)
         if part is not None:  # the whole group moves at each update, with zero gradient outside the slice
-            grad = torch.zeros_like(emb).index_copy_(0, part.to(keys.device), grad)
-            losses = losses.index_copy(0, part.to(keys.device), part_losses.detach())
+            grad = torch.zeros_like(emb).index_copy_(0, part, grad)
+            losses = losses.index_copy(0, part, part_losses.detach())
         else:
             losses = part_losses.detach()
         for i in rows:
             state.updates[i] += 1
         emb, exp_avg, exp_avg_sq = adamw_rows(emb, grad, exp_avg, exp_avg_sq, [state.updates[i] for i in rows], lrs,
                                               s.weight_decay)
-    if full:
+
+    # 3. The rows back into the state, one step further.
+    if idx is None:
         state.emb, state.exp_avg, state.exp_avg_sq = emb, exp_avg, exp_avg_sq
     else:
         state.emb[idx], state.exp_avg[idx], state.exp_avg_sq[idx] = emb, exp_avg, exp_avg_sq
     for i in rows:
         state.steps[i] += 1
     return losses
+
+
+def _at(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``index`` of x (all of them for None, without a copy)."""
+    return x if index is None else x[index]
+
+
+def _proposal(stats: torch.Tensor, pilot: int, latest: int, in_pilot: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's timestep proposal [R, bins] from its pilot's statistics; uniform for rows still in their pilot.
+    None (uniform, no weights) while no row has finished its pilot."""
+    if not pilot or latest < pilot:
+        return None
+    proposal = timestep_proposal(stats)
+    return torch.where(in_pilot[:, None], 1.0 / IMPORTANCE_BINS, proposal) if in_pilot is not None else proposal
+
+
+def _slice_gradient(backbone: Backbone, moments: LatentMoments, keys: torch.Tensor, groups: _Groups | None,
+                    idx: torch.Tensor | None, part: torch.Tensor | None, step: int | torch.Tensor, emb: torch.Tensor,
+                    proposal: torch.Tensor | None, s: InversionSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The denoising losses [P] of one slice's rows, the gradient of their sum ("own") or mean ("group") with respect to
+    their conditionings [P, K, D], and the timesteps [P] drawn."""
+    # 1. Keyed draws: the image (a group's member, or the row's own), its latent, noise and timestep.
+    part_proposal = None if proposal is None else _at(proposal, part)
+    step_moments = groups.draw(moments, keys, step) if groups is not None else LatentMoments(
+        _at(_at(moments.mean, idx), part), _at(_at(moments.std, idx), part))
+    x0, noise, t = training_draws(_at(_at(keys, idx), part), step if not torch.is_tensor(step) else _at(step, part), step_moments,
+                                  backbone.num_train_timesteps, s.latent == "sample", s.timesteps, s.draws, part_proposal)
+    # 2. The loss, importance-weighted where a proposal drew t, and its gradient.
+    a = backbone.alphas_cumprod[t]
+    cond = _at(emb, part).detach().requires_grad_()
+    losses = per_image_loss(backbone.predict_noise(q_sample(x0, noise, a), t, cond),
+                            denoising_target(x0, noise, a, backbone.prediction_type))
+    weighted = losses if part_proposal is None else losses * importance_weights(t, part_proposal, backbone.num_train_timesteps)
+    (grad,) = torch.autograd.grad(weighted.sum() if part is None else weighted.mean(), cond)
+    return losses, grad, t
+
+
+def _record_pilot(stats: torch.Tensor, grad: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, in_pilot: torch.Tensor | None,
+                  num_timesteps: int) -> None:
+    """The pilot: add each gradient's norm^2 to its row's bin of its timestep (rows past their pilot add nothing)."""
+    g2 = grad.pow(2).flatten(1).sum(1)
+    g2 = g2 * in_pilot.to(g2) if in_pilot is not None else g2
+    stats.index_put_((rows, timestep_bins(t, num_timesteps)), g2, accumulate=True)
 
 
 def _check(backbone: Backbone, latents: torch.Tensor, keys: torch.Tensor, state: _State, rows: list[int],

@@ -300,3 +300,23 @@ def save_packed(backbone: Backbone, path: str | Path) -> None:
         tensors.update({f"vae.{k}": v for k, v in backbone.vae.state_dict().items()})
         meta["vae_config"] = json.dumps(dict(backbone.vae.config), default=str)
     write_safetensors(path, tensors, meta)
+
+
+def load_store_model(store: Any, model: str = "", *, also: tuple[Any, ...] = (), with_text_encoder: bool = False,
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, check: bool = True) -> Backbone:
+    """The model an :class:`~diffinv.diffusion.store.EmbeddingStore` was inverted with, as it used it (its single-file
+    config, its prediction type), on ``device``: ``model`` if given, else the one the store names. With ``check``, refused
+    unless its weights are the ones ``store`` and the stores in ``also`` were made with."""
+    from diffinv.diffusion.store import StoreError
+
+    info = store.info
+    model = model or info.get("model_path", info["model"])
+    backbone = load_backbone(model, with_text_encoder=with_text_encoder, original_config=info.get("original_config", ""),
+                             prediction_type=info.get("prediction_type", "")).to(device, dtype)
+    backbone.with_prediction_type(info.get("prediction_type", ""))  # what the store was inverted against
+    backbone.check_supported()
+    for s in (store, *also) if check else ():
+        if s.info["model_fingerprint"] not in backbone.fingerprints():
+            raise StoreError(f"{s.root} was made with another model ({s.info['model']}), not {model}; use the store's "
+                             f"model or invert again with this one")
+    return backbone

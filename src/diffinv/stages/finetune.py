@@ -22,12 +22,12 @@ import torch
 
 from diffinv import rng
 from diffinv.config import FinetuneConfig, config_to_dict
-from diffinv.data.real import load_pixels, open_images, select, validation_ids
+from diffinv.data.real import load_pixels, open_images, real_subset
 from diffinv.data.synthetic import slug
 from diffinv.device import resolve_device
 from diffinv.diffusion.lora import fit_lora
 from diffinv.diffusion.methods.base import Adapter
-from diffinv.diffusion.model_io import load_backbone
+from diffinv.diffusion.model_io import load_store_model
 from diffinv.diffusion.objective import evaluation_loss
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.progress import bar as progress_bar
@@ -51,14 +51,10 @@ def finetune_classes(config: FinetuneConfig, out: str | Path, *, resume: bool = 
         return out
     device = resolve_device(config.device)
     model = store.info.get("model_path", store.info["model"])
-    backbone = load_backbone(model, with_text_encoder=bool(config.prompt),
-                             prediction_type=store.info.get("prediction_type", "")).to(device)
-    backbone = backbone.with_prediction_type(store.info.get("prediction_type", ""))  # what the store was inverted against
-    if store.info["model_fingerprint"] not in backbone.fingerprints():
-        raise StoreError(f"{config.store} was made with another model than the {model} found now; invert again")
+    backbone = load_store_model(store, model, with_text_encoder=bool(config.prompt), device=device)
     source = open_images(made["data"], made.get("format", "auto"), made.get("split", "train"))
-    images = select(source, made.get("per_class"), int(made.get("subset_seed", 0)), made.get("bad_images", "skip"),
-                    warn=log, exclude=validation_ids(source, int(made.get("val_per_class") or 0)))
+    images = real_subset(source, made.get("per_class"), int(made.get("subset_seed", 0)), made.get("bad_images", "skip"),
+                         int(made.get("val_per_class") or 0), warn=log)
     resolution = int(store.info["resolution"])
     with torch.no_grad():
         moments = backbone.encode(load_pixels(images, resolution))

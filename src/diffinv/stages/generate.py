@@ -22,7 +22,7 @@ from diffinv.device import compile_wanted, halving_on_oom, resolve_device, resol
 from diffinv.diffusion.generation import generate_batch, plan_samples, public
 from diffinv.diffusion.methods import get_method
 from diffinv.diffusion.methods.base import GenerationSettings
-from diffinv.diffusion.model_io import load_backbone
+from diffinv.diffusion.model_io import load_store_model
 from diffinv.diffusion.sampling import grey_of, pixels_to_uint8
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.errors import UserError
@@ -80,16 +80,9 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
 
     # 3. Model on the device, and the check that the stores were made with it.
     device = resolve_device(config.device)
-    backbone = load_backbone(model, with_text_encoder=method.wants_text_encoder(settings),
-                             original_config=store.info.get("original_config", ""),
-                             prediction_type=store.info.get("prediction_type", "")).to(device, resolve_dtype(config.precision, device))
-    backbone.with_prediction_type(store.info.get("prediction_type", ""))  # sample with what the store was inverted against
-    backbone.check_supported()
+    backbone = load_store_model(store, model, also=tuple(extra.values()), with_text_encoder=method.wants_text_encoder(settings),
+                                device=device, dtype=resolve_dtype(config.precision, device), check=method.uses_embeddings)
     fingerprint = backbone.fingerprint()
-    for s in (store, *extra.values()):
-        if method.uses_embeddings and s.info["model_fingerprint"] not in backbone.fingerprints():
-            raise StoreError(f"{s.root} was made with another model ({s.info['model']}), not {model}; "
-                             f"generate with the store's model or invert again with this one")
 
     # 4. The plan and what its conditionings are drawn from.
     rows = plan_samples(settings, store, model)

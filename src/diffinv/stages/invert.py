@@ -19,7 +19,7 @@ import torch
 
 from diffinv import rng
 from diffinv.config import InvertConfig, config_to_dict
-from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images, select, validation_ids
+from diffinv.data.real import LabelledImages, all_grey, load_pixels, open_images, real_subset
 from diffinv.device import (
     OUT_OF_MEMORY,
     batch_that_fits,
@@ -72,8 +72,7 @@ def invert_dataset(config: InvertConfig, out: str | Path, *, resume: bool = Fals
 
     # 1. Data: the selected, readable images.
     source = open_images(config.data, config.format, config.split)
-    images = select(source, config.per_class, config.subset_seed, config.bad_images, warn=log,
-                    exclude=validation_ids(source, config.val_per_class))
+    images = real_subset(source, config.per_class, config.subset_seed, config.bad_images, config.val_per_class, warn=log)
     warn_base_mismatch(config.model, config.data, images, log)
 
     # 2. Model, frozen, on the device in the working precision, and where each row's inversion starts.

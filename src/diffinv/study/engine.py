@@ -27,8 +27,8 @@ from diffinv.report.cost import cost_lines, human_duration
 from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
 from diffinv.shards import Shard
 from diffinv.study.plan import Plan, Trial, Unit, build_plan, data_fingerprint, embedded_base, local_path
-from diffinv.study.pool import process_pool, run_all, workers_for
 from diffinv.study.spec import REAL, check_files, compare_pairs
+from diffinv.study.workers import process_pool, run_all, workers_for
 
 Log = Callable[[str], None]
 PLURAL = {"store": "stores", "adapters": "LoRA adapter sets", "set": "sets", "filter": "filtered sets", "run": "runs"}
@@ -432,16 +432,15 @@ def test_runs(units: list[Unit], out: Path, log: Log, pool: Any = None) -> None:
 def warn_overlap(plan: Plan, out: Path, log: Log) -> None:
     """Say once, before the test is read, when real training images of any replicate are byte for byte test images."""
     from diffinv.classify.batches import overlap_notes
-    from diffinv.data.real import load_uint8, open_images, select, validation_ids
+    from diffinv.data.real import load_uint8, open_images, real_subset
     from diffinv.stages.train_data import load_test_split
 
     configs = list({(u.config.per_class, u.config.subset_seed): u.config for u in plan.runs()}.values())
     trained = read_json(out / plan.runs()[0].folder / "trained.json")
     test, _ = load_test_split(configs[0], trained["resolution"], trained["classes"], log)
     source = open_images(configs[0].data, configs[0].format, configs[0].split)
-    held = validation_ids(source, configs[0].val_per_class)
-    chosen = sorted({i for c in configs for i in select(source, c.per_class, c.subset_seed, c.bad_images,
-                                                           warn=lambda m: None, exclude=held).ids})
+    chosen = sorted({i for c in configs for i in real_subset(source, c.per_class, c.subset_seed, c.bad_images, c.val_per_class,
+                                                                warn=lambda m: None).ids})
     index = {image_id: i for i, image_id in enumerate(source.ids)}
     real = load_uint8(source.subset([index[i] for i in chosen]), trained["resolution"])
     for note in overlap_notes(real, chosen, test, configs[0].eval_split):
@@ -494,7 +493,7 @@ def study_quality(study: StudyConfig, plan: Plan, selection: dict[str, Any], out
     """
     import torch
 
-    from diffinv.data.real import load_uint8, open_images, select, validation_ids
+    from diffinv.data.real import load_uint8, open_images, real_subset
     from diffinv.data.synthetic import open_synthetic
     from diffinv.quality.measures import synthetic_quality
     from diffinv.stages.train import load_classifier
@@ -514,8 +513,7 @@ def study_quality(study: StudyConfig, plan: Plan, selection: dict[str, Any], out
         if kept and test is None:
             test = load_uint8(open_images(cfg.data, cfg.format, cfg.eval_split), res)
         source = open_images(cfg.data, cfg.format, cfg.split)
-        real_set = select(source, cfg.per_class, cfg.subset_seed, cfg.bad_images, warn=log,
-                          exclude=validation_ids(source, cfg.val_per_class))
+        real_set = real_subset(source, cfg.per_class, cfg.subset_seed, cfg.bad_images, cfg.val_per_class, warn=log)
         sets = [open_synthetic(root, meta["classes"]) for root in cfg.synthetic]
         q = synthetic_quality(model, meta, torch.cat([load_uint8(s, res) for s in sets]),
                               torch.cat([torch.from_numpy(s.labels) for s in sets]), load_uint8(real_set, res),
