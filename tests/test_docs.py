@@ -72,13 +72,16 @@ def test_every_command_of_the_readme_runs_as_written(tiny_latent, tmp_path, monk
     # The README's hub id, "downloaded" as a tiny SD-structured model; its data, a tiny folder of the layout it shows.
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tiny_latent))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "bases").mkdir()  # the repository's generalist base; bases/mine is written beside it, here
+    (tmp_path / "bases" / "generalist-32-latent").symlink_to(ROOT / "bases" / "generalist-32-latent")
     write_image_tree(tmp_path / "my_images" / "train", per_class=12, size=16)
     write_image_tree(tmp_path / "my_images" / "test", per_class=3, size=16, seed=7)
     write_image_tree(tmp_path / "my_unlabelled", per_class=6, size=16, seed=11)  # a pool for retrieval
     for argv in commands:
         code = main(argv[1:] + TINY.get(argv[1], []))
         assert code == 0, f"{shlex.join(argv)}: {capsys.readouterr().err[-600:]}"
-    assert (tmp_path / "runs" / "mine" / "summary.json").is_file() and (tmp_path / "runs" / "mine-cpu" / "summary.json").is_file()
+    for study in ("mine", "mine-cpu", "mine-own"):
+        assert (tmp_path / "runs" / study / "summary.json").is_file()
     assert (tmp_path / "runs" / "mine" / "report" / "report.html").is_file()
 
 
