@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from diffinv.classify.augment import Augmenter
 from diffinv.classify.batches import Stream, eval_steps
 from diffinv.classify.metrics import confusion_matrix, evaluate, metrics_of
-from diffinv.classify.models import ARCHS, build_model, penultimate
+from diffinv.classify.models import ARCHITECTURES, build_model, penultimate
 from diffinv.cli import main
 from diffinv.config import AUGS, ConfigError, GenerateConfig, InvertConfig, TrainConfig, load_config
 from diffinv.quality.measures import frechet_distance, kernel_distance, nearest_distances, synthetic_quality
@@ -44,7 +44,7 @@ def _patterns(n: int, classes: int, size: int = 32, seed: int = 0) -> tuple[torc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES.names())
 def test_every_architecture_trains_and_its_loss_falls(arch):
     torch.manual_seed(0)
     net = build_model(arch, 4, 32)

@@ -203,19 +203,26 @@ def _method_choices() -> dict:
 
 
 def _arch_help() -> dict:
-    from diffinv.classify.models import ARCHS
+    from diffinv.classify.models import ARCHITECTURES
 
-    return {"help": f"classifier: {', '.join(ARCHS)} or timm:<name>"}
+    return {"help": f"classifier: {', '.join(ARCHITECTURES.names())} or timm:<name>"}
 
 
-def _format_choices() -> dict:
-    from diffinv.data.export import list_formats
+def _export_choices() -> dict:
+    from diffinv.data.export import EXPORT_FORMATS
 
-    return {"choices": tuple(list_formats())}
+    return {"choices": tuple(EXPORT_FORMATS.names())}
+
+
+def _data_format_choices() -> dict:
+    from diffinv.data.real import OPENERS
+
+    return {"choices": ("auto", *OPENERS.names())}
 
 
 # What only the running program knows, by field: looked up (importing the registry) only when a stage has that field.
-DYNAMIC: dict[str, typing.Callable[[], dict]] = {"method": _method_choices, "arch": _arch_help, "to": _format_choices}
+DYNAMIC: dict[str, typing.Callable[[], dict]] = {"method": _method_choices, "arch": _arch_help, "to": _export_choices,
+                                                 "format": _data_format_choices}
 
 
 def _chosen_stage(argv: list[str]) -> str | None:

@@ -27,7 +27,6 @@ C = TypeVar("C", bound="DataclassInstance")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # autocast: fp16 would need a gradient scaler
-FORMATS = ("auto", "folder", "npz", "idx", "csv", "digits", "hf")
 BAD_IMAGES = ("skip", "error")
 # Sampler name -> (diffusers scheduler class, settings). PNDM without its Runge-Kutta warm-up is
 # what Stable Diffusion v1-4 (and the paper's code) uses; DDIM with eta 0 is our default.
@@ -66,7 +65,7 @@ class InvertConfig:
 
     model: str = opt("", "diffusers folder, .safetensors file or hub id (downloaded into the Hugging Face cache when online)")
     data: str = opt("", "image folder, .npz, .csv, idx folder, 'digits' or 'hf:NAME'")
-    format: str = opt("auto", "how to read --data", choices=FORMATS)
+    format: str = opt("auto", "how to read --data")  # choices: diffinv.data.real.OPENERS, given by the CLI
     split: str = opt("train", "data split to read")
     per_class: int | None = opt(None, "seeded subset of K images per class (default: all)")
     subset_seed: int = opt(0, "seed of the per-class subset")
@@ -283,7 +282,7 @@ class TrainConfig:
     """
 
     data: str = opt("", "real data (as for invert); its --split is subset, its --eval-split evaluates")
-    format: str = opt("auto", "how to read --data", choices=FORMATS)
+    format: str = opt("auto", "how to read --data")  # choices: diffinv.data.real.OPENERS, given by the CLI
     split: str = opt("train", "training split")
     eval_split: str = opt("test", "evaluation split")
     per_class: int | None = opt(None, "seeded subset of K real images per class (default: all)")
@@ -353,7 +352,32 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class _Pretraining:
+    """What both pretraining stages (pretrain-base, pretrain-vae) read the same way: their images, seed, precision,
+    and where and how often a run saves itself."""
+
+    data: str = opt("digits", "training images (as for invert; labels ignored)")
+    format: str = opt("auto", "how to read --data")  # choices: diffinv.data.real.OPENERS, given by the CLI
+    split: str = opt("train", "training split (test is refused)")
+    seed: int = opt(0, "seed of initialisation, batches and noise")
+    precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=TRAIN_PRECISIONS)
+    device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
+    checkpoint_every: int = opt(250, "steps between checkpoints (and a checkpoint at a logged step every 5 minutes)", execution_only=True)
+    log_every: int = opt(50, "steps per logged loss", execution_only=True)
+    bad_images: str = opt("skip", "unreadable images: skip them (reported) or stop", choices=BAD_IMAGES, execution_only=True)
+    # Stop after this many seconds of training (0: never) and save what was reached; the saved
+    # config then says the steps actually taken, so the same command with --steps N reproduces it
+    # (the learning rate is constant after warm-up, so stopping early is a valid shorter run).
+    max_seconds: float = opt(0.0, "stop training after this many seconds and save (0: no limit)", execution_only=True)
+
+    def __post_init__(self) -> None:
+        _check(self.split != "test", "pretraining never reads a test split; use the training split (--split train)")
+        _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
+        _check(self.max_seconds >= 0.0, "max-seconds must be >= 0 (0 = no limit)")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(_Pretraining):
     """The project's own base generator: a diffusion autoencoder trained on unlabeled images.
 
     A small SD-architecture UNet (diffusers ``UNet2DConditionModel`` with cross-attention) in
@@ -362,9 +386,6 @@ class PretrainConfig:
     unconditional mode. Labels are never read, and the test split is refused.
     """
 
-    data: str = opt("digits", "training images (as for invert; labels ignored)")
-    format: str = opt("auto", "how to read --data", choices=FORMATS)
-    split: str = opt("train", "training split (test is refused)")
     resolution: int = opt(8, "pixel resolution of the model (digits are 8 x 8; natural images want 32 or more)")
     channels: tuple[int, ...] = opt((32, 64), "UNet block widths, e.g. 32,64; every block has cross-attention")
     layers_per_block: int = opt(2, "resnet layers per UNet block")
@@ -399,19 +420,9 @@ class PretrainConfig:
     # is then saved beside it as vae/, so the base is loaded, inverted and sampled exactly as a latent SD model is.
     vae: str = opt("", "a VAE folder from `diffinv pretrain-vae` (or a model folder with vae/): train in its latent space, "
                    "as Stable Diffusion is; empty: pixel space")
-    seed: int = opt(0, "seed of initialisation, batches and noise")
-    precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
-    device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
-    checkpoint_every: int = opt(250, "steps between checkpoints (and a checkpoint at a logged step every 5 minutes)", execution_only=True)
-    log_every: int = opt(50, "steps per logged loss", execution_only=True)
-    bad_images: str = opt("skip", "unreadable images: skip them (reported) or stop", choices=BAD_IMAGES, execution_only=True)
-    # Stop after this many seconds of training (0: never) and save what was reached; the saved
-    # config then says the steps actually taken, so the same command with --steps N reproduces it
-    # (the learning rate is constant after warm-up, so stopping early is a valid shorter run).
-    max_seconds: float = opt(0.0, "stop training after this many seconds and save (0: no limit)", execution_only=True)
 
     def __post_init__(self) -> None:
-        _check(self.split != "test", "pretraining never reads a test split; use the training split (--split train)")
+        super().__post_init__()
         # In latent space the UNet's own size is checked against the VAE's factor when the VAE is read.
         _check(bool(self.vae) or (self.resolution >= 8 and self.resolution % 2 ** (len(self.channels) - 1) == 0),
                f"resolution must be >= 8 and a multiple of {2 ** (len(self.channels) - 1)} (one halving per extra block)")
@@ -422,16 +433,14 @@ class PretrainConfig:
         _check(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0 and self.warmup >= 0, "steps, batch-size, lr must be positive")
         _check(0.0 <= self.cond_dropout < 1.0, "cond-dropout must be in [0, 1)")
         _check(0.0 <= self.ema < 1.0, "ema must be in [0, 1) (0 = no averaging)")
-        _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
         _check_choices(self)
         _check(0.05 <= self.view_min_area <= 1.0, f"view-min-area must be in [0.05, 1]; got {self.view_min_area}")
         _check(self.token_noise >= 0.0, f"token-noise must be >= 0; got {self.token_noise}")
         _check(self.image_channels in (0, 1, 3), "image-channels must be 0 (auto), 1 or 3")
-        _check(self.max_seconds >= 0.0, "max-seconds must be >= 0 (0 = no limit)")
 
 
 @dataclass(frozen=True)
-class VaeConfig:
+class VaeConfig(_Pretraining):
     """``diffinv pretrain-vae``: the latent autoencoder of a base, trained on unlabeled images (Stable Diffusion's first stage).
 
     A diffusers ``AutoencoderKL`` (one halving per block after the first: blocks 32,64,64 make a
@@ -441,9 +450,6 @@ class VaeConfig:
     means), as SD's 0.18215 was. Labels are never read, and the test split is refused.
     """
 
-    data: str = opt("digits", "training images (as for invert; labels ignored)")
-    format: str = opt("auto", "how to read --data", choices=FORMATS)
-    split: str = opt("train", "training split (test is refused)")
     extra_data: tuple[str, ...] = opt((), "more unlabeled training images (train splits)", action="extend")
     resolution: int = opt(32, "pixel resolution of the autoencoder")
     channels: tuple[int, ...] = opt((32, 64, 64), "block widths; each block after the first halves the size (3 blocks: factor 4)")
@@ -456,16 +462,9 @@ class VaeConfig:
     warmup: int = opt(100, "steps of linear warm-up")
     ema: float = opt(0.999, "decay of the saved (bias-corrected) weight average; 0 saves the last weights")
     hflip: bool = opt(False, "random horizontal flips")
-    seed: int = opt(0, "seed of initialisation, batches and noise")
-    precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=TRAIN_PRECISIONS)
-    device: str = opt("auto", "auto, cpu, cuda ...", execution_only=True)
-    checkpoint_every: int = opt(250, "steps between checkpoints (and a checkpoint at a logged step every 5 minutes)", execution_only=True)
-    log_every: int = opt(50, "steps per logged loss", execution_only=True)
-    bad_images: str = opt("skip", "unreadable images: skip them (reported) or stop", choices=BAD_IMAGES, execution_only=True)
-    max_seconds: float = opt(0.0, "stop training after this many seconds and save (0: no limit)", execution_only=True)
 
     def __post_init__(self) -> None:
-        _check(self.split != "test", "pretraining never reads a test split; use the training split (--split train)")
+        super().__post_init__()
         factor = 2 ** (len(self.channels) - 1)
         _check(len(self.channels) >= 2 and all(c >= 8 and c % 8 == 0 for c in self.channels),
                "channels: two or more block widths, each a multiple of 8")
@@ -475,8 +474,6 @@ class VaeConfig:
         _check(self.kl_weight >= 0, "kl-weight must be >= 0")
         _check(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0 and self.warmup >= 0, "steps, batch-size, lr must be positive")
         _check(0.0 <= self.ema < 1.0, "ema must be in [0, 1) (0 = no averaging)")
-        _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
-        _check(self.max_seconds >= 0.0, "max-seconds must be >= 0 (0 = no limit)")
         _check_choices(self)
 
 
@@ -506,7 +503,7 @@ class StudyConfig:
 
     name: str = opt("", "the study's name, the report's title (default: the study file's name)")
     data: str = opt("digits", "labelled real data (as for invert): its train split is subset, its test split scores")
-    format: str = opt("auto", "how to read --data", choices=FORMATS)
+    format: str = opt("auto", "how to read --data")  # choices: diffinv.data.real.OPENERS, given by the CLI
     split: str = opt("train", "training split (real subsets are drawn from it)")
     eval_split: str = opt("test", "test split: read once, after settings are chosen, for the kept settings only")
     model: str = opt("", "base or SD-family model every method generates with (default: the digits base in the package)")

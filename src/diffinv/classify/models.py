@@ -18,6 +18,7 @@ from torch import nn
 
 from diffinv.config import ConfigError
 from diffinv.errors import UserError
+from diffinv.registry import Registry
 
 STEMS = ("auto", "cifar", "imagenet")
 # Below this side length, "auto" picks the small-image stem.
@@ -97,22 +98,20 @@ class SmallConvNet(nn.Module):
 
 
 # name -> builder(num_classes, image_size, small_stem): a new architecture is one entry here (plus its test).
-ARCHITECTURES: dict[str, Callable[[int, int, bool], nn.Module]] = {
-    "resnet18": _resnet("resnet18"),
-    "resnet50": _resnet("resnet50"),
-    "vgg16": _vgg16,
-    "mobilenetv2": _first_conv_stride_one("mobilenet_v2"),
-    "efficientnet-b0": _first_conv_stride_one("efficientnet_b0"),
-    "shufflenetv2": _shufflenetv2,
-    "small-cnn": lambda num_classes, image_size, small: SmallConvNet(num_classes),
-}
-ARCHS = tuple(ARCHITECTURES)
+ARCHITECTURES: Registry[Callable[[int, int, bool], nn.Module]] = Registry("architecture", ConfigError)
+ARCHITECTURES.add("resnet18", _resnet("resnet18"))
+ARCHITECTURES.add("resnet50", _resnet("resnet50"))
+ARCHITECTURES.add("vgg16", _vgg16)
+ARCHITECTURES.add("mobilenetv2", _first_conv_stride_one("mobilenet_v2"))
+ARCHITECTURES.add("efficientnet-b0", _first_conv_stride_one("efficientnet_b0"))
+ARCHITECTURES.add("shufflenetv2", _shufflenetv2)
+ARCHITECTURES.add("small-cnn", lambda num_classes, image_size, small: SmallConvNet(num_classes))
 
 
 def check_arch(arch: str) -> None:
     """A clear error for an architecture that is neither registered nor ``timm:<name>``."""
     if arch not in ARCHITECTURES and not arch.startswith(("timm:", "torchvision:")):
-        raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, timm:<name> or torchvision:<name>; got {arch!r}")
+        raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES.names())}, timm:<name> or torchvision:<name>; got {arch!r}")
 
 
 def build_model(arch: str, num_classes: int, image_size: int, stem: str = "auto") -> nn.Module:
@@ -128,7 +127,7 @@ def build_model(arch: str, num_classes: int, image_size: int, stem: str = "auto"
     if arch.startswith("torchvision:"):
         return _torchvision_model(arch[len("torchvision:"):], num_classes)
     if arch not in ARCHITECTURES:
-        raise ModelConfigError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHS)} or timm:<name>")
+        raise ModelConfigError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHITECTURES.names())} or timm:<name>")
     return ARCHITECTURES[arch](num_classes, image_size, stem == "cifar" or (stem == "auto" and image_size < SMALL_IMAGE))
 
 

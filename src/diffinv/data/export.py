@@ -1,8 +1,8 @@
 """Writing labelled images out in the formats other training code reads: ImageFolder, a Hugging Face dataset, WebDataset.
 
 A writer takes :class:`Record` s (PNG bytes, label, provenance) and a folder it owns; it knows
-nothing of diffinv's run folders. Writers are registered by name, as timm registers models:
-``register_format`` / ``create_writer`` / ``list_formats``.
+nothing of diffinv's run folders. Writers are registered by name in :data:`EXPORT_FORMATS`
+(a :class:`~diffinv.registry.Registry`).
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from diffinv.registry import Registry
 from diffinv.runs import RunError, atomic_write, write_bytes, write_text
 
 
@@ -40,28 +41,8 @@ class Writer(Protocol):
     def __call__(self, records: Iterable[Record], out: Path, classes: list[str], *, shard_size: int) -> dict[str, Any]: ...
 
 
-_FORMATS: dict[str, tuple[Writer, str]] = {}
-
-
-def register_format(name: str, help: str) -> Callable[[Writer], Writer]:
-    def add(writer: Writer) -> Writer:
-        _FORMATS[name] = (writer, help)
-        return writer
-    return add
-
-
-def list_formats() -> list[str]:
-    return list(_FORMATS)
-
-
-def format_help(name: str) -> str:
-    return _FORMATS[name][1]
-
-
-def create_writer(name: str) -> Writer:
-    if name not in _FORMATS:
-        raise RunError(f"unknown export format {name!r}; one of {', '.join(_FORMATS)}")
-    return _FORMATS[name][0]
+# The formats a set is exported to, by --to name.
+EXPORT_FORMATS: Registry[Writer] = Registry("export format", RunError)
 
 
 def _file_name(record: Record, index: int) -> str:
@@ -70,7 +51,7 @@ def _file_name(record: Record, index: int) -> str:
     return f"{slug(record.class_name)}/{index:08d}-{slug(record.id)[:80]}.png"
 
 
-@register_format("imagefolder", "OUT/<class>/<n>-<id>.png, read by torchvision's ImageFolder; metadata.jsonl "
+@EXPORT_FORMATS.register("imagefolder", "OUT/<class>/<n>-<id>.png, read by torchvision's ImageFolder; metadata.jsonl "
                                 "(file_name + provenance) as Hugging Face's imagefolder loader reads it")
 def write_imagefolder(records: Iterable[Record], out: Path, classes: list[str], *, shard_size: int = 0) -> dict[str, Any]:
     lines = []
@@ -82,7 +63,7 @@ def write_imagefolder(records: Iterable[Record], out: Path, classes: list[str], 
     return {"images": len(lines), "files": "<class>/*.png, metadata.jsonl"}
 
 
-@register_format("webdataset", "tar shards OUT/shard-NNNNNN.tar of <key>.png, <key>.cls (label), <key>.json "
+@EXPORT_FORMATS.register("webdataset", "tar shards OUT/shard-NNNNNN.tar of <key>.png, <key>.cls (label), <key>.json "
                                "(provenance), --shard-size images each")
 def write_webdataset(records: Iterable[Record], out: Path, classes: list[str], *, shard_size: int = 10_000) -> dict[str, Any]:
     shards: list[str] = []
@@ -116,7 +97,7 @@ def _write_tar(path: Path, batch: list[tuple[int, Record]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-@register_format("hf", "a Hugging Face dataset (datasets.load_from_disk(OUT)): image, label (ClassLabel), "
+@EXPORT_FORMATS.register("hf", "a Hugging Face dataset (datasets.load_from_disk(OUT)): image, label (ClassLabel), "
                        "id, class_name, origin, source, method, provenance")
 def write_hf(records: Iterable[Record], out: Path, classes: list[str], *, shard_size: int = 0) -> dict[str, Any]:
     datasets = import_datasets()

@@ -6,7 +6,7 @@ Sources (picked from the path, or forced with ``format``):
 * ``npz``:    MedMNIST-style ``{split}_images`` / ``{split}_labels``
 * ``idx``:    a folder with gzipped idx files (MNIST, Fashion-MNIST): ``train-*`` / ``t10k-*``
 * ``csv``:    a file of ``path,label`` rows, paths relative to the CSV
-* ``digits``: scikit-learn's built-in 8x8 digits (a fixed 80/20 train/test split)
+* ``digits``: the UCI 8x8 digits scikit-learn ships, packaged here (a fixed 80/20 train/test split)
 * ``hf``:     a Hugging Face ``datasets`` name or folder (``hf:NAME``), when installed
 
 Every image gets an id that survives re-runs (relative path for files, ``split/index`` for
@@ -29,17 +29,21 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffinv.errors import UserError
+from diffinv.registry import Registry
 
 if TYPE_CHECKING:  # imported where tensors are made, so that opening a folder (verify, report) needs no torch
     import torch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}
-from diffinv.config import FORMATS  # noqa: E402  (one list of readable formats, also the flag's choices)
 
 
 class DataError(UserError, ValueError):
     """The dataset cannot be read as asked; the message says what to change."""
+
+
+# The readable layouts by --format name: opener(spec, split) -> LabelledImages ("auto" picks one from the path).
+OPENERS: Registry[Callable[[str, str], LabelledImages]] = Registry("--format", DataError)
 
 
 class BadImageError(DataError):
@@ -204,15 +208,8 @@ def open_images(path: str | Path, format: str = "auto", split: str = "train", fl
 
     ``flag`` is what asked for ``split`` (e.g. ``--val-split``): a missing split's message names it.
     """
-    if format not in FORMATS:
-        raise DataError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
     spec = str(path)
-    if format == "auto":
-        format = _detect_format(spec)
-    opener = {
-        "folder": _open_folder, "npz": _open_npz, "idx": _open_idx, "csv": _open_csv,
-        "digits": _open_digits, "hf": _open_hf,
-    }[format]
+    opener = OPENERS.get(_detect_format(spec) if format == "auto" else format)
     try:
         images = opener(spec, split)
     except DataError as exc:
@@ -253,6 +250,7 @@ def _check_labels(images: LabelledImages, spec: str) -> None:
         raise DataError(f"{spec}: image ids are not unique")
 
 
+@OPENERS.register("folder", "ROOT/<class>/<image> (or ROOT/<split>/<class>/<image>)")
 def _open_folder(spec: str, split: str) -> LabelledImages:
     root = Path(spec)
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -376,6 +374,7 @@ def _as_uint8(arr: np.ndarray, source: str) -> np.ndarray:
     return out
 
 
+@OPENERS.register("npz", "MedMNIST-style {split}_images / {split}_labels")
 def _open_npz(spec: str, split: str) -> LabelledImages:
     try:
         data = np.load(spec, allow_pickle=False)
@@ -401,6 +400,7 @@ def _read_idx(path: Path) -> np.ndarray:
         raise DataError(f"cannot read idx file {path}: {exc}") from exc
 
 
+@OPENERS.register("idx", "a folder of gzipped idx files (MNIST, Fashion-MNIST)")
 def _open_idx(spec: str, split: str) -> LabelledImages:
     root = Path(spec)
     prefix = {"train": "train", "test": "t10k", "t10k": "t10k"}.get(split)
@@ -415,6 +415,7 @@ def _open_idx(spec: str, split: str) -> LabelledImages:
     return _array_images(_read_idx(found["images-idx3"]), _read_idx(found["labels-idx1"]), split, spec)
 
 
+@OPENERS.register("csv", "a file of path,label rows, paths relative to it")
 def _open_csv(spec: str, split: str) -> LabelledImages:
     """``path,label[,split]`` rows (paths relative to the CSV). Without a ``split`` column the file is one split."""
     path = Path(spec)
@@ -447,6 +448,7 @@ def _open_csv(spec: str, split: str) -> LabelledImages:
                           [str(f) for f in files], lambda i: _oriented(files[i]), top=top)
 
 
+@OPENERS.register("digits", "the UCI 8x8 digits, packaged")
 def _open_digits(spec: str, split: str) -> LabelledImages:
     digits = _load_digits()
     # A fixed permutation (not the caller's seed) so train and test never overlap across runs.
@@ -472,6 +474,7 @@ def _load_digits() -> Any:
         return SimpleNamespace(images=data["images"].astype(np.float64), target=data["target"].astype(np.int64))
 
 
+@OPENERS.register("hf", "a Hugging Face datasets name or folder (hf:NAME)")
 def _open_hf(spec: str, split: str) -> LabelledImages:
     try:
         import datasets

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from diffinv.config import ExportConfig, config_to_dict
-from diffinv.data.export import Record, create_writer, import_datasets
+from diffinv.data.export import EXPORT_FORMATS, Record, import_datasets
 from diffinv.data.real import DataError, LabelledImages, open_images
 from diffinv.data.synthetic import MARKER as SET_MARKER
 from diffinv.data.synthetic import open_synthetic, read_manifest
@@ -32,7 +32,7 @@ def export_set(config: ExportConfig, out: str | Path, *, resume: bool = False, o
     out, source = Path(out), Path(config.set)
     if out.resolve() == source.resolve():
         raise RunError("--out must be a new folder: the set is never changed")
-    writer = create_writer(config.to)
+    writer = EXPORT_FORMATS.get(config.to)
     if config.to == "hf":
         import_datasets()  # before any work: say what to install
     if open_output(out, MARKER, config, noun="export", resume=resume, overwrite=overwrite) == "done":

@@ -12,21 +12,20 @@ import pkgutil
 
 from diffinv.config import ConfigError
 from diffinv.diffusion.methods.base import Conditioning, Method
+from diffinv.registry import Registry
 
-METHODS: dict[str, Method] = {}
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    _method = getattr(importlib.import_module(f"{__name__}.{_info.name}"), "METHOD", None)
-    if _method is not None:
-        METHODS[_method.name] = _method
+METHODS: Registry[Method] = Registry("method", ConfigError)
 # di first: it is the default and the method the others are compared with.
-METHODS = {"di": METHODS.pop("di"), **METHODS}
+_modules = sorted((m.name for m in pkgutil.iter_modules(__path__)), key=lambda name: (name != "di", name))
+for _name in _modules:
+    _method = getattr(importlib.import_module(f"{__name__}.{_name}"), "METHOD", None)
+    if _method is not None:
+        METHODS.add(_method.name, _method)
 
 
 def get_method(name: str) -> Method:
     """The registered method called ``name``; a clear error listing them otherwise."""
-    if name not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {name!r}")
-    return METHODS[name]
+    return METHODS.get(name)
 
 
 __all__ = ["METHODS", "Conditioning", "Method", "get_method"]
