@@ -1,4 +1,4 @@
-"""One way to keep the named things that vary (classifiers, data formats, export formats, generation methods, stages):
+"""One way to keep the named things that vary (classifiers, data formats, export formats, generation methods):
 timm's register / create / list. Each registry belongs to the library module whose things it lists; a new one is a
 function or module registered there, plus its test.
 

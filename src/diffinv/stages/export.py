@@ -40,7 +40,7 @@ def export_set(config: ExportConfig, out: str | Path, *, resume: bool = False, o
     # 1. The set, read and checked in full; the real subset it was made from, if asked.
     synthetic = open_synthetic(source)
     rows = read_manifest(source)
-    real = real_subset(source, synthetic.classes) if config.with_real else None
+    real = set_real_images(source, synthetic.classes) if config.with_real else None
     total = len(synthetic) + (len(real) if real is not None else 0)
     # 2. Every image through the format's writer (each file atomic); the marker last.
     write_yaml(out / "config.yaml", config_to_dict(config))
@@ -77,7 +77,7 @@ def _records(synthetic: LabelledImages, rows: list[dict[str, Any]], real: Labell
                      {"id": real.ids[i], "source": real.sources[i], "origin": "real"})
 
 
-def real_subset(set_root: Path, classes: list[str]) -> LabelledImages:
+def set_real_images(set_root: Path, classes: list[str]) -> LabelledImages:
     """The real images a set was made from: its store's images, else the rows' sources; labels in ``classes``' order."""
     info = read_json(set_root / SET_MARKER)
     store = _store_folder(set_root, info.get("store") or "")
