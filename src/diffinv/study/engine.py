@@ -26,7 +26,7 @@ from diffinv.config import ConfigError, StudyConfig, config_to_dict, load_config
 from diffinv.report.cost import cost_lines, human_duration
 from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
 from diffinv.shards import Shard
-from diffinv.study.plan import Plan, Trial, Unit, build_plan, data_fingerprint, embedded_base, local_path
+from diffinv.study.plan import Plan, Trial, Unit, build_plan, data_fingerprint, embedded_base, local_path, stat_fingerprint
 from diffinv.study.spec import REAL, check_files, compare_pairs
 from diffinv.study.workers import process_pool, run_all, workers_for
 
@@ -327,15 +327,26 @@ def record(study: StudyConfig, plan: Plan, out: Path, shard: Shard) -> None:
         older = " (a demo of an older diffinv: delete it to run the demo again)" if (out / "demo.yaml").is_file() else ""
         raise RunError(f"--out {out} is a non-empty folder that is not a study{older}; choose an empty or new folder")
     # Units are of the data and the model they were made with: either changed under the folder, they would be mixed.
-    data = data_fingerprint(local_path(study, study.data))
-    model = data_fingerprint(local_path(study, study.model) if study.model else str(embedded_base()))
     before = read_json(out / "plan.json") if (out / "plan.json").is_file() else {}
-    for what, name, now in (("data", study.data, data), ("model", study.model or "(the embedded base)", model)):
-        if before.get(f"{what}_fingerprint") not in (None, now):
+    identity: dict[str, str] = {}
+    for what, name in (("data", study.data), ("model", study.model or "(the embedded base)")):
+        path = local_path(study, study.data) if what == "data" else (
+            local_path(study, study.model) if study.model else str(embedded_base()))
+        identity[f"{what}_stat"] = stat_fingerprint(path)
+        # Bytes are read only when names, sizes or times moved (a copy, a clone, a remount): times alone prove nothing.
+        same_stat = before.get(f"{what}_stat") == identity[f"{what}_stat"] and f"{what}_fingerprint" in before
+        now = before[f"{what}_fingerprint"] if same_stat else data_fingerprint(path)
+        identity[f"{what}_fingerprint"] = now
+        if before.get(f"{what}_fingerprint") not in (None, now) and not _legacy_match(before, what, path):
             raise RunError(f"the {what} {name} changed since {out} was made (files added, removed or rewritten): its "
                            f"stores, sets and runs are of the old {what}. Use a new --out (or delete {out})")
     write_yaml(saved, config_to_dict(study))
-    write_json(out / "plan.json", {**plan.to_json(), "data_fingerprint": data, "model_fingerprint": model})
+    write_json(out / "plan.json", {**plan.to_json(), **identity})
+
+
+def _legacy_match(before: dict[str, Any], what: str, path: str) -> bool:
+    """A folder recorded before fingerprints were of content holds a stat one; only those times can vouch for it."""
+    return f"{what}_stat" not in before and before.get(f"{what}_fingerprint") == stat_fingerprint(path)
 
 
 def _grows(out: Path, plan: Plan) -> bool:

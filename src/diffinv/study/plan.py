@@ -258,19 +258,43 @@ def unit_key(kind: str, config: Any, written: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def data_fingerprint(path: str) -> str:
-    """A cheap identity of the real data: every file's name, size and modification time (no pixel is read).
+def _files(root: Path) -> list[Path]:
+    return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
 
-    A study folder's units are of the data they were made from; this says when that data changed under them.
+
+def _name(f: Path, root: Path) -> str:
+    return str(f.relative_to(root)) if f != root else f.name
+
+
+def stat_fingerprint(path: str) -> str:
+    """A cheap identity of data or a model folder: every file's name, size and modification time (no byte is read).
+
+    Equal means unchanged; different means only "maybe changed" (a copy, a clone or a remount gives new times).
     """
     root = Path(path)
     if not root.exists():
         return path  # "digits", hf:NAME: the name is the identity
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     h = hashlib.sha256()
-    for f in files:
+    for f in _files(root):
         stat = f.stat()
-        h.update(f"{f.relative_to(root) if f != root else f.name}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\n".encode())
+        h.update(f"{_name(f, root)}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(path: str) -> str:
+    """The identity of data or a model folder by content: every file's name and bytes (times do not count).
+
+    A study folder's units are of the data and model they were made from; this says when either changed under them.
+    """
+    root = Path(path)
+    if not root.exists():
+        return path
+    h = hashlib.sha256()
+    for f in _files(root):
+        h.update(f"{_name(f, root)}\x1f{f.stat().st_size}\n".encode())
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
