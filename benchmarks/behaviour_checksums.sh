@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Checksums of a fixed tiny pipeline: invert (per image, per class, with early stopping), generate
-# (di, img2img, class-inversion), train. Run it before and after a refactor: equal lines mean equal
-# embeddings, PNG bytes and metrics.
+# Checksums of a fixed tiny pipeline: invert (per image, per class, with early stopping; a pixel and a
+# v-prediction model), generate (di, img2img, class-inversion, ddim-inversion, lora; ddim, dpm++2m and
+# pndm samplers), LoRA fitting, a short base pretraining, train. Run it before and after a refactor:
+# equal lines mean equal embeddings, PNG bytes, weights and metrics.
 #   bash benchmarks/behaviour_checksums.sh [WORKDIR]
 set -euo pipefail
 W=${1:-$(mktemp -d)}
@@ -16,6 +17,8 @@ from PIL import Image
 from diffinv.diffusion.tiny import save_tiny_model
 w = Path(sys.argv[1])
 save_tiny_model(w / "model", "latent")
+save_tiny_model(w / "pixel", "pixel")
+save_tiny_model(w / "vpred", "latent", prediction_type="v_prediction")
 rs = np.random.RandomState(0)
 for split, n in (("train", 4), ("test", 3)):
     for c in ("cat", "dog", "owl"):
@@ -31,6 +34,15 @@ diffinv invert --model "$W/model" --data "$W/images" --resolution 16 --steps 40 
 diffinv generate --store "$W/store" --per-image 2 --steps 3 --out "$W/di" $q
 diffinv generate --store "$W/store" --method img2img --strength 0.6 --per-image 2 --steps 3 --out "$W/img2img" $q
 diffinv generate --store "$W/class" --method class-inversion --per-image 2 --steps 3 --out "$W/classinv" $q
+diffinv invert --model "$W/pixel" --data "$W/images" --steps 8 --out "$W/pixel-store" $q
+diffinv generate --store "$W/pixel-store" --sampler dpm++2m --per-image 1 --steps 3 --out "$W/pixel-di" $q
+diffinv invert --model "$W/vpred" --data "$W/images" --resolution 16 --steps 8 --out "$W/vpred-store" $q
+diffinv generate --store "$W/vpred-store" --sampler pndm --per-image 1 --steps 3 --out "$W/vpred-di" $q
+diffinv generate --store "$W/store" --method ddim-inversion --per-image 1 --steps 3 --out "$W/ddiminv" $q
+diffinv finetune --store "$W/class" --steps 4 --batch-size 2 --out "$W/lora" $q
+diffinv generate --store "$W/class" --method lora --adapters "$W/lora" --per-image 1 --steps 3 --out "$W/lora-di" $q
+diffinv pretrain-base --data "$W/images" --resolution 16 --channels 16,32 --cross-attention-dim 16 --steps 6 --batch-size 4 \
+  --warmup 2 --out "$W/base" $q
 diffinv train --data "$W/images" --synthetic "$W/di" --arch shufflenetv2 --resolution 16 --steps 30 --batch-size 8 \
   --eval-every 10 --out "$W/train" $q
 { python - "$W" <<'EOF'
@@ -44,15 +56,19 @@ def digest(parts):
         h.update(p)
     return h.hexdigest()[:16]
 out = {}
-for store in ("store", "class", "early"):
+for store in ("store", "class", "early", "pixel-store", "vpred-store"):
     parts = sorted((w / store / "parts").glob("*.safetensors"))
     out[f"invert {store}: embeddings"] = digest(t.numpy().tobytes() for p in parts for _, t in sorted(load_file(p).items()))
     rows = [json.loads(l) for l in (w / store / "manifest.jsonl").read_text().splitlines()] if (w / store / "manifest.jsonl").exists() else []
     if rows:
         out[f"invert {store}: steps"] = sum(r.get("steps", 0) for r in rows)
-for s in ("di", "img2img", "classinv"):
+for s in ("di", "img2img", "classinv", "pixel-di", "vpred-di", "ddiminv", "lora-di"):
     pngs = sorted((w / s).rglob("*.png"))
     out[f"generate {s}: {len(pngs)} PNGs"] = digest(p.read_bytes() for p in pngs)
+out["finetune: adapters"] = digest(t.numpy().tobytes() for p in sorted((w / "lora").rglob("*.safetensors"))
+                                   for _, t in sorted(load_file(p).items()))
+out["pretrain-base: unet"] = digest(t.numpy().tobytes() for p in sorted((w / "base" / "unet").glob("*.safetensors"))
+                                    for _, t in sorted(load_file(p).items()))
 final = json.loads((w / "train" / "final.json").read_text())
 out["train: weights"] = digest(t.numpy().tobytes() for _, t in sorted(load_file(w / "train" / "model.safetensors").items()))
 out["train: metrics"] = {k: final[k] for k in sorted(final) if isinstance(final[k], float)}

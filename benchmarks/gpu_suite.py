@@ -104,7 +104,7 @@ def flops_per_image_step(backbone: Backbone, resolution: int) -> float:
     cond = torch.randn(2, 5, backbone.cond_dim, device=DEVICE, requires_grad=True)
     t = torch.tensor([10, 500], device=DEVICE)
     with FlopCounterMode(display=False) as counter:
-        backbone.predict_noise(x, t, cond).pow(2).mean().backward()
+        backbone.predict(x, t, cond).pow(2).mean().backward()
     return counter.get_total_flops() / 2
 
 

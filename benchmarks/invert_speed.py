@@ -43,7 +43,7 @@ def paper_loop(backbone, pixels: torch.Tensor, steps: int, batch: int, tokens: i
             x0 = backbone.vae.encode(pixels[idx]).latent_dist.sample() * scale if backbone.vae is not None else pixels[idx]
         noise = torch.randn_like(x0)
         t = torch.randint(0, backbone.num_train_timesteps, (batch,), device=device)
-        a = backbone.alphas_cumprod[t].view(-1, 1, 1, 1)
+        a = backbone.process.alphas_cumprod[t].view(-1, 1, 1, 1)  # the paper's loop: a DDPM model
         pred = backbone.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=emb[idx]).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad()

@@ -25,7 +25,7 @@ from diffinv.data.real import load_pixels, open_images, select
 from diffinv.diffusion.encoder import encoder_tokens
 from diffinv.diffusion.inversion import InversionSettings, invert_batch
 from diffinv.diffusion.model_io import load_backbone
-from diffinv.diffusion.objective import denoising_target, per_image_loss, q_sample, timestep_bin_edges
+from diffinv.diffusion.objective import denoising_losses, timestep_bin_edges
 
 
 def main() -> None:
@@ -61,10 +61,8 @@ def main() -> None:
         for _ in range(args.draws):
             t = torch.randint(edges[k], edges[k + 1], (len(keys),), generator=generator)
             noise = torch.randn(clean.shape, generator=generator)
-            a = backbone.alphas_cumprod[t]
             cond = emb.clone().requires_grad_()
-            loss = per_image_loss(backbone.predict_noise(q_sample(clean, noise, a), t, cond),
-                                  denoising_target(clean, noise, a, backbone.prediction_type))
+            loss = denoising_losses(backbone, clean, noise, t, cond)
             grads.append(torch.autograd.grad(loss.sum(), cond)[0])
         g = torch.stack(grads)  # [draws, B, K, D]
         bins.append({"timesteps": [edges[k], edges[k + 1]], "second_moment": g.pow(2).flatten(2).sum(-1).mean().item(),

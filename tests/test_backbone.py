@@ -14,7 +14,7 @@ def _outputs(bb, seed=0):
     x = torch.randn(moments.mean.shape, generator=g)
     cond = torch.randn(2, 5, bb.cond_dim, generator=g)
     with torch.no_grad():
-        eps = bb.predict_noise(x, torch.tensor([10, 900]), cond)
+        eps = bb.predict(x, torch.tensor([10, 900]), cond)
     return moments, eps, bb.decode(moments.mean)
 
 

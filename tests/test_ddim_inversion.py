@@ -8,7 +8,7 @@ from PIL import Image
 
 from diffinv.data.real import load_pixels, open_images
 from diffinv.data.synthetic import read_manifest
-from diffinv.diffusion.sampling import ddim_invert, sample_latents, slerp_noise
+from diffinv.diffusion.sampling import invert_to_noise, sample_latents, slerp_noise
 from diffinv.runs import read_yaml
 from diffinv.study.plan import embedded_base
 
@@ -26,7 +26,7 @@ def test_inverted_noise_samples_the_image_back_and_better_with_more_steps():
     g = torch.Generator().manual_seed(0)
     errors = {}
     for steps in (10, 25):
-        z = ddim_invert(base, latents, cond, steps)
+        z = invert_to_noise(base, latents, cond, steps)
         back = sample_latents(base, cond, None, z, sampler="ddim", steps=steps, guidance=1.0)
         other = sample_latents(base, cond, None, torch.randn(z.shape, generator=g), sampler="ddim", steps=steps, guidance=1.0)
         errors[steps] = float((back - latents).pow(2).mean().sqrt())

@@ -99,11 +99,11 @@ def test_channels_last_gives_the_same_embeddings_and_samples(model, request, tmp
     backbone = load_backbone(model)
     x = torch.randn(2, *backbone.latent_shape(16))
     t, cond = torch.tensor([10, 500]), torch.randn(2, 5, backbone.cond_dim)
-    plain = backbone.predict_noise(x, t, cond)
+    plain = backbone.predict(x, t, cond)
     backbone.channels_last()
     conv = next(p for p in backbone.unet.parameters() if p.dim() == 4 and p.shape[-1] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    torch.testing.assert_close(backbone.predict_noise(x, t, cond), plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backbone.predict(x, t, cond), plain, rtol=1e-5, atol=1e-5)
     backbone.channels_last(False)
     assert conv.is_contiguous()
 

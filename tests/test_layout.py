@@ -129,6 +129,7 @@ def _external_imports(path: Path) -> set[str]:
 
 
 DIFFUSERS_ADAPTER = {"diffinv.diffusion.backbone", "diffinv.diffusion.model_io",  # the model interface; reading and writing
+                     "diffinv.diffusion.process",  # the noise processes and their samplers (diffusers schedulers)
                      "diffinv.diffusion.pretrain", "diffinv.diffusion.tiny"}  # building new models from diffusers' classes
 
 
@@ -166,3 +167,31 @@ def test_the_library_never_opens_run_folders():
                     if isinstance(node, ast.ImportFrom) and node.module == "diffinv.runs"
                     and any(a.name == "read_yaml" for a in node.names))
     assert not found, f"library modules reading run folders (open them in the stage): {found}"
+
+
+# The DDPM vocabulary: the noise process module owns it (diffinv.diffusion.process); everything else asks the
+# model's process to noise, target, read back, sample and invert, so a rectified-flow model takes the same paths.
+DDPM_NAMES = {"alphas_cumprod", "final_alpha_cumprod", "alpha_bar", "q_sample", "eps_and_x0", "ddim_invert", "init_noise_sigma"}
+PROCESS_USERS = ("diffinv.diffusion.inversion", "diffinv.diffusion.sampling", "diffinv.diffusion.lora",
+                 "diffinv.diffusion.objective", "diffinv.diffusion.methods", "diffinv.study.estimate")
+
+
+def _names(source: str) -> set[str]:
+    import io
+    import tokenize
+
+    return {tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.NAME}
+
+
+def test_the_ddpm_vocabulary_stays_in_its_process_module():
+    assert _names("x = backbone.alphas_cumprod[t]  # alpha_bar\n") & DDPM_NAMES == {"alphas_cumprod"}  # code, not comments
+    found = {}
+    for path in ROOT.rglob("*.py"):
+        name = _module_name(path)
+        if name == "diffinv.diffusion.process":
+            continue
+        names = _names(path.read_text())
+        banned = DDPM_NAMES | ({"prediction_type"} if name.startswith(PROCESS_USERS) else set())
+        if names & banned:
+            found[name] = sorted(names & banned)
+    assert not found, f"DDPM names outside diffinv.diffusion.process (ask backbone.process instead): {found}"

@@ -64,16 +64,16 @@ def test_an_adapter_saved_and_loaded_back_gives_equal_outputs(tiny_pixel):
     x = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
     cond = torch.randn(5, trained.cond_dim, generator=g)
     probe = (torch.randn(2, 3, 16, 16, generator=g), torch.tensor([100, 700]), cond.expand(2, -1, -1))
-    base = trained.predict_noise(*probe).detach()
+    base = trained.predict(*probe).detach()
     params = trained.add_lora("c", 4, 4.0)
     losses = fit_lora(trained, params, LatentMoments(x, torch.zeros_like(x)), cond, steps=10, lr=0.01, batch_size=3, seed=1)
     assert len(losses) == 10
-    adapted = trained.predict_noise(*probe).detach()
+    adapted = trained.predict(*probe).detach()
     assert not torch.allclose(adapted, base)
     fresh.load_lora("c", trained.lora_state("c"), 4, 4.0)
-    assert torch.equal(fresh.predict_noise(*probe).detach(), adapted)
+    assert torch.equal(fresh.predict(*probe).detach(), adapted)
     fresh.use_lora(None)
-    assert torch.equal(fresh.predict_noise(*probe).detach(), base)  # without the adapter: the frozen base
+    assert torch.equal(fresh.predict(*probe).detach(), base)  # without the adapter: the frozen base
 
 
 @pytest.mark.slow

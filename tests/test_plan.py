@@ -81,13 +81,13 @@ def test_study_progress_says_the_time_left():
 def test_the_wiener_estimate_is_the_best_per_value_guess_and_an_oracle_beats_it():
     import torch
 
-    from diffinv.diffusion.objective import gain_over_wiener_db, q_sample, wiener_estimate
+    from diffinv.diffusion.objective import gain_over_wiener_db, wiener_estimate
 
     g = torch.Generator().manual_seed(0)
     x0 = 0.3 + 0.5 * torch.randn(64, 2, 8, 8, generator=g)  # per-value Gaussian: no structure to learn
     a = torch.full((64,), 0.4)
-    x_t = q_sample(x0, torch.randn(x0.shape, generator=g), a)
-    wiener = wiener_estimate(x_t, a, torch.full((2,), 0.3), torch.full((2,), 0.25))
+    x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+    wiener = wiener_estimate(x_t, a.sqrt(), (1 - a).sqrt(), torch.full((2,), 0.3), torch.full((2,), 0.25))
     theory = 0.25 * 0.6 / (0.4 * 0.25 + 0.6)  # v (1 - a) / (a v + 1 - a)
     assert (wiener - x0).pow(2).mean().item() == pytest.approx(theory, rel=0.05)
     assert abs(gain_over_wiener_db(x0, wiener * 1.2 - 0.06, wiener)) < 1.0  # another per-value guess: no better
@@ -110,13 +110,13 @@ def test_a_base_that_learned_nothing_is_named_before_the_work(tiny_pixel, split_
 
     class Oracle:  # a "model" that predicts the true noise: it knows the images
         device, extra_tokens, cond_dim, num_train_timesteps, prediction_type = "cpu", 0, 4, 1000, "epsilon"
-        alphas_cumprod = backbone.alphas_cumprod
+        process = backbone.process
 
         def encode(self, px):
             return SimpleNamespace(mean=px)
 
-        def predict_noise(self, x_t, t, cond):
-            a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        def predict(self, x_t, t, cond):
+            a = self.process.alphas_cumprod[t].view(-1, 1, 1, 1)
             return (x_t - a.sqrt() * pixels) / (1 - a).sqrt()
 
     assert denoising_gain(Oracle(), pixels) > 20 and noise_note(Oracle(), images, 16) == (denoising_gain(Oracle(), pixels), None)

@@ -41,7 +41,7 @@ def test_pretraining_lowers_the_loss_and_loads_like_sd(tiny_base):
     # Digits are grey, so the base is a one-channel model (samples come out equal-RGB, never tinted).
     assert info["image_channels"] == 1
     assert backbone.vae is None and backbone.cond_dim == 16 and backbone.latent_shape(8) == (1, 8, 8)
-    out = backbone.predict_noise(torch.zeros(2, 1, 8, 8), torch.tensor([10, 500]), torch.zeros(2, 2, 16))
+    out = backbone.predict(torch.zeros(2, 1, 8, 8), torch.tensor([10, 500]), torch.zeros(2, 2, 16))
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
     decoded = backbone.decode(out)
     assert decoded.shape == (2, 3, 8, 8) and torch.equal(decoded[:, 0], decoded[:, 2])
@@ -93,13 +93,13 @@ def test_resume_after_a_kill_gives_identical_weights(tmp_path, monkeypatch):
 def test_the_noise_schedule_is_chosen_saved_and_loaded(tiny_base, tmp_path, capsys):
     # SD's schedule (the default) keeps sqrt(alpha_bar_T) = 0.068 of the image at t = T; DDPM's
     # linear one 0.006. The base is saved with its schedule and every stage samples with it.
-    assert float(load_backbone(tiny_base).alphas_cumprod[-1]) > 4e-3
+    assert float(load_backbone(tiny_base).process.alphas_cumprod[-1]) > 4e-3
     flags = ["--resolution", "8", "--channels", "16,32", "--layers-per-block", "1", "--cross-attention-dim", "16",
              "--tokens", "2", "--batch-size", "4", "--steps", "2", "--device", "cpu", "--quiet"]
     out = tmp_path / "linear"
     assert main(["pretrain-base", *flags, "--beta-schedule", "linear", "--out", str(out)]) == 0
     linear = load_backbone(out)
-    assert float(linear.alphas_cumprod[-1]) < 1e-4
+    assert float(linear.process.alphas_cumprod[-1]) < 1e-4
     assert linear.make_scheduler("ddim").config.beta_schedule == "linear"
     assert read_yaml(out / "config.yaml")["beta_schedule"] == "linear"
     # A base is one schedule: continuing it with another is refused, naming the field.

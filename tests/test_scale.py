@@ -228,14 +228,14 @@ def test_non_finite_images_are_retried_at_lower_lr_then_reported(tiny_latent, da
 def test_out_of_memory_halves_the_batch_and_goes_on(tiny_latent, data, tmp_path, monkeypatch):
     invert_dataset(_invert_config(tiny_latent, data, batch_size=4), tmp_path / "ref", progress=False)
     generate_dataset(_generate_config(tmp_path / "ref", batch_size=4), tmp_path / "ref-syn", progress=False)
-    real = Backbone.predict_noise
+    real = Backbone.predict
 
     def small_memory(self, latents, t, cond):
         if latents.shape[0] >= 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, latents, t, cond)
 
-    monkeypatch.setattr(Backbone, "predict_noise", small_memory)
+    monkeypatch.setattr(Backbone, "predict", small_memory)
     messages = []
     invert_dataset(_invert_config(tiny_latent, data, batch_size=4), tmp_path / "s", progress=False, log=messages.append)
     generate_dataset(_generate_config(tmp_path / "s", batch_size=4), tmp_path / "syn", progress=False, log=messages.append)

@@ -6,6 +6,7 @@ import torch
 from diffinv.cli import main
 from diffinv.diffusion import inversion
 from diffinv.diffusion.model_io import load_backbone
+from diffinv.diffusion.process import DDPM
 from diffinv.diffusion.tiny import save_tiny_model
 from diffinv.runs import read_json
 
@@ -30,13 +31,13 @@ def test_v_prediction_models_are_inverted_against_v(models, monkeypatch):
     backbone = load_backbone(models["sd21-tiny"])
     assert backbone.family == "sd2" and backbone.prediction_type == "v_prediction"
     seen = []
-    real = inversion.denoising_target
+    real = DDPM.target
 
-    def spy(x0, noise, alpha_bar, prediction_type):
-        seen.append(prediction_type)
-        return real(x0, noise, alpha_bar, prediction_type)
+    def spy(self, x0, noise, t):
+        seen.append(self.prediction)
+        return real(self, x0, noise, t)
 
-    monkeypatch.setattr(inversion, "denoising_target", spy)
+    monkeypatch.setattr(DDPM, "target", spy)
     settings = inversion.InversionSettings(steps=3, log_every=1, eval_timesteps=1)
     emb, before, after, _ = inversion.invert_batch(backbone, torch.rand(2, 3, 64, 64) * 2 - 1, torch.tensor([1, 2]), settings)
     assert seen and set(seen) == {"v_prediction"} and emb.shape == (2, 5, 1024)
@@ -70,7 +71,7 @@ def test_sdxl_inverts_and_generates_with_a_learned_pooled_vector_and_time_ids(mo
 
     monkeypatch.setattr(backbone.unet, "forward", spy)
     cond = torch.randn(2, 6, 2048)  # K = 5 tokens + the pooled row
-    backbone.predict_noise(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), cond)
+    backbone.predict(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), cond)
     assert seen["tokens"] == (2, 5, 2048)  # the tokens go to cross-attention ...
     torch.testing.assert_close(seen["text_embeds"], cond[:, 5, :32])  # ... the last row's first P values are the pooled vector
     assert seen["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2  # a full uncropped 64 px image
@@ -108,8 +109,8 @@ def test_inspect_tells_what_a_run_would_do(models, capsys):
 def test_the_prediction_type_can_be_overridden_and_generation_follows_the_store(models, tmp_path, monkeypatch, capsys):
     # An SD 2.x checkpoint whose scheduler config says v_prediction for a model trained on epsilon: --prediction-type.
     seen = []
-    real = inversion.denoising_target
-    monkeypatch.setattr(inversion, "denoising_target", lambda x0, n, a, kind: seen.append(kind) or real(x0, n, a, kind))
+    real = DDPM.target
+    monkeypatch.setattr(DDPM, "target", lambda self, x0, n, t: seen.append(self.prediction) or real(self, x0, n, t))
     store = tmp_path / "store"
     assert main(["invert", "--model", str(models["sd21-tiny"]), "--data", "digits", "--per-class", "1", "--steps", "2",
                  "--prediction-type", "epsilon", "--out", str(store), "--quiet"]) == 0

@@ -1,21 +1,22 @@
 """The model interface: a frozen diffusion model behind three operations.
 
-``encode`` (pixels -> latent moments), ``predict_noise`` (the UNet with a given conditioning in
-place of the text encoder output) and ``decode`` (latents -> pixels). Latent models (Stable
-Diffusion 1.x / 2.x / XL, epsilon or v-prediction) and pixel-space models (a UNet without a VAE) go
-through the same interface, so inversion and sampling never branch on the model kind. Besides them:
-the noise schedule and samplers built on it, prompts through the model's text encoder, and LoRA
-adapters of the UNet.
+``encode`` (pixels -> latent moments), ``predict`` (the denoising network with a given conditioning
+in place of the text encoders' output) and ``decode`` (latents -> pixels). Latent models (Stable
+Diffusion 1.x / 2.x / XL, SD3-structured flow transformers) and pixel-space models (a UNet without a
+VAE) go through the same interface, so inversion and sampling never branch on the model kind. The
+model's noise process (:mod:`~diffinv.diffusion.process`: DDPM or rectified flow) says how to noise,
+what the network predicts and how to sample. Besides them: prompts through the model's text encoder,
+and LoRA adapters of the network.
 
 Reading and writing models (every file format) is :mod:`~diffinv.diffusion.model_io`. diffusers is
-imported by these two modules only, and by :mod:`~diffinv.diffusion.pretrain` and
-:mod:`~diffinv.diffusion.tiny`, which build new models from its classes (``tests/test_layout.py``).
+imported by these modules, by :mod:`~diffinv.diffusion.process` (its schedulers), and by
+:mod:`~diffinv.diffusion.pretrain` and :mod:`~diffinv.diffusion.tiny`, which build new models from its
+classes (``tests/test_layout.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from diffinv.config import SAMPLERS
+from diffinv.diffusion.process import Process, make_process
 from diffinv.errors import UserError
 
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -55,7 +56,7 @@ class Backbone:
     text_encoder: Any | None = None
     tokenizer: Any | None = None
     dtype: torch.dtype = torch.float32
-    _alphas_cumprod: torch.Tensor | None = field(default=None, repr=False)
+    _process: Process | None = field(default=None, repr=False)
     _loaded_fingerprint: str | None = field(default=None, repr=False)  # of the weights as loaded, before any precision cast
     _compiled: Any = field(default=None, repr=False)  # the UNet through torch.compile (see :meth:`compile`)
     _memory_format: torch.memory_format = field(default=torch.contiguous_format, repr=False)  # see :meth:`channels_last`
@@ -67,13 +68,23 @@ class Backbone:
 
     @property
     def cond_dim(self) -> int:
-        """Width D of one conditioning token (the UNet's cross-attention dimension)."""
+        """Width D of one conditioning token (the network's cross-attention / joint-attention width)."""
+        if type(self.unet).__name__ == "SD3Transformer2DModel":
+            return int(self.unet.config.joint_attention_dim)
         dim = self.unet.config.cross_attention_dim
         return int(dim[0] if isinstance(dim, (list, tuple)) else dim)
 
     @property
+    def process(self) -> Process:
+        """The noise process the model was trained with (read from its scheduler config), on the model's device."""
+        if self._process is None:  # made again by :meth:`to`
+            self._process = make_process(self.scheduler_config, self.device)
+        return self._process
+
+    @property
     def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
+        """What the network predicts: epsilon, v_prediction (DDPM) or flow_prediction (rectified flow)."""
+        return self.process.prediction
 
     @property
     def num_train_timesteps(self) -> int:
@@ -84,19 +95,11 @@ class Backbone:
         return int(self.vae.config.in_channels if self.vae is not None else self.unet.config.in_channels)
 
     @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        """[T] float32 cumulative signal fractions of the training noise schedule, on device."""
-        if self._alphas_cumprod is None or self._alphas_cumprod.device != self.device:
-            from diffusers import DDPMScheduler
-
-            sched = DDPMScheduler.from_config(self.scheduler_config)
-            self._alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
-        return self._alphas_cumprod
-
-    @property
     def family(self) -> str:
-        """pixel, sd1, sd2, sdxl or latent (another latent model), read from the UNet's config."""
+        """pixel, sd1, sd2, sdxl, sd3 or latent (another latent model), read from the network's class and config."""
         config = self.unet.config
+        if type(self.unet).__name__ == "SD3Transformer2DModel":
+            return "sd3"
         if getattr(config, "addition_embed_type", None) == "text_time":
             return "sdxl"
         if self.vae is None:
@@ -105,30 +108,37 @@ class Backbone:
 
     def with_prediction_type(self, prediction_type: str) -> Backbone:
         """Use ``prediction_type`` (epsilon or v_prediction) instead of the scheduler config's; "" keeps it."""
-        if prediction_type:
+        if prediction_type and prediction_type != self.prediction_type:
+            if self.process.name != "ddpm":
+                raise ModelError(f"{self.source} is a rectified-flow model: it predicts the flow's velocity, not "
+                                 f"{prediction_type}; leave --prediction-type out")
             self.scheduler_config = {**self.scheduler_config, "prediction_type": prediction_type}
+            self._process = None
         return self
 
-    # SDXL's UNet takes, besides the K x D token sequence, a pooled text vector [P] and six size/crop
-    # "time ids". A conditioning here is then K + 1 rows of width D: the last row's first P values
-    # are the pooled vector (P = 1280 <= D = 2048 for SDXL), learned per image like the tokens, so
-    # stores, perturbation, mean-embedding guidance and every method work on it unchanged.
+    # SDXL's UNet and SD3's transformer take, besides the K x D token sequence, a pooled text vector [P]
+    # (SDXL also six size/crop "time ids"). A conditioning here is then K + 1 rows of width D: the last
+    # row's first P values are the pooled vector (P = 1280 <= D = 2048 for SDXL, 2048 <= 4096 for SD3),
+    # learned per image like the tokens, so stores, perturbation, mean-embedding guidance and every
+    # method work on it unchanged.
     @property
     def extra_tokens(self) -> int:
-        """Rows of a conditioning beyond its K tokens: 1 (the pooled vector) for SDXL, else 0."""
-        return 1 if self.family == "sdxl" else 0
+        """Rows of a conditioning beyond its K tokens: 1 (the pooled vector) for SDXL and SD3, else 0."""
+        return 1 if self.family in ("sdxl", "sd3") else 0
 
     @property
     def pooled_dim(self) -> int:
-        """SDXL: width P of the pooled text vector (the added embedding's input minus its six time ids)."""
+        """SDXL / SD3: width P of the pooled text vector (SDXL: the added embedding's input minus its six time ids)."""
         config = self.unet.config
+        if self.family == "sd3":
+            return int(config.pooled_projection_dim)
         return int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
 
     def check_supported(self) -> None:
         """Refuse, before any work, what the engine cannot drive (rather than failing inside diffusers)."""
-        if self.family == "sdxl" and not 0 < self.pooled_dim <= self.cond_dim:
-            raise ModelError(f"{self.source}: an SDXL-style UNet whose pooled embedding ({self.pooled_dim}) is wider than its "
-                             f"token width ({self.cond_dim}) cannot be learned as an extra token; not supported")
+        if self.family in ("sdxl", "sd3") and not 0 < self.pooled_dim <= self.cond_dim:
+            raise ModelError(f"{self.source}: a {self.family} network whose pooled embedding ({self.pooled_dim}) is wider than "
+                             f"its token width ({self.cond_dim}) cannot be learned as an extra token; not supported")
 
     @property
     def native_resolution(self) -> int:
@@ -198,27 +208,11 @@ class Backbone:
         return h.hexdigest()[:16]
 
     def make_scheduler(self, sampler: str, clip_x0: bool = False) -> Any:
-        """A fresh diffusers scheduler (``set_timesteps``/``scale_model_input``/``step``/``add_noise``)
-        for ``sampler`` (a key of :data:`SAMPLERS`), on this model's training noise schedule.
-
-        ``clip_x0`` (pixel models, ddim / dpm++2m): every step's predicted clean image is clipped
-        to [-1, 1], through diffusers' thresholding with a ceiling of 1 (which is exactly a clip).
-        """
-        import diffusers
-
-        if sampler not in SAMPLERS:
-            raise ModelError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
-        name, extra = SAMPLERS[sampler]
-        # No x0 clipping unless asked: it is wrong for latents, and the saved configs of DDPM-trained
-        # pixel models (ours included) switch it on for every sampler that reads the flag.
-        config = {**self.scheduler_config, **extra, "clip_sample": False, "thresholding": False}
-        if clip_x0:
-            if self.vae is not None:
-                raise ModelError("--clip-x0 is for pixel-space models: latents have no [-1, 1] range to clip to")
-            if "thresholding" not in inspect.signature(getattr(diffusers, name).__init__).parameters:
-                raise ModelError(f"the {sampler} sampler cannot clip x0; use ddim or dpm++2m")
-            config.update(thresholding=True, sample_max_value=1.0)  # the percentile is then moot: the ceiling is 1
-        return getattr(diffusers, name).from_config(config)
+        """A fresh diffusers scheduler for ``sampler`` on this model's noise process (see its ``scheduler``)."""
+        try:
+            return self.process.scheduler(sampler, clip_x0, latent=self.vae is not None)
+        except UserError as exc:
+            raise ModelError(str(exc)) from None
 
     # -- the three operations -----------------------------------------------------------------
     @torch.no_grad()
@@ -234,13 +228,20 @@ class Backbone:
         shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         return LatentMoments(((dist.mean - shift) * scale).float(), (dist.std * scale).float())
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """UNet output (epsilon or v, see :attr:`prediction_type`) [B, C, h, w].
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The network's output [B, C, h, w] (what :attr:`prediction_type` says: noise, v or velocity).
 
-        x_t [B, C, h, w], t [B] integer timesteps, cond [B, K, D] used as the cross-attention
-        context in place of the text encoder output. Differentiable w.r.t. ``cond``.
+        x_t [B, C, h, w]; t [B] the network's time input (a sampler's timesteps, or the process's
+        ``model_time`` of training positions); cond [B, K, D] used as the attention context in place of
+        the text encoders' output. Differentiable w.r.t. ``cond``.
         """
         cond = cond.to(self.dtype)
+        net = self.unet if self._compiled is None else self._compiled
+        x_t = x_t.to(self.dtype).contiguous(memory_format=self._memory_format)
+        if self.family == "sd3":  # the last row carries the pooled vector
+            out = net(hidden_states=x_t, encoder_hidden_states=cond[:, :-1], pooled_projections=cond[:, -1, : self.pooled_dim],
+                      timestep=t.to(x_t.device, self.dtype).expand(len(x_t)), return_dict=False)[0]
+            return out.float()
         extra = {}
         if self.family == "sdxl":
             # The last row carries the pooled vector; time ids say "a full, uncropped image at this size".
@@ -248,9 +249,7 @@ class Backbone:
             time_ids = torch.tensor([side, side, 0, 0, side, side], device=x_t.device, dtype=self.dtype).expand(len(x_t), 6)
             extra = {"added_cond_kwargs": {"text_embeds": cond[:, -1, : self.pooled_dim], "time_ids": time_ids}}
             cond = cond[:, :-1]
-        unet = self.unet if self._compiled is None else self._compiled
-        x_t = x_t.to(self.dtype).contiguous(memory_format=self._memory_format)
-        out = unet(x_t, t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
+        out = net(x_t, t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
         return out.float()
 
     @torch.no_grad()
@@ -411,5 +410,5 @@ class Backbone:
         for module in (self.unet, self.vae, self.text_encoder):
             if module is not None:
                 module.to(device=device, dtype=dtype if module is not self.text_encoder else torch.float32)
-        self._alphas_cumprod = None
+        self._process = None
         return self

@@ -25,13 +25,11 @@ from diffinv.diffusion.backbone import Backbone, LatentMoments
 from diffinv.diffusion.objective import (
     IMPORTANCE_BINS,
     adamw_rows,
-    denoising_target,
+    denoising_losses,
     evaluation_loss,
     importance_weights,
     init_embeddings,
-    per_image_loss,
     pilot_steps,
-    q_sample,
     timestep_bins,
     timestep_proposal,
     training_draws,
@@ -291,10 +289,8 @@ def _slice_gradient(backbone: Backbone, moments: LatentMoments, keys: torch.Tens
     x0, noise, t = training_draws(_at(_at(keys, idx), part), step if not torch.is_tensor(step) else _at(step, part), step_moments,
                                   backbone.num_train_timesteps, s.latent == "sample", s.timesteps, s.draws, part_proposal)
     # 2. The loss, importance-weighted where a proposal drew t, and its gradient.
-    a = backbone.alphas_cumprod[t]
     cond = _at(emb, part).detach().requires_grad_()
-    losses = per_image_loss(backbone.predict_noise(q_sample(x0, noise, a), t, cond),
-                            denoising_target(x0, noise, a, backbone.prediction_type))
+    losses = denoising_losses(backbone, x0, noise, t, cond)
     weighted = losses if part_proposal is None else losses * importance_weights(t, part_proposal, backbone.num_train_timesteps)
     (grad,) = torch.autograd.grad(weighted.sum() if part is None else weighted.mean(), cond)
     return losses, grad, t

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from diffinv.diffusion.backbone import Backbone, LatentMoments
-from diffinv.diffusion.objective import denoising_target, per_image_loss, q_sample
+from diffinv.diffusion.objective import denoising_losses
 
 
 def fit_lora(backbone: Backbone, params: list[torch.nn.Parameter], moments: LatentMoments,
@@ -26,7 +26,6 @@ def fit_lora(backbone: Backbone, params: list[torch.nn.Parameter], moments: Late
     """
     device = moments.mean.device
     g = torch.Generator().manual_seed(seed)
-    alphas = backbone.alphas_cumprod
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     for step in range(steps):
@@ -36,12 +35,10 @@ def fit_lora(backbone: Backbone, params: list[torch.nn.Parameter], moments: Late
         shape = (batch_size, *moments.mean.shape[1:])
         noise, eps = torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
         x0 = moments.mean[pick] + moments.std[pick] * eps  # a latent sample (pixel models: std 0)
-        a = alphas[t.to(alphas.device)].to(device)
 
-        # 2. The denoising loss of the adapted UNet.
+        # 2. The denoising loss of the adapted network.
         context = cond() if callable(cond) else cond
-        pred = backbone.predict_noise(q_sample(x0, noise, a), t.to(device), context.expand(batch_size, -1, -1))
-        loss = per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type)).mean()
+        loss = denoising_losses(backbone, x0, noise, t.to(device), context.expand(batch_size, -1, -1)).mean()
 
         # 3. One AdamW step of the adapter alone.
         optimiser.zero_grad(set_to_none=True)

@@ -1,7 +1,8 @@
-"""The denoising objective as pure tensor functions: forward noising, targets, losses, keyed draws.
+"""The denoising objective as pure tensor functions: losses, keyed draws, timestep proposals.
 
-Shared by inversion (which optimises the conditioning) and pretraining (which optimises the
-UNet); nothing here knows about files, configs or stages.
+Shared by inversion (which optimises the conditioning), LoRA fitting and pretraining (which optimise
+the network); how noise is added and what the network predicts is the model's noise process
+(:mod:`~diffinv.diffusion.process`). Nothing here knows about files, configs or stages.
 """
 
 from __future__ import annotations
@@ -10,32 +11,20 @@ import torch
 
 from diffinv import rng
 from diffinv.diffusion.backbone import Backbone, LatentMoments
-from diffinv.errors import UserError
-
-
-class ObjectiveError(UserError, ValueError):
-    """The model asks for something the objective does not support (e.g. an unknown prediction type)."""
-
-
-def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion x_t = sqrt(a) x0 + sqrt(1 - a) noise; x0, noise [B, ...], alpha_bar [B]."""
-    a = alpha_bar.view(-1, *([1] * (x0.dim() - 1)))
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
-def denoising_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """What the UNet is trained to output: epsilon, or v = sqrt(a) noise - sqrt(1 - a) x0."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        a = alpha_bar.view(-1, *([1] * (x0.dim() - 1)))
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
-    raise ObjectiveError(f"prediction type {prediction_type!r} is not supported (epsilon or v_prediction)")
 
 
 def per_image_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per image: [B, ...] x2 -> [B]."""
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def denoising_losses(backbone: Backbone, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                     cond: torch.Tensor) -> torch.Tensor:
+    """The denoising loss [B] of the network under ``cond`` [B, K, D]: clean x0 and noise [B, C, h, w] at schedule
+    positions t [B], noised and targeted as the model's noise process says. Differentiable w.r.t. ``cond``."""
+    process = backbone.process
+    pred = backbone.predict(process.add_noise(x0, noise, t), process.model_time(t), cond)
+    return per_image_loss(pred, process.target(x0, noise, t))
 
 
 def init_embeddings(keys: torch.Tensor, tokens: int, dim: int, std: float, dist: str = "normal") -> torch.Tensor:
@@ -221,19 +210,18 @@ def evaluation_loss(backbone: Backbone, latents: torch.Tensor, cond: torch.Tenso
     for j in range(n_timesteps):
         t = torch.full((latents.shape[0],), int((j + 0.5) * T / n_timesteps), device=latents.device, dtype=torch.long)
         noise = rng.keyed_normal(keys, j, rng.STREAM_EVAL, tuple(latents.shape[1:]))
-        a = backbone.alphas_cumprod[t]
-        pred = backbone.predict_noise(q_sample(latents, noise, a), t, cond)
-        total += per_image_loss(pred, denoising_target(latents, noise, a, backbone.prediction_type))
+        total += denoising_losses(backbone, latents, noise, t, cond)
     return total / n_timesteps
 
 
-def wiener_estimate(x_t: torch.Tensor, alpha_bar: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """The best clean estimate from x_t that treats every value alone: the linear MMSE (Wiener) estimate of x0 given
-    x0's per-channel ``mean`` and ``var`` [C]. A denoiser that learned images' structure beats it; one that learned
-    nothing does not. x_t [B, C, h, w], alpha_bar [B]."""
-    a = alpha_bar.view(-1, 1, 1, 1)
+def wiener_estimate(x_t: torch.Tensor, signal: torch.Tensor, noise: torch.Tensor, mean: torch.Tensor,
+                    var: torch.Tensor) -> torch.Tensor:
+    """The best clean estimate from x_t = signal x0 + noise n that treats every value alone: the linear MMSE (Wiener)
+    estimate of x0 given x0's per-channel ``mean`` and ``var`` [C]. A denoiser that learned images' structure beats
+    it; one that learned nothing does not. x_t [B, C, h, w]; signal, noise [B] (a process's ``levels``)."""
+    a, s = signal.view(-1, 1, 1, 1), noise.view(-1, 1, 1, 1)
     m, v = mean.view(1, -1, 1, 1), var.view(1, -1, 1, 1)
-    return m + a.sqrt() * v / (a * v + 1 - a) * (x_t - a.sqrt() * m)
+    return m + a * v / (a * a * v + s * s) * (x_t - a * m)
 
 
 def gain_over_wiener_db(x0: torch.Tensor, x0_model: torch.Tensor, x0_wiener: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ from diffinv import rng
 from diffinv.config import BETA_SCHEDULES
 from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS, Backbone
 from diffinv.diffusion.encoder import TokenEncoder
-from diffinv.diffusion.objective import denoising_target, per_image_loss, q_sample
+from diffinv.diffusion.objective import denoising_losses
 from diffinv.errors import UserError
 
 
@@ -116,9 +116,7 @@ def autoencoder_loss(backbone: Backbone, encoder: TokenEncoder, x0: torch.Tensor
     if token_noise > 0:
         cond = cond + token_noise * rng.keyed_normal(keys, step, rng.STREAM_TOKEN_NOISE, tuple(cond.shape[1:])).to(cond.dtype)
     cond = cond * keep[:, None, None]
-    a = backbone.alphas_cumprod[t]
-    pred = backbone.predict_noise(q_sample(x0, noise, a), t, cond)
-    return per_image_loss(pred, denoising_target(x0, noise, a, backbone.prediction_type)).mean()
+    return denoising_losses(backbone, x0, noise, t, cond).mean()
 
 
 def ema_weight(decay: float, updates: int) -> float:

@@ -1,8 +1,9 @@
 """The denoising loop shared by every generation method: guidance, samplers, img2img starts.
 
-A sampler is a diffusers scheduler made by :meth:`Backbone.make_scheduler`; this module only
-drives it. All randomness comes in as tensors keyed by sample identity (initial noise, DDIM's
-eta noise), so a batch of samples equals the same samples made one at a time.
+A sampler is a diffusers scheduler made by the model's noise process; this module only drives it
+(the process says how to start, noise an img2img start and scale the network's input). All
+randomness comes in as tensors keyed by sample identity (initial noise, DDIM's eta noise), so a
+batch of samples equals the same samples made one at a time.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from diffinv import rng
-from diffinv.diffusion.backbone import Backbone
+from diffinv.diffusion.backbone import Backbone, ModelError
 from diffinv.diffusion.perturb import cfg_combine
 
 
@@ -24,8 +25,8 @@ def guided_prediction(backbone: Backbone, x: torch.Tensor, t: torch.Tensor, cond
     """
     t = t.reshape(1).expand(len(x)).to(x.device)
     if uncond is None or guidance == 1.0:
-        return backbone.predict_noise(x, t, cond)
-    both = backbone.predict_noise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
+        return backbone.predict(x, t, cond)
+    both = backbone.predict(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
     cond_out, uncond_out = both.chunk(2)
     return cfg_combine(uncond_out, cond_out, guidance)
 
@@ -56,24 +57,28 @@ def sample_latents(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor 
     uncond = uncond.to(device) if uncond is not None else None
 
     # 1. A fresh scheduler and its timesteps (schedulers keep per-run state, so never share one).
+    process = backbone.process
     scheduler = backbone.make_scheduler(sampler, clip_x0)
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
 
     # 2. Starting latents: pure noise, or a real latent noised to `strength` (diffusers' img2img rule).
     if start is None:
-        x = noise * scheduler.init_noise_sigma
+        x = process.initial(scheduler, noise)
     else:
         t_start = steps - img2img_steps(steps, strength)
         timesteps = timesteps[t_start * scheduler.order:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
-        x = scheduler.add_noise(start.to(device), noise, timesteps[:1].repeat(len(noise)))
+        x = process.partial(scheduler, start.to(device), noise, timesteps[:1].repeat(len(noise)))
 
     # 3. The loop: guided prediction, then one scheduler step. No host synchronisation here.
-    stochastic = sampler == "ddim" and eta > 0
+    stochastic = eta > 0 and process.stochastic(sampler)
+    if eta > 0 and not stochastic:
+        raise ModelError(f"--eta {eta:g} is DDIM's per-step noise; the {sampler} sampler of this {process.name} model has none: "
+                         f"leave --eta out")
     for i, t in enumerate(timesteps):
-        out = guided_prediction(backbone, scheduler.scale_model_input(x, t), t, cond, uncond, guidance)
+        out = guided_prediction(backbone, process.model_input(scheduler, x, t), t, cond, uncond, guidance)
         extra = {}
         if stochastic:
             assert keys is not None, "a stochastic sampler draws its noise from the images' keys"
@@ -104,36 +109,16 @@ def pixels_to_uint8(pixels: torch.Tensor, size: int | None) -> torch.Tensor:
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def eps_and_x0(out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor | float,
-               prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The UNet output at x_t read as (noise, clean latent), for epsilon or v prediction."""
-    a = torch.as_tensor(alpha_bar, dtype=x.dtype, device=x.device)
-    if prediction_type == "v_prediction":
-        return a.sqrt() * out + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * out
-    return out, (x - (1 - a).sqrt() * out) / a.sqrt()
-
-
 @torch.no_grad()
-def ddim_invert(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
-    """The start noise [B, C, h, w] from which ``steps`` DDIM steps (eta 0, no guidance) under ``cond`` return ``latents``.
+def invert_to_noise(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
+    """The start noise [B, C, h, w] from which ``steps`` deterministic sampler steps (DDIM at eta 0; a flow's Euler
+    steps), unguided, under ``cond`` return ``latents``: the model's noise process runs its sampler backwards."""
+    cond = cond.to(backbone.device)
 
-    DDIM's deterministic update run backwards along the sampler's own timesteps, each step's noise
-    predicted at the less noisy point (the usual approximation, exact as the steps shrink).
-    """
-    scheduler = backbone.make_scheduler("ddim")
-    scheduler.set_timesteps(steps, device=backbone.device)
-    alphas = scheduler.alphas_cumprod.to(backbone.device)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=backbone.device)  # where sampling ends
-    stride = scheduler.config.num_train_timesteps // steps  # DDIM's step from t goes to t - stride
-    x, cond = latents.to(backbone.device).float(), cond.to(backbone.device)
-    for t in reversed(scheduler.timesteps):
-        # 1. Noise and clean latent predicted at the level sampling's step from t ends on.
-        a_prev = alphas[t - stride] if t - stride >= 0 else final
-        eps, x0 = eps_and_x0(guided_prediction(backbone, x, t, cond, None, 1.0), x, a_prev, backbone.prediction_type)
-        # 2. Up to t's level: the same clean latent and noise, as that step reads them.
-        a_t = alphas[t]
-        x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
-    return x
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided_prediction(backbone, x, t, cond, None, 1.0)
+
+    return backbone.process.invert(predict, latents.to(backbone.device), steps)
 
 
 def slerp_noise(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:

@@ -55,7 +55,8 @@ def inspect_model(model: str, data: str = "", resolution: int | None = None, dev
     x = torch.zeros(1, *shape)
     cond = torch.zeros(1, 5 + backbone.extra_tokens, backbone.cond_dim, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
-        backbone.predict_noise(x, torch.tensor([500]), cond).sum().backward()
+        t = backbone.process.model_time(torch.tensor([backbone.num_train_timesteps // 2]))
+        backbone.predict(x, t, cond).sum().backward()
     lines.append(("FLOPs per inversion image-step", f"{counter.get_total_flops() / 1e9:.1f} GFLOP (UNet forward + backward "
                                                       f"to the conditioning; the paper's loop adds a VAE encode per step)"))
     return lines

@@ -132,7 +132,7 @@ def probe_step(backbone: Backbone, tokens: int, resolution: int, rows: int) -> C
         cond = torch.zeros(rows, tokens + backbone.extra_tokens, backbone.cond_dim, device=backbone.device, requires_grad=True)
         x_t = torch.randn(rows, *backbone.latent_shape(resolution), device=backbone.device)
         t = torch.full((rows,), backbone.num_train_timesteps // 2, device=backbone.device, dtype=torch.long)
-        backbone.predict_noise(x_t, t, cond).square().mean().backward()
+        backbone.predict(x_t, backbone.process.model_time(t), cond).square().mean().backward()
         return cond
     return step
 

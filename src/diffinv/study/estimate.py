@@ -97,15 +97,15 @@ def probe(backbone: Any, resolution: int | None, data_size: int, classifier_keys
     backbone = backbone.to(device)
     resolution = resolution or backbone.choose_resolution(data_size)
     x = torch.randn(batch, *backbone.latent_shape(resolution), device=device)
-    t = torch.full((batch,), 500, device=device)
+    t = backbone.process.model_time(torch.full((batch,), backbone.num_train_timesteps // 2, device=device))
     cond = torch.zeros(batch, 5 + backbone.extra_tokens, backbone.cond_dim, device=device, requires_grad=True)
 
     def invert_step() -> None:
-        backbone.predict_noise(x, t, cond).square().mean().backward()
+        backbone.predict(x, t, cond).square().mean().backward()
 
     def sample_pass() -> None:
         with torch.no_grad():
-            backbone.predict_noise(x, t, cond.detach())
+            backbone.predict(x, t, cond.detach())
 
     return Rates(_timed(invert_step) / batch, _timed(sample_pass) / batch, classifier_rates(classifier_keys, n_classes, device))
 
@@ -168,8 +168,7 @@ def denoising_gain(backbone: Any, pixels: torch.Tensor, seed: int = 0) -> float:
     """How much better than the per-value Wiener filter ``backbone`` removes noise from these images, unconditioned
     (zero tokens), in dB, averaged over NOISE_TIMESTEPS. Near or below 0: it learned nothing about such images, and its
     samples around them are mostly noise. pixels [B, 3, H, W] in [-1, 1]."""
-    from diffinv.diffusion.objective import gain_over_wiener_db, q_sample, wiener_estimate
-    from diffinv.diffusion.sampling import eps_and_x0
+    from diffinv.diffusion.objective import gain_over_wiener_db, wiener_estimate
 
     x0 = backbone.encode(pixels).mean
     dims = [0, 2, 3]
@@ -179,11 +178,12 @@ def denoising_gain(backbone: Any, pixels: torch.Tensor, seed: int = 0) -> float:
     gains = []
     for fraction in NOISE_TIMESTEPS:
         t = torch.full((len(x0),), int(fraction * backbone.num_train_timesteps), device=x0.device)
-        a = backbone.alphas_cumprod.to(x0.device)[t]
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        x_t = q_sample(x0, noise, a)
-        _, x0_model = eps_and_x0(backbone.predict_noise(x_t, t, cond), x_t, a.view(-1, 1, 1, 1), backbone.prediction_type)
-        gains.append(gain_over_wiener_db(x0, x0_model, wiener_estimate(x_t, a, mean, var)))
+        process = backbone.process
+        x_t = process.add_noise(x0, noise, t)
+        _, x0_model = process.split(backbone.predict(x_t, process.model_time(t), cond), x_t, t)
+        signal, spread = process.levels(t)
+        gains.append(gain_over_wiener_db(x0, x0_model, wiener_estimate(x_t, signal.to(x0.device), spread.to(x0.device), mean, var)))
     return sum(gains) / len(gains)
 
 

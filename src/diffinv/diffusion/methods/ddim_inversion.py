@@ -5,7 +5,7 @@ under its own learned embedding return it; a sample starts from slerp(z_i, z_j, 
 and a same-class partner (``--interp`` s: 0 gives the image back, 1 its partner) and is
 conditioned by the matching blend of their embeddings, c_i + s (c_j - c_i), plus sigma noise.
 Samples with DDIM at eta 0 (the generate stage's config makes it the method's default sampler): the inversion runs that
-sampler's deterministic path backwards.
+sampler's deterministic path backwards (on a rectified-flow model, DDIM is the flow's Euler step and the inversion its ODE).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from diffinv.data.real import load_pixels
 from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.methods.base import Conditioning, GenerationSettings, Inputs, Method, Row, add_partners, index_real, per_image_rows
-from diffinv.diffusion.sampling import ddim_invert, slerp_noise
+from diffinv.diffusion.sampling import invert_to_noise, slerp_noise
 from diffinv.diffusion.store import EmbeddingStore
 from diffinv.errors import UserError
 
@@ -45,7 +45,7 @@ class DdimInversion(Method):
             part = every[first:first + settings.batch_size]
             latents = backbone.encode(load_pixels(real.subset([r["_real"] for r in part]), source.resolution)).mean
             own = source.embeddings[first:first + len(part)]
-            starts.append(ddim_invert(backbone, latents, own, settings.steps))
+            starts.append(invert_to_noise(backbone, latents, own, settings.steps))
         source.extra["starts"] = torch.cat(starts)
         return source
 
