@@ -684,8 +684,9 @@ class TinyModelConfig:
     """``diffinv tiny-model``: a small random model of Stable Diffusion's architecture, for trying things offline."""
 
     kind: str = opt("latent", "latent: tiny UNet + VAE; pixel: UNet only; sd1: SD 1.x-sized random UNet + VAE; "
-                    "sd15-tiny / sd21-tiny / sdxl-tiny: SD's structure and scheduler configs at toy widths",
-                    choices=("latent", "pixel", "sd1", "sd15-tiny", "sd21-tiny", "sdxl-tiny"))
+                    "sd15-tiny / sd21-tiny / sdxl-tiny: SD's structure and scheduler configs at toy widths; "
+                    "sd3-tiny: SD3's (a joint-attention transformer on 16-channel latents, a rectified flow)",
+                    choices=("latent", "pixel", "sd1", "sd15-tiny", "sd21-tiny", "sdxl-tiny", "sd3-tiny"))
     prediction_type: str = opt("epsilon", "what the UNet predicts", choices=("epsilon", "v_prediction"))
     text_encoder: bool = opt(False, "also save a tiny CLIP text encoder + tokenizer")
     seed: int = opt(0, "seed of the random weights")

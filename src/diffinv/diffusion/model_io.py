@@ -2,7 +2,8 @@
 
 Accepted model specs (:func:`load_backbone`):
 
-* a diffusers folder (``unet/``, optional ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``)
+* a diffusers folder (``unet/``, optional ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``), or an
+  SD3-structured one (``transformer/`` of an ``SD3Transformer2DModel``, ``vae/``, a flow-matching ``scheduler/``)
 * a single UNet folder (``config.json`` of a ``UNet2DConditionModel``): a pixel-space model
 * a ``.safetensors`` file: either diffinv's packed format (configs in the file's metadata) or an
   original Stable Diffusion checkpoint, read by diffusers' ``from_single_file``
@@ -57,7 +58,7 @@ def load_backbone(spec: str | Path, *, with_text_encoder: bool = False, original
     elif original_config:
         raise ModelError(f"--original-config is for single-file checkpoints (.safetensors); {spec} carries its own configs")
     elif path.is_dir():
-        if (path / "unet").is_dir():
+        if (path / "unet").is_dir() or (path / "transformer").is_dir():
             backbone = _load_folder(path, spec, with_text_encoder)
         elif (path / "config.json").is_file():
             config = json.loads((path / "config.json").read_text())
@@ -65,7 +66,8 @@ def load_backbone(spec: str | Path, *, with_text_encoder: bool = False, original
                 raise ModelError(f"{spec}/config.json describes a {config.get('_class_name')}, not a UNet2DConditionModel")
             backbone = Backbone(_freeze(_from_pretrained(diffusers.UNet2DConditionModel, path)), None, dict(SCHEDULER_DEFAULTS), spec)
         else:
-            raise ModelError(f"{spec} is a folder but holds neither unet/ (a diffusers pipeline) nor a UNet config.json")
+            raise ModelError(f"{spec} is a folder but holds neither unet/ nor transformer/ (a diffusers pipeline) nor a UNet "
+                             f"config.json")
     elif spec.count("/") == 1 and not spec.startswith((".", "/")) and not path.parent.is_dir():
         backbone = _load_hub(spec, with_text_encoder)
     elif path.parent.is_dir():  # "bases/nope": a folder here, mistyped; never a hub id
@@ -119,10 +121,25 @@ def _check_finite(backbone: Backbone) -> None:
                              f"download or export it again")
 
 
+def _denoiser(path: Path, spec: str) -> Any:
+    """The folder's denoising network: ``unet/`` (a UNet2DConditionModel) or ``transformer/`` (SD3's; others refused)."""
+    import diffusers
+
+    if (path / "unet").is_dir():
+        return _from_pretrained(diffusers.UNet2DConditionModel, path / "unet")
+    config_file = path / "transformer" / "config.json"
+    kind = json.loads(config_file.read_text()).get("_class_name") if config_file.is_file() else None
+    if kind != "SD3Transformer2DModel":
+        raise ModelError(f"{spec}/transformer holds a {kind or 'model without config.json'}; diffinv drives UNets and "
+                         f"SD3-structured transformers (SD3Transformer2DModel). FLUX-class transformers (packed latents, a "
+                         f"guidance embedding, a size-dependent schedule) are not driven yet")
+    return _from_pretrained(diffusers.SD3Transformer2DModel, path / "transformer")
+
+
 def _load_folder(path: Path, spec: str, with_text_encoder: bool) -> Backbone:
     import diffusers
 
-    unet = _from_pretrained(diffusers.UNet2DConditionModel, path / "unet")
+    unet = _denoiser(path, spec)
     vae = _from_pretrained(diffusers.AutoencoderKL, path / "vae") if (path / "vae").is_dir() else None
     sched_file = path / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(SCHEDULER_DEFAULTS)
@@ -131,6 +148,11 @@ def _load_folder(path: Path, spec: str, with_text_encoder: bool) -> Backbone:
         raise ModelError(f"{spec} is an SDXL model: prompts would need both of its text encoders and the pooled prompt "
                          f"embedding, which diffinv does not drive yet (--method prompt, --init text); compare with di, "
                          f"img2img or class-inversion and start from --init random or uniform")
+    if with_text_encoder and (path / "transformer").is_dir():
+        raise ModelError(f"{spec} is an SD3-structured model: prompts would need its three text encoders (two CLIPs and "
+                         f"T5) and the pooled prompt embedding, which diffinv does not drive (--method prompt / "
+                         f"sdedit-prompt, finetune --prompt, --init text); compare with di, img2img, class-inversion, lora "
+                         f"or retrieval and start from --init random or uniform")
     if with_text_encoder:
         if not (path / "text_encoder").is_dir() or not (path / "tokenizer").is_dir():
             raise ModelError(f"{spec} has no text_encoder/ and tokenizer/; prompt-based methods need them")
@@ -146,7 +168,13 @@ def _load_folder(path: Path, spec: str, with_text_encoder: bool) -> Backbone:
     return Backbone(_freeze(unet), _freeze(vae), sched, spec, _freeze(text_encoder), tokenizer)
 
 
-HUB_FILES = ["model_index.json", "*/config.json", "*/*.safetensors", "scheduler/*.json", "tokenizer/*"]  # no pickles
+def hub_files(with_text_encoder: bool) -> list[str]:
+    """What to fetch of a hub pipeline: the denoiser, VAE and scheduler, safetensors only (no pickles); the (first) text
+    encoder and tokenizer only for prompts. SD3's T5 encoder alone is ~9.5 GB that inversion never reads."""
+    parts = ["unet", "transformer", "vae"] + (["text_encoder"] if with_text_encoder else [])
+    return (["model_index.json", "scheduler/*.json"] + [f"{p}/*.json" for p in parts] + [f"{p}/*.safetensors" for p in parts]
+            + (["tokenizer/*"] if with_text_encoder else []))
+
 
 
 def _load_hub(repo_id: str, with_text_encoder: bool) -> Backbone:
@@ -154,14 +182,14 @@ def _load_hub(repo_id: str, with_text_encoder: bool) -> Backbone:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_FILES)
+        folder = snapshot_download(repo_id, local_files_only=True, allow_patterns=hub_files(with_text_encoder))
     except Exception:  # the hub client raises many types for "not cached"
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise ModelError(
                 f"hub id {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it where "
                 f"there is internet (huggingface-cli download {repo_id}) and pass the folder or unset HF_HUB_OFFLINE") from None
         try:
-            folder = snapshot_download(repo_id, local_files_only=False, allow_patterns=HUB_FILES)
+            folder = snapshot_download(repo_id, local_files_only=False, allow_patterns=hub_files(with_text_encoder))
         except Exception as exc:  # no network, no such repo, a gated repo without a token ...
             raise ModelError(
                 f"hub id {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "

@@ -105,6 +105,11 @@ class DDPM:
             config.update(thresholding=True, sample_max_value=1.0)  # the percentile is then moot: the ceiling is 1
         return getattr(diffusers, name).from_config(config)
 
+    def describe(self) -> str:
+        c = self.config
+        return (f"DDPM: {c.get('beta_schedule', 'linear')} betas {c.get('beta_start')}-{c.get('beta_end')}, {self.steps} steps, "
+                f"predicting {self.prediction}")
+
     def initial(self, scheduler: Any, noise: torch.Tensor) -> torch.Tensor:
         return noise * scheduler.init_noise_sigma
 
@@ -200,6 +205,9 @@ class RectifiedFlow:
                 num_train_timesteps=self.steps, prediction_type="flow_prediction", use_flow_sigmas=True,
                 flow_shift=self.shift, algorithm_type="dpmsolver++", solver_order=2)
         raise ProcessError(f"the {sampler} sampler has no rectified-flow form; use euler, ddim (the same Euler step) or dpm++2m")
+
+    def describe(self) -> str:
+        return f"rectified flow: shift {self.shift:g}, {self.steps} steps, predicting the velocity (noise - clean)"
 
     def initial(self, scheduler: Any, noise: torch.Tensor) -> torch.Tensor:
         return noise * float(getattr(scheduler, "init_noise_sigma", 1.0))

@@ -16,8 +16,9 @@ import torch
 from diffinv.diffusion.backbone import SCHEDULER_DEFAULTS, Backbone
 from diffinv.diffusion.encoder import TokenEncoder
 from diffinv.diffusion.pretrain import autoencoder_loss
+from diffinv.errors import UserError
 
-KINDS = ("latent", "pixel", "sd1", "sd15-tiny", "sd21-tiny", "sdxl-tiny")
+KINDS = ("latent", "pixel", "sd1", "sd15-tiny", "sd21-tiny", "sdxl-tiny", "sd3-tiny")
 # Stable Diffusion's own scheduler configs (as their model folders ship them), for the SD-structured tiny models.
 SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1,
@@ -25,6 +26,20 @@ SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "
 SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "steps_offset": 1,
                   "prediction_type": "v_prediction", "clip_sample": False, "trained_betas": None}
+
+
+# SD3's scheduler config as its model folders ship it: a rectified flow with a fixed shift.
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def build_sd3_transformer():
+    """SD3's structure at toy widths: a joint-attention transformer on 16-channel latents in 2x2 patches, reading a
+    token sequence (width 32, SD3's is 4096) and a pooled vector (16, SD3's 2048)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                 caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
 
 
 def build_unet(kind: str = "latent", cross_attention_dim: int = 32, sample_size: int = 16):
@@ -59,6 +74,12 @@ def build_vae(kind: str = "latent"):
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,
         )
+    if kind == "sd3-tiny":
+        # SD3's VAE shape: four blocks (a factor-8 latent), 16 channels, no quant convs, its scaling and shift factors.
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
     if kind in ("sd15-tiny", "sd21-tiny", "sdxl-tiny"):
         # SD's VAE shape: four blocks (a factor-8 latent), 4 channels, its scaling factor (SDXL's is 0.13025).
         return AutoencoderKL(
@@ -106,6 +127,10 @@ def save_tiny_model(out: str | Path, kind: str = "latent", seed: int = 0, predic
         raise ValueError(f"kind must be one of {KINDS}")
     out = Path(out)
     torch.manual_seed(seed)
+    if kind == "sd3-tiny":
+        if with_text_encoder:
+            raise UserError("sd3-tiny is built without SD3's three text encoders; leave --text-encoder out")
+        return _save_tiny_sd3(out)
     unet = build_unet(kind, sample_size=sample_size)
     unet.save_pretrained(out / "unet")
     if kind != "pixel":
@@ -122,6 +147,16 @@ def save_tiny_model(out: str | Path, kind: str = "latent", seed: int = 0, predic
     if with_text_encoder:
         build_text_encoder(out, unet.config.cross_attention_dim)
     (out / "model_index.json").write_text(json.dumps({"_class_name": "DiffinvModel", "kind": kind}, indent=2))
+    return out
+
+
+def _save_tiny_sd3(out: Path) -> Path:
+    """An SD3-structured folder as diffusers lays SD3 out (transformer/, vae/, scheduler/), without its text encoders."""
+    build_sd3_transformer().save_pretrained(out / "transformer")
+    build_vae("sd3-tiny").save_pretrained(out / "vae")
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD3_SCHEDULER, indent=2))
+    (out / "model_index.json").write_text(json.dumps({"_class_name": "DiffinvModel", "kind": "sd3-tiny"}, indent=2))
     return out
 
 

@@ -23,13 +23,13 @@ def inspect_model(model: str, data: str = "", resolution: int | None = None, dev
 
     backbone = load_backbone(model, original_config=original_config, prediction_type=prediction_type)
     backbone = backbone.with_prediction_type(prediction_type)
+    sd3 = backbone.family == "sd3"
     lines = [("family", backbone.family), ("prediction type", backbone.prediction_type),
-             ("training schedule", f"{backbone.scheduler_config.get('beta_schedule')} betas "
-                                   f"{backbone.scheduler_config.get('beta_start')}-{backbone.scheduler_config.get('beta_end')}, "
-                                   f"{backbone.num_train_timesteps} steps"),
-             ("conditioning", f"K tokens x {backbone.cond_dim} (the UNet's cross-attention width)"
-                              + (f" + a pooled vector of {backbone.pooled_dim} and size time ids (SDXL; learned per image as "
-                                 f"one more row)" if backbone.extra_tokens else "")),
+             ("noise process", backbone.process.describe()),
+             ("conditioning", f"K tokens x {backbone.cond_dim} (the "
+                              + ("transformer's joint-attention width)" if sd3 else "UNet's cross-attention width)")
+                              + (f" + a pooled vector of {backbone.pooled_dim}" + (" (SD3" if sd3 else " and size time ids (SDXL")
+                                 + "; learned per image as one more row)" if backbone.extra_tokens else "")),
              ("native resolution", f"{backbone.native_resolution} px"),
              ("space", "pixels (no VAE)" if backbone.vae is None else
               f"latent: VAE factor {backbone.vae_factor}, {backbone.vae.config.latent_channels} channels, scaling factor "
@@ -47,7 +47,7 @@ def inspect_model(model: str, data: str = "", resolution: int | None = None, dev
     target = resolve_device(device)
     dtype = resolve_dtype("auto", target)
     lines.append(("precision (auto here)", f"{str(dtype).replace('torch.', '')} on {target}"))
-    for name, module in (("UNet", backbone.unet), ("VAE", backbone.vae)):
+    for name, module in (("transformer" if sd3 else "UNet", backbone.unet), ("VAE", backbone.vae)):
         if module is not None:
             n = sum(p.numel() for p in module.parameters())
             lines.append((f"{name} parameters", f"{n / 1e6:.1f}M ({n * dtype.itemsize / 2**20:.0f} MiB of weights in "
