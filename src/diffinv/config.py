@@ -507,6 +507,8 @@ class StudyConfig:
     split: str = opt("train", "training split (real subsets are drawn from it)")
     eval_split: str = opt("test", "test split: read once, after settings are chosen, for the kept settings only")
     model: str = opt("", "base or SD-family model every method generates with (default: the digits base in the package)")
+    models: tuple[str, ...] = opt((), "generators to compare, e.g. A,B: every generating method runs with each, its setting "
+                                  "chosen per generator, with head-to-head rows between them (a study file: model: [A, B])")
     per_class: tuple[int, ...] = opt((5,), "real images per class, e.g. 5,10: each size gets every method")
     real_sizes: tuple[int, ...] = opt((), "extra real-only sizes per class for the efficiency curve, e.g. 20,40")
     seeds: tuple[int, ...] = opt((0, 1, 2, 3, 4), "replicates: replicate r draws its own real subset (subset-seed + r)")
@@ -545,6 +547,9 @@ class StudyConfig:
                "a study chooses settings on validation data: give --val-per-class K (a hold-out of the training split) "
                "or --val-split NAME")
         _check(self.val_split != self.eval_split, "the validation split cannot be the test split")
+        _check(not self.models or (len(set(self.models)) == len(self.models) >= 2 and self.model in ("", self.models[0])),
+               f"models (generators to compare) must be two or more different models, the first one also model if given; "
+               f"got models {list(self.models)}, model {self.model!r}")
         for name in ("methods", "compare", "invert", "generate", "train", "finetune", "quality"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, dict), f"{name} must be a mapping; got {value!r}")

@@ -86,18 +86,20 @@ def _write_report(root: Path) -> Path:
 
 
 def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
-    from diffinv.report.table import chosen_text, result_table
+    from diffinv.report.table import chosen_text, generator_lines, result_table
 
     rows = read_json(root / "summary.json")
     quality = read_json(root / "quality.json") if (root / "quality.json").is_file() else {}
     selection = read_json(root / "selection.json") if (root / "selection.json").is_file() else {}
     study = read_yaml(root / "study.yaml") if (root / "study.yaml").is_file() else {}
     chosen = chosen_text(selection)
-    sections = [("Verdict", verdict(rows), None),
-                ("Accuracy", _accuracy_text() + "\n\n" + result_table(rows)
-                 + (f"\n\nSettings chosen on validation:\n{chosen}" if chosen else ""), _accuracy_plot(rows, study.get("name", ""))),
-                ("Sample efficiency", _efficiency_table(rows), None),
-                ("Per-class recall", _per_class_table(rows), _per_class_plot(rows, study.get("name", "")))]
+    sections = [("Verdict", verdict(rows), None)]
+    if generator_lines(rows):
+        sections.append(("Which generator", generator_lines(rows), None))
+    sections += [("Accuracy", _accuracy_text() + "\n\n" + result_table(rows)
+                  + (f"\n\nSettings chosen on validation:\n{chosen}" if chosen else ""), _accuracy_plot(rows, study.get("name", ""))),
+                 ("Sample efficiency", _efficiency_table(rows), None),
+                 ("Per-class recall", _per_class_table(rows), _per_class_plot(rows, study.get("name", "")))]
     kept = {k: q for k, q in quality.items() if q.get("kept", True)}
     if kept:
         sections.append(("Synthetic data quality", _quality_table(kept), None))

@@ -108,3 +108,26 @@ def verdict_lines(summary: list[dict[str, Any]]) -> str:
                 text += f"; {stand} {rival} ({interval_text(v).split(' (')[0]})"
         lines.append(text)
     return "\n".join(lines)
+
+
+def generator_lines(summary: list[dict[str, Any]]) -> str:
+    """For a study comparing generators (arms ``method@generator``): per method and size, which generator's data helped
+    the classifier more on the test split, or that this many replicates cannot tell. Empty for one generator."""
+    metric = headline(summary)
+    lines = []
+    for r in sorted(summary, key=lambda r: (r["per_class"] or 0, r["method"])):
+        method, _, mine = r["method"].partition("@")
+        for rival, versus in (r.get("versus") or {}).items():
+            other, _, theirs = rival.partition("@")
+            v = versus.get(metric)
+            if not mine or not theirs or other != method or v is None:
+                continue
+            if v["degenerate"]:
+                word = "no verdict (a degenerate run)"
+            elif v["beyond_noise"]:
+                word = f"{mine if v['mean'] > 0 else theirs} won"
+            else:
+                word = "no winner: level within noise" + undecided(v)
+            lines.append(f"- {method} at {r['per_class']} per class, {mine} minus {theirs}: {interval_text(v).split(' (')[0]} "
+                         f"points of test {METRIC_NAMES[metric]}; {word}")
+    return "\n".join(lines)

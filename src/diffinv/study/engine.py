@@ -226,7 +226,7 @@ def once(said: Path, log: Log) -> Log:
 def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool: Any = None) -> Path:
     """Steps 2-5, from the finished runs: the choice reads validation only; the test is read after it."""
     from diffinv.report.summary import summarise_study
-    from diffinv.report.table import chosen_text, result_table, verdict_lines
+    from diffinv.report.table import chosen_text, generator_lines, result_table, verdict_lines
 
     selection = select_candidates(plan, out, log)
     kept = [t for t in plan.trials if selection[t.arm][str(t.per_class)]["chosen"] == t.label]
@@ -239,7 +239,8 @@ def finish(study: StudyConfig, plan: Plan, out: Path, *, log: Log = print, pool:
     write_json(out / "quality.json", study_quality(study, plan, selection, out, log))
     chosen = chosen_text(selection)
     write_text(out / "results.md", result_table(summary) + (f"\n\nSettings chosen on validation:\n{chosen}" if chosen else "")
-               + f"\n\nOn the test split (95% intervals over {len(study.seeds)} replicates, paired):\n{verdict_lines(summary)}\n")
+               + f"\n\nOn the test split (95% intervals over {len(study.seeds)} replicates, paired):\n{verdict_lines(summary)}\n"
+               + (f"\nWhich generator:\n{generator_lines(summary)}\n" if generator_lines(summary) else ""))
     costs = study_costs(plan, out, summary)
     write_json(out / "costs.json", costs)
     for line in cost_lines(costs):
@@ -329,17 +330,19 @@ def record(study: StudyConfig, plan: Plan, out: Path, shard: Shard) -> None:
     # Units are of the data and the model they were made with: either changed under the folder, they would be mixed.
     before = read_json(out / "plan.json") if (out / "plan.json").is_file() else {}
     identity: dict[str, str] = {}
-    for what, name in (("data", study.data), ("model", study.model or "(the embedded base)")):
-        path = local_path(study, study.data) if what == "data" else (
-            local_path(study, study.model) if study.model else str(embedded_base()))
+    named = [("data", study.data, local_path(study, study.data)),
+             ("model", study.model or "(the embedded base)", local_path(study, study.model) if study.model else str(embedded_base()))]
+    named += [(f"model {m}", m, local_path(study, m)) for m in study.models[1:]]  # the other generators compared
+    for what, name, path in named:
         identity[f"{what}_stat"] = stat_fingerprint(path)
         # Bytes are read only when names, sizes or times moved (a copy, a clone, a remount): times alone prove nothing.
         same_stat = before.get(f"{what}_stat") == identity[f"{what}_stat"] and f"{what}_fingerprint" in before
         now = before[f"{what}_fingerprint"] if same_stat else data_fingerprint(path)
         identity[f"{what}_fingerprint"] = now
         if before.get(f"{what}_fingerprint") not in (None, now) and not _legacy_match(before, what, path):
-            raise RunError(f"the {what} {name} changed since {out} was made (files added, removed or rewritten): its "
-                           f"stores, sets and runs are of the old {what}. Use a new --out (or delete {out})")
+            kind = what.split()[0]
+            raise RunError(f"the {kind} {name} changed since {out} was made (files added, removed or rewritten): its "
+                           f"stores, sets and runs are of the old {kind}. Use a new --out (or delete {out})")
     write_yaml(saved, config_to_dict(study))
     write_json(out / "plan.json", {**plan.to_json(), **identity})
 

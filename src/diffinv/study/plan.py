@@ -116,7 +116,7 @@ def build_plan(study: StudyConfig, out: str | Path) -> Plan:
     out = Path(out).resolve()
     found = candidates(study)
     generative = any(c.method for cs in found.values() for c in cs)
-    where = _Where(study, generative)
+    study_where = _Where(study, generative)
     sizes = sorted(set(study.per_class) | set(study.real_sizes))
     plan = Plan(study, [(k, r) for k in sizes for r in study.seeds], found)
     for job, (k, r) in enumerate(plan.jobs):
@@ -125,6 +125,7 @@ def build_plan(study: StudyConfig, out: str | Path) -> Plan:
                 continue  # the real-only curve's extra sizes
             for cand in cands:
                 sets: tuple[str, ...] = ()
+                where = study_where.of(cand)
                 if cand.method is not None:
                     store = _add(plan, "store", f"k{k}-r{r}", _invert_config(where, cand, k, r), job, where.written)
                     gen = _generate_config(where, cand, out / store.folder)
@@ -169,14 +170,18 @@ def real_judge(plan: Plan, where: _Where, k: int, r: int, job: int) -> Unit:
 
 
 class _Where:
-    """What every unit's config takes from the study: local paths, the default resolution, tokens and image size."""
+    """What every unit's config takes from the study: local paths, the default resolution, tokens and image size (of
+    the study's model, or of a candidate's own generator: :meth:`of`)."""
 
-    def __init__(self, study: StudyConfig, generative: bool):
+    def __init__(self, study: StudyConfig, generative: bool, model: str | None = None):
         self.study = study
+        self.generative = generative
         self.data = local_path(study, study.data)
-        self.model = local_path(study, study.model) if study.model else str(embedded_base())
-        self.written = {"data": study.data, "model": study.model}  # what keys see: the study's own words
+        written = study.model if model is None else model
+        self.model = local_path(study, written) if written else str(embedded_base())
+        self.written = {"data": study.data, "model": written}  # what keys see: the study's own words
         self.native = self.resolution = self.tokens = self.tokens_trained = None
+        self._others: dict[str, _Where] = {}
         if generative:
             from diffinv.data.real import open_images
             from diffinv.diffusion.encoder import encoder_tokens
@@ -188,6 +193,14 @@ class _Where:
                 from diffinv.diffusion.model_io import load_backbone
 
                 self.resolution = load_backbone(self.model).choose_resolution(self.native)
+
+    def of(self, cand: Candidate) -> _Where:
+        """Where ``cand``'s units take their values from: the study's model's, or its own generator's."""
+        if not cand.model or cand.model == self.written["model"]:
+            return self
+        if cand.model not in self._others:
+            self._others[cand.model] = _Where(self.study, self.generative, cand.model)
+        return self._others[cand.model]
 
 
 def _invert_config(where: _Where, cand: Candidate, k: int, r: int, target: str = "") -> InvertConfig:

@@ -14,7 +14,13 @@
       img2img: [{}, {strength: [0.25, 0.75]}]         # a union: the blocks as given, then two strengths
       di-enc: {method: di, invert: {steps: 0}}        # a name that is not a method says which it is
       real-ft: {method: real, train: {pretrained: backbones/x/model.safetensors}}  # real only, other classifier
+      di-sd3: {method: di, model: runs/sd3-tiny}      # this method with another generator
     compare: {di: img2img}
+
+``model: [A, B]`` (or ``--models A,B``) makes the generator a study axis: every generating method runs
+with each model as its own arm, ``di@A`` and ``di@B`` (named by the models' folder names), its
+setting chosen on validation with that generator; the head-to-head rows then hold each method
+against its rivals with the same generator and, for every method, "with A minus with B".
 
 Every key but ``methods`` is a :class:`~diffinv.config.StudyConfig` field (``diffinv experiment --help``).
 ``invert``, ``generate`` and ``train`` hold those stages' own fields, for every method; a method's
@@ -65,7 +71,7 @@ OWN_BLOCKS = ("invert", "train", "finetune")  # the blocks a method's mapping ma
 class Candidate:
     """One setting of one method: the values it gives each stage over the study's, and its name in the tables."""
 
-    arm: str  # the method's name in the study (``real`` for real only)
+    arm: str  # the method's name in the study (``real`` for real only; ``di@A`` for di with generator A)
     method: str | None  # the generation method (None: real only)
     label: str  # what sets it apart, e.g. "guidance=1, noise=0.5"; "as given" when nothing does
     invert: dict[str, Any]
@@ -73,6 +79,7 @@ class Candidate:
     train: dict[str, Any]
     filter: dict[str, Any] | None = None  # FilterConfig rule of the set (judged by the replicate's real-only run); None: unfiltered
     finetune: dict[str, Any] | None = None  # FinetuneConfig of the adapters lora / di+lora sample through; None: no adapters
+    model: str = ""  # the generator, as the study names it ("": the study's model)
 
 
 def load_study(path: str | Path | None, flags: dict[str, Any] | None = None) -> StudyConfig:
@@ -100,9 +107,26 @@ def load_study(path: str | Path | None, flags: dict[str, Any] | None = None) -> 
             raw[key] = {**(raw.get(key) or {}), **value}
         elif value is not None and key not in BLOCKS:
             raw[key] = value
+    if isinstance(raw.get("model"), list):  # model: [A, B]: the generator as a study axis
+        listed = [str(m) for m in raw.pop("model")]
+        raw["model"] = listed[0] if listed else ""
+        if len(listed) > 1:
+            raw["models"] = listed
     study = load_config(StudyConfig, None, raw)
+    if study.models and not study.model:
+        study = replace(study, model=study.models[0])
     check_study(study)
     return study
+
+
+def generators(study: StudyConfig) -> dict[str, str]:
+    """Short name -> model as the study names it, for a study comparing generators (empty for one model): each
+    model's folder or file name (a hub id's last part), numbered where two would read the same."""
+    names: dict[str, str] = {}
+    for model in study.models:
+        short = Path(model.rstrip("/")).name.removesuffix(".safetensors") or model
+        names[short if short not in names else f"{short}-{len(names) + 1}"] = model
+    return names
 
 
 def arms(study: StudyConfig) -> dict[str, list[dict[str, Any]]]:
@@ -118,12 +142,19 @@ def arms(study: StudyConfig) -> dict[str, list[dict[str, Any]]]:
         mappings = spec if isinstance(spec, list) else [spec or {}]
         if not all(isinstance(m, dict) for m in mappings):
             raise ConfigError(f"method {name}: give a mapping of generate settings, or a list of them; got {brief(spec)}")
-        out[name] = [dict(m) for m in mappings]
+        if len(study.models) > 1 and not any("model" in m or m.get("method") == REAL for m in mappings):
+            for short, model in generators(study).items():  # one arm per generator, each chosen on its own
+                out[f"{name}@{short}"] = [{**m, "method": m.get("method", name), "model": model} for m in mappings]
+        else:
+            out[name] = [dict(m) for m in mappings]
     return out
 
 
 def compare_pairs(study: StudyConfig) -> dict[str, list[str]]:
-    """Head-to-head pairs, method -> rivals: as given, else di against every other method."""
+    """Head-to-head pairs, method -> rivals: as given, else di against every other method; with generators compared
+    (``model: [A, B]``), each pair within each generator, and every method with A against itself with B."""
+    if len(study.models) > 1:
+        return _generator_pairs(study)
     names = [a for a in arms(study) if a != REAL]
     if study.compare is None:
         return {"di": [a for a in names if a != "di"]} if "di" in names and len(names) > 1 else {}
@@ -136,6 +167,23 @@ def compare_pairs(study: StudyConfig) -> dict[str, list[str]]:
                 raise ConfigError(f"compare: {method}: {rivals} names {name!r}, which is not a method of the study; "
                                   f"methods: {names}")
     return pairs
+
+
+def _generator_pairs(study: StudyConfig) -> dict[str, list[str]]:
+    names = [a for a in arms(study) if a != REAL]
+    shorts = list(generators(study))
+    base = compare_pairs(replace(study, models=()))  # the pairs of the study's methods, as if with one generator
+    pairs: dict[str, list[str]] = {}
+    for short in shorts:
+        for method, rivals in base.items():
+            mine = f"{method}@{short}" if f"{method}@{short}" in names else method
+            theirs = [f"{r}@{short}" if f"{r}@{short}" in names else r for r in rivals]
+            pairs.setdefault(mine, []).extend(r for r in theirs if r != mine and r not in pairs.get(mine, []))
+    for name in names:  # the generators head to head: each method with the first against it with every other
+        method, _, short = name.partition("@")
+        if short == shorts[0]:
+            pairs.setdefault(name, []).extend(f"{method}@{other}" for other in shorts[1:])
+    return {k: v for k, v in pairs.items() if v}
 
 
 def candidates(study: StudyConfig) -> dict[str, list[Candidate]]:
@@ -153,6 +201,7 @@ def candidates(study: StudyConfig) -> dict[str, list[Candidate]]:
             if method is not None:
                 get_method(method)  # a clear error naming the registered methods
             rule = mapping.pop("filter", None)
+            model = str(mapping.pop("model", "") or "")
             blocks = {**{b: mapping.pop(b, None) or {} for b in OWN_BLOCKS}, "generate": mapping}
             if method is None:
                 blocks = {"invert": {}, "generate": {}, "train": blocks["train"], "finetune": {}}
@@ -171,7 +220,7 @@ def candidates(study: StudyConfig) -> dict[str, list[Candidate]]:
                 label = ", ".join(f"{k}={_text(v)}" for k, v in shown.items()) or "as given"
                 if any(c.label == label for c in found):
                     continue
-                found.append(Candidate(arm, method, label, inv, gen, trn, flt, fit if adapted else None))
+                found.append(Candidate(arm, method, label, inv, gen, trn, flt, fit if adapted else None, model))
         out[arm] = found
     return out
 
@@ -194,7 +243,7 @@ def check_study(study: StudyConfig) -> None:
                                   f"{sorted(set(mapping) - {'method', 'train'})}")
             for block, cls in BLOCKS.items():
                 if block == "generate":
-                    values = {k: v for k, v in mapping.items() if k not in (*OWN_BLOCKS, "method", "filter")}
+                    values = {k: v for k, v in mapping.items() if k not in (*OWN_BLOCKS, "method", "filter", "model")}
                 else:
                     values = mapping.get(block) or {}
                     if not isinstance(values, dict):
