@@ -438,3 +438,26 @@ def test_max_seconds_stops_early_and_records_the_steps_reached(tmp_path, monkeyp
     info = read_json(out / "pretrain.json")
     assert info["status"] == "complete" and info["steps_asked"] == 500 and 1 <= info["steps"] < 10
     assert read_yaml(out / "config.yaml")["steps"] == info["steps"]  # the saved config reproduces the run
+
+
+def test_a_flow_base_trains_with_the_rectified_flow_objective_and_is_read_back_as_one(tmp_path, capsys):
+    from diffinv.diffusion.process import RectifiedFlow
+
+    out = tmp_path / "flow"
+    flags = ["--resolution", "8", "--channels", "16,32", "--layers-per-block", "1", "--cross-attention-dim", "16",
+             "--tokens", "2", "--batch-size", "16", "--lr", "3e-3", "--warmup", "5", "--steps", "40", "--log-every", "5",
+             "--device", "cpu", "--quiet"]
+    assert main(["pretrain-base", *flags, "--process", "flow", "--out", str(out)]) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert sum(losses[-2:]) < 0.8 * sum(losses[:2])  # the velocity loss falls (it starts near 2: |n - x0|^2)
+    backbone = load_backbone(out)
+    assert isinstance(backbone.process, RectifiedFlow) and backbone.prediction_type == "flow_prediction"
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    capsys.readouterr()
+    assert main(["pretrain-base", *flags, "--out", str(out), "--resume"]) == 2  # a flow base is continued as a flow base
+    assert "process" in capsys.readouterr().err
+    store = tmp_path / "store"
+    assert main(["invert", "--model", str(out), "--data", "digits", "--per-class", "1", "--steps", "3", "--init", "encoder",
+                 "--tokens", "2", "--out", str(store), "--quiet"]) == 0
+    assert main(["generate", "--store", str(store), "--per-image", "1", "--steps", "3", "--out", str(tmp_path / "di"),
+                 "--quiet"]) == 0

@@ -324,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"diffinv {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `diffinv inspect M | head`: the reader has all it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes at exit
+        return 0
     except OSError as exc:
         advice = _os_advice(exc)
         if advice is None:

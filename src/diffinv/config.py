@@ -391,7 +391,10 @@ class PretrainConfig(_Pretraining):
     layers_per_block: int = opt(2, "resnet layers per UNet block")
     cross_attention_dim: int = opt(64, "width D of a conditioning token")
     tokens: int = opt(5, "conditioning tokens K")
-    prediction_type: str = opt("epsilon", "what the UNet predicts", choices=("epsilon", "v_prediction"))
+    prediction_type: str = opt("epsilon", "what the UNet predicts (ddpm)", choices=("epsilon", "v_prediction"))
+    process: str = opt("ddpm", "noise process: ddpm (SD 1.x / 2.x's, predicting --prediction-type) or flow (rectified flow, "
+                       "predicting the velocity: SD3's objective)", choices=("ddpm", "flow"))
+    flow_shift: float = opt(1.0, "flow: the schedule's shift towards noise (SD3 uses 3 at 1024 px; 1 is the plain flow)")
     # scaled_linear is Stable Diffusion's schedule, linear DDPM's pixel-space one; linear did not cure
     # the small bases' diverging samples (bases/README.md), so SD's stays the default.
     beta_schedule: str = opt("scaled_linear", "noise schedule: scaled_linear (Stable Diffusion's) or linear (DDPM's, "
@@ -435,6 +438,7 @@ class PretrainConfig(_Pretraining):
         _check(0.0 <= self.ema < 1.0, "ema must be in [0, 1) (0 = no averaging)")
         _check_choices(self)
         _check(0.05 <= self.view_min_area <= 1.0, f"view-min-area must be in [0.05, 1]; got {self.view_min_area}")
+        _check(self.flow_shift > 0, f"flow-shift must be > 0 (1: the plain flow); got {self.flow_shift}")
         _check(self.token_noise >= 0.0, f"token-noise must be >= 0; got {self.token_noise}")
         _check(self.image_channels in (0, 1, 3), "image-channels must be 0 (auto), 1 or 3")
 

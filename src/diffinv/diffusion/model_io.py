@@ -312,7 +312,8 @@ def save_folder(backbone: Backbone, out: str | Path) -> Path:
     backbone.unet.save_pretrained(out / "unet")
     if backbone.vae is not None:
         backbone.vae.save_pretrained(out / "vae")
-    diffusers.DDPMScheduler.from_config(backbone.scheduler_config).save_pretrained(out / "scheduler")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler if backbone.process.name == "flow" else diffusers.DDPMScheduler
+    scheduler.from_config(backbone.scheduler_config).save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(json.dumps({"_class_name": "DiffinvModel", "source": backbone.source}, indent=2))
     return out
 

@@ -29,6 +29,7 @@ from diffinv.diffusion.backbone import Backbone
 from diffinv.diffusion.encoder import TokenEncoder
 from diffinv.diffusion.model_io import load_vae, save_folder
 from diffinv.diffusion.pretrain import PretrainError, autoencoder_loss, base_scheduler_config, build_base_unet, ema_update, is_grey
+from diffinv.diffusion.process import flow_scheduler_config
 from diffinv.diffusion.views import denoiser_view, flips, random_views, strong
 from diffinv.runs import (
     RunError,
@@ -175,7 +176,8 @@ class _Models:
                                     f"evenly; use a resolution that is a multiple of {factor * 2 ** (len(config.channels) - 1)}")
         unet = build_base_unet(config.channels, size, config.layers_per_block, config.cross_attention_dim,
                                unet_channels).to(device).train()
-        scheduler_config = base_scheduler_config(config.beta_schedule, config.prediction_type)
+        scheduler_config = (flow_scheduler_config(shift=config.flow_shift) if config.process == "flow"
+                            else base_scheduler_config(config.beta_schedule, config.prediction_type))
         encoder = TokenEncoder(channels, config.tokens, config.cross_attention_dim).to(device).train()
         averaged = nn.ModuleDict({"unet": copy.deepcopy(unet), "encoder": copy.deepcopy(encoder)}).requires_grad_(False)
         trained = nn.ModuleDict({"unet": unet, "encoder": encoder})
