@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from diffinv.diffusion.families import Family, family_of
 from diffinv.diffusion.process import Process, make_process
 from diffinv.errors import UserError
 
@@ -67,12 +68,14 @@ class Backbone:
         return next(self.unet.parameters()).device
 
     @property
+    def kind(self) -> Family:
+        """The model family that drives the network (:mod:`~diffinv.diffusion.families`)."""
+        return family_of(self.unet)
+
+    @property
     def cond_dim(self) -> int:
         """Width D of one conditioning token (the network's cross-attention / joint-attention width)."""
-        if type(self.unet).__name__ == "SD3Transformer2DModel":
-            return int(self.unet.config.joint_attention_dim)
-        dim = self.unet.config.cross_attention_dim
-        return int(dim[0] if isinstance(dim, (list, tuple)) else dim)
+        return self.kind.cond_dim(self.unet)
 
     @property
     def process(self) -> Process:
@@ -97,14 +100,7 @@ class Backbone:
     @property
     def family(self) -> str:
         """pixel, sd1, sd2, sdxl, sd3 or latent (another latent model), read from the network's class and config."""
-        config = self.unet.config
-        if type(self.unet).__name__ == "SD3Transformer2DModel":
-            return "sd3"
-        if getattr(config, "addition_embed_type", None) == "text_time":
-            return "sdxl"
-        if self.vae is None:
-            return "pixel"
-        return {768: "sd1", 1024: "sd2"}.get(self.cond_dim, "latent")
+        return self.kind.label(self.unet, self.vae is not None)
 
     def with_prediction_type(self, prediction_type: str) -> Backbone:
         """Use ``prediction_type`` (epsilon or v_prediction) instead of the scheduler config's; "" keeps it."""
@@ -116,27 +112,19 @@ class Backbone:
             self._process = None
         return self
 
-    # SDXL's UNet and SD3's transformer take, besides the K x D token sequence, a pooled text vector [P]
-    # (SDXL also six size/crop "time ids"). A conditioning here is then K + 1 rows of width D: the last
-    # row's first P values are the pooled vector (P = 1280 <= D = 2048 for SDXL, 2048 <= 4096 for SD3),
-    # learned per image like the tokens, so stores, perturbation, mean-embedding guidance and every
-    # method work on it unchanged.
     @property
     def extra_tokens(self) -> int:
         """Rows of a conditioning beyond its K tokens: 1 (the pooled vector) for SDXL and SD3, else 0."""
-        return 1 if self.family in ("sdxl", "sd3") else 0
+        return self.kind.extra_tokens
 
     @property
     def pooled_dim(self) -> int:
-        """SDXL / SD3: width P of the pooled text vector (SDXL: the added embedding's input minus its six time ids)."""
-        config = self.unet.config
-        if self.family == "sd3":
-            return int(config.pooled_projection_dim)
-        return int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
+        """SDXL / SD3: width P of the pooled text vector that a conditioning's last row carries in its first P values."""
+        return self.kind.pooled_dim(self.unet)
 
     def check_supported(self) -> None:
         """Refuse, before any work, what the engine cannot drive (rather than failing inside diffusers)."""
-        if self.family in ("sdxl", "sd3") and not 0 < self.pooled_dim <= self.cond_dim:
+        if self.extra_tokens and not 0 < self.pooled_dim <= self.cond_dim:
             raise ModelError(f"{self.source}: a {self.family} network whose pooled embedding ({self.pooled_dim}) is wider than "
                              f"its token width ({self.cond_dim}) cannot be learned as an extra token; not supported")
 
@@ -235,21 +223,9 @@ class Backbone:
         ``model_time`` of training positions); cond [B, K, D] used as the attention context in place of
         the text encoders' output. Differentiable w.r.t. ``cond``.
         """
-        cond = cond.to(self.dtype)
         net = self.unet if self._compiled is None else self._compiled
         x_t = x_t.to(self.dtype).contiguous(memory_format=self._memory_format)
-        if self.family == "sd3":  # the last row carries the pooled vector
-            out = net(hidden_states=x_t, encoder_hidden_states=cond[:, :-1], pooled_projections=cond[:, -1, : self.pooled_dim],
-                      timestep=t.to(x_t.device, self.dtype).expand(len(x_t)), return_dict=False)[0]
-            return out.float()
-        extra = {}
-        if self.family == "sdxl":
-            # The last row carries the pooled vector; time ids say "a full, uncropped image at this size".
-            side = x_t.shape[-1] * self.vae_factor
-            time_ids = torch.tensor([side, side, 0, 0, side, side], device=x_t.device, dtype=self.dtype).expand(len(x_t), 6)
-            extra = {"added_cond_kwargs": {"text_embeds": cond[:, -1, : self.pooled_dim], "time_ids": time_ids}}
-            cond = cond[:, :-1]
-        out = net(x_t, t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
+        out = self.kind.call(net, x_t, t, cond.to(self.dtype), x_t.shape[-1] * self.vae_factor, self.dtype)
         return out.float()
 
     @torch.no_grad()
