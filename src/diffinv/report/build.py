@@ -109,6 +109,10 @@ def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
     if (root / "costs.json").is_file():
         costs = read_json(root / "costs.json")
         sections.append(("Cost", cost_table(costs), _cost_plot(costs["gains"]) if costs["gains"] else None))
+    side_by_side = _methods_figure(root, kept, study)
+    if side_by_side is not None:
+        sections.append(("Every method side by side", "One replicate's real images (left) and what each kept method "
+                         "made of that image or, for methods without one source per sample, of its class.", side_by_side))
     shown = set()
     for key, q in kept.items():
         if (q["method"], q["per_class"]) in shown:
@@ -442,6 +446,46 @@ def _grid_figure(synthetic: str, dataset: dict[str, Any], title: str):
             ax.imshow(Image.open(Path(synthetic) / r["file"]).convert("RGB"))
             ax.set_title(r["class"], fontsize=7)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _methods_figure(root: Path, kept: dict[str, Any], dataset: dict[str, Any], per_row: int = 2, most_classes: int = 4):
+    """Rows: real images of the first replicate at the smallest size (``per_row`` of each of up to ``most_classes``
+    classes); columns: real, then each kept method's sample of that image (or of its class). None if under two methods."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from diffinv.data.real import open_images
+    from diffinv.data.synthetic import read_manifest
+
+    first = [q for q in kept.values() if q.get("replicate") == 0 and q["per_class"] == min(x["per_class"] for x in kept.values())]
+    try:
+        folders: dict[str, list[str]] = {}  # one column per set: methods that kept the same set share it
+        for q in first:
+            folders.setdefault(q["synthetic"][0], []).append(q["method"])
+        sets = {"\n".join(m): (root / f, read_manifest(root / f)) for f, m in folders.items()}
+        real = open_images(dataset["data"], dataset.get("format", "auto"), dataset.get("split", "train"))
+    except Exception:  # a moved set or data: the report goes on without the figure
+        return None
+    sources = {r["source"]: r["class"] for _, rows in sets.values() for r in rows if r.get("source") in set(real.ids)}
+    classes = sorted(set(sources.values()))[:most_classes]
+    picked = [s for c in classes for s in [s for s, k in sources.items() if k == c][:per_row]]
+    if len(sets) < 2 or not picked:
+        return None
+    index = {i: n for n, i in enumerate(real.ids)}
+    fig, axes = plt.subplots(len(picked), len(sets) + 1, figsize=(1.2 * (len(sets) + 1), 1.25 * len(picked)), squeeze=False)
+    for row, src in zip(axes, picked):
+        for ax in row:
+            ax.axis("off")
+        row[0].imshow(real.image(index[src]))
+        for col, (folder, rows) in enumerate(sets.values(), start=1):
+            same_class = [r for r in rows if r["class"] == sources[src]][picked.index(src) % per_row:]
+            own = [r for r in rows if r.get("source") == src] or same_class
+            if own:
+                row[col].imshow(Image.open(folder / own[0]["file"]).convert("RGB"))
+    for col, name in enumerate(["real", *sets]):
+        axes[0][col].set_title(name, fontsize=7)
     fig.tight_layout()
     return fig
 

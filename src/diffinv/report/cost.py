@@ -22,7 +22,7 @@ def cost_lines(costs: dict[str, Any]) -> list[str]:
     """The study's time (measured and estimated) and each kept method's gain per device-hour, one line each."""
     line = f"time: {human_duration(costs['measured_seconds'])} measured in the units (cost.json)"
     if costs.get("estimate"):
-        line += f"; estimated {human_duration(costs['estimate']['seconds'])} on {costs['estimate']['device']} before they ran"
+        line += f"; estimated before they ran: {_estimated(costs['estimate'])}"
     per_set = [f"{m} {human_duration(s)}" for m, s in costs["seconds_per_set"].items()]
     lines = [line + (f"; per synthetic set (its inversion included): {', '.join(per_set)}" if per_set else "")]
     for g in costs["gains"]:
@@ -32,12 +32,19 @@ def cost_lines(costs: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _estimated(estimate: dict[str, Any]) -> str:
+    """The last start's estimate, with what it covered: a resumed study's estimate is of the units then left."""
+    units = estimate.get("units")
+    return (f"{human_duration(estimate['seconds'])} on {estimate['device']}"
+            + (f" for the {units} units unfinished when the study last started" if units is not None else ""))
+
+
 def cost_table(costs: dict[str, Any]) -> str:
     """Markdown: the measured time and, per kept method and size, its gain, the time that bought it and the ratio."""
     estimate = costs.get("estimate")
     head = (f"The study's units ran for {human_duration(costs['measured_seconds'])} (their cost.json)"
-            + (f"; the plan estimated {human_duration(estimate['seconds'])} on {estimate['device']} before they ran"
-               if estimate else "") + ". Time to make one replicate's synthetic data (its inversion included), and the "
+            + (f"; the plan estimated, before they ran, {_estimated(estimate)}" if estimate else "")
+            + ". Time to make one replicate's synthetic data (its inversion included), and the "
             "gain over real only it bought; the classifiers' own training is left out, being the same with or without it.")
     if not costs["gains"]:
         return head
