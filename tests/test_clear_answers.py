@@ -282,3 +282,22 @@ def _alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_worth_reads_the_studys_own_real_only_curve_in_the_table_and_the_report():
+    from diffinv.report.build import _efficiency_table
+    from diffinv.report.efficiency import worth_text
+    from diffinv.report.table import result_table
+
+    def row(method, k, acc, n_syn=0, baseline="real", gain=None):
+        g = {"top1": {"mean": gain, "low": gain - 0.02, "high": gain + 0.02, "beyond_noise": True, "degenerate": False,
+                      "n": 5}} if gain is not None else None
+        return {"method": method, "per_class": k, "n_real": 2 * k, "n_synthetic": n_syn, "classes": ["a", "b"],
+                "top1_mean": acc, "top1_std": 0.01, "gain": g, "baseline": baseline, "n_seeds": 5, "headline": "top1"}
+
+    rows = [row("real", 5, 0.70), row("real-ft", 5, 0.80), row("real", 20, 0.79), row("real", 40, 0.82),
+            row("lora", 5, 0.78, 50, gain=0.08), row("lora-ft", 5, 0.83, 50, baseline="real-ft", gain=0.03)]
+    worth, factor = worth_text([(5, 0.70), (20, 0.79), (40, 0.82)], 5, 0.78)
+    assert f"| lora | 5 | 78.00 | {worth} | {factor} |" in _efficiency_table(rows)  # before: real-ft's 0.80 bent the curve
+    assert f"{worth} ({factor})" in result_table(rows)
+    assert "| lora-ft |" not in _efficiency_table(rows)  # its baseline is another classifier: not on this curve
