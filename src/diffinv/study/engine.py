@@ -79,46 +79,85 @@ def plan_line(study: StudyConfig, plan: Plan, finished: int, jobs: int) -> str:
 
 
 def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit], log: Log) -> dict[str, Any]:
-    """The estimated time of ``units`` (those not finished) on this device, from a probe timed here; logged."""
+    """The estimated time of ``units`` (those not finished) on this device, from a probe timed here; logged. Each generator
+    of the study is probed for the inversion and sampling done with it; the classifiers once."""
     from diffinv.data.real import open_images
     from diffinv.device import resolve_device
-    from diffinv.diffusion.model_io import load_backbone
-    from diffinv.study.estimate import Rates, Work, classifier_rates, noise_note, plan_work, probe, uninformative
+    from diffinv.study.estimate import Rates, classifier_rates, plan_work, uninformative
 
     units = [u for u in units if not u.done(out)]
     images = open_images(local_path(study, study.data), study.format, study.split)
-    work = plan_work(list(plan.units.values()), len(images.classes), images.image(0).size[0])
-    todo = Work()
-    for unit in units:
-        todo.add(work[unit.key])
-    store = next((u.config for u in plan.units.values() if u.kind == "store"), None)
-    device = resolve_device(study.device)
-    backbone = load_backbone(store.model) if store is not None and store.model else None
-    resolution = store.resolution if store is not None else None
     data_size = images.image(0).size[0]
-    native = backbone.native_resolution if backbone is not None else None
-    notes = uninformative({u.key: work[u.key] for u in units}, data_size, native, len(images.classes))
-    gain_db = None
-    if backbone is not None and (todo.inversion or todo.sampling):
-        gain_db, note = noise_note(backbone.to(device), images, resolution or backbone.choose_resolution(data_size))
+    work = plan_work(list(plan.units.values()), len(images.classes), data_size)
+    by_model = generator_work(plan, units, work)
+    device = resolve_device(study.device)
+    notes = uninformative({u.key: work[u.key] for u in units}, data_size, _native(plan), len(images.classes))
+    classifier = {k: v for u in units for k, v in work[u.key].classifier.items()}
+    rates = Rates(0.0, 0.0, classifier_rates(list(classifier), len(images.classes), str(device)))
+    seconds = sum(steps * rates.classifier[key] for u in units for key, steps in work[u.key].classifier.items())
+    gains, probes = {}, {}
+    for model, (resolution, todo) in by_model.items():
+        gain_db, model_rates, note = _probe_generator(model, resolution, todo, images, data_size, device)
+        gains[model], probes[model] = gain_db, model_rates
         notes += [note] if note else []
+        seconds += todo.inversion * model_rates.inversion + todo.sampling * model_rates.sampling
     for note in notes:
         log(f"warning: {note}")
-    if backbone is not None and (todo.inversion or todo.sampling):
-        rates = probe(backbone, resolution, data_size, list(todo.classifier), len(images.classes), str(device))
-    else:  # only classifier runs left
-        rates = Rates(0.0, 0.0, classifier_rates(list(todo.classifier), len(images.classes), str(device)))
-    seconds = rates.seconds(todo)
+    first = next(iter(probes.values()), rates)
     per_kind = {kind: sum(1 for u in units if u.kind == kind) for kind in ("store", "adapters", "set", "filter", "run")}
+    rate_text = "; ".join(f"{Path(m).name}: {r.inversion * 1e3:.1f} ms per inversion image-step, {r.sampling * 1e3:.1f} ms per "
+                          f"sampling image-pass" for m, r in probes.items()) or "no inversion or sampling left"
     log(f"estimate: about {human_duration(seconds)} of {device.type.upper()} time for {len(units)} unfinished units "
         f"({', '.join(f'{n} {PLURAL[k]}' for k, n in per_kind.items() if n)}), from a probe timed here: "
-        f"{rates.inversion * 1e3:.1f} ms per inversion image-step, {rates.sampling * 1e3:.1f} ms per sampling image-pass, "
-        f"{_classifier_rates(rates)}; it leaves out data loading, decoding and evaluation, and splits over "
+        f"{rate_text}, {_classifier_rates(rates)}; it leaves out data loading, decoding and evaluation, and splits over "
         f"the processes")
-    return {"seconds": seconds, "units": len(units), "device": device.type, "denoising_gain_db": gain_db,
-            "inversion_image_steps": todo.inversion,
-            "sampling_image_passes": todo.sampling, "classifier_steps": sum(todo.classifier.values()),
-            "seconds_per_inversion_image_step": rates.inversion, "seconds_per_sampling_image_pass": rates.sampling}
+    return {"seconds": seconds, "units": len(units), "device": device.type,
+            "denoising_gain_db": next((g for g in gains.values() if g is not None), None),
+            "denoising_gain_db_by_model": gains,
+            "inversion_image_steps": sum(t.inversion for _, t in by_model.values()),
+            "sampling_image_passes": sum(t.sampling for _, t in by_model.values()),
+            "classifier_steps": sum(classifier.values()),
+            "seconds_per_inversion_image_step": first.inversion, "seconds_per_sampling_image_pass": first.sampling}
+
+
+def generator_work(plan: Plan, units: list[Unit], work: dict[str, Any]) -> dict[str, tuple[int | None, Any]]:
+    """The inversion and sampling work of ``units`` by the generator that does it (model path -> (its stores' resolution,
+    Work)): a store's own model; adapters and sets their store's."""
+    from diffinv.study.estimate import Work
+
+    stores = {u.folder: u.config for u in plan.units.values() if u.kind == "store"}
+    out: dict[str, tuple[int | None, Any]] = {}
+    for unit in units:
+        w = work[unit.key]
+        if not (w.inversion or w.sampling):
+            continue
+        store = unit.config if unit.kind == "store" else next(
+            (c for folder, c in stores.items() if str(getattr(unit.config, "store", "")).rstrip("/").endswith(folder)), None)
+        if store is None or not store.model:
+            continue
+        resolution, todo = out.setdefault(store.model, (store.resolution, Work()))
+        todo.add(Work(w.inversion, w.sampling))
+    return out
+
+
+def _native(plan: Plan) -> int | None:
+    """The first generator's native resolution (what the warnings about too-small images compare with)."""
+    from diffinv.diffusion.model_io import load_backbone
+
+    store = next((u.config for u in plan.units.values() if u.kind == "store"), None)
+    return load_backbone(store.model).native_resolution if store is not None and store.model else None
+
+
+def _probe_generator(model: str, resolution: int | None, todo: Any, images: Any, data_size: int,
+                     device: Any) -> tuple[float | None, Any, str | None]:
+    """(its noise check in dB, its rates, the noise warning if any) for one generator."""
+    from diffinv.diffusion.model_io import load_backbone
+    from diffinv.study.estimate import noise_note, probe
+
+    backbone = load_backbone(model).to(device)
+    resolution = resolution or backbone.choose_resolution(data_size)
+    gain_db, note = noise_note(backbone, images, resolution)
+    return gain_db, probe(backbone, resolution, data_size, [], 0, str(device)), note
 
 
 def _classifier_rates(rates) -> str:
