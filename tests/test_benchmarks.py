@@ -86,28 +86,3 @@ def test_the_one_gpu_script_runs_every_step_at_toy_sizes_on_the_cpu(tmp_path):
     assert json.loads((tmp_path / "out" / "pretrain.json").read_text())["space"] == "latent"
     assert (tmp_path / "out" / "generalist-32-latent.tar.gz").stat().st_size < 60 * 2**20
 
-
-def test_noisy_samples_counts_images_rougher_than_every_real_one(tmp_path, monkeypatch, capsys):
-    from PIL import Image
-
-    noisy = load_script("noisy_samples")
-    ramp = np.tile(np.linspace(0, 255, 8).astype(np.uint8), (8, 1))  # smooth real images set the bar
-    for c in ("a", "b"):
-        (tmp_path / "real" / "train" / c).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(np.roll(ramp, i, axis=1)).save(tmp_path / "real" / "train" / c / f"{i}.png")
-    rng = np.random.default_rng(0)
-    for name, pictures in (("m1", [ramp, ramp, rng.integers(0, 256, (8, 8), dtype=np.uint8)]), ("m2", [ramp])):
-        folder = tmp_path / name
-        folder.mkdir()
-        for i, picture in enumerate(pictures):
-            Image.fromarray(picture).save(folder / f"{i}.png")
-        (folder / "manifest.jsonl").write_text("".join(json.dumps({"file": f"{i}.png", "class": "a", "model": name}) + "\n"
-                                                       for i in range(len(pictures))))
-    monkeypatch.setattr(sys, "argv", ["noisy_samples.py", "--data", str(tmp_path / "real"), str(tmp_path / "m1"),
-                                      str(tmp_path / "m2")])
-    noisy.main()
-    out = capsys.readouterr().out
-    groups = json.loads(out[: out.rindex("}") + 1])["groups"]
-    assert (groups["m1"]["images"], groups["m1"]["noisy"], groups["m2"]["noisy"]) == (3, 1, 0)
-    assert "m1: 1 of 3 noisy (33.3%)" in out

@@ -474,7 +474,9 @@ def _methods_figure(root: Path, kept: dict[str, Any], dataset: dict[str, Any], p
     if len(sets) < 2 or not picked:
         return None
     index = {i: n for n, i in enumerate(real.ids)}
-    fig, axes = plt.subplots(len(picked), len(sets) + 1, figsize=(1.2 * (len(sets) + 1), 1.25 * len(picked)), squeeze=False)
+    titles = [name.replace("@", "\n@") for name in ["real", *sets]]  # di@generator on two lines: columns are narrow
+    width = max(1.2, 0.075 * max(len(line) for t in titles for line in t.split("\n")))  # inches per column, titles apart
+    fig, axes = plt.subplots(len(picked), len(sets) + 1, figsize=(width * (len(sets) + 1), 1.25 * len(picked)), squeeze=False)
     for row, src in zip(axes, picked):
         for ax in row:
             ax.axis("off")
@@ -484,8 +486,8 @@ def _methods_figure(root: Path, kept: dict[str, Any], dataset: dict[str, Any], p
             own = [r for r in rows if r.get("source") == src] or same_class
             if own:
                 row[col].imshow(Image.open(folder / own[0]["file"]).convert("RGB"))
-    for col, name in enumerate(["real", *sets]):
-        axes[0][col].set_title(name, fontsize=7)
+    for col, title in enumerate(titles):
+        axes[0][col].set_title(title, fontsize=7)
     fig.tight_layout()
     return fig
 
