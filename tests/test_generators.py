@@ -77,6 +77,8 @@ def test_a_two_generator_study_runs_from_one_command_and_says_which_generator_wo
     assert len(sets) == 8 and len(models) == 2  # 2 methods x 2 generators x 2 replicates
     sd3_set = next(s for s in sets if "sd3" in json.loads((s / "generate.json").read_text())["model"])
     assert run_cli(capsys, "verify", sd3_set)[0] == 0
+    assert run_cli(capsys, "report", out)[0] == 0
+    assert "## Which generator\n\n- di at 1 per class, sd15-tiny minus sd3-tiny:" in (out / "report" / "report.md").read_text()
     code, text = run_cli(capsys, "experiment", _study(tmp_path, two_models, "  di: {}\n  img2img: {}\n"), "--out", out, "--yes")
     assert code == 0 and "2 of 2 jobs finished" in text  # resumed: every unit of both generators reused
 
