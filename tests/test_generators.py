@@ -83,7 +83,8 @@ def test_a_two_generator_study_runs_from_one_command_and_says_which_generator_wo
     assert code == 0 and "2 of 2 jobs finished" in text  # resumed: every unit of both generators reused
 
 
-def test_the_plan_times_each_generator_on_its_own_work(two_models, tmp_path, capsys):
-    code, text = run_cli(capsys, "experiment", _study(tmp_path, two_models), "--out", tmp_path / "out", "--plan")
+def test_the_plan_times_each_generator_on_its_own_work_and_flags_name_the_generators(two_models, tmp_path, capsys):
+    code, text = run_cli(capsys, "experiment", "--data", "digits", "--models", *two_models, "--per-class", "1", "--seeds", "0,1",
+                         "--val-per-class", "2", "--train-arch", "small-cnn", "--out", tmp_path / "out", "--plan")
     line = next(x for x in text.splitlines() if x.startswith("estimate:"))
     assert code == 0 and "sd15-tiny: " in line and "sd3-tiny: " in line and "ms per inversion image-step" in line

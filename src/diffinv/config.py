@@ -511,8 +511,9 @@ class StudyConfig:
     split: str = opt("train", "training split (real subsets are drawn from it)")
     eval_split: str = opt("test", "test split: read once, after settings are chosen, for the kept settings only")
     model: str = opt("", "base or SD-family model every method generates with (default: the digits base in the package)")
-    models: tuple[str, ...] = opt((), "generators to compare, e.g. A,B: every generating method runs with each, its setting "
-                                  "chosen per generator, with head-to-head rows between them (a study file: model: [A, B])")
+    models: tuple[str, ...] = opt((), "generators to compare, e.g. --models A B: every generating method runs with each, its "
+                                  "setting chosen per generator, with head-to-head rows between them (a study file: "
+                                  "model: [A, B])", action="extend", metavar="MODEL")
     per_class: tuple[int, ...] = opt((5,), "real images per class, e.g. 5,10: each size gets every method")
     real_sizes: tuple[int, ...] = opt((), "extra real-only sizes per class for the efficiency curve, e.g. 20,40")
     seeds: tuple[int, ...] = opt((0, 1, 2, 3, 4), "replicates: replicate r draws its own real subset (subset-seed + r)")

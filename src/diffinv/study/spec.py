@@ -17,7 +17,7 @@
       di-sd3: {method: di, model: runs/sd3-tiny}      # this method with another generator
     compare: {di: img2img}
 
-``model: [A, B]`` (or ``--models A,B``) makes the generator a study axis: every generating method runs
+``model: [A, B]`` (or ``--models A B``) makes the generator a study axis: every generating method runs
 with each model as its own arm, ``di@A`` and ``di@B`` (named by the models' folder names), its
 setting chosen on validation with that generator; the head-to-head rows then hold each method
 against its rivals with the same generator and, for every method, "with A minus with B".
