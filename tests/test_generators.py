@@ -88,3 +88,21 @@ def test_the_plan_times_each_generator_on_its_own_work_and_flags_name_the_genera
                          "--val-per-class", "2", "--train-arch", "small-cnn", "--out", tmp_path / "out", "--plan")
     line = next(x for x in text.splitlines() if x.startswith("estimate:"))
     assert code == 0 and "sd15-tiny: " in line and "sd3-tiny: " in line and "ms per inversion image-step" in line
+
+
+def test_a_methods_own_generator_changed_under_the_folder_is_refused(two_models, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    own = tmp_path / "own-sd3"
+    shutil.copytree(two_models[1], own)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"data: digits\nmodel: {two_models[0]}\nper_class: [1]\nseeds: [0]\nval_per_class: 2\nreport: false\n"
+                    "invert: {steps: 2}\ngenerate: {per_image: 1, steps: 2}\ntrain: {arch: small-cnn, steps: 1, resolution: 16}\n"
+                    f"processes: 1\nmethods:\n  di-own: {{method: di, model: {own}}}\n")
+    assert run_cli(capsys, "experiment", path, "--out", tmp_path / "out", "--quiet")[0] == 0
+    weights = own / "transformer" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(str(weights)).items()}, str(weights))
+    code, text = run_cli(capsys, "experiment", path, "--out", tmp_path / "out", "--quiet")
+    assert code == 2 and str(own) in text and "changed since" in text  # before: its old sets were reused as the new model's

@@ -27,7 +27,7 @@ from diffinv.report.cost import cost_lines, human_duration
 from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
 from diffinv.shards import Shard
 from diffinv.study.plan import Plan, Trial, Unit, build_plan, data_fingerprint, embedded_base, local_path, stat_fingerprint
-from diffinv.study.spec import REAL, check_files, compare_pairs
+from diffinv.study.spec import REAL, candidates, check_files, compare_pairs
 from diffinv.study.workers import process_pool, run_all, workers_for
 
 Log = Callable[[str], None]
@@ -371,7 +371,8 @@ def record(study: StudyConfig, plan: Plan, out: Path, shard: Shard) -> None:
     identity: dict[str, str] = {}
     named = [("data", study.data, local_path(study, study.data)),
              ("model", study.model or "(the embedded base)", local_path(study, study.model) if study.model else str(embedded_base()))]
-    named += [(f"model {m}", m, local_path(study, m)) for m in study.models[1:]]  # the other generators compared
+    others = dict.fromkeys([*study.models[1:], *(c.model for cs in candidates(study).values() for c in cs if c.model)])
+    named += [(f"model {m}", m, local_path(study, m)) for m in others if m != study.model]  # the other generators
     for what, name, path in named:
         identity[f"{what}_stat"] = stat_fingerprint(path)
         # Bytes are read only when names, sizes or times moved (a copy, a clone, a remount): times alone prove nothing.
