@@ -43,9 +43,15 @@ def _argv(model, data, out, *extra):
             "--no-report", *extra]
 
 
-def test_plan_prints_units_and_estimate_and_writes_nothing(tiny_latent, split_data, tmp_path, capsys):
+def test_plan_prints_units_and_estimate_and_writes_nothing(tiny_latent, split_data, tmp_path, capsys, monkeypatch):
+    import diffinv.diffusion.model_io as model_io
+
+    loads = []
+    real_load = model_io.load_backbone
+    monkeypatch.setattr(model_io, "load_backbone", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     code, text = run_cli(capsys, *_argv(tiny_latent, split_data, tmp_path / "s", "--plan"))
     assert code == 0, text
+    assert len(loads) == 1, loads  # the generator is read once for its resolution and its probe
     assert "plan: 12 units to make, 0 finished to reuse" in text and "2 stores to make" in text
     assert "estimate: about" in text and "ms per sampling image-pass" in text and "small-cnn step" in text
     assert not (tmp_path / "s").exists()

@@ -26,7 +26,7 @@ from diffinv.config import ConfigError, StudyConfig, config_to_dict, load_config
 from diffinv.report.cost import cost_lines, human_duration
 from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
 from diffinv.shards import Shard
-from diffinv.study.plan import Plan, Trial, Unit, build_plan, data_fingerprint, embedded_base, local_path, stat_fingerprint
+from diffinv.study.plan import Backbones, Plan, Trial, Unit, build_plan, data_fingerprint, embedded_base, local_path, stat_fingerprint
 from diffinv.study.spec import REAL, candidates, check_files, compare_pairs
 from diffinv.study.workers import process_pool, run_all, workers_for
 
@@ -40,14 +40,16 @@ def run_study(study: StudyConfig, out: str | Path, *, shard: Shard | None = None
     or None while other shards' jobs are still missing. ``hook(unit)`` is called after every unit."""
     out = Path(out)
     shard = shard or Shard()
-    plan = build_plan(study, out)
+    backbones = Backbones()
+    plan = build_plan(study, out, backbones)
     check_splits(study)
     check_files(study)  # hours of units must not run before a file read at the end is found unreadable
     mine = [j for j in range(len(plan.jobs)) if shard.owns(j)]
     todo = [j for j in mine if not all(u.done(out) for u in plan.job_units(j))]
     log(plan_line(study, plan, len(mine) - len(todo), len(mine)) + ("" if shard.whole else f" (shard {shard})"))
     check_sizes(study)  # a size the data cannot give is said before any estimate or unit
-    estimate = estimate_units(study, plan, out, [u for j in todo for u in plan.job_units(j)], log) if todo else None
+    estimate = estimate_units(study, plan, out, [u for j in todo for u in plan.job_units(j)], log, backbones) if todo else None
+    backbones.clear()  # the jobs load their own; a large generator is not held through the study
     if estimate is not None and not study.yes:
         refuse_large(estimate)
     record(study, plan, out, shard)
@@ -78,9 +80,11 @@ def plan_line(study: StudyConfig, plan: Plan, finished: int, jobs: int) -> str:
             f"jobs finished")
 
 
-def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit], log: Log) -> dict[str, Any]:
+def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit], log: Log,
+                   backbones: Backbones | None = None) -> dict[str, Any]:
     """The estimated time of ``units`` (those not finished) on this device, from a probe timed here; logged. Each generator
-    of the study is probed for the inversion and sampling done with it; the classifiers once."""
+    of the study is probed for the inversion and sampling done with it; the classifiers once. ``backbones``: the models
+    the plan already read."""
     from diffinv.data.real import open_images
     from diffinv.device import resolve_device
     from diffinv.study.estimate import Rates, classifier_rates, plan_work, uninformative
@@ -91,13 +95,14 @@ def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit],
     work = plan_work(list(plan.units.values()), len(images.classes), data_size)
     by_model = generator_work(plan, units, work)
     device = resolve_device(study.device)
-    notes = uninformative({u.key: work[u.key] for u in units}, data_size, _native(plan), len(images.classes))
+    backbones = backbones or Backbones()
+    notes = uninformative({u.key: work[u.key] for u in units}, data_size, _native(plan, backbones), len(images.classes))
     classifier = {k: v for u in units for k, v in work[u.key].classifier.items()}
     rates = Rates(0.0, 0.0, classifier_rates(list(classifier), len(images.classes), str(device)))
     seconds = sum(steps * rates.classifier[key] for u in units for key, steps in work[u.key].classifier.items())
     gains, probes = {}, {}
     for model, (resolution, todo) in by_model.items():
-        gain_db, model_rates, note = _probe_generator(model, resolution, todo, images, data_size, device)
+        gain_db, model_rates, note = _probe_generator(backbones(model), resolution, images, data_size, device)
         gains[model], probes[model] = gain_db, model_rates
         notes += [note] if note else []
         seconds += todo.inversion * model_rates.inversion + todo.sampling * model_rates.sampling
@@ -140,21 +145,18 @@ def generator_work(plan: Plan, units: list[Unit], work: dict[str, Any]) -> dict[
     return out
 
 
-def _native(plan: Plan) -> int | None:
+def _native(plan: Plan, backbones: Backbones) -> int | None:
     """The first generator's native resolution (what the warnings about too-small images compare with)."""
-    from diffinv.diffusion.model_io import load_backbone
-
     store = next((u.config for u in plan.units.values() if u.kind == "store"), None)
-    return load_backbone(store.model).native_resolution if store is not None and store.model else None
+    return backbones(store.model).native_resolution if store is not None and store.model else None
 
 
-def _probe_generator(model: str, resolution: int | None, todo: Any, images: Any, data_size: int,
+def _probe_generator(backbone: Any, resolution: int | None, images: Any, data_size: int,
                      device: Any) -> tuple[float | None, Any, str | None]:
     """(its noise check in dB, its rates, the noise warning if any) for one generator."""
-    from diffinv.diffusion.model_io import load_backbone
     from diffinv.study.estimate import noise_note, probe
 
-    backbone = load_backbone(model).to(device)
+    backbone = backbone.to(device)
     resolution = resolution or backbone.choose_resolution(data_size)
     gain_db, note = noise_note(backbone, images, resolution)
     return gain_db, probe(backbone, resolution, data_size, [], 0, str(device)), note
@@ -179,7 +181,8 @@ def refuse_large(estimate: dict[str, Any]) -> None:
 def show_plan(study: StudyConfig, out: str | Path, log: Log = print) -> None:
     """``--plan``: what the study would make and reuse, and how long that would take here; nothing is written."""
     out = Path(out)
-    plan = build_plan(study, out)
+    backbones = Backbones()
+    plan = build_plan(study, out, backbones)
     check_splits(study)
     done = [u for u in plan.units.values() if u.done(out)]
     finished = sum(1 for j in range(len(plan.jobs)) if all(u.done(out) for u in plan.job_units(j)))
@@ -191,7 +194,7 @@ def show_plan(study: StudyConfig, out: str | Path, log: Log = print) -> None:
         if mine:
             log(f"  {len(mine):>5} {PLURAL[kind]} to make, e.g. {mine[0].folder}")
     if todo:
-        estimate = estimate_units(study, plan, out, todo, log)
+        estimate = estimate_units(study, plan, out, todo, log, backbones)
         from diffinv.config import PLAN_HOURS, PLAN_UNITS
         if estimate["units"] > PLAN_UNITS or estimate["seconds"] > PLAN_HOURS * 3600:
             log(f"starting it will need --yes (more than {PLAN_UNITS} units or {PLAN_HOURS} h)")

@@ -111,12 +111,29 @@ class Plan:
                 "trials": [t.__dict__ | {"sets": list(t.sets)} for t in self.trials]}
 
 
-def build_plan(study: StudyConfig, out: str | Path) -> Plan:
-    """Every unit and trial of ``study`` run into ``out`` (nothing is read from ``out``)."""
+class Backbones:
+    """Each generator read once while a study is planned and estimated (a Stable Diffusion folder takes seconds)."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, Any] = {}
+
+    def __call__(self, model: str) -> Any:
+        from diffinv.diffusion.model_io import load_backbone
+
+        if model not in self.loaded:
+            self.loaded[model] = load_backbone(model)
+        return self.loaded[model]
+
+    def clear(self) -> None:
+        self.loaded.clear()
+
+
+def build_plan(study: StudyConfig, out: str | Path, backbones: Backbones | None = None) -> Plan:
+    """Every unit and trial of ``study`` run into ``out`` (nothing is read from ``out``); ``backbones`` reads the models."""
     out = Path(out).resolve()
     found = candidates(study)
     generative = any(c.method for cs in found.values() for c in cs)
-    study_where = _Where(study, generative)
+    study_where = _Where(study, generative, backbones=backbones or Backbones())
     sizes = sorted(set(study.per_class) | set(study.real_sizes))
     plan = Plan(study, [(k, r) for k in sizes for r in study.seeds], found)
     for job, (k, r) in enumerate(plan.jobs):
@@ -173,8 +190,9 @@ class _Where:
     """What every unit's config takes from the study: local paths, the default resolution, tokens and image size (of
     the study's model, or of a candidate's own generator: :meth:`of`)."""
 
-    def __init__(self, study: StudyConfig, generative: bool, model: str | None = None):
+    def __init__(self, study: StudyConfig, generative: bool, model: str | None = None, *, backbones: Backbones):
         self.study = study
+        self.backbones = backbones
         self.generative = generative
         self.data = local_path(study, study.data)
         written = study.model if model is None else model
@@ -190,16 +208,14 @@ class _Where:
             self.tokens_trained = encoder_tokens(self.model)  # pretrain-base models: the K their encoder makes
             self.tokens = self.tokens_trained or InvertConfig.tokens
             if "resolution" not in (study.invert or {}):
-                from diffinv.diffusion.model_io import load_backbone
-
-                self.resolution = load_backbone(self.model).choose_resolution(self.native)
+                self.resolution = backbones(self.model).choose_resolution(self.native)
 
     def of(self, cand: Candidate) -> _Where:
         """Where ``cand``'s units take their values from: the study's model's, or its own generator's."""
         if not cand.model or cand.model == self.written["model"]:
             return self
         if cand.model not in self._others:
-            self._others[cand.model] = _Where(self.study, self.generative, cand.model)
+            self._others[cand.model] = _Where(self.study, self.generative, cand.model, backbones=self.backbones)
         return self._others[cand.model]
 
 
