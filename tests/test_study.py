@@ -184,6 +184,7 @@ def test_a_study_runs_every_stage_from_one_command_and_reads_test_last(tiny_base
     assert all(p["val_gain"] is not None for p in points)
     assert list((out / "report").glob("real-images-and-their-synthetic-variants-di-k2-r0*.png"))
     assert "## Every method side by side" in md and (out / "report" / "every-method-side-by-side.png").is_file()
+    assert "## Gains, paired by replicate" in md and (out / "report" / "gains-paired-by-replicate.png").is_file()
     # What a browser shows of the HTML: rendered emphasis, no Markdown marks, no tag text.
     seen = _visible_text((out / "report" / "report.html").read_text())
     assert "Study: more" in seen and "Settings chosen on validation" in seen and "real + di" in seen

@@ -18,6 +18,7 @@ import numpy as np
 
 from diffinv.report.cost import cost_table
 from diffinv.report.efficiency import worth_text
+from diffinv.report.plots import gain_plot, series_style
 from diffinv.report.stats import METRIC_NAMES
 from diffinv.runs import RunError, read_json, read_yaml, write_bytes, write_text
 
@@ -100,6 +101,11 @@ def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
                   + (f"\n\nSettings chosen on validation:\n{chosen}" if chosen else ""), _accuracy_plot(rows, study.get("name", ""))),
                  ("Sample efficiency", _efficiency_table(rows), None),
                  ("Per-class recall", _per_class_table(rows), _per_class_plot(rows, study.get("name", "")))]
+    gains = gain_plot(rows, _metric(rows), METRIC_NAMES[_metric(rows)], study.get("name", ""))
+    if gains is not None:
+        sections.insert(sections.index(next(x for x in sections if x[0] == "Accuracy")) + 1, (
+            "Gains, paired by replicate", "Each method's gain over its real-only arm in points: the mean of the replicates' "
+            "differences and its 95% interval (filled: beyond noise).", gains))
     kept = {k: q for k, q in quality.items() if q.get("kept", True)}
     if kept:
         sections.append(("Synthetic data quality", _quality_table(kept), None))
@@ -228,24 +234,32 @@ def _accuracy_plot(rows: list[dict[str, Any]], tag: str):
     if len({r["n_real"] / len(r["classes"]) for r in rows}) == 1:  # one size: a curve would be a column of dots
         return _accuracy_bars(fig, ax, rows, metric, tag)
     sizes: set[float] = set()
-    for m in dict.fromkeys(r["method"] for r in rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    style = series_style(methods)
+    banded = methods if len(methods) <= 4 else [m for m in methods if m == "real" or m.startswith("real-")]  # else a smear
+    for m in methods:
         # Bands: the 95% t-interval of each mean over its replicates.
         pts = sorted((r["n_real"] / len(r["classes"]), 100 * _value(r, metric),
                       100 * _value(r, metric, "std") * (stdtrit(r["n_seeds"] - 1, 0.975) / math.sqrt(r["n_seeds"])
                                                         if r["n_seeds"] > 1 else 0.0)) for r in rows if r["method"] == m)
         x, y, s = (np.array(v) for v in zip(*pts))
         sizes.update(x.tolist())
-        ax.plot(x, y, marker="o", label=m)
-        ax.fill_between(x, y - s, y + s, alpha=0.2)
+        ax.plot(x, y, marker="o", label=m, **style[m])
+        if m in banded:
+            ax.fill_between(x, y - s, y + s, alpha=0.15, color=style[m]["color"])
     ax.set_xscale("log")
     # Log-scale default ticks (10^0, 10^1...) hide the sizes actually measured; label exactly those.
     ax.set_xticks(sorted(sizes), [f"{v:g}" for v in sorted(sizes)])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("real images per class")
     ax.set_ylabel(f"test {METRIC_NAMES[metric]} (%), 95% CI")
-    ax.set_title(f"Accuracy vs real data ({tag})")
+    ax.set_title(f"Accuracy vs real data ({tag})" + ("" if banded == methods else "; bands: real only"))
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(methods) > 6:
+        fig.set_size_inches(8.5, 4)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    else:
+        ax.legend()
     fig.tight_layout()
     return fig
 

@@ -1,0 +1,39 @@
+"""The study figures: each gain drawn where its interval is, filled only beyond noise; a method and its -ft twin alike."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from diffinv.report.plots import gain_plot, series_style  # noqa: E402
+
+
+def _row(method, k, mean, low, high, beyond, baseline="real"):
+    gain = {"balanced_accuracy": {"mean": mean, "low": low, "high": high, "beyond_noise": beyond}}
+    return {"method": method, "per_class": k, "baseline": baseline, "gain": gain}
+
+
+def test_each_gain_is_drawn_at_its_interval_and_filled_only_beyond_noise():
+    rows = [{"method": "real", "per_class": 5},
+            _row("di", 5, 0.02, -0.01, 0.05, False), _row("lora", 5, 0.08, 0.02, 0.13, True),
+            _row("di", 10, 0.05, 0.03, 0.075, True), _row("di-ft", 10, 0.003, -0.02, 0.03, False, baseline="real-ft")]
+    fig = gain_plot(rows, "balanced_accuracy", "balanced accuracy", "t")
+    five, ten = fig.axes
+    points = {(ax.get_title(), line.get_ydata()[0]): (line.get_xdata()[0], line.get_markerfacecolor())
+              for ax in (five, ten) for line in ax.lines if line.get_marker() == "o"}
+    assert points[("5 real / class", 0)] == (2.0, "white")  # di: within noise, hollow
+    assert points[("5 real / class", 1)][0] == 8.0 and points[("5 real / class", 1)][1] != "white"
+    assert points[("10 real / class", 0)][0] == 5.0 and points[("10 real / class", 0)][1] != "white"
+    assert len(points) == 4  # no point where a method has no row at that size
+    bars = [c for c in ten.collections if len(c.get_segments())]  # the interval of di at 10: 3 to 7.5 points
+    assert any(abs(s[0][0] - 3.0) < 1e-9 and abs(s[1][0] - 7.5) < 1e-9 for c in bars for s in c.get_segments())
+    assert [t.get_text() for t in five.get_yticklabels()] == ["di", "lora", "di-ft (vs real-ft)"]
+
+
+def test_no_gain_no_figure_and_twins_share_a_colour():
+    assert gain_plot([{"method": "real", "per_class": 5}], "top1", "top-1", "t") is None
+    style = series_style(["real", "di", "di-ft", "lora", "real-ft"])
+    assert style["di"]["color"] == style["di-ft"]["color"] != style["lora"]["color"]
+    assert style["di-ft"]["linestyle"] == "--" and style["di"]["linestyle"] == "-"
+    assert style["real"]["color"] == style["real-ft"]["color"]
