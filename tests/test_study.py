@@ -448,6 +448,19 @@ device: cpu
     assert {r["method"] for r in summary} >= {"real", "di", "lora", "di+lora", "ddim"}
     row = next(r for r in summary if r["method"] == "di+lora")
     assert set(row["versus"]) == {"di", "lora"}
+    # A LoRA set's cost counts its class store, its adapters' fitting and its own sampling (the fitting was left out).
+    out = tmp_path / "s"
+
+    def made_from(u):
+        adapters = next(v for v in fitted if str(out / v.folder) == u.config.adapters)
+        store = next(v for v in plan.units.values() if str(out / v.folder) == adapters.config.store)
+        return [read_json(out / v.folder / "cost.json")["seconds"] for v in (u, adapters, store)]
+
+    lora_sets = [u for u in plan.units.values() if u.kind == "set" and u.config.method == "lora"]
+    parts = [made_from(u) for u in lora_sets]
+    assert all(p > 0 for ps in parts for p in ps)
+    expected = sum(sum(ps) for ps in parts) / len(parts)
+    assert read_json(out / "costs.json")["seconds_per_set"]["lora"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_method_fine_tuned_from_a_backbone_gains_over_the_real_only_arm_trained_the_same_way(tiny_base_model, tmp_path):

@@ -31,7 +31,7 @@ from diffinv.diffusion.model_io import load_store_model
 from diffinv.diffusion.objective import evaluation_loss
 from diffinv.diffusion.store import EmbeddingStore, StoreError
 from diffinv.progress import bar as progress_bar
-from diffinv.runs import atomic_write, file_sha256, open_output, read_json, read_yaml, write_json, write_yaml
+from diffinv.runs import add_cost, atomic_write, file_sha256, open_output, read_json, read_yaml, write_json, write_yaml
 from diffinv.stages import Stage
 
 MARKER = "finetune.json"
@@ -79,6 +79,7 @@ def finetune_classes(config: FinetuneConfig, out: str | Path, *, resume: bool = 
         state = backbone.lora_state(f"class{c}")
         atomic_write(path, partial(_save, state=state, name=name, config=config, alpha=alpha))
         write_json(out / "progress.json", record)
+        add_cost(out, record[name]["seconds"], 1, str(device), "classes")  # a study counts it in LoRA's cost
         backbone.use_lora(None)
     bar.close()
 

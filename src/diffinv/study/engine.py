@@ -298,21 +298,19 @@ def study_costs(plan: Plan, out: Path, summary: list[dict[str, Any]]) -> dict[st
     """What the study cost, from its units' cost.json: the measured total beside the estimate made before, each method's
     time per synthetic set (its inversion included), and each kept method's gain over real only per hour of the device
     that made its data (accuracy bought per GPU- or CPU-hour). Written as costs.json; the log and the report show it."""
-    from diffinv.runs import cost_seconds
-
-    seconds = {u.key: cost_seconds(out / u.folder) or 0.0 for u in plan.units.values()}
+    seconds = {u.key: _unit_seconds(out, u) for u in plan.units.values()}
     estimate = read_json(out / "estimate.json") if (out / "estimate.json").is_file() else None
     per_method: dict[str, list[float]] = {}
     for unit in plan.units.values():
         if unit.kind == "set":
-            per_method.setdefault(unit.config.method, []).append(seconds[unit.key] + seconds.get(_store_of(plan, unit.key), 0.0))
+            per_method.setdefault(unit.config.method, []).append(sum(seconds[k] for k in _made_from(plan, [unit.key])))
     gains = []
     for row in summary:
         gain = (row.get("gain") or {}).get(row.get("headline", "top1"))
         if gain is None or row.get("baseline", "real") != "real":
             continue
         trials = [t for t in plan.trials_of(row["method"], row["setting"], row["per_class"]) if t.sets]
-        per_replicate = [sum(seconds[k] + seconds.get(_store_of(plan, k), 0.0) for k in t.sets) for t in trials]
+        per_replicate = [sum(seconds[k] for k in _made_from(plan, list(t.sets))) for t in trials]
         device = next((read_json(out / plan.units[k].folder / "cost.json").get("device", "cpu") for t in trials for k in t.sets
                        if (out / plan.units[k].folder / "cost.json").is_file()), "cpu")
         if per_replicate and statistics.mean(per_replicate) > 0:
@@ -323,10 +321,32 @@ def study_costs(plan: Plan, out: Path, summary: list[dict[str, Any]]) -> dict[st
             "seconds_per_set": {m: statistics.mean(v) for m, v in sorted(per_method.items())}, "gains": gains}
 
 
-def _store_of(plan: Plan, set_key: str) -> str:
-    """The key of the store a set unit was generated from ('' for a method that needs none)."""
-    store = str(getattr(plan.units[set_key].config, "store", "") or "")
-    return next((k for k, u in plan.units.items() if u.kind == "store" and store and store.endswith(u.folder)), "")
+def _made_from(plan: Plan, keys: list[str]) -> set[str]:
+    """``keys`` and every unit they were made from, each once: a set's store, a LoRA set's adapters and the class store
+    those were fitted on (what a replicate of the method cost)."""
+    folders = {u.folder: k for k, u in plan.units.items() if u.kind in ("store", "adapters")}
+    found: set[str] = set()
+    todo = list(keys)
+    while todo:
+        key = todo.pop()
+        if key in found:
+            continue
+        found.add(key)
+        config = plan.units[key].config
+        for field in ("store", "class_store", "adapters"):
+            path = str(getattr(config, field, "") or "")
+            todo += [k for folder, k in folders.items() if path and path.rstrip("/").endswith(folder)]
+    return found
+
+
+def _unit_seconds(out: Path, unit: Unit) -> float:
+    """A unit's measured seconds; adapters fitted before they wrote cost.json keep theirs in their marker."""
+    from diffinv.runs import cost_seconds
+
+    seconds = cost_seconds(out / unit.folder)
+    if seconds is None and unit.kind == "adapters" and (out / unit.folder / "finetune.json").is_file():
+        seconds = read_json(out / unit.folder / "finetune.json").get("seconds")
+    return float(seconds or 0.0)
 
 
 def check_sizes(study: StudyConfig) -> None:
