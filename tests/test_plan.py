@@ -128,3 +128,22 @@ def test_a_base_that_learned_nothing_is_named_before_the_work(tiny_pixel, split_
     assert denoising_gain(Oracle(), pixels) > 20 and noise_note(Oracle(), images, 16) == (denoising_gain(Oracle(), pixels), None)
     code, text = run_cli(capsys, *_argv(tiny_pixel, split_data, tmp_path / "s", "--plan"))
     assert code == 0 and f"only {gain:+.1f} dB better than a filter that sees one value at a time" in text
+
+
+def test_a_replicates_cost_is_what_its_sets_were_made_from_and_read():
+    from diffinv.study.engine import _made_from
+
+    def unit(kind, folder, **config):
+        return SimpleNamespace(kind=kind, folder=folder, config=SimpleNamespace(**config))
+
+    plan = SimpleNamespace(units={
+        "store": unit("store", "stores/k5-r0"), "class": unit("store", "stores/k5-r0-class"),
+        "fit": unit("adapters", "adapters/k5-r0", store="/o/stores/k5-r0-class"),
+        "di": unit("set", "sets/di", method="di", store="/o/stores/k5-r0"),
+        "lora": unit("set", "sets/lora", method="lora", store="/o/stores/k5-r0-class", adapters="/o/adapters/k5-r0"),
+        "di+lora": unit("set", "sets/dl", method="di+lora", store="/o/stores/k5-r0", adapters="/o/adapters/k5-r0"),
+        "retrieval": unit("set", "sets/retrieval", method="retrieval", store="/o/stores/k5-r0")})
+    assert _made_from(plan, ["di"]) == {"di", "store"}
+    assert _made_from(plan, ["lora"]) == {"lora", "fit", "class"}  # the fit and the class inversion it was fitted on
+    assert _made_from(plan, ["di+lora"]) == {"di+lora", "store", "fit", "class"}
+    assert _made_from(plan, ["retrieval"]) == {"retrieval"}  # it reads the store's list of images, not its inversion

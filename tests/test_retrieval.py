@@ -36,7 +36,13 @@ def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).reshape(-1) / 255.0
 
 
-def test_retrieval_returns_the_nearest_pool_images_and_none_of_the_real_data(tiny_pixel, tmp_path, capsys):
+def test_retrieval_returns_the_nearest_pool_images_and_none_of_the_real_data(tiny_pixel, tmp_path, capsys, monkeypatch):
+    import time
+
+    import diffinv.diffusion.methods.retrieval as retrieval
+
+    real_nearest = retrieval.nearest
+    monkeypatch.setattr(retrieval, "nearest", lambda *a, **k: time.sleep(0.5) or real_nearest(*a, **k))  # a slow search
     data = tmp_path / "d"
     write_image_tree(data / "train", per_class=4, size=16)
     write_image_tree(data / "test", per_class=2, size=16, seed=3)
@@ -64,6 +70,10 @@ def test_retrieval_returns_the_nearest_pool_images_and_none_of_the_real_data(tin
         assert np.array_equal(_pixels(tmp_path / "r" / mine[0]["file"]), candidates[ranked[0]])
         assert mine[0]["class"] == source.split("/")[0]
     assert _run(capsys, "verify", tmp_path / "r")[0] == 0
+    # Its cost counts the search (and the pool's first feature pass), not just the copying of 24 files.
+    searched = read_json(tmp_path / "r" / "generate.json")["retrieval"]["seconds"]
+    cost = read_json(tmp_path / "r" / "cost.json")
+    assert cost["seconds"] >= cost["load_seconds"] >= searched >= 0.5
     train = ["--arch", "small-cnn", "--steps", "2", "--batch-size", "4", "--resolution", "16", *QUIET]
     assert _run(capsys, "train", "--data", data, "--synthetic", tmp_path / "r", *train, "--out", tmp_path / "t")[0] == 0
 

@@ -111,12 +111,15 @@ def read_json(path: str | Path) -> Any:
 COST = "cost.json"  # seconds and device a run folder's work took: a measurement, kept apart from its marker
 
 
-def add_cost(folder: str | Path, seconds: float, count: int, device: str, noun: str) -> dict[str, Any]:
+def add_cost(folder: str | Path, seconds: float, count: int, device: str, noun: str,
+             parts: dict[str, float] | None = None) -> dict[str, Any]:
     """Count ``seconds`` spent making ``count`` ``noun`` on ``device`` in the folder's ``cost.json`` (a resumed run adds
-    each run's); the record. Not a result: the marker, which a resumed run reproduces byte for byte, never holds it."""
+    each run's), and each of ``parts`` (seconds of named steps, within ``seconds``) likewise; the record. Not a result:
+    the marker, which a resumed run reproduces byte for byte, never holds it."""
     path = Path(folder) / COST
     cost: dict[str, Any] = read_json(path) if path.is_file() else {"seconds": 0.0, noun: 0, "device": device}
     cost.update({"seconds": round(cost["seconds"] + seconds, 3), noun: cost.get(noun, 0) + count, "device": device})
+    cost.update({k: round(cost.get(k, 0.0) + v, 3) for k, v in (parts or {}).items()})
     write_json(path, cost)
     return cost
 

@@ -67,9 +67,10 @@ class SyntheticWriter:
         data = buf.getvalue()
         atomic_write(self.root / row["file"], lambda p: p.write_bytes(data))
 
-    def add_cost(self, seconds: float, images: int, device: str) -> None:
-        """Count ``seconds`` spent sampling ``images`` images on ``device`` in ``cost.json`` (a resumed set adds each run's)."""
-        add_cost(self.root, seconds, images, device, "images")
+    def add_cost(self, seconds: float, images: int, device: str, load_seconds: float = 0.0) -> None:
+        """Count ``seconds`` spent making ``images`` images on ``device`` in ``cost.json`` (a resumed set adds each run's);
+        ``load_seconds`` of them went to the method's preparation (retrieval's search, DDIM inversion's)."""
+        add_cost(self.root, seconds, images, device, "images", {"load_seconds": load_seconds})
 
     def add_preparation(self, inversion_seconds: float | None) -> None:
         """Record in ``cost.json`` what inverting the stores the set samples from took (None: not known)."""

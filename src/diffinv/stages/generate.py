@@ -87,7 +87,9 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
     # 4. The plan and what its conditionings are drawn from.
     rows = plan_samples(settings, store, model)
     inputs = open_inputs(method, settings, store, model, backbone, extra)
-    source = method.load(settings, store, backbone, rows, inputs)
+    loading = time.perf_counter()
+    source = method.load(settings, store, backbone, rows, inputs)  # retrieval's search, DDIM inversion's: part of the cost
+    load_seconds = time.perf_counter() - loading
     for note in source.extra.get("notes", []):
         log(note)
     pad_to = None
@@ -112,7 +114,8 @@ def generate_dataset(config: GenerateConfig, out: str | Path, *, overwrite: bool
         grey = bool(writer.info().get("grey", False))
 
     # 5. This shard's chunks with missing images, generated and written.
-    _generate_chunks(config, settings, out, writer, rows, backbone, source, store, grey, shard, progress, on_batch, log, pad_to)
+    _generate_chunks(config, settings, out, writer, rows, backbone, source, store, grey, shard, progress, on_batch, log, pad_to,
+                     load_seconds)
     writer.add_preparation(inversion_seconds(method, store, extra, inputs))
 
     # 6. The manifest, once every shard's images exist.
@@ -146,7 +149,8 @@ def _intact(out: Path, log: Callable[[str], None]) -> bool:
 def _generate_chunks(config: GenerateConfig, settings: GenerationSettings, out: Path, writer: SyntheticWriter,
                      rows: list[dict[str, Any]], backbone: Any,
                      source: Any, store: Any, grey: bool, shard: Shard, progress: bool,
-                     on_batch: Callable[[int], None] | None, log: Callable[[str], None], pad_to: int | None = None) -> None:
+                     on_batch: Callable[[int], None] | None, log: Callable[[str], None], pad_to: int | None = None,
+                     load_seconds: float = 0.0) -> None:
     """Generate and write this shard's chunks that still miss images, halving a chunk that runs out of memory."""
     chunks = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
     units = Units(out, "chunk", len(chunks), lambda b: all(writer.exists(r) for r in chunks[b]), shard.count)
@@ -175,7 +179,8 @@ def _generate_chunks(config: GenerateConfig, settings: GenerationSettings, out: 
             on_batch(b)
     bar.close()
     if shard.whole and todo:  # shards would race on the marker: their costs are not summed
-        writer.add_cost(time.perf_counter() - started, sum(len(c) for c in todo), str(backbone.device))
+        writer.add_cost(time.perf_counter() - started + load_seconds, sum(len(c) for c in todo), str(backbone.device),
+                        load_seconds)
 
 
 def _finish(out: Path, writer: SyntheticWriter, rows: list[dict[str, Any]], log: Callable[[str], None], *, strict: bool,

@@ -323,7 +323,10 @@ def study_costs(plan: Plan, out: Path, summary: list[dict[str, Any]]) -> dict[st
 
 def _made_from(plan: Plan, keys: list[str]) -> set[str]:
     """``keys`` and every unit they were made from, each once: a set's store, a LoRA set's adapters and the class store
-    those were fitted on (what a replicate of the method cost)."""
+    those were fitted on (what a replicate of the method cost). A method that does not read the store's embeddings
+    (retrieval: the study shares the store only for its list of real images) is not charged its inversion."""
+    from diffinv.diffusion.methods import get_method
+
     folders = {u.folder: k for k, u in plan.units.items() if u.kind in ("store", "adapters")}
     found: set[str] = set()
     todo = list(keys)
@@ -333,20 +336,27 @@ def _made_from(plan: Plan, keys: list[str]) -> set[str]:
             continue
         found.add(key)
         config = plan.units[key].config
-        for field in ("store", "class_store", "adapters"):
+        method = getattr(config, "method", None) if plan.units[key].kind == "set" else None
+        fields = ("store", "class_store", "adapters") if method is None or get_method(method).uses_embeddings else ("adapters",)
+        for field in fields:
             path = str(getattr(config, field, "") or "")
             todo += [k for folder, k in folders.items() if path and path.rstrip("/").endswith(folder)]
     return found
 
 
 def _unit_seconds(out: Path, unit: Unit) -> float:
-    """A unit's measured seconds; adapters fitted before they wrote cost.json keep theirs in their marker."""
-    from diffinv.runs import cost_seconds
+    """A unit's measured seconds. Made before their cost.json counted it: adapters keep their fitting in their marker,
+    retrieval sets their search in theirs."""
+    from diffinv.runs import COST
 
-    seconds = cost_seconds(out / unit.folder)
-    if seconds is None and unit.kind == "adapters" and (out / unit.folder / "finetune.json").is_file():
-        seconds = read_json(out / unit.folder / "finetune.json").get("seconds")
-    return float(seconds or 0.0)
+    folder = out / unit.folder
+    cost = read_json(folder / COST) if (folder / COST).is_file() else {}
+    seconds = float(cost.get("seconds", 0.0))
+    if not cost and unit.kind == "adapters" and (folder / "finetune.json").is_file():
+        seconds = float(read_json(folder / "finetune.json").get("seconds", 0.0))
+    if cost and unit.kind == "set" and "load_seconds" not in cost and (folder / "generate.json").is_file():
+        seconds += float((read_json(folder / "generate.json").get("retrieval") or {}).get("seconds", 0.0))
+    return seconds
 
 
 def check_sizes(study: StudyConfig) -> None:
