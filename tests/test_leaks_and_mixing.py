@@ -81,4 +81,4 @@ def test_retrieval_never_returns_re_encoded_copies_of_test_images_and_train_says
     (leaky / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, text = run_cli(capsys, "train", "--data", data, "--synthetic", leaky, "--arch", "small-cnn", "--steps", "1",
                          "--resolution", "16", "--quiet", "--out", tmp_path / "run")
-    assert code == 0 and "synthetic image(s) are" in text and "'test' split" in text  # before: no note at all
+    assert code == 0 and "synthetic image(s) look like copies" in text and "'test' split" in text  # before: no note at all

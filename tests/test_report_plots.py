@@ -37,3 +37,12 @@ def test_no_gain_no_figure_and_twins_share_a_colour():
     assert style["di"]["color"] == style["di-ft"]["color"] != style["lora"]["color"]
     assert style["di-ft"]["linestyle"] == "--" and style["di"]["linestyle"] == "-"
     assert style["real"]["color"] == style["real-ft"]["color"]
+
+
+def test_the_title_of_a_one_panel_figure_stays_inside_it():
+    rows = [_row(m, 5, 0.02, -0.01, 0.05, False) for m in ("di", "img2img", "retrieval")]
+    fig = gain_plot(rows, "balanced_accuracy", "balanced accuracy", "fashion-mnist-generalist")
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent()
+    frame = fig.bbox
+    assert frame.x0 <= title.x0 and title.x1 <= frame.x1  # before: cut at both edges of a one-size study's figure

@@ -22,10 +22,16 @@ def overlap_notes(real: torch.Tensor, ids: list[str], test: torch.Tensor, split:
     near = near_duplicates(signatures(real), signatures(test)) if len(real) and len(test) else torch.zeros(len(real), dtype=torch.bool)
     close = [i for i, x, n in zip(ids, real, near.tolist()) if n and digest(x) not in seen]
     notes = []
-    for found, how in ((same, "identical to"), (close, "near-duplicates (re-encoded, resized or shifted copies) of")):
-        if found:
-            notes.append(f"{len(found)} {what} image(s) are {how} images of the {split!r} split ({', '.join(found[:3])}"
-                         f"{' ...' if len(found) > 3 else ''}): the test split overlaps the training data; remove them")
+    def listed(found: list[str]) -> str:
+        return f"({', '.join(found[:3])}{' ...' if len(found) > 3 else ''})"
+
+    if same:
+        notes.append(f"{len(same)} {what} image(s) are identical to images of the {split!r} split {listed(same)}: the test "
+                     f"split overlaps the training data; remove them")
+    if close:
+        notes.append(f"{len(close)} {what} image(s) look like copies (re-encoded, resized or shifted) of images of the {split!r} "
+                     f"split {listed(close)}: where they are, the test score is partly a memory test; check them by eye and "
+                     f"remove the copies (pictures of one product or silhouette can look alike without being copies)")
     return notes
 
 def conflicting_labels(images: torch.Tensor, labels, ids: list[str], classes: list[str]) -> list[str]:

@@ -2,14 +2,17 @@
 
 Byte or pixel equality misses a test image re-saved as JPEG under another name; web-scale pools are
 de-duplicated against test sets by near-duplicate search for that reason. An image's signature is
-its RGB thumbnail at 32 x 32 (antialiased, uint8). Two images are near-duplicates when the centre
-26 x 26 of one, standardised, correlates at least ``threshold`` with the best-aligned window of
-the other (whole-pixel shifts of up to 3 pixels): the colours after a brightness / contrast change
-and the re-encoding noise of a JPEG stay within that, two photographs of similar things (two
-Fashion-MNIST shirts, two chest X-rays) do not. A flat image (no variation) is nobody's near-duplicate
+its RGB thumbnail at 32 x 32 (antialiased, uint8). Two images are near-duplicates when, at one
+alignment (whole-pixel shifts of up to 3 pixels), the centre 26 x 26 of one, standardised,
+correlates at least ``threshold`` with the window of the other, and their details (each image minus
+its Gaussian blur, sigma 1 px) agree there too: correlate at least ``DETAIL``, or differ by at most
+``NOISE`` grey levels (a smooth picture's detail is little more than its re-encoding noise). The
+first test alone passes any two pictures of one silhouette on a flat background (two pairs of
+Fashion-MNIST trousers correlate 0.99); the detail test tells most of them apart, and a brightness
+change, JPEG noise or a whole-pixel shift keeps both. A flat image is nobody's near-duplicate
 (exact hashes catch those). Every pair cannot be compared at 32 px in a 100,000-image pool, so each
 image is first compared with the few references whose low-frequency amplitude spectra (blind to
-shifts) are closest to its own. What the threshold
+shifts) are closest to its own. What the rule
 catches and what it drops on a clean pool: ``benchmarks/near_duplicates.py``.
 """
 
@@ -20,6 +23,8 @@ import torch.nn.functional as F
 
 SIDE, SHIFT = 32, 3  # the thumbnail side and the largest shift, in pixels
 THRESHOLD = 0.97
+DETAIL = 0.9  # correlation of the detail (the image minus its blur) at the same alignment ...
+NOISE = 3.0  # ... or its root mean square difference, in grey levels: a smooth picture's detail is its re-encoding noise
 CANDIDATES = 32  # references per image compared at full size: the closest in low-frequency amplitudes
 PREFILTER = 0.9  # ... and only those whose amplitudes correlate this much (a near-duplicate's: above 0.95)
 
@@ -54,6 +59,30 @@ def _shifted_correlations(centres: torch.Tensor, candidates: torch.Tensor) -> to
     return torch.where(norm > 1e-3, dots.permute(1, 0, 2, 3).reshape(n, k, -1) / norm.clamp_min(1e-6), torch.zeros_like(norm))
 
 
+def _shifted_rms(centres: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Root mean square difference between each query's centre window [n, 3, C, C] and every window of the same size of
+    its candidates [n, k, 3, S, S]: [n, k, (S - C + 1)^2], by convolution."""
+    n, k, c, side, _ = candidates.shape
+    crop = centres.shape[-1]
+    x = candidates.float()
+    dots = F.conv2d(x.permute(1, 0, 2, 3, 4).reshape(k, n * c, side, side), centres.float(), groups=n)  # [k, n, P, P]
+    own = F.conv2d(x.reshape(n * k, c, side, side) ** 2, torch.ones(1, c, crop, crop)).view(n, k, -1)
+    square = own + centres.float().pow(2).flatten(1).sum(1)[:, None, None] - 2 * dots.permute(1, 0, 2, 3).reshape(n, k, -1)
+    return (square.clamp_min(0) / centres[0].numel()).sqrt()
+
+
+def _detail(images: torch.Tensor) -> torch.Tensor:
+    """[..., C, S, S] -> the images minus their Gaussian blur (sigma 1 px, edges replicated): what a silhouette lacks."""
+    x = images.float().flatten(0, -4) if images.dim() > 4 else images.float()
+    g = torch.exp(-torch.arange(-3.0, 4.0) ** 2 / 2)
+    g = (g / g.sum()).to(x.dtype)
+    c = x.shape[1]
+    blur = F.pad(x, (3, 3, 3, 3), mode="replicate")
+    blur = F.conv2d(blur, g.view(1, 1, 1, 7).expand(c, 1, 1, 7), groups=c)
+    blur = F.conv2d(blur, g.view(1, 1, 7, 1).expand(c, 1, 7, 1), groups=c)
+    return (x - blur).view(images.shape)
+
+
 def _centre(images: torch.Tensor, shift: int) -> torch.Tensor:
     crop = images.shape[-1] - 2 * shift
     return _unit(images[..., shift:shift + crop, shift:shift + crop].flatten(-3).float())
@@ -70,9 +99,11 @@ def _spectrum(images: torch.Tensor, keep: int = 6) -> torch.Tensor:
 
 
 @torch.no_grad()
-def best_match(query: torch.Tensor, reference: torch.Tensor, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query signature's [N, 3, 32, 32] highest correlation with a reference [M, 3, 32, 32] at any shift, and which
-    reference: ([N] float, [N] int64; -1 and 0 where there is no reference or the image is flat)."""
+def best_match(query: torch.Tensor, reference: torch.Tensor, chunk: int = 32, detail: float = DETAIL,
+               noise: float = NOISE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query signature's [N, 3, 32, 32] highest correlation with a reference [M, 3, 32, 32] at any shift where their
+    details correlate at least ``detail``, and which reference: ([N] float, [N] int64; -1 and 0 where there is no such
+    reference or the image is flat)."""
     best = torch.full((len(query),), -1.0)
     which = torch.zeros(len(query), dtype=torch.int64)
     if len(reference) == 0 or len(query) == 0:
@@ -87,8 +118,12 @@ def best_match(query: torch.Tensor, reference: torch.Tensor, chunk: int = 32) ->
         rows = (close[:, 0] >= PREFILTER).nonzero()[:, 0]
         if len(rows) == 0:
             continue
-        # 2. Full size, every whole-pixel shift of each candidate.
-        sims = _shifted_correlations(_centre(part[rows], SHIFT), reference[cand[rows]]).amax(2)  # [r, k]
+        # 2. Full size, every whole-pixel shift of each candidate; a shift counts only where the details agree too.
+        sims = _shifted_correlations(_centre(part[rows], SHIFT), reference[cand[rows]])  # [r, k, shifts]
+        mine, theirs = _detail(part[rows]), _detail(reference[cand[rows]])
+        window = mine[..., SHIFT:-SHIFT, SHIFT:-SHIFT]
+        agree = (_shifted_correlations(_centre(mine, SHIFT), theirs) >= detail) | (_shifted_rms(window, theirs) <= noise)
+        sims = sims.masked_fill(~agree, -1.0).amax(2)  # [r, k]
         sims[close[rows] < PREFILTER] = -1.0
         value, at = sims.max(1)
         flat = _centre(part[rows], SHIFT).abs().sum(1) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 # A method and its fine-tuned twin share a colour; the twin is dashed (twelve arms stay twelve distinct lines).
@@ -30,8 +31,8 @@ def gain_plot(rows: list[dict[str, Any]], metric: str, metric_name: str, tag: st
     sizes = sorted({r["per_class"] for r in gained})
     methods = list(dict.fromkeys(r["method"] for r in gained))
     style = series_style(methods)
-    fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes) + 1.6, 0.32 * len(methods) + 1.4), sharey=True,
-                             squeeze=False)
+    width = max(5.5, 3.2 * len(sizes) + 1.6)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(width, 0.32 * len(methods) + 1.6), sharey=True, squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for y, method in enumerate(methods):
             row = next((r for r in gained if r["method"] == method and r["per_class"] == size), None)
@@ -48,7 +49,8 @@ def gain_plot(rows: list[dict[str, Any]], metric: str, metric_name: str, tag: st
     axes[0][0].set_yticks(range(len(methods)),
                           [m + (f" (vs {_baseline(gained, m)})" if _baseline(gained, m) != "real" else "") for m in methods])
     axes[0][0].invert_yaxis()
-    fig.suptitle(f"Gain in test {metric_name} over real only, paired 95% CI; filled: beyond noise ({tag})", fontsize=9)
+    title = f"Gain in test {metric_name} over real only, paired 95% CI; filled: beyond noise ({tag})"
+    fig.suptitle(textwrap.fill(title, int(width * 11)), fontsize=9)  # one panel is narrower than the title
     fig.tight_layout()
     return fig
 

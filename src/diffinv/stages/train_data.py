@@ -18,6 +18,7 @@ import torch
 
 from diffinv.classify.batches import Stream, conflicting_labels, overlap_notes
 from diffinv.config import TrainConfig
+from diffinv.data.near_duplicates import SIDE
 from diffinv.data.real import DataError, LabelledImages, load_uint8, open_images, select, validation_ids
 from diffinv.data.synthetic import MARKER, open_synthetic, read_manifest
 from diffinv.diffusion.store import CLASS_PREFIX
@@ -84,13 +85,16 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
     if use != "synthetic":
         notes += conflicting_labels(real, real_set.labels, real_set.ids, classes)
     if with_test and use != "synthetic":
-        notes += overlap_notes(real, real_set.ids, test, config.eval_split)
+        notes += overlap_notes(_at_least(SIDE, real, real_set), real_set.ids, _decoded_once(decoded, test_set, max(resolution, SIDE),
+                               False, ""), config.eval_split)
     for note in notes:
         log(f"warning: {note}")
     syn = torch.cat([load_uint8(s, resolution, progress, "synthetic images") for s in syn_sets]) if syn_sets else empty
     syn_labels = torch.cat([torch.from_numpy(s.labels) for s in syn_sets]) if syn_sets else torch.empty(0, dtype=torch.int64)
     if with_test and len(syn):  # a retrieved or filtered set can carry test images back in under other names
-        leaks = overlap_notes(syn, [i for s in syn_sets for i in s.ids], test, config.eval_split, "synthetic")
+        leaks = overlap_notes(torch.cat([_at_least(SIDE, None, s) for s in syn_sets]) if resolution < SIDE else syn,
+                              [i for s in syn_sets for i in s.ids], _decoded_once(decoded, test_set, max(resolution, SIDE), False, ""),
+                              config.eval_split, "synthetic")
         notes += leaks
         for note in leaks:
             log(f"warning: {note}")
@@ -217,6 +221,12 @@ def _whole_split(config: TrainConfig, split: str, log: Callable[[str], None]) ->
         flag = "--eval-split" if split == config.eval_split else "--val-split"
         _SPLITS[key] = (select(open_images(config.data, config.format, split, flag), None, 0, config.bad_images, warn=log), {})
     return _SPLITS[key]
+
+
+def _at_least(side: int, pixels: torch.Tensor | None, images) -> torch.Tensor:
+    """``pixels`` when they are ``side`` px or more, else ``images`` decoded at ``side``: a copy is told from a look-alike on
+    detail that 16 px thumbnails no longer hold."""
+    return pixels if pixels is not None and pixels.shape[-1] >= side else load_uint8(images, side)
 
 
 def _decoded_once(decoded: dict[int, torch.Tensor], images, resolution: int, progress: bool, desc: str) -> torch.Tensor:

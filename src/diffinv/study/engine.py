@@ -316,9 +316,12 @@ def study_costs(plan: Plan, out: Path, summary: list[dict[str, Any]]) -> dict[st
         if per_replicate and statistics.mean(per_replicate) > 0:
             gains.append({"method": row["method"], "per_class": row["per_class"], "gain_points": gain["mean"] * 100,
                           "seconds_per_replicate": statistics.mean(per_replicate),
+                          # a replicate made while the machine was busy or paused weighs on the mean, not the median
+                          "median_seconds_per_replicate": statistics.median(per_replicate),
                           "device": "GPU" if device.startswith("cuda") else device.upper()})
     return {"measured_seconds": sum(seconds.values()), "estimate": estimate,
-            "seconds_per_set": {m: statistics.mean(v) for m, v in sorted(per_method.items())}, "gains": gains}
+            "seconds_per_set": {m: statistics.mean(v) for m, v in sorted(per_method.items())},
+            "median_seconds_per_set": {m: statistics.median(v) for m, v in sorted(per_method.items())}, "gains": gains}
 
 
 def _made_from(plan: Plan, keys: list[str]) -> set[str]:
@@ -517,19 +520,22 @@ def test_runs(units: list[Unit], out: Path, log: Log, pool: Any = None) -> None:
 
 
 def warn_overlap(plan: Plan, out: Path, log: Log) -> None:
-    """Say once, before the test is read, when real training images of any replicate are byte for byte test images."""
+    """Say once, before the test is read, when real training images of any replicate are test images or look like copies
+    of them (compared at 32 px or more, whatever the classifier's resolution: at 16 px look-alikes pass for copies)."""
     from diffinv.classify.batches import overlap_notes
+    from diffinv.data.near_duplicates import SIDE
     from diffinv.data.real import load_uint8, open_images, real_subset
     from diffinv.stages.train_data import load_test_split
 
     configs = list({(u.config.per_class, u.config.subset_seed): u.config for u in plan.runs()}.values())
     trained = read_json(out / plan.runs()[0].folder / "trained.json")
-    test, _ = load_test_split(configs[0], trained["resolution"], trained["classes"], log)
+    resolution = max(trained["resolution"], SIDE)
+    test, _ = load_test_split(configs[0], resolution, trained["classes"], log)
     source = open_images(configs[0].data, configs[0].format, configs[0].split)
     chosen = sorted({i for c in configs for i in real_subset(source, c.per_class, c.subset_seed, c.bad_images, c.val_per_class,
                                                                 warn=lambda m: None).ids})
     index = {image_id: i for i, image_id in enumerate(source.ids)}
-    real = load_uint8(source.subset([index[i] for i in chosen]), trained["resolution"])
+    real = load_uint8(source.subset([index[i] for i in chosen]), resolution)
     for note in overlap_notes(real, chosen, test, configs[0].eval_split):
         log(f"warning: {note}")
 
