@@ -46,3 +46,23 @@ def test_the_title_of_a_one_panel_figure_stays_inside_it():
     title = fig._suptitle.get_window_extent()
     frame = fig.bbox
     assert frame.x0 <= title.x0 and title.x1 <= frame.x1  # before: cut at both edges of a one-size study's figure
+
+
+def test_an_arm_trained_otherwise_on_the_same_sets_shares_its_twins_frontier_point():
+    from diffinv.report.build import frontier_points
+
+    def q(method, setting, folder, r):
+        return {"method": method, "setting": setting, "per_class": 5, "replicate": r, "label_fidelity": 0.6,
+                "diversity_ratio": 0.9, "synthetic": [f"sets/{folder}-r{r}"]}
+
+    ft = "guidance=2, train.pretrained=backbones/b/model.safetensors"
+    quality = {f"{m}/{s}/{r}": q(m, s, f, r) for r in (0, 1) for m, s, f in
+               (("di", "guidance=2", "di-a"), ("di", "guidance=1", "di-b"), ("di-ft", ft, "di-a"), ("lora", "", "lora-a"))}
+    def cands(*labels):
+        return {"5": {"chosen": labels[0], "candidates": [{"label": s, "validation_gain": {"mean": 0.01}} for s in labels]}}
+
+    selection = {"di": cands("guidance=2", "guidance=1"), "di-ft": cands(ft, "guidance=1, train.pretrained=x"),
+                 "lora": cands("")}
+    points = frontier_points(quality, selection)
+    labels = sorted(p["label"] for p in points)
+    assert labels == ["di guidance=1", "di(-ft) guidance=2", "lora"]  # before: a second di-ft point on top, path in label

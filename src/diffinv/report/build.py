@@ -343,18 +343,43 @@ def frontier_points(quality: dict[str, Any], selection: dict[str, Any]) -> list[
     for q in quality.values():
         if q.get("diversity_ratio") is not None:
             sets.setdefault((q["method"], q.get("setting", ""), q["per_class"]), []).append(q)
-    points = []
-    for (method, setting, k), qs in sets.items():
+    points: list[dict[str, Any]] = []
+    same_data: dict[frozenset, dict[str, Any]] = {}
+    varying = _varying_parts(sets)
+    for (method, setting, k), qs in sorted(sets.items(), key=lambda item: item[0][0].endswith("-ft")):  # di before di-ft
         entry = (selection.get(method) or {}).get(str(k)) or {}
         cand: dict[str, Any] = next((c for c in entry.get("candidates", []) if c["label"] == setting), {})
         gain = (cand.get("validation_gain") or {}).get("mean")
         several = len(entry.get("candidates", [])) > 1
-        points.append({"method": method, "setting": setting, "label": f"{method} {setting}" if several else method,
+        folders = frozenset(f for q in qs for f in q.get("synthetic") or [])
+        twin = same_data.get(folders) if folders else None
+        if twin is not None:  # an arm trained otherwise on the very same sets (di-ft beside di): one point, both names
+            both = f"{twin['method']}(-ft)" if method == f"{twin['method']}-ft" else f"{twin['method']} / {method}"
+            twin["label"] = twin["label"].replace(twin["method"], both, 1)
+            twin["also"].append(method)
+            continue
+        short = ", ".join(part for part in setting.split(", ") if part.split("=")[0] in varying[method])
+        points.append({"method": method, "also": [], "setting": setting,
+                       "label": f"{method} {short}" if several and short else method,
                        "per_class": k, "sets": len(qs), "kept": entry.get("chosen") == setting,
                        "label_fidelity": float(np.mean([q["label_fidelity"] for q in qs])),
                        "diversity_ratio": float(np.mean([q["diversity_ratio"] for q in qs])),
                        "val_gain": gain, "metric": entry.get("metric") or "top1"})
+        if folders:
+            same_data[folders] = points[-1]
     return points
+
+
+def _varying_parts(sets: dict[tuple, Any]) -> dict[str, set[str]]:
+    """Per method, the setting keys whose values differ between its candidates (a label needs no more); the classifier's
+    own (``train.*``) are left out: they do not change the set."""
+    values: dict[str, dict[str, set[str]]] = {}
+    for method, setting, _ in sets:
+        for part in filter(None, setting.split(", ")):
+            key, _, value = part.partition("=")
+            values.setdefault(method, {}).setdefault(key, set()).add(value)
+    return {m: {k for k, v in kv.items() if len(v) > 1 and not k.startswith("train.")} for m, kv in values.items()} | {
+        m: set() for m, _, _ in sets if m not in values}
 
 
 def _frontier_text(points: list[dict[str, Any]]) -> str:
@@ -362,7 +387,8 @@ def _frontier_text(points: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (_k(p["per_class"]), -p["label_fidelity"])):
         gain = "" if p["val_gain"] is None else f"{100 * p['val_gain']:+.2f} ({METRIC_NAMES[p['metric']]})"
-        lines.append(f"| {p['method']} | {p['setting']} | {_k(p['per_class'])} | {100 * p['label_fidelity']:.1f}% | "
+        names = " / ".join([p["method"], *p.get("also", [])])
+        lines.append(f"| {names} | {p['setting']} | {_k(p['per_class'])} | {100 * p['label_fidelity']:.1f}% | "
                      f"{p['diversity_ratio']:.3f} | {gain} | {'yes' if p['kept'] else ''} |")
     return ("Each synthetic set's label fidelity (the real-only judge's accuracy on it) against its diversity (the "
             "within-class spread of the judge's features, synthetic over real), means over replicates, with the "
@@ -393,12 +419,16 @@ def _cost_plot(gains: list[dict[str, Any]]):
 def _frontier_plot(points: list[dict[str, Any]]):
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    draw_frontier(ax, points, lambda p: f"{p['label']} k{_k(p['per_class'])}")
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
     ax.set_xlabel("label fidelity (%): the real-only judge's accuracy on the set")
     ax.set_ylabel("diversity: within-class spread, synthetic / real")
     ax.set_title("Fidelity vs diversity\n(colour and label: validation gain over real only, points)", fontsize=10)
+    xs, ys = [100 * p["label_fidelity"] for p in points], [p["diversity_ratio"] for p in points]
+    pad = max(0.05, 0.1 * (max(ys) - min(ys)))  # room for the labels, placed on the final frame
+    ax.set_xlim(min(xs) - 2, max(xs) + 2)
+    ax.set_ylim(min(ys) - pad, max(ys) + pad)
     fig.tight_layout()
+    draw_frontier(ax, points, lambda p: f"{p['label']} k{_k(p['per_class'])}")
     return fig
 
 
@@ -416,12 +446,35 @@ def draw_frontier(ax: Any, points: list[dict[str, Any]], label: Callable[[dict[s
         colour = "grey" if p["val_gain"] is None else plt.cm.RdYlGn(0.5 + 0.5 * p["val_gain"] / scale)
         ax.scatter(100 * p["label_fidelity"], p["diversity_ratio"], color=colour, edgecolor="black", s=60, zorder=3,
                    marker="s" if "img2img" in p["method"] else "o")
+    placed: list[Any] = []
+    for p in sorted(points, key=lambda p: -p["diversity_ratio"]):
         gain = "" if p["val_gain"] is None else f" ({100 * p['val_gain']:+.1f})"
-        ax.annotate(label(p) + gain, (100 * p["label_fidelity"], p["diversity_ratio"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=fontsize)
+        placed.append(_place_label(ax, label(p) + gain, (100 * p["label_fidelity"], p["diversity_ratio"]), fontsize, placed))
     ax.axhline(1.0, color="black", lw=0.8, ls=":")
     ax.grid(alpha=0.3)
     return scale
+
+
+def _place_label(ax: Any, text: str, xy: tuple[float, float], fontsize: float, placed: list[Any]) -> Any:
+    """Annotate ``xy`` at the first offset where the label overlaps no label placed before and stays inside the axes
+    (the last offset tried when none does); returns its box in display units."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    annotation: Any = None
+    for dx, dy in ((4, 4), (4, -11), (-4, 4), (-4, -11), (4, 13), (-4, 13), (4, -20), (-4, -20)):
+        if annotation is not None:
+            annotation.remove()
+        annotation = ax.annotate(text, xy, textcoords="offset points", xytext=(dx, dy), ha="left" if dx > 0 else "right",
+                                 fontsize=fontsize)
+        annotation.set_in_layout(False)  # a long label must not squeeze the axes
+        box = annotation.get_window_extent(renderer)
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        if inside and not any(box.overlaps(other) for other in placed):
+            return box
+    annotation.remove()  # nowhere free: beside the point, where it is least ambiguous
+    annotation = ax.annotate(text, xy, textcoords="offset points", xytext=(4, 4), fontsize=fontsize)
+    annotation.set_in_layout(False)
+    return annotation.get_window_extent(renderer)
 
 
 def _grid_figure(synthetic: str, dataset: dict[str, Any], title: str):
