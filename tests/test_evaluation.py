@@ -71,6 +71,13 @@ def test_head_to_head_is_paired_by_replicate_and_reported(tmp_path):
     assert versus["mean"] == pytest.approx(0.0215) and versus["n"] == 4 and versus["beyond_noise"]
     assert "versus" not in summary["img2img"]
     assert "**di** beats **img2img**" in verdict(list(summary.values()))
+    from diffinv.report.build import _markdown_table_to_html
+
+    text = verdict(list(summary.values()))  # a list to scan, one bullet per method and per head-to-head, not a paragraph
+    bullets = [line for line in text.splitlines() if line.startswith("- **") or line.startswith("- Head to head")]
+    assert len(bullets) == 3 and "4 replicates" in text
+    shown = _markdown_table_to_html(text)
+    assert shown.count("<ul>") == 1 and shown.count("<li>") == 3
     from diffinv.report.table import verdict_lines
 
     lines = verdict_lines(list(summary.values())).splitlines()

@@ -69,7 +69,7 @@ def _write_report(root: Path) -> Path:
             body.append(_markdown_table_to_html(text))
         if figure is not None:
             name = f"{_slug(heading)}.png"
-            png = _png(figure)
+            png = figure if isinstance(figure, bytes) else _png(figure)
             write_bytes(out / name, png)
             md.append(f"![{heading}]({name})\n")
             body.append(f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
@@ -94,7 +94,7 @@ def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
     selection = read_json(root / "selection.json") if (root / "selection.json").is_file() else {}
     study = read_yaml(root / "study.yaml") if (root / "study.yaml").is_file() else {}
     chosen = chosen_text(selection)
-    sections = [("Verdict", verdict(rows), None)]
+    sections: list[tuple[str, str, Any]] = [("Verdict", verdict(rows), None)]
     if generator_lines(rows):
         sections.append(("Which generator", generator_lines(rows), None))
     sections += [("Accuracy", _accuracy_text() + "\n\n" + result_table(rows)
@@ -125,8 +125,8 @@ def _study_sections(root: Path) -> list[tuple[str, str, Any]]:
             continue  # one grid per method and size (the first replicate's)
         shown.add((q["method"], q["per_class"]))
         figure = _grid_figure(str(root / q["synthetic"][0]), study, key)
-        if figure is not None:
-            sections.append((f"Real images and their synthetic variants ({key})", "", figure))
+        if figure is not None:  # drawn now and let go: a study with many kept methods held dozens of figures open
+            sections.append((f"Real images and their synthetic variants ({key})", "", _png(figure)))
     return sections
 
 
@@ -163,38 +163,49 @@ def _accuracy_text() -> str:
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
-    """One paragraph, from the numbers: which methods gain beyond noise, at which sizes."""
+    """From the numbers, one bullet per method (which sizes it gains at beyond noise) and one per head-to-head
+    comparison and size (whom it beats, trails, is level with)."""
     metric = _metric(rows)
     name = METRIC_NAMES[metric]
-    parts = []
+    lines: list[str] = []
+    counts: set[int] = set()
     for method in dict.fromkeys(r["method"] for r in rows if r.get("gain")):
         mine = sorted((r for r in rows if r["method"] == method and (r.get("gain") or {}).get(metric)),
                       key=lambda r: math.inf if r["per_class"] is None else r["per_class"])
         real = [f"{100 * r['gain'][metric]['mean']:+.1f} points at {_k(r['per_class'])}" for r in mine
                 if r["gain"][metric]["beyond_noise"]]
         noise = [_k(r["per_class"]) for r in mine if not r["gain"][metric]["beyond_noise"]]
-        n = min(r["gain"][metric]["n"] for r in mine)
+        counts.update(r["gain"][metric]["n"] for r in mine)
+        over = "" if mine[0].get("baseline", "real") == "real" else f" over {mine[0]['baseline']}"
         if real:
-            text = f"**{method}** improves {name} beyond noise: {', '.join(real)} real images per class"
+            text = f"**{method}** improves {name}{over} beyond noise: {', '.join(real)} real images per class"
             text += f"; at {', '.join(noise)} its gain is within noise" if noise else ""
         else:
-            text = f"**{method}** shows no gain beyond noise in {name} at any size ({', '.join(noise)} per class)"
-        parts.append(text + f" (95% t-intervals over {n} replicates, paired by replicate).")
+            text = f"**{method}** shows no gain{over} beyond noise in {name} at any size ({', '.join(noise)} per class)"
+        lines.append(f"- {text}.")
     for r in rows:
+        said: dict[str, list[str]] = {}
         for rival, versus in (r.get("versus") or {}).items():
             g = versus.get(metric)
             if g is None:
                 continue
             verb = "beats" if g["beyond_noise"] and g["mean"] > 0 else ("trails" if g["beyond_noise"] else "is level with")
-            parts.append(f"Head to head at {_k(r['per_class'])} per class, **{r['method']}** {verb} **{rival}** "
-                         f"({100 * g['mean']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}] points, paired; "
-                         f"{'beyond' if g['beyond_noise'] else 'within'} noise).")
+            said.setdefault(verb, []).append(f"**{rival}** ({100 * g['mean']:+.2f} [{100 * g['low']:+.2f}, "
+                                             f"{100 * g['high']:+.2f}])")
+        if said:
+            stands = "; ".join(f"{verb} {', '.join(them)}" for verb, them in said.items())
+            lines.append(f"- Head to head at {_k(r['per_class'])} per class, **{r['method']}** {stands}.")
+    if not lines:
+        return "No method with synthetic data has a real-only baseline at the same size to compare with."
+    n = "-".join(str(c) for c in sorted({min(counts), max(counts)})) if counts else "the"
+    notes = [f"Points of test {name}, with 95% t-intervals over {n} replicates, paired by replicate; beyond noise where "
+             "the interval excludes 0."]
     degenerate = [f"{r['method']} at {_k(r['per_class'])}" for r in rows if r.get("degenerate_runs")]
     if degenerate:
-        parts.append(f"Degenerate runs (one class for >= 95% of predictions), never counted as gains: {', '.join(degenerate)}.")
+        notes.append(f"Degenerate runs (one class for >= 95% of predictions), never counted as gains: {', '.join(degenerate)}.")
     if metric != "top1":
-        parts.append(f"The test split is imbalanced, so {name} is the headline (top-1 would reward predicting the majority).")
-    return " ".join(parts) or "No method with synthetic data has a real-only baseline at the same size to compare with."
+        notes.append(f"The test split is imbalanced, so {name} is the headline (top-1 would reward predicting the majority).")
+    return "\n".join(lines) + "\n\n" + " ".join(notes)
 
 
 def _real_curve(rows: list[dict[str, Any]], metric: str = "top1") -> list[tuple[float, float]]:
@@ -645,7 +656,10 @@ def _markdown_table_to_html(text: str) -> str:
             continue
         flush()
         if line.startswith("- "):
-            out.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
+            if out and out[-1].endswith("</li></ul>"):  # the next item of the same list
+                out[-1] = out[-1][:-len("</ul>")] + f"<li>{_inline(line[2:])}</li></ul>"
+            else:
+                out.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
         elif line.strip():
             out.append(f"<p>{_inline(line)}</p>")
     flush()
