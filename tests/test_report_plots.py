@@ -66,3 +66,18 @@ def test_an_arm_trained_otherwise_on_the_same_sets_shares_its_twins_frontier_poi
     points = frontier_points(quality, selection)
     labels = sorted(p["label"] for p in points)
     assert labels == ["di guidance=1", "di(-ft) guidance=2", "lora"]  # before: a second di-ft point on top, path in label
+
+
+def test_the_quality_table_has_a_row_per_method_and_size_not_per_set():
+    from diffinv.report.build import _quality_table
+
+    def q(method, folder, r, fidelity):
+        return {"method": method, "per_class": 5, "label_fidelity": fidelity, "diversity_ratio": 1.0, "n_synthetic": 50,
+                "near_copies": r, "nn_distance_syn_to_real": 0.1, "nn_distance_real_to_real": 0.2, "fd_judge": 3.0,
+                "fid": None, "fid_note": "FID left out", "synthetic": [f"sets/{folder}-r{r}"]}
+
+    quality = {f"{m}/k5/r{r}": q(m, f, r, fid) for r, fid in ((0, 0.8), (1, 0.9)) for m, f in
+               (("di-ft", "di-a"), ("di", "di-a"), ("lora", "lora-a"))}
+    rows = [line for line in _quality_table(quality).splitlines() if line.startswith("| ") and "/k5" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| di(-ft)/k5", "| lora/k5"]  # before: six rows, di's sets twice
+    assert rows[0].split(" | ")[1:4] == ["2", "85.0% ± 7.1", "1.000"] and "| 1/100 |" in rows[0]

@@ -301,15 +301,17 @@ def _per_class_plot(rows: list[dict[str, Any]], tag: str):
     smallest = min(r["n_real"] for r in rows)
     chosen = [r for r in rows if r["n_real"] == smallest]
     classes = chosen[0]["classes"]
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.6 * len(classes) * len(chosen) / 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.6 * len(classes) * len(chosen) / 2) + 1.8, 4))
     width = 0.8 / len(chosen)
+    style = series_style([r["method"] for r in chosen])  # twelve arms, twelve looks: -ft twins hatched in their twin's colour
     for i, r in enumerate(chosen):
         vals = [100 * (v or 0) for v in r["per_class_acc_mean"]]
-        ax.bar(np.arange(len(classes)) + i * width, vals, width, label=r["method"])
+        ax.bar(np.arange(len(classes)) + i * width, vals, width, label=r["method"], color=style[r["method"]]["color"],
+               hatch="//" if style[r["method"]]["linestyle"] == "--" else None, edgecolor="white", linewidth=0.3)
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Per-class accuracy at {smallest / len(classes):g} real / class ({tag})")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the bars, never over them
     fig.tight_layout()
     return fig
 
@@ -327,21 +329,47 @@ def _per_class_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _quality_table(quality: dict[str, Any]) -> str:
-    lines = ["| set | label fidelity | diversity (syn/real) | NN dist syn→real | NN dist real→real | near copies | FD (judge) | FID |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One row per kept method and size (an -ft arm on its twin's very sets shares its row): means over the replicates'
+    sets, label fidelity also with its spread; every set's own figures are in quality.json."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    folders: dict[frozenset, str] = {}
     for key, q in quality.items():
-        div = "" if q["diversity_ratio"] is None else f"{q['diversity_ratio']:.3f}"
-        fid = "left out" if q["fid"] is None else f"{q['fid']:.2f}"
-        lines.append(f"| {key} | {100 * q['label_fidelity']:.1f}% | {div} | {q['nn_distance_syn_to_real']:.4f} | "
-                     f"{q['nn_distance_real_to_real']:.4f} | {q['near_copies']}/{q['n_synthetic']} | {q['fd_judge']:.2f} | {fid} |")
-    notes = sorted({q["fid_note"] for q in quality.values()})
-    precision = [f"{key} {100 * q['label_precision']:.1f}%" for key, q in quality.items() if q.get("label_precision") is not None]
+        name = key.rsplit("/", 1)[0] if key.count("/") >= 2 else key
+        groups.setdefault(name, []).append(q)
+    names: dict[str, str] = {}
+    for name, qs in sorted(groups.items(), key=lambda g: (g[1][0]["method"].endswith("-ft"), g[0])):  # di before di-ft
+        same = frozenset(f for q in qs for f in q.get("synthetic") or [])
+        twin = folders.get(same) if same else None
+        if twin is not None and qs[0]["method"] == f"{groups[twin][0]['method']}-ft":
+            names[twin] = names[twin].replace(groups[twin][0]["method"], f"{groups[twin][0]['method']}(-ft)", 1)
+            continue
+        folders.setdefault(same, name)
+        names[name] = name
+    lines = ["| method / size | sets | label fidelity | diversity (syn/real) | NN dist syn→real | NN dist real→real | near copies "
+             "| FD (judge) | FID |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def mean(qs: list[dict[str, Any]], field: str) -> float | None:
+        return float(np.mean([q[field] for q in qs])) if all(q.get(field) is not None for q in qs) else None
+
+    for name, shown in names.items():
+        qs = groups[name]
+        fidelity = [100 * q["label_fidelity"] for q in qs]
+        spread = f" ± {np.std(fidelity, ddof=1):.1f}" if len(qs) > 1 else ""
+        div, fd, fid = mean(qs, "diversity_ratio"), mean(qs, "fd_judge"), mean(qs, "fid")
+        lines.append(f"| {shown} | {len(qs)} | {np.mean(fidelity):.1f}%{spread} | {'' if div is None else f'{div:.3f}'} | "
+                     f"{mean(qs, 'nn_distance_syn_to_real') or 0:.4f} | {mean(qs, 'nn_distance_real_to_real') or 0:.4f} | "
+                     f"{sum(q['near_copies'] for q in qs)}/{sum(q['n_synthetic'] for q in qs)} | "
+                     f"{'' if fd is None else f'{fd:.2f}'} | {'left out' if fid is None else f'{fid:.2f}'} |")
+    notes = sorted({q["fid_note"] for q in quality.values() if q.get("fid_note")})
+    precision = [f"{names[n]} {100 * p:.1f}%" for n, qs in groups.items() if n in names
+                 and (p := mean(qs, "label_precision")) is not None]
     if precision:  # retrieval from a labelled pool: shown, never used to choose
         notes.append("Retrieval label precision (the share of retrieved images whose own pool label is their query's; "
                      "for the report only, never used to choose): " + ", ".join(precision))
-    return ("Label fidelity: accuracy of the real-only judge on the synthetic images. Distances are RMS on [0, 1] pixels. "
-            "FD (judge): Fréchet distance to the real test set in the judge's feature space.\n\n" + "\n".join(lines)
-            + "\n\n" + "\n".join(f"- {n}" for n in notes))
+    return ("Means over each kept method's sets, one per replicate (label fidelity also with its standard deviation; every "
+            "set's own figures: quality.json). Label fidelity: accuracy of the real-only judge on the synthetic images. "
+            "Distances are RMS on [0, 1] pixels. FD (judge): Fréchet distance to the real test set in the judge's feature "
+            "space.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes))
 
 
 def frontier_points(quality: dict[str, Any], selection: dict[str, Any]) -> list[dict[str, Any]]:
