@@ -49,3 +49,18 @@ def test_a_flat_image_and_an_empty_reference_match_nothing():
     flat = np.full((28, 28), 90, np.uint8)
     assert near_duplicates(_sig(flat), _sig(flat)).tolist() == [False]
     assert near_duplicates(_sig(_garment("checked")), torch.empty(0, 3, 32, 32, dtype=torch.uint8)).tolist() == [False]
+
+
+def test_the_shifted_correlations_are_those_of_every_window_computed_one_by_one():
+    from diffinv.data.near_duplicates import SHIFT, _centre, _shifted_correlations, _shifted_rms
+
+    gen = torch.Generator().manual_seed(0)
+    query, cands = torch.rand(2, 3, 32, 32, generator=gen) * 255, torch.rand(2, 4, 3, 32, 32, generator=gen) * 255
+    crop = 32 - 2 * SHIFT
+    fast, rms = _shifted_correlations(_centre(query, SHIFT), cands), _shifted_rms(query[..., SHIFT:-SHIFT, SHIFT:-SHIFT], cands)
+    for i, k, dy, dx in ((0, 0, 0, 0), (1, 3, 6, 2), (0, 2, 3, 5)):
+        window = cands[i, k, :, dy:dy + crop, dx:dx + crop]
+        a, b = query[i, :, SHIFT:-SHIFT, SHIFT:-SHIFT].flatten(), window.flatten()
+        slow = torch.corrcoef(torch.stack([a, b]))[0, 1]
+        assert abs(float(fast[i, k, dy * (2 * SHIFT + 1) + dx] - slow)) < 1e-4
+        assert abs(float(rms[i, k, dy * (2 * SHIFT + 1) + dx] - (a - b).pow(2).mean().sqrt())) < 1e-2

@@ -27,6 +27,7 @@ DETAIL = 0.9  # correlation of the detail (the image minus its blur) at the same
 NOISE = 3.0  # ... or its root mean square difference, in grey levels: a smooth picture's detail is its re-encoding noise
 CANDIDATES = 32  # references per image compared at full size: the closest in low-frequency amplitudes
 PREFILTER = 0.9  # ... and only those whose amplitudes correlate this much (a near-duplicate's: above 0.95)
+FLOOR = 0.9  # the lowest correlation reported: a pair under it is no match (-1), and its details are not compared
 
 
 def signatures(uint8: torch.Tensor) -> torch.Tensor:
@@ -44,43 +45,59 @@ def _unit(w: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 1e-3 * w.shape[-1] ** 0.5, w / norm.clamp_min(1e-6), torch.zeros_like(w))
 
 
+def _cross(centres: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Dot product of each query's window [n, 3, C, C] with every window of that size of its candidates [n, k, 3, S, S]:
+    [n, k, (S - C + 1)^2]. By FFT: a circular correlation of the zero-padded window, whose first S - C + 1 shifts each
+    way never wrap (a grouped convolution did the same several times slower on a CPU)."""
+    side, crop = candidates.shape[-1], centres.shape[-1]
+    spectra = torch.fft.rfft2(candidates.float()) * torch.fft.rfft2(centres.float(), s=(side, side)).conj()[:, None]
+    shifts = side - crop + 1
+    return torch.fft.irfft2(spectra.sum(2), s=(side, side))[..., :shifts, :shifts].flatten(2)
+
+
+def _window_sums(candidates: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and sum of squares over channels of every crop x crop window of candidates [n, k, 3, S, S]: [n, k, P^2] each."""
+    x = candidates.float()
+
+    def box(v: torch.Tensor) -> torch.Tensor:  # summed-area table: every window's sum in O(S^2)
+        table = F.pad(v.sum(2).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        return (table[..., crop:, crop:] - table[..., :-crop, crop:] - table[..., crop:, :-crop]
+                + table[..., :-crop, :-crop]).flatten(2)
+
+    return box(x), box(x * x)
+
+
 def _shifted_correlations(centres: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Correlation of each query's standardised centre window [n, 3 C^2] with every window of the same size of its
-    candidates [n, k, 3, S, S]: [n, k, (S - C + 1)^2], by convolution (no window is copied out)."""
+    candidates [n, k, 3, S, S]: [n, k, (S - C + 1)^2] (no window is copied out)."""
     n, k, c, side, _ = candidates.shape
     crop = int(round((centres.shape[1] / c) ** 0.5))
-    x = candidates.float()
     # The centre is zero-mean, so its dot product with a window equals the dot product with the centred window.
-    dots = F.conv2d(x.permute(1, 0, 2, 3, 4).reshape(k, n * c, side, side), centres.view(n, c, crop, crop), groups=n)
-    ones = torch.ones(1, c, crop, crop)
-    flat = x.reshape(n * k, c, side, side)
-    s1, s2 = F.conv2d(flat, ones), F.conv2d(flat * flat, ones)  # [n k, 1, P, P]
-    norm = (s2 - s1 * s1 / ones.numel()).clamp_min(0).sqrt().view(n, k, -1)
-    return torch.where(norm > 1e-3, dots.permute(1, 0, 2, 3).reshape(n, k, -1) / norm.clamp_min(1e-6), torch.zeros_like(norm))
+    dots = _cross(centres.view(n, c, crop, crop), candidates)
+    s1, s2 = _window_sums(candidates, crop)
+    norm = (s2 - s1 * s1 / (c * crop * crop)).clamp_min(0).sqrt()
+    return torch.where(norm > 1e-3, dots / norm.clamp_min(1e-6), torch.zeros_like(norm))
 
 
 def _shifted_rms(centres: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Root mean square difference between each query's centre window [n, 3, C, C] and every window of the same size of
-    its candidates [n, k, 3, S, S]: [n, k, (S - C + 1)^2], by convolution."""
-    n, k, c, side, _ = candidates.shape
-    crop = centres.shape[-1]
-    x = candidates.float()
-    dots = F.conv2d(x.permute(1, 0, 2, 3, 4).reshape(k, n * c, side, side), centres.float(), groups=n)  # [k, n, P, P]
-    own = F.conv2d(x.reshape(n * k, c, side, side) ** 2, torch.ones(1, c, crop, crop)).view(n, k, -1)
-    square = own + centres.float().pow(2).flatten(1).sum(1)[:, None, None] - 2 * dots.permute(1, 0, 2, 3).reshape(n, k, -1)
+    its candidates [n, k, 3, S, S]: [n, k, (S - C + 1)^2]."""
+    own = _window_sums(candidates, centres.shape[-1])[1]
+    square = own + centres.float().pow(2).flatten(1).sum(1)[:, None, None] - 2 * _cross(centres, candidates)
     return (square.clamp_min(0) / centres[0].numel()).sqrt()
 
 
 def _detail(images: torch.Tensor) -> torch.Tensor:
     """[..., C, S, S] -> the images minus their Gaussian blur (sigma 1 px, edges replicated): what a silhouette lacks."""
-    x = images.float().flatten(0, -4) if images.dim() > 4 else images.float()
-    g = torch.exp(-torch.arange(-3.0, 4.0) ** 2 / 2)
-    g = (g / g.sum()).to(x.dtype)
-    c = x.shape[1]
-    blur = F.pad(x, (3, 3, 3, 3), mode="replicate")
-    blur = F.conv2d(blur, g.view(1, 1, 1, 7).expand(c, 1, 1, 7), groups=c)
-    blur = F.conv2d(blur, g.view(1, 1, 7, 1).expand(c, 1, 7, 1), groups=c)
-    return (x - blur).view(images.shape)
+    side = images.shape[-1]
+    x = images.float().reshape(-1, 1, side, side)
+    taps = torch.exp(-torch.arange(-3.0, 4.0) ** 2 / 2)
+    weights = (taps / taps.sum()).tolist()
+    padded = F.pad(x, (3, 3, 3, 3), mode="replicate")[:, 0]
+    # Separable, as sums of shifted slices: a 7-tap blur of single-channel planes is slow as a CPU convolution.
+    rows = torch.stack([w * padded[:, :, j:j + side] for j, w in enumerate(weights)]).sum(0)
+    blur = torch.stack([w * rows[:, j:j + side, :] for j, w in enumerate(weights)]).sum(0)
+    return (x[:, 0] - blur).view(images.shape)
 
 
 def _centre(images: torch.Tensor, shift: int) -> torch.Tensor:
@@ -102,8 +119,8 @@ def _spectrum(images: torch.Tensor, keep: int = 6) -> torch.Tensor:
 def best_match(query: torch.Tensor, reference: torch.Tensor, chunk: int = 32, detail: float = DETAIL,
                noise: float = NOISE) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query signature's [N, 3, 32, 32] highest correlation with a reference [M, 3, 32, 32] at any shift where their
-    details correlate at least ``detail``, and which reference: ([N] float, [N] int64; -1 and 0 where there is no such
-    reference or the image is flat)."""
+    details agree (see the module), and which reference: ([N] float, [N] int64; -1 and 0 where no reference reaches
+    ``FLOOR`` or the image is flat)."""
     best = torch.full((len(query),), -1.0)
     which = torch.zeros(len(query), dtype=torch.int64)
     if len(reference) == 0 or len(query) == 0:
@@ -118,18 +135,30 @@ def best_match(query: torch.Tensor, reference: torch.Tensor, chunk: int = 32, de
         rows = (close[:, 0] >= PREFILTER).nonzero()[:, 0]
         if len(rows) == 0:
             continue
-        # 2. Full size, every whole-pixel shift of each candidate; a shift counts only where the details agree too.
+        # 2. Full size, every whole-pixel shift of each candidate.
         sims = _shifted_correlations(_centre(part[rows], SHIFT), reference[cand[rows]])  # [r, k, shifts]
-        mine, theirs = _detail(part[rows]), _detail(reference[cand[rows]])
-        window = mine[..., SHIFT:-SHIFT, SHIFT:-SHIFT]
-        agree = (_shifted_correlations(_centre(mine, SHIFT), theirs) >= detail) | (_shifted_rms(window, theirs) <= noise)
-        sims = sims.masked_fill(~agree, -1.0).amax(2)  # [r, k]
         sims[close[rows] < PREFILTER] = -1.0
-        value, at = sims.max(1)
+        # 3. A shift counts only where the details agree too, checked for the pairs that come near at all.
+        sims = sims.masked_fill(~_details_agree(part[rows], reference, cand[rows], sims.amax(2) >= FLOOR, detail, noise), -1.0)
+        value, at = sims.amax(2).max(1)
         flat = _centre(part[rows], SHIFT).abs().sum(1) == 0
         best[start + rows] = torch.where(flat, torch.full_like(value, -1.0), value)
         which[start + rows] = cand[rows].gather(1, at[:, None])[:, 0]
     return best, which
+
+
+def _details_agree(part: torch.Tensor, reference: torch.Tensor, cand: torch.Tensor, near: torch.Tensor, detail: float,
+                   noise: float) -> torch.Tensor:
+    """[r, k, shifts] bool: whether each query's detail [r, 3, S, S] agrees with its candidate's (``reference[cand]``,
+    [r, k]) at each shift, for the pairs ``near`` [r, k] (the others: False)."""
+    agree = torch.zeros(*cand.shape, (2 * SHIFT + 1) ** 2, dtype=torch.bool)
+    r, c = near.nonzero(as_tuple=True)
+    if len(r):
+        mine, theirs = _detail(part[r]), _detail(reference[cand[r, c]])[:, None]  # [h, 3, S, S], [h, 1, 3, S, S]
+        window = mine[..., SHIFT:-SHIFT, SHIFT:-SHIFT]
+        agree[r, c] = ((_shifted_correlations(_centre(mine, SHIFT), theirs) >= detail)
+                       | (_shifted_rms(window, theirs) <= noise))[:, 0]
+    return agree
 
 
 def near_duplicates(query: torch.Tensor, reference: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
