@@ -64,3 +64,17 @@ def test_the_shifted_correlations_are_those_of_every_window_computed_one_by_one(
         slow = torch.corrcoef(torch.stack([a, b]))[0, 1]
         assert abs(float(fast[i, k, dy * (2 * SHIFT + 1) + dx] - slow)) < 1e-4
         assert abs(float(rms[i, k, dy * (2 * SHIFT + 1) + dx] - (a - b).pow(2).mean().sqrt())) < 1e-2
+
+
+def test_a_test_split_checked_again_is_read_from_the_cache_and_a_changed_one_is_not():
+    from diffinv.classify import batches
+
+    def rgb(*images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.stack(images))[:, None].expand(-1, 3, -1, -1).contiguous()
+
+    real = rgb(_jpeg(_garment("checked"), 75))
+    with_copy = rgb(_garment("checked"), _garment("plain", seed=1), _garment("plain", seed=2))
+    without = rgb(_garment("plain", seed=3), _garment("plain", seed=1), _garment("plain", seed=2))
+    assert "look like copies" in batches.overlap_notes(real, ["r0"], with_copy, "test")[0]
+    assert len(batches._TEST_SIDES) >= 1 and batches.overlap_notes(real, ["r0"], with_copy.clone(), "test")
+    assert batches.overlap_notes(real, ["r0"], without, "test") == []  # same shape, other pixels: not the cached split

@@ -8,19 +8,36 @@ import torch
 
 from diffinv.rng import key_of
 
+_TEST_SIDES: dict[bytes, tuple[set[bytes], torch.Tensor, torch.Tensor]] = {}  # a study's runs check one test split
+
+
+def _digest(x: torch.Tensor) -> bytes:
+    return hashlib.blake2b(x.numpy().tobytes(), digest_size=12).digest()
+
+
+def _test_side(test: torch.Tensor) -> tuple[set[bytes], torch.Tensor, torch.Tensor]:
+    """The test split's image digests, near-duplicate signatures and their spectra, computed once per process."""
+    from diffinv.data.near_duplicates import reference_spectra, signatures
+
+    key = hashlib.blake2b(test.numpy().tobytes()).digest() + repr(tuple(test.shape)).encode()
+    if key not in _TEST_SIDES:
+        while len(_TEST_SIDES) >= 2:
+            _TEST_SIDES.pop(next(iter(_TEST_SIDES)))
+        sig = signatures(test)
+        _TEST_SIDES[key] = ({_digest(t) for t in test}, sig, reference_spectra(sig))
+    return _TEST_SIDES[key]
+
 
 def overlap_notes(real: torch.Tensor, ids: list[str], test: torch.Tensor, split: str, what: str = "training") -> list[str]:
     """Training images (uint8 [N, 3, R, R]) that are test images, identical or near-duplicates (re-encoded, resized,
     shifted copies: :mod:`diffinv.data.near_duplicates`): the test score would partly be a memory test."""
     from diffinv.data.near_duplicates import near_duplicates, signatures
 
-    def digest(x: torch.Tensor) -> bytes:
-        return hashlib.blake2b(x.numpy().tobytes(), digest_size=12).digest()
-
-    seen = {digest(t) for t in test}
-    same = [i for i, x in zip(ids, real) if digest(x) in seen]
-    near = near_duplicates(signatures(real), signatures(test)) if len(real) and len(test) else torch.zeros(len(real), dtype=torch.bool)
-    close = [i for i, x, n in zip(ids, real, near.tolist()) if n and digest(x) not in seen]
+    seen, test_sig, spectra = _test_side(test)
+    same = [i for i, x in zip(ids, real) if _digest(x) in seen]
+    near = (near_duplicates(signatures(real), test_sig, spectra=spectra) if len(real) and len(test)
+            else torch.zeros(len(real), dtype=torch.bool))
+    close = [i for i, x, n in zip(ids, real, near.tolist()) if n and _digest(x) not in seen]
     notes = []
     def listed(found: list[str]) -> str:
         return f"({', '.join(found[:3])}{' ...' if len(found) > 3 else ''})"
