@@ -38,10 +38,10 @@ def overlap_notes(real: torch.Tensor, ids: list[str], test: torch.Tensor, split:
     near = (near_duplicates(signatures(real), test_sig, spectra=spectra) if len(real) and len(test)
             else torch.zeros(len(real), dtype=torch.bool))
     close = [i for i, x, n in zip(ids, real, near.tolist()) if n and _digest(x) not in seen]
-    notes = []
     def listed(found: list[str]) -> str:
         return f"({', '.join(found[:3])}{' ...' if len(found) > 3 else ''})"
 
+    notes = []
     if same:
         notes.append(f"{len(same)} {what} image(s) are identical to images of the {split!r} split {listed(same)}: the test "
                      f"split overlaps the training data; remove them")
