@@ -46,6 +46,8 @@ def test_the_title_of_a_one_panel_figure_stays_inside_it():
     title = fig._suptitle.get_window_extent()
     frame = fig.bbox
     assert frame.x0 <= title.x0 and title.x1 <= frame.x1  # before: cut at both edges of a one-size study's figure
+    low, high = sorted(fig.axes[0].get_ylim())
+    assert low < -0.3 and high > 2.3  # the first and last points clear the frame (before: cut in half at its edge)
 
 
 def test_an_arm_trained_otherwise_on_the_same_sets_shares_its_twins_frontier_point():

@@ -48,7 +48,7 @@ def gain_plot(rows: list[dict[str, Any]], metric: str, metric_name: str, tag: st
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(range(len(methods)),
                           [m + (f" (vs {_baseline(gained, m)})" if _baseline(gained, m) != "real" else "") for m in methods])
-    axes[0][0].invert_yaxis()
+    axes[0][0].set_ylim(len(methods) - 0.5, -0.5)  # top to bottom, with room for the first and last point
     title = f"Gain in test {metric_name} over real only, paired 95% CI; filled: beyond noise ({tag})"
     fig.suptitle(textwrap.fill(title, int(width * 11)), fontsize=9)  # one panel is narrower than the title
     fig.tight_layout()
