@@ -82,3 +82,28 @@ def test_retrieval_never_returns_re_encoded_copies_of_test_images_and_train_says
     code, text = run_cli(capsys, "train", "--data", data, "--synthetic", leaky, "--arch", "small-cnn", "--steps", "1",
                          "--resolution", "16", "--quiet", "--out", tmp_path / "run")
     assert code == 0 and "synthetic image(s) look like copies" in text and "'test' split" in text  # before: no note at all
+
+
+def test_a_study_whose_test_split_holds_copies_of_its_training_images_shows_the_pairs(tmp_path, capsys):
+    import csv
+
+    from PIL import Image
+
+    data = tmp_path / "d"
+    _natural_tree(data / "train", 6, 0)
+    _natural_tree(data / "test", 4, 1)
+    for c in ("cat", "dog"):  # every training image also in the test split, re-saved as JPEG under another name
+        for f in sorted((data / "train" / c).glob("*.png")):
+            Image.open(f).convert("RGB").save(data / "test" / c / f"copy-{f.stem}.jpg", quality=90)
+    study = tmp_path / "s.yaml"
+    study.write_text(f"data: {data}\nper_class: [2]\nseeds: [0]\nval_per_class: 2\nreport: false\nmethods: {{}}\n"
+                     "train: {arch: small-cnn, steps: 1, resolution: 16}\nprocesses: 1\n")
+    code, text = run_cli(capsys, "experiment", study, "--out", tmp_path / "out", "--quiet")
+    assert code == 0 and "look like copies" in text and "overlap.csv" in text and "overlap.png" in text
+    rows = list(csv.DictReader((tmp_path / "out" / "overlap.csv").open()))
+
+    def stem(image_id: str) -> str:
+        return image_id.split("/")[-1].rsplit(".", 1)[0]
+
+    assert len(rows) == 4 and all(stem(r["test_image"]) == "copy-" + stem(r["training_image"]) for r in rows)
+    assert Image.open(tmp_path / "out" / "overlap.png").size[1] > 32  # the pairs drawn, not an empty sheet

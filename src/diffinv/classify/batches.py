@@ -28,16 +28,34 @@ def _test_side(test: torch.Tensor) -> tuple[set[bytes], torch.Tensor, torch.Tens
     return _TEST_SIDES[key]
 
 
-def overlap_notes(real: torch.Tensor, ids: list[str], test: torch.Tensor, split: str, what: str = "training") -> list[str]:
-    """Training images (uint8 [N, 3, R, R]) that are test images, identical or near-duplicates (re-encoded, resized,
-    shifted copies: :mod:`diffinv.data.near_duplicates`): the test score would partly be a memory test."""
-    from diffinv.data.near_duplicates import near_duplicates, signatures
+def overlap_pairs(real: torch.Tensor, test: torch.Tensor) -> list[tuple[int, int, str, float]]:
+    """(training index, test index, "identical" or "looks like a copy", correlation) for each training image (uint8
+    [N, 3, R, R]) that is a test image or looks like a copy of one (:mod:`diffinv.data.near_duplicates`)."""
+    from diffinv.data.near_duplicates import THRESHOLD, best_match, signatures
 
     seen, test_sig, spectra = _test_side(test)
-    same = [i for i, x in zip(ids, real) if _digest(x) in seen]
-    near = (near_duplicates(signatures(real), test_sig, spectra=spectra) if len(real) and len(test)
-            else torch.zeros(len(real), dtype=torch.bool))
-    close = [i for i, x, n in zip(ids, real, near.tolist()) if n and _digest(x) not in seen]
+    if not len(real) or not len(test):
+        return []
+    score, which = best_match(signatures(real), test_sig, spectra=spectra)
+    first = {}
+    if any(_digest(x) in seen for x in real):
+        first = {_digest(t): j for j, t in reversed(list(enumerate(test)))}
+    pairs = []
+    for i, x in enumerate(real):
+        if _digest(x) in seen:
+            pairs.append((i, first[_digest(x)], "identical", 1.0))
+        elif float(score[i]) >= THRESHOLD:
+            pairs.append((i, int(which[i]), "looks like a copy", float(score[i])))
+    return pairs
+
+
+def overlap_notes(real: torch.Tensor, ids: list[str], test: torch.Tensor, split: str, what: str = "training",
+                  pairs: list[tuple[int, int, str, float]] | None = None) -> list[str]:
+    """Training images (uint8 [N, 3, R, R]) that are test images, identical or near-duplicates (re-encoded, resized,
+    shifted copies): the test score would partly be a memory test. ``pairs``: :func:`overlap_pairs`, when known."""
+    pairs = overlap_pairs(real, test) if pairs is None else pairs
+    same = [ids[i] for i, _, how, _ in pairs if how == "identical"]
+    close = [ids[i] for i, _, how, _ in pairs if how != "identical"]
     def listed(found: list[str]) -> str:
         return f"({', '.join(found[:3])}{' ...' if len(found) > 3 else ''})"
 

@@ -176,6 +176,12 @@ def load_test_split(config: TrainConfig, resolution: int, classes: list[str],
     return _decoded_once(decoded, test_set, resolution, False, ""), torch.from_numpy(test_set.labels)
 
 
+def test_split_ids(config: TrainConfig, classes: list[str]) -> list[str]:
+    """The ids of :func:`load_test_split`'s images, in its order."""
+    test_set, _ = _whole_split(config, config.eval_split, lambda m: None)
+    return list(_in_classes(test_set, classes, config.eval_split, config.split, lambda m: None).ids)
+
+
 def _split_key(config: TrainConfig, split: str) -> tuple:
     # The file's or folder's modification time and size: a source replaced on disk is read again.
     try:

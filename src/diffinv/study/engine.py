@@ -24,7 +24,7 @@ from typing import Any
 
 from diffinv.config import ConfigError, StudyConfig, config_to_dict, load_config, result_fields
 from diffinv.report.cost import cost_lines, human_duration
-from diffinv.runs import RunError, Units, read_json, read_yaml, write_json, write_text, write_yaml
+from diffinv.runs import RunError, Units, read_json, read_yaml, write_bytes, write_json, write_text, write_yaml
 from diffinv.shards import Shard
 from diffinv.study.plan import Backbones, Plan, Trial, Unit, build_plan, data_fingerprint, embedded_base, local_path, stat_fingerprint
 from diffinv.study.spec import REAL, candidates, check_files, compare_pairs
@@ -522,10 +522,10 @@ def test_runs(units: list[Unit], out: Path, log: Log, pool: Any = None) -> None:
 def warn_overlap(plan: Plan, out: Path, log: Log) -> None:
     """Say once, before the test is read, when real training images of any replicate are test images or look like copies
     of them (compared at 32 px or more, whatever the classifier's resolution: at 16 px look-alikes pass for copies)."""
-    from diffinv.classify.batches import overlap_notes
+    from diffinv.classify.batches import overlap_notes, overlap_pairs
     from diffinv.data.near_duplicates import SIDE
     from diffinv.data.real import load_uint8, open_images, real_subset
-    from diffinv.stages.train_data import load_test_split
+    from diffinv.stages.train_data import load_test_split, test_split_ids
 
     configs = list({(u.config.per_class, u.config.subset_seed): u.config for u in plan.runs()}.values())
     trained = read_json(out / plan.runs()[0].folder / "trained.json")
@@ -536,8 +536,46 @@ def warn_overlap(plan: Plan, out: Path, log: Log) -> None:
                                                                 warn=lambda m: None).ids})
     index = {image_id: i for i, image_id in enumerate(source.ids)}
     real = load_uint8(source.subset([index[i] for i in chosen]), resolution)
-    for note in overlap_notes(real, chosen, test, configs[0].eval_split):
+    pairs = sorted(overlap_pairs(real, test), key=lambda p: -p[3])  # identical first, then the closest
+    notes = overlap_notes(real, chosen, test, configs[0].eval_split, pairs=pairs)
+    if pairs:  # the pairs to look at, side by side: a warning that says "check them" shows them
+        test_ids = test_split_ids(configs[0], trained["classes"])
+        write_table(out / "overlap", [{"training_image": chosen[i], "test_image": test_ids[j], "how": how, "correlation": round(c, 4)}
+                                      for i, j, how, c in pairs])
+        write_bytes(out / "overlap.png", pair_grid(real, test, pairs))
+        notes = [f"{n} (every pair: {out / 'overlap.csv'}; the first {min(len(pairs), PAIRS_SHOWN)} side by side: "
+                 f"{out / 'overlap.png'})" for n in notes]
+    else:
+        for stale in ("overlap.csv", "overlap.json", "overlap.png"):  # from a run before the data was cleaned
+            (out / stale).unlink(missing_ok=True)
+    for note in notes:
         log(f"warning: {note}")
+
+
+PAIRS_SHOWN = 24
+
+
+def pair_grid(real: Any, test: Any, pairs: list[tuple[int, int, str, float]], scale: int = 2) -> bytes:
+    """PNG of the first :data:`PAIRS_SHOWN` (training image | test image) pairs, four pairs to a row, in overlap.csv's order."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    shown = pairs[:PAIRS_SHOWN]
+    side = real.shape[-1] * scale
+    cols, gap, inner = 4, 12, 2  # a pair's two images close together, the pairs apart
+    stride = 2 * side + inner + gap
+    rows = (len(shown) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * stride + gap, rows * (side + gap) + gap), "white")
+    for n, (i, j, _, _) in enumerate(shown):
+        x, y = (n % cols) * stride + gap, (n // cols) * (side + gap) + gap
+        for k, image in enumerate((real[i], test[j])):
+            tile = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())).resize((side, side), Image.Resampling.NEAREST)
+            sheet.paste(tile, (x + k * (side + inner), y))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _test(units: list[Unit], out: Path, log: Log = print) -> None:
