@@ -37,13 +37,12 @@ def overlap_pairs(real: torch.Tensor, test: torch.Tensor) -> list[tuple[int, int
     if not len(real) or not len(test):
         return []
     score, which = best_match(signatures(real), test_sig, spectra=spectra)
-    first = {}
-    if any(_digest(x) in seen for x in real):
-        first = {_digest(t): j for j, t in reversed(list(enumerate(test)))}
+    digests = [_digest(x) for x in real]
+    first = {_digest(t): j for j, t in reversed(list(enumerate(test)))} if seen.intersection(digests) else {}
     pairs = []
-    for i, x in enumerate(real):
-        if _digest(x) in seen:
-            pairs.append((i, first[_digest(x)], "identical", 1.0))
+    for i, d in enumerate(digests):
+        if d in first:
+            pairs.append((i, first[d], "identical", 1.0))
         elif float(score[i]) >= THRESHOLD:
             pairs.append((i, int(which[i]), "looks like a copy", float(score[i])))
     return pairs

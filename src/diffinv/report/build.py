@@ -332,19 +332,11 @@ def _quality_table(quality: dict[str, Any]) -> str:
     """One row per kept method and size (an -ft arm on its twin's very sets shares its row): means over the replicates'
     sets, label fidelity also with its spread; every set's own figures are in quality.json."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    folders: dict[frozenset, str] = {}
     for key, q in quality.items():
         name = key.rsplit("/", 1)[0] if key.count("/") >= 2 else key
         groups.setdefault(name, []).append(q)
-    names: dict[str, str] = {}
-    for name, qs in sorted(groups.items(), key=lambda g: (g[1][0]["method"].endswith("-ft"), g[0])):  # di before di-ft
-        same = frozenset(f for q in qs for f in q.get("synthetic") or [])
-        twin = folders.get(same) if same else None
-        if twin is not None and qs[0]["method"] == f"{groups[twin][0]['method']}-ft":
-            names[twin] = names[twin].replace(groups[twin][0]["method"], f"{groups[twin][0]['method']}(-ft)", 1)
-            continue
-        folders.setdefault(same, name)
-        names[name] = name
+    names = {name: name.replace(groups[name][0]["method"], _arms(groups[name][0]["method"], also), 1)
+             for name, also in _same_sets(groups).items()}
     lines = ["| method / size | sets | label fidelity | diversity (syn/real) | NN dist syn→real | NN dist real→real | near copies "
              "| FD (judge) | FID |", "|---|---|---|---|---|---|---|---|---|"]
 
@@ -383,30 +375,42 @@ def frontier_points(quality: dict[str, Any], selection: dict[str, Any]) -> list[
         if q.get("diversity_ratio") is not None:
             sets.setdefault((q["method"], q.get("setting", ""), q["per_class"]), []).append(q)
     points: list[dict[str, Any]] = []
-    same_data: dict[frozenset, dict[str, Any]] = {}
     varying = _varying_parts(sets)
-    for (method, setting, k), qs in sorted(sets.items(), key=lambda item: item[0][0].endswith("-ft")):  # di before di-ft
+    for (method, setting, k), also in _same_sets(sets).items():
+        qs = sets[(method, setting, k)]
         entry = (selection.get(method) or {}).get(str(k)) or {}
         cand: dict[str, Any] = next((c for c in entry.get("candidates", []) if c["label"] == setting), {})
         gain = (cand.get("validation_gain") or {}).get("mean")
         several = len(entry.get("candidates", [])) > 1
-        folders = frozenset(f for q in qs for f in q.get("synthetic") or [])
-        twin = same_data.get(folders) if folders else None
-        if twin is not None:  # an arm trained otherwise on the very same sets (di-ft beside di): one point, both names
-            both = f"{twin['method']}(-ft)" if method == f"{twin['method']}-ft" else f"{twin['method']} / {method}"
-            twin["label"] = twin["label"].replace(twin["method"], both, 1)
-            twin["also"].append(method)
-            continue
         short = ", ".join(part for part in setting.split(", ") if part.split("=")[0] in varying[method])
-        points.append({"method": method, "also": [], "setting": setting,
-                       "label": f"{method} {short}" if several and short else method,
+        points.append({"method": method, "also": also, "setting": setting,
+                       "label": f"{_arms(method, also)} {short}" if several and short else _arms(method, also),
                        "per_class": k, "sets": len(qs), "kept": entry.get("chosen") == setting,
                        "label_fidelity": float(np.mean([q["label_fidelity"] for q in qs])),
                        "diversity_ratio": float(np.mean([q["diversity_ratio"] for q in qs])),
                        "val_gain": gain, "metric": entry.get("metric") or "top1"})
-        if folders:
-            same_data[folders] = points[-1]
     return points
+
+
+def _same_sets(groups: dict[Any, list[dict[str, Any]]]) -> dict[Any, list[str]]:
+    """Groups of quality entries (one per replicate's set) to show, each with the other arms that trained on its very
+    sets (di-ft beside di), which are folded into it; an arm from scratch is shown before its -ft twin."""
+    first: dict[frozenset, Any] = {}
+    shown: dict[Any, list[str]] = {}
+    for key in sorted(groups, key=lambda k: groups[k][0]["method"].endswith("-ft")):
+        folders = frozenset(f for q in groups[key] for f in q.get("synthetic") or [])
+        if folders in first:
+            shown[first[folders]].append(groups[key][0]["method"])
+            continue
+        if folders:
+            first[folders] = key
+        shown[key] = []
+    return shown
+
+
+def _arms(method: str, also: list[str]) -> str:
+    """``di(-ft)`` for an arm and its -ft twin on the same sets, ``a / b`` otherwise."""
+    return f"{method}(-ft)" if also == [f"{method}-ft"] else " / ".join([method, *also])
 
 
 def _varying_parts(sets: dict[tuple, Any]) -> dict[str, set[str]]:
@@ -426,7 +430,7 @@ def _frontier_text(points: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (_k(p["per_class"]), -p["label_fidelity"])):
         gain = "" if p["val_gain"] is None else f"{100 * p['val_gain']:+.2f} ({METRIC_NAMES[p['metric']]})"
-        names = " / ".join([p["method"], *p.get("also", [])])
+        names = _arms(p["method"], p.get("also", []))
         lines.append(f"| {names} | {p['setting']} | {_k(p['per_class'])} | {100 * p['label_fidelity']:.1f}% | "
                      f"{p['diversity_ratio']:.3f} | {gain} | {'yes' if p['kept'] else ''} |")
     return ("Each synthetic set's label fidelity (the real-only judge's accuracy on it) against its diversity (the "

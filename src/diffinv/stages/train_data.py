@@ -84,17 +84,17 @@ def load_train_data(config: TrainConfig, progress: bool = False, log: Callable[[
     test = _decoded_once(decoded, test_set, resolution, progress, f"{config.eval_split} images") if with_test else empty
     if use != "synthetic":
         notes += conflicting_labels(real, real_set.labels, real_set.ids, classes)
+    # Copies are told from look-alikes at 32 px or more, whatever the classifier's resolution.
+    compared = test if resolution >= SIDE or not with_test else _decoded_once(decoded, test_set, SIDE, False, "")
     if with_test and use != "synthetic":
-        notes += overlap_notes(_at_least(SIDE, real, real_set), real_set.ids, _decoded_once(decoded, test_set, max(resolution, SIDE),
-                               False, ""), config.eval_split)
+        notes += overlap_notes(_at_least(SIDE, real, real_set), real_set.ids, compared, config.eval_split)
     for note in notes:
         log(f"warning: {note}")
     syn = torch.cat([load_uint8(s, resolution, progress, "synthetic images") for s in syn_sets]) if syn_sets else empty
     syn_labels = torch.cat([torch.from_numpy(s.labels) for s in syn_sets]) if syn_sets else torch.empty(0, dtype=torch.int64)
     if with_test and len(syn):  # a retrieved or filtered set can carry test images back in under other names
         leaks = overlap_notes(torch.cat([_at_least(SIDE, None, s) for s in syn_sets]) if resolution < SIDE else syn,
-                              [i for s in syn_sets for i in s.ids], _decoded_once(decoded, test_set, max(resolution, SIDE), False, ""),
-                              config.eval_split, "synthetic")
+                              [i for s in syn_sets for i in s.ids], compared, config.eval_split, "synthetic")
         notes += leaks
         for note in leaks:
             log(f"warning: {note}")
