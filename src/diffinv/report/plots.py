@@ -57,3 +57,29 @@ def gain_plot(rows: list[dict[str, Any]], metric: str, metric_name: str, tag: st
 
 def _baseline(rows: list[dict[str, Any]], method: str) -> str:
     return next((r.get("baseline") or "real" for r in rows if r["method"] == method), "real")
+
+
+PAIRS_SHOWN = 24
+
+
+def pair_grid(real: Any, test: Any, pairs: list[tuple[int, int, str, float]], scale: int = 2) -> bytes:
+    """PNG of the first :data:`PAIRS_SHOWN` (training image | test image) pairs, four pairs to a row, in overlap.csv's order."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    shown = pairs[:PAIRS_SHOWN]
+    side = real.shape[-1] * scale
+    cols, gap, inner = 4, 12, 2  # a pair's two images close together, the pairs apart
+    stride = 2 * side + inner + gap
+    rows = (len(shown) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * stride + gap, rows * (side + gap) + gap), "white")
+    for n, (i, j, _, _) in enumerate(shown):
+        x, y = (n % cols) * stride + gap, (n // cols) * (side + gap) + gap
+        for k, image in enumerate((real[i], test[j])):
+            tile = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())).resize((side, side), Image.Resampling.NEAREST)
+            sheet.paste(tile, (x + k * (side + inner), y))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()

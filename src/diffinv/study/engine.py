@@ -525,6 +525,7 @@ def warn_overlap(plan: Plan, out: Path, log: Log) -> None:
     from diffinv.classify.batches import overlap_notes, overlap_pairs
     from diffinv.data.near_duplicates import SIDE
     from diffinv.data.real import load_uint8, open_images, real_subset
+    from diffinv.report.plots import PAIRS_SHOWN, pair_grid
     from diffinv.stages.train_data import load_test_split, test_split_ids
 
     configs = list({(u.config.per_class, u.config.subset_seed): u.config for u in plan.runs()}.values())
@@ -550,32 +551,6 @@ def warn_overlap(plan: Plan, out: Path, log: Log) -> None:
             (out / stale).unlink(missing_ok=True)
     for note in notes:
         log(f"warning: {note}")
-
-
-PAIRS_SHOWN = 24
-
-
-def pair_grid(real: Any, test: Any, pairs: list[tuple[int, int, str, float]], scale: int = 2) -> bytes:
-    """PNG of the first :data:`PAIRS_SHOWN` (training image | test image) pairs, four pairs to a row, in overlap.csv's order."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    shown = pairs[:PAIRS_SHOWN]
-    side = real.shape[-1] * scale
-    cols, gap, inner = 4, 12, 2  # a pair's two images close together, the pairs apart
-    stride = 2 * side + inner + gap
-    rows = (len(shown) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * stride + gap, rows * (side + gap) + gap), "white")
-    for n, (i, j, _, _) in enumerate(shown):
-        x, y = (n % cols) * stride + gap, (n // cols) * (side + gap) + gap
-        for k, image in enumerate((real[i], test[j])):
-            tile = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())).resize((side, side), Image.Resampling.NEAREST)
-            sheet.paste(tile, (x + k * (side + inner), y))
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _test(units: list[Unit], out: Path, log: Log = print) -> None:
