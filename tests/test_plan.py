@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import run_cli, write_image_tree
 
-from diffinv.study.estimate import Rates, Work, plan_work
+from diffinv.study.estimate import MAX_BATCH, Rates, Work, plan_work, probe, unit_batch
 
 
 def test_work_is_counted_from_each_units_config():
@@ -28,6 +28,25 @@ def test_work_is_counted_from_each_units_config():
         total.add(w)
     rates = Rates(inversion=0.01, sampling=0.002, classifier={("small-cnn", 32, 64): 0.1})
     assert rates.seconds(total) == pytest.approx(1500 * 0.01 + 1200 * 0.002 + 3 * 0.1)
+
+
+def test_the_probe_times_the_batches_the_units_run_at(tiny_latent):
+    store = SimpleNamespace(kind="store", key="s", folder="stores/k10", config=SimpleNamespace(per_class=10, steps=30, batch_size=0))
+    small = SimpleNamespace(kind="store", key="m", folder="stores/k1", config=SimpleNamespace(per_class=1, steps=30, batch_size=0))
+    di = SimpleNamespace(kind="set", key="d", folder="sets/di", config=SimpleNamespace(
+        store="/x/stores/k10", method="di", per_image=5, steps=10, guidance=2.0, batch_size=48))
+    work = plan_work([store, small, di], n_classes=10, data_size=16)
+    assert unit_batch(store, work["s"]) == MAX_BATCH  # 100 images go through in batches of 64, as invert batches them
+    assert unit_batch(small, work["m"]) == 10  # all its 10 images at once
+    assert unit_batch(di, work["d"]) == 48  # its own batch size; guidance doubles passes, not the images per batch
+    from diffinv.diffusion.model_io import load_backbone
+
+    backbone, seen = load_backbone(str(tiny_latent)), []
+    predict = backbone.predict
+    backbone.predict = lambda x, t, cond: seen.append((len(x), cond.requires_grad)) or predict(x, t, cond)
+    rates = probe(backbone, 16, 16, batches=(12, 7))
+    assert set(seen) == {(12, True), (7, False)}  # inversion steps (gradients reach the tokens) at 12, sampling at 7
+    assert rates.inversion > 0 and rates.sampling > 0
 
 
 @pytest.fixture

@@ -101,8 +101,8 @@ def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit],
     rates = Rates(0.0, 0.0, classifier_rates(list(classifier), len(images.classes), str(device)))
     seconds = sum(steps * rates.classifier[key] for u in units for key, steps in work[u.key].classifier.items())
     gains, probes = {}, {}
-    for model, (resolution, todo) in by_model.items():
-        gain_db, model_rates, note = _probe_generator(backbones(model), resolution, images, data_size, device)
+    for model, (resolution, todo, batches) in by_model.items():
+        gain_db, model_rates, note = _probe_generator(backbones(model), resolution, images, data_size, device, batches)
         gains[model], probes[model] = gain_db, model_rates
         notes += [note] if note else []
         seconds += todo.inversion * model_rates.inversion + todo.sampling * model_rates.sampling
@@ -119,19 +119,19 @@ def estimate_units(study: StudyConfig, plan: Plan, out: Path, units: list[Unit],
     return {"seconds": seconds, "units": len(units), "device": device.type,
             "denoising_gain_db": next((g for g in gains.values() if g is not None), None),
             "denoising_gain_db_by_model": gains,
-            "inversion_image_steps": sum(t.inversion for _, t in by_model.values()),
-            "sampling_image_passes": sum(t.sampling for _, t in by_model.values()),
+            "inversion_image_steps": sum(t.inversion for _, t, _ in by_model.values()),
+            "sampling_image_passes": sum(t.sampling for _, t, _ in by_model.values()),
             "classifier_steps": sum(classifier.values()),
             "seconds_per_inversion_image_step": first.inversion, "seconds_per_sampling_image_pass": first.sampling}
 
 
-def generator_work(plan: Plan, units: list[Unit], work: dict[str, Any]) -> dict[str, tuple[int | None, Any]]:
+def generator_work(plan: Plan, units: list[Unit], work: dict[str, Any]) -> dict[str, tuple[int | None, Any, tuple[int, int]]]:
     """The inversion and sampling work of ``units`` by the generator that does it (model path -> (its stores' resolution,
-    Work)): a store's own model; adapters and sets their store's."""
-    from diffinv.study.estimate import Work
+    Work, the (inversion, sampling) batch its units run at)): a store's own model; adapters and sets their store's."""
+    from diffinv.study.estimate import Work, unit_batch
 
     stores = {u.folder: u.config for u in plan.units.values() if u.kind == "store"}
-    out: dict[str, tuple[int | None, Any]] = {}
+    out: dict[str, tuple[int | None, Any, tuple[int, int]]] = {}
     for unit in units:
         w = work[unit.key]
         if not (w.inversion or w.sampling):
@@ -140,8 +140,11 @@ def generator_work(plan: Plan, units: list[Unit], work: dict[str, Any]) -> dict[
             (c for folder, c in stores.items() if str(getattr(unit.config, "store", "")).rstrip("/").endswith(folder)), None)
         if store is None or not store.model:
             continue
-        resolution, todo = out.setdefault(store.model, (store.resolution, Work()))
+        resolution, todo, (invert_batch, sample_batch) = out.setdefault(store.model, (store.resolution, Work(), (1, 1)))
         todo.add(Work(w.inversion, w.sampling))
+        batch = unit_batch(unit, w)
+        batches = (max(invert_batch, batch), sample_batch) if w.inversion else (invert_batch, max(sample_batch, batch))
+        out[store.model] = (resolution, todo, batches)
     return out
 
 
@@ -151,15 +154,16 @@ def _native(plan: Plan, backbones: Backbones) -> int | None:
     return backbones(store.model).native_resolution if store is not None and store.model else None
 
 
-def _probe_generator(backbone: Any, resolution: int | None, images: Any, data_size: int,
-                     device: Any) -> tuple[float | None, Any, str | None]:
-    """(its noise check in dB, its rates, the noise warning if any) for one generator."""
+def _probe_generator(backbone: Any, resolution: int | None, images: Any, data_size: int, device: Any,
+                     batches: tuple[int, int]) -> tuple[float | None, Any, str | None]:
+    """(its noise check in dB, its rates at the (inversion, sampling) batch its units run at, the noise warning if any)
+    for one generator."""
     from diffinv.study.estimate import noise_note, probe
 
     backbone = backbone.to(device)
     resolution = resolution or backbone.choose_resolution(data_size)
     gain_db, note = noise_note(backbone, images, resolution)
-    return gain_db, probe(backbone, resolution, data_size, [], 0, str(device)), note
+    return gain_db, probe(backbone, resolution, data_size, str(device), batches), note
 
 
 def _classifier_rates(rates) -> str:

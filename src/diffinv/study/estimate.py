@@ -91,23 +91,42 @@ def _timed(step: Callable[[], Any], repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def probe(backbone: Any, resolution: int | None, data_size: int, classifier_keys: list[tuple[str, int, int]], n_classes: int,
-          device: str = "cpu", batch: int = 4) -> Rates:
-    """Time one inversion image-step, one sampling image-pass (of ``backbone``) and one step of each classifier here."""
+def unit_batch(unit: Any, work: Work) -> int:
+    """The images a generating unit puts through the UNet at once, as its stage batches them (per-image cost falls
+    with the batch: timed at 4 images, a 100-image inversion was estimated at twice its measured time)."""
+    config = unit.config
+    images = work.inversion / max(1, config.steps) if work.inversion else work.sampling / max(1, config.steps)
+    if unit.kind == "set":
+        images /= 2 if config.guidance != 1 else 1  # guidance doubles the passes, not the images in a batch
+    return max(1, min(int(images), getattr(config, "batch_size", 0) or MAX_BATCH))
+
+
+MAX_BATCH = 64  # the stages' batch on the CPU (and for --batch-size 0 there): invert's min(64, images), generate's 64
+
+
+def probe(backbone: Any, resolution: int | None, data_size: int, device: str = "cpu",
+          batches: tuple[int, int] = (4, 4)) -> Rates:
+    """Seconds per inversion image-step and per sampling image-pass of ``backbone`` here, timed at the (inversion,
+    sampling) batch sizes its units will use."""
     backbone = backbone.to(device)
     resolution = resolution or backbone.choose_resolution(data_size)
-    x = torch.randn(batch, *backbone.latent_shape(resolution), device=device)
-    t = backbone.process.model_time(torch.full((batch,), backbone.num_train_timesteps // 2, device=device))
-    cond = torch.zeros(batch, 5 + backbone.extra_tokens, backbone.cond_dim, device=device, requires_grad=True)
+
+    def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = torch.randn(batch, *backbone.latent_shape(resolution), device=device)
+        t = backbone.process.model_time(torch.full((batch,), backbone.num_train_timesteps // 2, device=device))
+        return x, t, torch.zeros(batch, 5 + backbone.extra_tokens, backbone.cond_dim, device=device, requires_grad=True)
+
+    x, t, cond = inputs(batches[0])
+    xs, ts, conds = inputs(batches[1])
 
     def invert_step() -> None:
         backbone.predict(x, t, cond).square().mean().backward()
 
     def sample_pass() -> None:
         with torch.no_grad():
-            backbone.predict(x, t, cond.detach())
+            backbone.predict(xs, ts, conds.detach())
 
-    return Rates(_timed(invert_step) / batch, _timed(sample_pass) / batch, classifier_rates(classifier_keys, n_classes, device))
+    return Rates(_timed(invert_step) / batches[0], _timed(sample_pass) / batches[1], {})
 
 
 def classifier_rates(keys: list[tuple[str, int, int]], n_classes: int, device: str = "cpu") -> dict[tuple[str, int, int], float]:
