@@ -200,3 +200,23 @@ def test_the_diversity_measure_ranks_copies_below_varied_variants():
     q_varied = synthetic_quality(net, meta, shifted, varied_labels, real, labels, real)
     assert q_copies["diversity_ratio"] < q_varied["diversity_ratio"]
     assert q_copies["near_copies"] == 40 and q_varied["near_copies"] < 40
+
+
+def test_quality_reads_the_test_features_it_is_given():
+    """A study computes the judge's features of its test split once and passes them to every kept set's quality."""
+    from diffinv.classify.models import build_model
+    from diffinv.quality.measures import judge_features, synthetic_quality
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    real = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    test = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    net = build_model("shufflenetv2", 2, 32).eval()
+    meta = {"classes": ["a", "b"], "mean": torch.zeros(3), "std": torch.ones(3)}
+    features = judge_features(net, test, meta["mean"], meta["std"])[0]
+    computed = synthetic_quality(net, meta, real, labels, real, labels, test)
+    given = synthetic_quality(net, meta, real, labels, real, labels, test, test_features=features)
+    assert given["fd_judge"] == pytest.approx(computed["fd_judge"]) and given["kd_judge"] == pytest.approx(computed["kd_judge"])
+    other = synthetic_quality(net, meta, real, labels, real, labels, test, test_features=features + 1.0)
+    assert other["fd_judge"] != pytest.approx(computed["fd_judge"])  # the given features are the ones used

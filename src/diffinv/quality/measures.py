@@ -149,18 +149,20 @@ def inception_extractor(weights: str | Path | None) -> tuple[Callable[[torch.Ten
 
 def synthetic_quality(judge: nn.Module, meta: dict[str, Any], syn: torch.Tensor, syn_labels: torch.Tensor,
                       real: torch.Tensor, real_labels: torch.Tensor, test: torch.Tensor | None,
-                      inception_weights: str | None = None) -> dict[str, Any]:
+                      inception_weights: str | None = None, test_features: torch.Tensor | None = None) -> dict[str, Any]:
     """Every quality metric of one synthetic set. Images are uint8 [N, 3, S, S] at the judge's resolution.
 
     ``real`` are the real training images the set was made from (memorisation, diversity),
     ``test`` the real test images (the reference distribution of the feature distances; None leaves
-    those distances out, for sets whose settings were not kept and so never meet the test split).
+    those distances out, for sets whose settings were not kept and so never meet the test split);
+    ``test_features``: the judge's features of ``test`` when already computed (:func:`judge_features`).
     """
     classes = meta["classes"]
     c = len(classes)
     syn_f, syn_pred = judge_features(judge, syn, meta["mean"], meta["std"])
     real_f, _ = judge_features(judge, real, meta["mean"], meta["std"])
-    test_f = None if test is None else judge_features(judge, test, meta["mean"], meta["std"])[0]
+    test_f = None if test is None else test_features if test_features is not None else judge_features(
+        judge, test, meta["mean"], meta["std"])[0]
     confusion = confusion_matrix(syn_pred, syn_labels, c)
     per_class_total = confusion.sum(1)
     diversity = {}

@@ -605,7 +605,7 @@ def study_quality(study: StudyConfig, plan: Plan, selection: dict[str, Any], out
 
     from diffinv.data.real import load_uint8, open_images, real_subset
     from diffinv.data.synthetic import open_synthetic
-    from diffinv.quality.measures import synthetic_quality
+    from diffinv.quality.measures import judge_features, synthetic_quality
     from diffinv.stages.train import load_classifier
 
     real = [t for t in plan.trials if t.arm == REAL and t.repeat == 0 and selection[REAL][str(t.per_class)]["chosen"] == t.label]
@@ -613,7 +613,7 @@ def study_quality(study: StudyConfig, plan: Plan, selection: dict[str, Any], out
     model, meta = load_classifier(out / plan.units[judge.run].folder)
     res = meta["resolution"]
     report: dict[str, Any] = {}
-    test = None
+    test = test_f = None  # the judge's features of the test split: once, not once per kept set (8 s each on 10,000 images)
     notes = set()
     for t in plan.trials:
         if t.arm == REAL or t.repeat or not t.sets:
@@ -622,13 +622,14 @@ def study_quality(study: StudyConfig, plan: Plan, selection: dict[str, Any], out
         cfg = plan.units[t.run].config
         if kept and test is None:
             test = load_uint8(open_images(cfg.data, cfg.format, cfg.eval_split), res)
+            test_f = judge_features(model, test, meta["mean"], meta["std"])[0]
         source = open_images(cfg.data, cfg.format, cfg.split)
         real_set = real_subset(source, cfg.per_class, cfg.subset_seed, cfg.bad_images, cfg.val_per_class, warn=log)
         sets = [open_synthetic(root, meta["classes"]) for root in cfg.synthetic]
         q = synthetic_quality(model, meta, torch.cat([load_uint8(s, res) for s in sets]),
                               torch.cat([torch.from_numpy(s.labels) for s in sets]), load_uint8(real_set, res),
                               torch.from_numpy(real_set.labels), test if kept else None, study.quality.get("inception_weights")
-                              if study.quality else None)
+                              if study.quality else None, test_f if kept else None)
         notes.add(q["fid_note"])
         q.update(label_precision_of_sets(out, [plan.units[s].folder for s in t.sets]))
         name = f"{t.arm}/k{t.per_class}/r{t.replicate}" if kept else f"{t.arm} [{t.label}]/k{t.per_class}/r{t.replicate}"
