@@ -91,17 +91,17 @@ def _timed(step: Callable[[], Any], repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+MAX_BATCH = 64  # the stages' batch on the CPU (and for --batch-size 0 there): invert's min(64, images), generate's 64
+
+
 def unit_batch(unit: Any, work: Work) -> int:
-    """The images a generating unit puts through the UNet at once, as its stage batches them (per-image cost falls
-    with the batch: timed at 4 images, a 100-image inversion was estimated at twice its measured time)."""
+    """The images a generating unit puts through the UNet at once, as its stage batches them: the per-image cost of a
+    step falls with the batch, so the probe times the batch the units will run at."""
     config = unit.config
     images = work.inversion / max(1, config.steps) if work.inversion else work.sampling / max(1, config.steps)
     if unit.kind == "set":
         images /= 2 if config.guidance != 1 else 1  # guidance doubles the passes, not the images in a batch
     return max(1, min(int(images), getattr(config, "batch_size", 0) or MAX_BATCH))
-
-
-MAX_BATCH = 64  # the stages' batch on the CPU (and for --batch-size 0 there): invert's min(64, images), generate's 64
 
 
 def probe(backbone: Any, resolution: int | None, data_size: int, device: str = "cpu",
