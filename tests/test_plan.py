@@ -44,7 +44,7 @@ def test_the_probe_times_the_batches_the_units_run_at(tiny_latent):
     backbone, seen = load_backbone(str(tiny_latent)), []
     predict = backbone.predict
     backbone.predict = lambda x, t, cond: seen.append((len(x), cond.requires_grad)) or predict(x, t, cond)
-    rates = probe(backbone, 16, 16, batches=(12, 7))
+    rates = probe(backbone, 16, 16, "cpu", (12, 7))
     assert set(seen) == {(12, True), (7, False)}  # inversion steps (gradients reach the tokens) at 12, sampling at 7
     assert rates.inversion > 0 and rates.sampling > 0
 

@@ -104,8 +104,7 @@ def unit_batch(unit: Any, work: Work) -> int:
     return max(1, min(int(images), getattr(config, "batch_size", 0) or MAX_BATCH))
 
 
-def probe(backbone: Any, resolution: int | None, data_size: int, device: str = "cpu",
-          batches: tuple[int, int] = (4, 4)) -> Rates:
+def probe(backbone: Any, resolution: int | None, data_size: int, device: str, batches: tuple[int, int]) -> Rates:
     """Seconds per inversion image-step and per sampling image-pass of ``backbone`` here, timed at the (inversion,
     sampling) batch sizes its units will use."""
     backbone = backbone.to(device)
