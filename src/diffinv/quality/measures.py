@@ -161,8 +161,10 @@ def synthetic_quality(judge: nn.Module, meta: dict[str, Any], syn: torch.Tensor,
     c = len(classes)
     syn_f, syn_pred = judge_features(judge, syn, meta["mean"], meta["std"])
     real_f, _ = judge_features(judge, real, meta["mean"], meta["std"])
-    test_f = None if test is None else test_features if test_features is not None else judge_features(
-        judge, test, meta["mean"], meta["std"])[0]
+    test_f = None
+    if test is not None:
+        test_f = test_features if test_features is not None else judge_features(
+            judge, test, meta["mean"], meta["std"])[0]
     confusion = confusion_matrix(syn_pred, syn_labels, c)
     per_class_total = confusion.sum(1)
     diversity = {}
